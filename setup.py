@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="mygpt",
+    version="0.1.0",
+    description="A small, readable and fast PyTorch GPT: training, sampling, GPT-2 BPE and time-weighted attention",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["mygpt", "mygpt.*"]),
+    package_data={"mygpt": ["data/gpt2/*"]},
+    include_package_data=True,
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy", "tqdm", "regex", "requests"],
+    extras_require={
+        "hf": ["transformers"],
+        "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow"],
+        "projects": ["scikit-learn", "pillow"],
+    },
+)

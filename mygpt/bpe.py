@@ -284,17 +284,26 @@ def _worker_encode(text, allowed_special):
     return _worker_encoder.encode(text, allowed_special)
 
 
-@lru_cache(maxsize=None)
 def get_encoder(name="gpt2"):
     """The encoder of a vocabulary shipped with mygpt (only "gpt2"), loaded from the package with no network access.
 
-    The files' sha256 are checked, so a damaged install fails here rather than giving wrong ids. The result is shared
-    by all callers.
+    The result is loaded once and shared by all callers.
     """
     if name != "gpt2":
         raise ValueError(f"unknown vocabulary {name!r}: mygpt ships only 'gpt2'; use Encoder.load(directory) for others")
-    directory = DATA_DIR / name
-    for filename, expected in GPT2_SHA256.items():
+    return _shipped_gpt2()
+
+
+@lru_cache(maxsize=None)
+def _shipped_gpt2():
+    return load_verified(DATA_DIR / "gpt2", GPT2_SHA256)
+
+
+def load_verified(directory, sha256):
+    """`Encoder.load(directory)` after checking each file named in `sha256` against its hash, so that a damaged
+    install fails loudly instead of giving wrong ids."""
+    directory = Path(directory)
+    for filename, expected in sha256.items():
         path = directory / filename
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the mygpt install is incomplete, reinstall the package")

@@ -50,7 +50,7 @@ def download(url, sha256, filename=None, cache_dir=None, retries=3, timeout=30):
     if target.is_file() and sha256_file(target) == sha256:
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    by_hand = f"download it yourself and place it at {target} (its sha256 must be {sha256})"
+    by_hand = f"fetch it by other means (a browser, another machine) and place it at {target} (sha256 {sha256})"
     last_error = None
     for attempt in range(retries):
         if attempt:

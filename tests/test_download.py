@@ -1,0 +1,125 @@
+"""download() against a real HTTP server on 127.0.0.1: good, corrupted, dropped and refused transfers."""
+
+import hashlib
+import os
+import socket
+import tempfile
+import threading
+import unittest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from unittest import mock
+
+from mygpt import download as download_module
+from mygpt.download import CACHE_ENV, DownloadError, download
+
+PAYLOAD = os.urandom(300_000)
+PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """/good: the payload; /corrupt: the payload with one byte changed; /drop: half the payload, then the
+    connection closes; /flaky: drops the first request, serves the second."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        body = PAYLOAD
+        if self.path == "/corrupt":
+            body = b"\0" + PAYLOAD[1:]
+        drop = self.path == "/drop" or (self.path == "/flaky" and self.server.requests.count("/flaky") == 1)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:len(body) // 2] if drop else body)
+        if drop:
+            self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class TestDownload(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        cls.server.requests = []
+        cls.thread = threading.Thread(target=cls.server.serve_forever, daemon=True)
+        cls.thread.start()
+        cls.base = f"http://127.0.0.1:{cls.server.server_port}"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.shutdown()
+        cls.server.server_close()
+
+    def setUp(self):
+        self.server.requests.clear()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.cache = Path(tmp.name)
+        # Retries wait a little between attempts; the waits are not what these tests are about.
+        patcher = mock.patch.object(download_module, "_FIRST_BACKOFF", 0.01)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_good_file_is_cached_and_reused_without_network(self):
+        path = download(f"{self.base}/good", PAYLOAD_SHA256, filename="data.bin", cache_dir=self.cache)
+        self.assertEqual(path, self.cache / "data.bin")
+        self.assertEqual(path.read_bytes(), PAYLOAD)
+        again = download(f"{self.base}/good", PAYLOAD_SHA256, filename="data.bin", cache_dir=self.cache)
+        self.assertEqual(again, path)
+        self.assertEqual(self.server.requests, ["/good"])
+        self.assertEqual(os.listdir(self.cache), ["data.bin"])
+
+    def test_cache_dir_from_environment(self):
+        with mock.patch.dict(os.environ, {CACHE_ENV: str(self.cache / "env")}):
+            path = download(f"{self.base}/good", PAYLOAD_SHA256)
+        self.assertEqual(path, self.cache / "env" / "good")
+
+    def test_corrupted_file_is_refused_and_not_cached(self):
+        with self.assertRaises(DownloadError) as caught:
+            download(f"{self.base}/corrupt", PAYLOAD_SHA256, cache_dir=self.cache)
+        message = str(caught.exception)
+        self.assertIn(f"{self.base}/corrupt", message)
+        self.assertIn(PAYLOAD_SHA256, message)
+        self.assertIn(str(self.cache / "corrupt"), message)
+        self.assertEqual(os.listdir(self.cache), [])
+
+    def test_wrong_cached_file_is_replaced(self):
+        (self.cache / "good").write_bytes(b"stale")
+        path = download(f"{self.base}/good", PAYLOAD_SHA256, cache_dir=self.cache)
+        self.assertEqual(path.read_bytes(), PAYLOAD)
+
+    def test_dropped_connection_is_retried(self):
+        path = download(f"{self.base}/flaky", PAYLOAD_SHA256, cache_dir=self.cache, retries=2)
+        self.assertEqual(path.read_bytes(), PAYLOAD)
+        self.assertEqual(self.server.requests, ["/flaky", "/flaky"])
+
+    def test_connection_that_always_drops_fails_cleanly(self):
+        with self.assertRaisesRegex(DownloadError, "could not download .*/drop \\(3 attempts"):
+            download(f"{self.base}/drop", PAYLOAD_SHA256, cache_dir=self.cache)
+        self.assertEqual(self.server.requests, ["/drop"] * 3)
+        self.assertEqual(os.listdir(self.cache), [])
+
+    def test_offline_says_where_to_put_the_file(self):
+        url = f"http://127.0.0.1:{closed_port()}/shakespeare.txt"
+        with self.assertRaises(DownloadError) as caught:
+            download(url, PAYLOAD_SHA256, cache_dir=self.cache, retries=1, timeout=5)
+        message = str(caught.exception)
+        self.assertIn(url, message)
+        self.assertIn(f"place it at {self.cache / 'shakespeare.txt'}", message)
+
+    def test_bad_hash_argument(self):
+        with self.assertRaisesRegex(ValueError, "64 hexadecimal"):
+            download(f"{self.base}/good", "abc", cache_dir=self.cache)
+
+
+def closed_port():
+    """A local port with nothing listening: bound, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    unittest.main()

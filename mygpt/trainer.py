@@ -49,6 +49,7 @@ def scheduled_lr(config, tokens):
         mult = tokens / max(1, config.warmup_tokens)
     else:
         progress = (tokens - config.warmup_tokens) / max(1, config.final_tokens - config.warmup_tokens)
+        progress = min(progress, 1.0)  # past final_tokens the cosine would climb again: hold it at the floor
         mult = max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return config.learning_rate * mult
 
@@ -209,7 +210,8 @@ class Trainer:
         self.loss = None             # the last step's training loss (this process's share)
         self.history = []            # one dict per step: iter, epoch, tokens, lr, loss (+ test_loss)
         self.interrupted = False
-        self._stop_requested = False
+        self._stop_requested = False  # set by Ctrl-C in this process
+        self._stop_agreed = False     # set when any process had Ctrl-C, at the same step everywhere
         self._saved_iter = None      # the step of the last checkpoint, to avoid writing it twice
 
         if config.resume and config.ckpt_path and os.path.exists(config.ckpt_path):
@@ -324,7 +326,7 @@ class Trainer:
 
     def run(self):
         """Train until max_iters or max_epochs (or Ctrl-C, which saves a checkpoint and returns)."""
-        self.interrupted = self._stop_requested = False
+        self.interrupted = self._stop_requested = self._stop_agreed = False
         restore_handler = self._catch_ctrl_c()
         try:
             while not self._finished() and not self.interrupted:
@@ -382,7 +384,7 @@ class Trainer:
         self.loss = (loss_sum / max(sum(counts), 1)).item()
         # one exchange tells every process whether any of them saw a bad loss or a Ctrl-C
         bad, stop = self._all_reduce([not math.isfinite(self.loss), self._stop_requested])
-        self._stop_requested = bool(stop)
+        self._stop_agreed = bool(stop)
         if bad:
             raise FloatingPointError(
                 f"non-finite loss at iteration {self.iter_num} (epoch {self.epoch + 1}; this process: "
@@ -416,7 +418,7 @@ class Trainer:
             self.history[-1]["test_loss"] = self.evaluate()
             self._print(f"iter {self.iter_num}: test loss {self.history[-1]['test_loss']:.5f}", bar)
             self.trigger_callbacks("on_eval_end")
-        if self._stop_requested:
+        if self._stop_agreed:
             self.interrupted = True
             if C.ckpt_path:
                 self.save_checkpoint()

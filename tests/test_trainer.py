@@ -1,0 +1,272 @@
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+import torch.distributed as dist
+
+from mygpt.model import GPT
+from mygpt.trainer import CheckpointError, Trainer, load_checkpoint, scheduled_lr
+from tests.trainer_run import CountingData, TinyLM, config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "trainer_run.py")
+
+
+def run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+class TempDirTest(unittest.TestCase):
+    def setUp(self):
+        torch.set_num_threads(1)
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+class TestSchedule(unittest.TestCase):
+    def test_formula_at_known_token_counts(self):
+        C = config(lr_decay=True, learning_rate=1.0, warmup_tokens=100, final_tokens=1100)
+        self.assertEqual(scheduled_lr(C, 0), 0.0)
+        self.assertAlmostEqual(scheduled_lr(C, 25), 0.25)
+        self.assertAlmostEqual(scheduled_lr(C, 100), 1.0)
+        self.assertAlmostEqual(scheduled_lr(C, 600), 0.5)      # half way through the cosine
+        self.assertAlmostEqual(scheduled_lr(C, 350), 0.5 * (1 + math.cos(math.pi * 0.25)), places=12)
+        self.assertAlmostEqual(scheduled_lr(C, 1000), 0.1)     # the cosine is below 10% here
+        self.assertAlmostEqual(scheduled_lr(C, 1100), 0.1)     # floor
+        self.assertAlmostEqual(scheduled_lr(C, 10 ** 9), 0.1)  # flat after final_tokens
+        C.lr_decay = False
+        self.assertEqual(scheduled_lr(C, 600), 1.0)
+
+    def test_seed_document_figures(self):
+        # The seed: batch 256 x block 128, 34 steps an epoch, 150 epochs over 8704 examples.
+        C = config(lr_decay=True, learning_rate=6e-4, warmup_tokens=512 * 20, final_tokens=150 * 8704 * 128)
+        self.assertEqual(f"{scheduled_lr(C, 34 * 256 * 128):e}", "5.999354e-04")
+        self.assertEqual(f"{scheduled_lr(C, 2 * 34 * 256 * 128):e}", "5.997392e-04")
+        self.assertEqual(f"{scheduled_lr(C, 150 * 34 * 256 * 128):e}", "6.000000e-05")
+
+    def test_trainer_counts_only_real_targets(self):
+        class ThreeIgnored(CountingData):
+            def __getitem__(self, i):
+                x = super().__getitem__(i)[0]
+                y = torch.cat([torch.full((3,), -1), (x[3:] + 1) % 16])
+                return x, y
+        C = config(max_iters=3, lr_decay=True, warmup_tokens=10 ** 6, final_tokens=10 ** 7)
+        trainer = Trainer(C, TinyLM(), ThreeIgnored(64)).run()
+        self.assertEqual(trainer.tokens, 3 * 8 * 5)  # 3 steps of 8 examples with 5 real targets each
+        self.assertAlmostEqual(trainer.lr, C.learning_rate * trainer.tokens / 10 ** 6)
+
+
+class TestTraining(TempDirTest):
+    def test_gpt_loss_falls_and_history_is_written(self):
+        mc = GPT.get_default_config()
+        mc.model_type = None
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 2, 2, 32, 16, 8
+        torch.manual_seed(0)
+        C = config(max_iters=60, batch_size=16, learning_rate=3e-3, eval_interval=20, eval_iters=2)
+        trainer = Trainer(C, GPT(mc), CountingData(256), test_dataset=CountingData(64))
+        events = []
+        for event in ("on_batch_end", "on_epoch_end", "on_eval_end"):
+            trainer.add_callback(event, lambda t, e=event: events.append(e))
+        first = trainer.evaluate()
+        trainer.run()
+        self.assertLess(trainer.evaluate(), first / 3)
+        self.assertEqual((trainer.iter_num, trainer.epoch), (60, 3))  # 16 steps an epoch
+        self.assertEqual(events.count("on_batch_end"), 60)
+        self.assertEqual(events.count("on_epoch_end"), 3)
+        self.assertEqual(events.count("on_eval_end"), 3)
+        trainer.save_history(self.path("h.csv"))
+        trainer.save_history(self.path("h.json"))
+        with open(self.path("h.csv")) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(lines[0], "iter,epoch,tokens,lr,loss,test_loss")
+        self.assertEqual(len(lines), 61)
+        with open(self.path("h.json")) as f:
+            self.assertIn("test_loss", json.load(f)[19])
+
+    def test_progress_line_in_the_seed_words(self):
+        C = config(max_iters=4, quiet=True, log_interval=2, batch_size=32)
+        from contextlib import redirect_stdout
+        from io import StringIO
+        out = StringIO()
+        with redirect_stdout(out):
+            Trainer(C, TinyLM(), CountingData(64)).run()
+        lines = out.getvalue().splitlines()
+        self.assertRegex(lines[0], r"^epoch 1 iter 1: train loss \d\.\d{5}\. lr 1\.000000e-02$")
+        self.assertTrue(lines[1].startswith("epoch 2 iter 1: "))
+
+    def test_grad_accumulation_equals_a_larger_batch(self):
+        # Batches hold different numbers of real targets: averaging per micro-batch would not match.
+        results = []
+        for batch, accum in ((16, 1), (8, 2), (4, 4)):
+            torch.manual_seed(0)
+            C = config(max_iters=10, batch_size=batch, grad_accum_steps=accum)
+            trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(100)).run()
+            results.append((trainer.model.state_dict(), trainer.tokens, trainer.history))
+        for state, tokens, history in results[1:]:
+            self.assertEqual(tokens, results[0][1])
+            for k, v in state.items():
+                torch.testing.assert_close(v, results[0][0][k], rtol=1e-5, atol=1e-6)
+            for a, b in zip(history, results[0][2]):
+                self.assertAlmostEqual(a["loss"], b["loss"], places=5)
+
+    def test_bf16_and_fp16_autocast_on_cpu(self):
+        for precision in ("bf16", "fp16"):
+            torch.manual_seed(0)
+            C = config(max_iters=20, precision=precision, ckpt_path=self.path(f"{precision}.pt"))
+            trainer = Trainer(C, TinyLM(), CountingData(64)).run()
+            self.assertTrue(math.isfinite(trainer.loss))
+            self.assertLess(trainer.loss, trainer.history[0]["loss"])
+            self.assertEqual(trainer.model.head.weight.dtype, torch.float32)  # autocast, not a cast
+            ckpt = load_checkpoint(C.ckpt_path)
+            self.assertEqual(bool(ckpt["scaler"]), precision == "fp16")
+
+    def test_ctrl_c_saves_and_returns(self):
+        C = config(max_iters=50, ckpt_path=self.path("c.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64))
+        trainer.add_callback("on_batch_end",
+                             lambda t: os.kill(os.getpid(), signal.SIGINT) if t.iter_num == 3 else None)
+        trainer.run()
+        self.assertTrue(trainer.interrupted)
+        self.assertEqual(trainer.iter_num, 4)  # the step under way when Ctrl-C came is finished first
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 4)
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+
+class PoisonedLM(TinyLM):
+    """Its loss turns NaN once .poison is set."""
+    poison = False
+
+    def forward(self, x, y=None):
+        logits, loss = super().forward(x, y)
+        return logits, loss * float("nan") if self.poison else loss
+
+
+class TestFailures(TempDirTest):
+    def test_nan_loss_stops_naming_the_iteration(self):
+        C = config(max_iters=50, ckpt_path=self.path("n.pt"), ckpt_interval=5)
+        model = PoisonedLM()
+        trainer = Trainer(C, model, CountingData(64))
+        trainer.add_callback("on_batch_end", lambda t: setattr(model, "poison", t.iter_num == 7))
+        with self.assertRaisesRegex(FloatingPointError, "iteration 7 "):
+            trainer.run()
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 5)
+        self.assertTrue(all(torch.isfinite(p).all() for p in model.parameters()))  # no update was made
+
+    def test_checkpoint_errors(self):
+        C = config(max_iters=2, ckpt_path=self.path("good.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64)).run()
+        with self.assertRaisesRegex(FileNotFoundError, "no checkpoint"):
+            load_checkpoint(self.path("missing.pt"))
+        # a torn copy of a good checkpoint: clear error, and the good one still loads
+        with open(C.ckpt_path, "rb") as f:
+            data = f.read()
+        with open(self.path("torn.pt"), "wb") as f:
+            f.write(data[: len(data) // 2])
+        with self.assertRaisesRegex(CheckpointError, "corrupt or truncated"):
+            load_checkpoint(self.path("torn.pt"))
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 2)
+        torch.save({"weights": 1}, self.path("foreign.pt"))
+        with self.assertRaisesRegex(CheckpointError, "not a mygpt trainer checkpoint"):
+            load_checkpoint(self.path("foreign.pt"))
+        with self.assertRaisesRegex(CheckpointError, r"emb.weight \(16, 32\) vs \(16, 48\)"):
+            load_checkpoint(C.ckpt_path, model=TinyLM(width=48))
+        # a write that dies half way leaves the previous checkpoint in place
+        real_save = torch.save
+
+        def dying_save(obj, f):
+            f.write(b"partial")
+            raise OSError("disk full")
+        torch.save = dying_save
+        try:
+            trainer.iter_num = 99
+            with self.assertRaises(OSError):
+                trainer.save_checkpoint()
+        finally:
+            torch.save = real_save
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 2)
+
+    def test_compiled_model_prefix_is_stripped(self):
+        C = config(max_iters=1, ckpt_path=self.path("k.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64)).run()
+        ckpt = torch.load(C.ckpt_path, weights_only=True)
+        ckpt["model"] = {"_orig_mod." + k: v for k, v in ckpt["model"].items()}
+        torch.save(ckpt, C.ckpt_path)
+        model = TinyLM()
+        load_checkpoint(C.ckpt_path, model=model)
+        self.assertTrue(torch.equal(model.head.weight, trainer.model.head.weight))
+
+    def test_bad_inputs(self):
+        with self.assertRaisesRegex(ValueError, "train_dataset is empty"):
+            Trainer(config(), TinyLM(), CountingData(0))
+        with self.assertRaisesRegex(ValueError, "precision"):
+            Trainer(config(precision="fp8"), TinyLM(), CountingData(8))
+
+        class XOnly(CountingData):
+            def __getitem__(self, i):
+                return super().__getitem__(i)[0]
+        with self.assertRaisesRegex(TypeError, r"\(x, y\) pairs"):
+            Trainer(config(max_iters=1), TinyLM(), XOnly(8)).run()
+
+
+class TestResume(TempDirTest):
+    def test_sigkill_then_resume_is_bit_identical(self):
+        iters = 30
+        reference = subprocess.Popen([sys.executable, SCRIPT, "resume", self.path("ref.pt"), str(iters), "0"])
+        victim = subprocess.Popen([sys.executable, SCRIPT, "resume", self.path("run.pt"), str(iters), "0.1"])
+        deadline = time.time() + 60
+        while not os.path.exists(self.path("run.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        self.assertEqual(reference.wait(timeout=120), 0)
+        killed_at = load_checkpoint(self.path("run.pt"))["iter_num"]
+        self.assertLess(killed_at, iters)
+        resumed = run_script("resume", self.path("run.pt"), iters, 0)
+        self.assertEqual(resumed.returncode, 0, resumed.stderr)
+        self.assertIn(f"resumed from {self.path('run.pt')} at iteration {killed_at}", resumed.stdout)
+
+        ref, run = load_checkpoint(self.path("ref.pt")), load_checkpoint(self.path("run.pt"))
+        self.assertEqual(run["iter_num"], iters)
+        for k, v in ref["model"].items():
+            self.assertTrue(torch.equal(v, run["model"][k]), k)
+        for i, state in ref["optimizer"]["state"].items():
+            for k, v in state.items():
+                self.assertTrue(torch.equal(v, run["optimizer"]["state"][i][k]), k)
+        self.assertTrue(torch.equal(ref["rng"][0]["torch"], run["rng"][0]["torch"]))
+        self.assertEqual(ref["history"], run["history"])
+        self.assertEqual((ref["epoch"], ref["epoch_samples"], ref["tokens"]),
+                         (run["epoch"], run["epoch_samples"], run["tokens"]))
+
+
+@unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is needed")
+class TestDistributed(TempDirTest):
+    def test_two_processes_match_one(self):
+        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              SCRIPT, "ddp", self.dir], capture_output=True, text=True, timeout=180)
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        single = run_script("single", self.dir)
+        self.assertEqual(single.returncode, 0, single.stderr)
+        rank0, rank1, alone = (torch.load(self.path(f), weights_only=True)
+                               for f in ("ddp0.pt", "ddp1.pt", "single0.pt"))
+        for k, v in rank0.items():
+            self.assertTrue(torch.equal(v, rank1[k]), k)  # different seeds, same weights: DDP broadcast
+            torch.testing.assert_close(v, alone[k], rtol=1e-5, atol=1e-6)
+        with open(self.path("ddp.json")) as f, open(self.path("single.json")) as g:
+            self.assertEqual([h["tokens"] for h in json.load(f)], [h["tokens"] for h in json.load(g)])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,91 @@
+"""Small training runs that tests/test_trainer.py starts in subprocesses (and imports for its tiny model).
+
+    python tests/trainer_run.py resume CKPT ITERS SLEEP   train with resume=True, a checkpoint every step
+    torchrun --standalone --nproc_per_node=2 tests/trainer_run.py ddp OUTDIR
+    python tests/trainer_run.py single OUTDIR             the DDP run's global batches in one process
+"""
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mygpt.trainer import Trainer  # noqa: E402
+
+VOCAB, T = 16, 8
+
+
+class TinyLM(nn.Module):
+    """Embedding, dropout, linear: learns 'next token = token + 1' in a few dozen steps."""
+
+    def __init__(self, dropout=0.1, width=32):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, width)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, x, y=None):
+        logits = self.head(self.drop(self.emb(x)))
+        loss = None
+        if y is not None:
+            loss = F.cross_entropy(logits.view(-1, VOCAB), y.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+class CountingData(torch.utils.data.Dataset):
+    """x is a run of consecutive tokens, y the next ones; a varying number of targets are -1 (ignored),
+    so batches differ in token count, which is what makes loss weighting matter."""
+
+    def __init__(self, n=256):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = (torch.arange(T) + i) % VOCAB
+        y = (x + 1) % VOCAB
+        y[: i % 5] = -1
+        return x, y
+
+
+def config(**overrides):
+    C = Trainer.get_default_config()
+    C.device = "cpu"
+    C.quiet = True
+    C.log_interval = 0
+    C.batch_size = 8
+    C.learning_rate = 1e-2
+    C.merge_from_dict(overrides)
+    return C
+
+
+def main(mode, *args):
+    torch.set_num_threads(1)
+    if mode == "resume":
+        ckpt, iters, sleep = args[0], int(args[1]), float(args[2])
+        torch.manual_seed(0)
+        C = config(max_iters=iters, ckpt_path=ckpt, ckpt_interval=1, resume=True, grad_accum_steps=2,
+                   lr_decay=True, warmup_tokens=200, final_tokens=4000)
+        trainer = Trainer(C, TinyLM(dropout=0.1), CountingData(100))
+        trainer.add_callback("on_batch_end", lambda t: time.sleep(sleep))
+        trainer.run()
+    elif mode in ("ddp", "single"):
+        outdir = args[0]
+        rank = int(os.environ.get("RANK", "0"))
+        torch.manual_seed(100 + rank)  # the ranks start from different weights; DDP must align them
+        batch = 4 if mode == "ddp" else 16  # 4 per micro-batch x 2 micro-batches x 2 processes
+        C = config(max_iters=12, batch_size=batch, grad_accum_steps=2 if mode == "ddp" else 1)
+        trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(100))
+        trainer.run()
+        torch.save(trainer.model.state_dict(), os.path.join(outdir, f"{mode}{rank}.pt"))
+        if rank == 0:
+            trainer.save_history(os.path.join(outdir, f"{mode}.json"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

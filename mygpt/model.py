@@ -129,12 +129,12 @@ class CausalSelfAttention(nn.Module):
             if Tq == 1:  # one new query sees every cached key
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
             raise ValueError("attention over a cache supports one new token at a time")
-        # The weights act after the softmax, so no fused kernel applies. Masking future keys with W
-        # itself would be wrong (softmax must normalise over the visible keys only), hence the -inf mask.
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        if Tq > 1:
-            future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
-            scores = scores.masked_fill(future, float("-inf"))
+        # The weights act after the softmax, so no fused attention kernel applies. One baddbmm
+        # computes the scaled scores and adds the causal -inf mask in the same pass over memory.
+        B, nh, _, hs = q.shape
+        mask = torch.full((Tk, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)[Tk - Tq:]
+        scores = torch.baddbmm(mask, q.reshape(B * nh, Tq, hs), k.reshape(B * nh, Tk, hs).transpose(1, 2),
+                               alpha=1.0 / math.sqrt(hs)).view(B, nh, Tq, Tk)
         att = torch.softmax(scores, dim=-1) * W  # this is the time weighting
         att = F.dropout(att, dropout, self.training)
         return att @ v

@@ -1,8 +1,11 @@
-"""Small helpers shared by the library and the projects: seeding and a config node."""
+"""Small helpers shared by the library and the projects: seeding, a config node and a run's work dir."""
 
 import ast
 import json
+import logging
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,3 +94,24 @@ class CfgNode:
             if isinstance(node.__dict__[leaf], CfgNode):
                 raise KeyError(f"{dotted!r} is a config group, not a value; set one of its keys")
             node.__dict__[leaf] = _parse_value(text)
+
+
+def setup_logging(config):
+    """Prepare config.system.work_dir for a run: save the config as JSON, log to the console and to log.txt.
+
+    Returns the "mygpt" logger; calling this again (a second run in one process) replaces its handlers.
+    """
+    work_dir = Path(config.system.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
+    logger = logging.getLogger("mygpt")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the handlers below already print; the root logger must not print twice
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.addHandler(logging.StreamHandler(sys.stdout))
+    to_file = logging.FileHandler(work_dir / "log.txt", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(to_file)
+    return logger

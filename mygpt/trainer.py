@@ -153,6 +153,7 @@ def _plain_config(config):
 
 
 class Trainer:
+    """Trains ``model`` on ``train_dataset``; ``run()`` it, read its state, hook callbacks into it."""
 
     @staticmethod
     def get_default_config():
@@ -228,7 +229,7 @@ class Trainer:
         if C.batch_size < 1 or C.grad_accum_steps < 1:
             raise ValueError("batch_size and grad_accum_steps must be at least 1")
         if not isinstance(C.seed, int) or C.seed < 0:
-            raise ValueError(f"seed must be an int >= 0 (it fixes the data order for exact resumes), got {C.seed!r}")
+            raise ValueError(f"seed must be an int >= 0 (it fixes the data order), got {C.seed!r}")
 
     @staticmethod
     def _check_dataset(dataset, name):
@@ -314,12 +315,15 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers,
                           pin_memory=self.device_type == "cuda", generator=torch.Generator())
 
-    def _to_device(self, batch):
+    @staticmethod
+    def _check_batch(batch):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2
                 and torch.is_tensor(batch[0]) and torch.is_tensor(batch[1])):
             shape = [type(b).__name__ for b in batch] if isinstance(batch, (tuple, list)) else type(batch).__name__
             raise TypeError(f"the dataset must yield (x, y) pairs of tensors; a batch came out as {shape}")
-        x, y = batch
+        return batch
+
+    def _to_device(self, x, y):
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- the loop
@@ -349,7 +353,7 @@ class Trainer:
         loader = iter(self._loader(self.train_dataset, batches))
         try:
             for _ in range(len(batches) // self.config.grad_accum_steps):
-                step_batches = [self._to_device(next(loader)) for _ in range(self.config.grad_accum_steps)]
+                step_batches = [self._check_batch(next(loader)) for _ in range(self.config.grad_accum_steps)]
                 self._step(step_batches)
                 self._after_step(bar, step_in_epoch)
                 step_in_epoch += 1
@@ -363,12 +367,13 @@ class Trainer:
         self.trigger_callbacks("on_epoch_end")
 
     def _step(self, batches):
-        """One optimizer step over grad_accum_steps micro-batches."""
-        counts = [int((y >= 0).sum()) for _, y in batches]
+        """One optimizer step over grad_accum_steps micro-batches (still on the CPU)."""
+        counts = [int((y >= 0).sum()) for _, y in batches]  # counted before the copy: no GPU sync
         total = self._all_reduce([sum(counts)])[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for m, ((x, y), count) in enumerate(zip(batches, counts)):
+            x, y = self._to_device(x, y)
             # gradients travel between processes only once, after the last micro-batch
             last = m == len(batches) - 1
             no_sync = self._forward_model.no_sync if self.world_size > 1 and not last else nullcontext
@@ -387,8 +392,8 @@ class Trainer:
         self._stop_agreed = bool(stop)
         if bad:
             raise FloatingPointError(
-                f"non-finite loss at iteration {self.iter_num} (epoch {self.epoch + 1}; this process: "
-                f"{self.loss}); stopped before the update, the last checkpoint ({self.config.ckpt_path}) is intact")
+                f"non-finite loss at iteration {self.iter_num} (epoch {self.epoch + 1}; this process: {self.loss}); "
+                f"stopped before the update, the last checkpoint ({self.config.ckpt_path}) is intact")
 
         self.tokens += int(total)
         self.lr = scheduled_lr(self.config, self.tokens)
@@ -474,13 +479,14 @@ class Trainer:
         if self.test_dataset is None:
             raise ValueError("evaluate() needs a test_dataset")
         B, W = self.config.batch_size, self.world_size
-        order = np.random.default_rng([self.config.seed, TEST_ORDER, 0]).permutation(len(self.test_dataset)).tolist()
+        rng = np.random.default_rng([self.config.seed, TEST_ORDER, 0])
+        order = rng.permutation(len(self.test_dataset)).tolist()
         batches = [order[i:i + B] for i in range(self.rank * B, len(order), B * W)][:self.config.eval_iters]
         was_training = self.model.training
         self.model.eval()
         loss_sum, count = 0.0, 0
         for batch in self._loader(self.test_dataset, batches):
-            x, y = self._to_device(batch)
+            x, y = self._to_device(*self._check_batch(batch))
             with self._autocast():
                 _, loss = self.model(x, y)
             n = int((y >= 0).sum())
@@ -522,6 +528,8 @@ class Trainer:
     def save_checkpoint(self, path=None):
         """Write the whole training state atomically. Under torchrun every process must call it."""
         path = path or self.config.ckpt_path
+        if not path:
+            raise ValueError("no checkpoint path: set config.ckpt_path or pass one")
         state = self.state_dict()  # collective: every rank takes part
         self._saved_iter = self.iter_num
         if not self.is_main:
@@ -529,10 +537,14 @@ class Trainer:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        except BaseException:
+            os.remove(tmp)  # the previous checkpoint is untouched; leave no half-written file beside it
+            raise
         os.replace(tmp, path)
 
     def _resume(self, path):

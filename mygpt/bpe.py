@@ -95,6 +95,7 @@ class Encoder:
         self._token_bytes = {i: _unicode_to_bytes(t) for t, i in self.encoder.items() if t in made}
         self._bytes_to_id = {b: i for i, b in self._token_bytes.items()}
         self._token_bytes.update((i, t.encode("utf-8")) for t, i in self.special_tokens.items())
+        self.vocab_size = max(self._token_bytes) + 1
         self._decode_table = self._build_decode_table()
         self._cache = _PieceCache(self._encode_piece, cache_size)
 
@@ -127,10 +128,6 @@ class Encoder:
         for i, data in self._token_bytes.items():
             table[i] = data
         return table
-
-    @property
-    def vocab_size(self):
-        return max(self._token_bytes) + 1
 
     def __getstate__(self):
         # Rebuilt from the vocabulary on unpickling: the derived tables and the cache are larger than the files.
@@ -235,15 +232,20 @@ class Encoder:
         return steps
 
     def encode_batch(self, texts, num_workers=1, allowed_special=()):
-        """`encode` of each text, spread over `num_workers` processes (each with its own cache) when above 1."""
+        """`encode` of each text; with `num_workers` > 1, in that many processes.
+
+        The texts are cut into one contiguous group of about equal length per worker, so each worker costs a single
+        round trip and its cache sees text that shares words. Workers are forked where the platform can, so they start
+        with this encoder and its cache at no cost.
+        """
         texts = list(texts)
-        if num_workers <= 1 or len(texts) < 2:
-            return [self.encode(t, allowed_special) for t in texts]
         workers = min(num_workers, len(texts))
-        with multiprocessing.Pool(workers, initializer=_set_worker_encoder, initargs=(self,)) as pool:
-            # Several texts per task so that small texts do not pay one round trip each.
-            chunksize = max(1, len(texts) // (4 * workers))
-            return pool.starmap(_worker_encode, zip(texts, repeat(allowed_special)), chunksize=chunksize)
+        if workers <= 1:
+            return [self.encode(t, allowed_special) for t in texts]
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with context.Pool(workers, initializer=_set_worker_encoder, initargs=(self,)) as pool:
+            groups = pool.starmap(_worker_encode, zip(_contiguous_groups(texts, workers), repeat(allowed_special)))
+        return [ids for group in groups for ids in group]
 
     def save(self, directory):
         """Write `encoder.json` and `vocab.bpe` in GPT-2's formats into `directory` (created if needed)."""
@@ -280,8 +282,18 @@ def _set_worker_encoder(encoder):
     _worker_encoder = encoder
 
 
-def _worker_encode(text, allowed_special):
-    return _worker_encoder.encode(text, allowed_special)
+def _worker_encode(texts, allowed_special):
+    return [_worker_encoder.encode(t, allowed_special) for t in texts]
+
+
+def _contiguous_groups(texts, n):
+    """`texts` cut, in order, into at most `n` groups of about equal total length."""
+    total = sum(map(len, texts)) or 1
+    groups, done = [[] for _ in range(n)], 0
+    for text in texts:
+        groups[min(n - 1, done * n // total)].append(text)
+        done += len(text)
+    return [g for g in groups if g]
 
 
 def get_encoder(name="gpt2"):

@@ -59,6 +59,19 @@ def _unicode_to_bytes(token):
         raise ValueError(f"vocabulary token {token!r} has character {e.args[0]!r} outside the byte alphabet") from None
 
 
+def merge_pair(ids, left, right, merged):
+    """`ids` with each occurrence of `left` followed by `right`, taken left to right, replaced by `merged`."""
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == left and ids[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 class _PieceCache(dict):
     """Pre-token -> ids; a miss runs the BPE. Cleared when full, so memory stays bounded on endless unique text."""
 
@@ -151,15 +164,7 @@ class Encoder:
             rank, merged, left, right = min(map(table.get, zip(ids, ids[1:]), repeat(_NO_MERGE)))
             if merged < 0:
                 break
-            out, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and ids[i] == left and ids[i + 1] == right:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids = merge_pair(ids, left, right, merged)
             if on_step:
                 on_step(ids)
         return ids

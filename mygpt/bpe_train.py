@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 
 import regex
 
-from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, bytes_to_unicode
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, bytes_to_unicode, merge_pair
 
 
 def train_bpe(text_or_iterator, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
@@ -118,7 +118,7 @@ def _apply_merge(pair, new_id, seqs, freqs, where, pairs):
     deltas = defaultdict(int)
     for w in where.pop(pair, ()):
         old = seqs[w]
-        new = _merged(old, pair, new_id)
+        new = merge_pair(old, *pair, new_id)
         if len(new) == len(old):
             continue
         seqs[w] = new
@@ -130,15 +130,3 @@ def _apply_merge(pair, new_id, seqs, freqs, where, pairs):
             where[p].add(w)
     pairs.add(deltas)
 
-
-def _merged(seq, pair, new_id):
-    a, b = pair
-    out, i, n = [], 0, len(seq)
-    while i < n:
-        if i + 1 < n and seq[i] == a and seq[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return out

@@ -8,7 +8,6 @@ pre-token, it is cached per pre-token, and a warm encode is one regex pass plus 
 import json
 import multiprocessing
 import operator
-import os
 from functools import lru_cache
 from itertools import chain, repeat
 from pathlib import Path

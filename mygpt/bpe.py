@@ -143,7 +143,8 @@ class Encoder:
 
     def __getstate__(self):
         # Rebuilt from the vocabulary on unpickling: the derived tables and the cache are larger than the files.
-        return {"encoder": self.encoder, "merges": self.merges, "pattern": self.pattern, "cache_size": self._cache.limit}
+        return {"encoder": self.encoder, "merges": self.merges, "pattern": self.pattern,
+                "cache_size": self._cache.limit}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -192,10 +193,12 @@ class Encoder:
         if allowed_special == "all":
             return set(self.special_tokens)
         if isinstance(allowed_special, str):
-            raise TypeError(f'allowed_special must be "all" or a set of special tokens, not the string {allowed_special!r}')
+            raise TypeError(f'allowed_special must be "all" or a set of special tokens, '
+                            f'not the string {allowed_special!r}')
         unknown = set(allowed_special) - set(self.special_tokens)
         if unknown:
-            raise ValueError(f"not special tokens of this vocabulary: {sorted(unknown)}; it has {sorted(self.special_tokens)}")
+            raise ValueError(f"not special tokens of this vocabulary: {sorted(unknown)}; "
+                             f"it has {sorted(self.special_tokens)}")
         return set(allowed_special)
 
     def decode_bytes(self, ids):
@@ -306,7 +309,8 @@ def get_encoder(name="gpt2"):
     The result is loaded once and shared by all callers.
     """
     if name != "gpt2":
-        raise ValueError(f"unknown vocabulary {name!r}: mygpt ships only 'gpt2'; use Encoder.load(directory) for others")
+        raise ValueError(f"unknown vocabulary {name!r}: mygpt ships only 'gpt2'; "
+                         "use Encoder.load(directory) for others")
     return _shipped_gpt2()
 
 

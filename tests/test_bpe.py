@@ -54,7 +54,8 @@ class TestSameIdsAsTiktoken(unittest.TestCase):
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             near = self.tk.decode(theirs[max(0, at - 5):at + 5])
-            self.fail(f"ids differ at position {at}, near {near!r}: ours {ours[at:at + 5]}, tiktoken {theirs[at:at + 5]}")
+            self.fail(f"ids differ at position {at}, near {near!r}: "
+                      f"ours {ours[at:at + 5]}, tiktoken {theirs[at:at + 5]}")
 
     def test_megabyte_of_varied_text(self):
         text = mixed_text(1_100_000)

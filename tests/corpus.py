@@ -13,9 +13,10 @@ import pydoc_data.topics
 
 # About 2 MB of code; read from their files, not imported, so reading has no side effects.
 STDLIB_MODULES = [
-    "argparse", "collections", "dataclasses", "inspect", "json.decoder", "typing", "textwrap", "pathlib", "email.message",
-    "http.client", "subprocess", "tarfile", "unittest.case", "logging", "asyncio.base_events", "_pydecimal", "pydoc",
-    "difflib", "zipfile", "statistics", "enum", "functools", "shutil", "configparser", "doctest", "pickle", "ast",
+    "argparse", "collections", "dataclasses", "inspect", "json.decoder", "typing", "textwrap", "pathlib",
+    "email.message", "http.client", "subprocess", "tarfile", "unittest.case", "logging", "asyncio.base_events",
+    "_pydecimal", "pydoc", "difflib", "zipfile", "statistics", "enum", "functools", "shutil", "configparser",
+    "doctest", "pickle", "ast",
 ]
 
 CONTRACTIONS = ["I'm", "you're", "we've", "they'll", "she'd", "it's", "don't", "can't", "ISN'T", "o'clock", "'tis"]

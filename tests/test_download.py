@@ -1,6 +1,7 @@
 """download() against a real HTTP server on 127.0.0.1: good, corrupted, dropped and refused transfers."""
 
 import hashlib
+import importlib
 import os
 import socket
 import tempfile
@@ -10,8 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
 
-from mygpt import download as download_module
 from mygpt.download import CACHE_ENV, DownloadError, download
+
+# The package exports the function under the module's name, so the module itself is fetched by its full name.
+download_module = importlib.import_module("mygpt.download")
 
 PAYLOAD = os.urandom(300_000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

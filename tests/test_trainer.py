@@ -254,10 +254,13 @@ class TestResume(TempDirTest):
 @unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is needed")
 class TestDistributed(TempDirTest):
     def test_two_processes_match_one(self):
-        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              SCRIPT, "ddp", self.dir], capture_output=True, text=True, timeout=180)
-        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
-        single = run_script("single", self.dir)
+        for iters in (5, 12):  # the second launch resumes from the first one's checkpoint
+            ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc_per_node=2", SCRIPT, "ddp", self.dir, str(iters)],
+                                 capture_output=True, text=True, timeout=180)
+            self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        self.assertIn("resumed from", ddp.stdout)
+        single = run_script("single", self.dir, 12)
         self.assertEqual(single.returncode, 0, single.stderr)
         rank0, rank1, alone = (torch.load(self.path(f), weights_only=True)
                                for f in ("ddp0.pt", "ddp1.pt", "single0.pt"))

@@ -1,8 +1,8 @@
 """Small training runs that tests/test_trainer.py starts in subprocesses (and imports for its tiny model).
 
     python tests/trainer_run.py resume CKPT ITERS SLEEP   train with resume=True, a checkpoint every step
-    torchrun --standalone --nproc_per_node=2 tests/trainer_run.py ddp OUTDIR
-    python tests/trainer_run.py single OUTDIR             the DDP run's global batches in one process
+    torchrun --standalone --nproc_per_node=2 tests/trainer_run.py ddp OUTDIR ITERS   (resumes from OUTDIR)
+    python tests/trainer_run.py single OUTDIR ITERS       the DDP run's global batches in one process
 """
 
 import os
@@ -75,11 +75,12 @@ def main(mode, *args):
         trainer.add_callback("on_batch_end", lambda t: time.sleep(sleep))
         trainer.run()
     elif mode in ("ddp", "single"):
-        outdir = args[0]
+        outdir, iters = args[0], int(args[1])
         rank = int(os.environ.get("RANK", "0"))
         torch.manual_seed(100 + rank)  # the ranks start from different weights; DDP must align them
         batch = 4 if mode == "ddp" else 16  # 4 per micro-batch x 2 micro-batches x 2 processes
-        C = config(max_iters=12, batch_size=batch, grad_accum_steps=2 if mode == "ddp" else 1)
+        C = config(max_iters=iters, batch_size=batch, grad_accum_steps=2 if mode == "ddp" else 1,
+                   ckpt_path=os.path.join(outdir, f"{mode}.ckpt"), resume=True)
         trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(100))
         trainer.run()
         torch.save(trainer.model.state_dict(), os.path.join(outdir, f"{mode}{rank}.pt"))

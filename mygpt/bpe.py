@@ -173,11 +173,13 @@ class Encoder:
 
     def encode_ordinary(self, text):
         """Ids of `text`, with any special-token text encoded as ordinary text."""
+        _require_str(text)
         return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
 
     def encode(self, text, allowed_special=()):
         """Ids of `text`. Special tokens named in `allowed_special` (or all, with "all") map to their own ids; any
         other special-token text is ordinary text, as in GPT-2."""
+        _require_str(text)
         allowed = self._allowed(allowed_special)
         if not allowed:
             return self.encode_ordinary(text)
@@ -283,6 +285,11 @@ class Encoder:
         return cls(encoder, merges, **kwargs)
 
 
+def _require_str(text):
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__}; decode bytes to text first")
+
+
 _worker_encoder = None
 
 
@@ -339,7 +346,9 @@ class BPETokenizer:
     """GPT-2 BPE for models: text -> LongTensor of ids, ids tensor -> text.
 
     A string gives shape (1, T) and a list of n strings (n, T); strings of different lengths in one call need `pad_id`,
-    which fills the shorter rows on the right.
+    which fills the shorter rows on the right. Unlike GPT-2's encoder, `<|endoftext|>` in the text becomes its own id
+    (50256) by default, since text fed to a model marks document ends that way; pass `allowed_special=()` to keep it
+    as ordinary text.
     """
 
     def __init__(self, encoder=None, allowed_special=(ENDOFTEXT,)):

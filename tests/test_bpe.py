@@ -126,6 +126,10 @@ class TestErrors(unittest.TestCase):
         with self.assertRaisesRegex(TypeError, "allowed_special"):
             self.enc.encode("x", allowed_special=ENDOFTEXT)
 
+    def test_encode_needs_str(self):
+        with self.assertRaisesRegex(TypeError, "got bytes"):
+            self.enc.encode(b"bytes")
+
     def test_unknown_vocabulary_name(self):
         with self.assertRaisesRegex(ValueError, "gpt5"):
             get_encoder("gpt5")

@@ -3,6 +3,7 @@ Training and generation speed of mygpt against Hugging Face transformers' GPT-2,
 
     python bench/bench_model.py              # everything, ~5 minutes on 2 cores
     python bench/bench_model.py --quick      # fewer repeats
+    python bench/bench_model.py --dropout=0.1
 
 Training: the seed's shape (n_layer 3, n_head 8, n_embd 512, block 128, vocab 65, batch 16),
 forward + backward + AdamW, rounds interleaved across models so machine noise hits all alike.
@@ -25,7 +26,7 @@ from mygpt.utils import CfgNode
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
 BATCH = 16
-DROPOUT = 0.1
+DROPOUT = 0.0  # --dropout; the MFU count has no dropout FLOPs, but it costs time
 TRAIN_MODELS = ("mygpt", "mygpt-full", "mygpt-circulant", "transformers")
 
 
@@ -169,21 +170,24 @@ def peak_memory_probe(name):
 def bench_memory():
     print(f"\npeak RSS of a fresh process doing training steps (batch {BATCH})")
     for name in TRAIN_MODELS:
-        out = subprocess.run([sys.executable, __file__, "--memory-probe", name], check=True,
+        out = subprocess.run([sys.executable, __file__, "--memory-probe", name, f"--dropout={DROPOUT}"], check=True,
                              capture_output=True, text=True).stdout
         print(f"{name:<18}{float(out.split()[-1]):>8.0f} MiB")
 
 
 def main():
+    global DROPOUT
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dropout", type=float, default=DROPOUT)
     parser.add_argument("--memory-probe")
     args = parser.parse_args()
+    DROPOUT = args.dropout
     torch.set_num_threads(2)
     if args.memory_probe:
         peak_memory_probe(args.memory_probe)
         return
-    print(f"torch {torch.__version__}")
+    print(f"torch {torch.__version__}, dropout {DROPOUT}")
     bench_training(rounds=2 if args.quick else 5, steps_per_round=3 if args.quick else 5)
     bench_generation(repeats=1 if args.quick else 3)
     bench_memory()

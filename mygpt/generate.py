@@ -93,7 +93,6 @@ def check_sampling_args(max_new_tokens, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-@torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
              use_cache=True, generator=None):
     """Append max_new_tokens tokens to each row of idx (B, T) and return the (B, T + max_new_tokens) result.
@@ -103,22 +102,29 @@ def generate(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k
     put back in its previous mode afterwards.
     """
     check_sampling_args(max_new_tokens, top_k, top_p)
-    block_size = model.block_size
-    model.check_input(idx[:, -block_size:])
+    model.check_input(idx[:, -model.block_size:])
     was_training = model.training
     model.eval()
     try:
-        cache = None
-        if use_cache and idx.shape[1] < block_size:
-            weight = model.lm_head.weight
-            cache = KVCache(model.config, idx.shape[0], weight.device, weight.dtype)
-        for _ in range(max_new_tokens):
-            if cache is not None and idx.shape[1] <= block_size:
-                fresh = idx[:, cache.length:]  # the whole prompt first, then one token per step
-                logits = last_logits_cached(model, fresh, cache)
-            else:
-                logits = model(idx[:, -block_size:])[0][:, -1]
-            idx = torch.cat([idx, next_token(logits, temperature, do_sample, top_k, top_p, generator)], dim=1)
+        out = sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator)
     finally:
         model.train(was_training)
+    # a copy made outside inference mode is an ordinary tensor, usable as input to training
+    return out.clone()
+
+
+@torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all, which matters one token at a time
+def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator):
+    block_size = model.block_size
+    cache = None
+    if use_cache and idx.shape[1] < block_size:
+        weight = model.lm_head.weight
+        cache = KVCache(model.config, idx.shape[0], weight.device, weight.dtype)
+    for _ in range(max_new_tokens):
+        if cache is not None and idx.shape[1] <= block_size:
+            fresh = idx[:, cache.length:]  # the whole prompt first, then one token per step
+            logits = last_logits_cached(model, fresh, cache)
+        else:
+            logits = model(idx[:, -block_size:])[0][:, -1]
+        idx = torch.cat([idx, next_token(logits, temperature, do_sample, top_k, top_p, generator)], dim=1)
     return idx

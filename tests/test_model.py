@@ -219,6 +219,8 @@ class TestGenerate(unittest.TestCase):
         self.assertEqual(out.shape, (1, 25))
         self.assertTrue(torch.equal(out[:, :20], prompt))
         self.assertTrue(model.training)
+        self.assertFalse(out.is_inference())  # generated tokens can be trained on
+        model(out[:, -16:], out[:, -16:])[1].backward()
 
     def test_top_k_one_is_greedy(self):
         model = tiny_model()

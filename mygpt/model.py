@@ -123,19 +123,18 @@ class CausalSelfAttention(nn.Module):
         """
         dropout = self.attn_pdrop if self.training else 0.0
         Tq, Tk = q.shape[2], k.shape[2]
-        if W is None:
-            if Tq == Tk:
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            if Tq == 1:  # one new query sees every cached key
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-            raise ValueError("attention over a cache supports one new token at a time")
-        # The weights act after the softmax, so no fused attention kernel applies. One baddbmm
-        # computes the scaled scores and adds the causal -inf mask in the same pass over memory.
+        # The fused kernels cannot apply weights after the softmax, and on the CPU they have no
+        # dropout (PyTorch then falls back to a path slower than the one below).
+        if W is None and (dropout == 0.0 or q.device.type != "cpu") and Tq in (1, Tk):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq == Tk)
+        # One baddbmm computes the scaled scores and adds the causal -inf mask in one pass over memory.
         B, nh, _, hs = q.shape
         mask = torch.full((Tk, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)[Tk - Tq:]
         scores = torch.baddbmm(mask, q.reshape(B * nh, Tq, hs), k.reshape(B * nh, Tk, hs).transpose(1, 2),
                                alpha=1.0 / math.sqrt(hs)).view(B, nh, Tq, Tk)
-        att = torch.softmax(scores, dim=-1) * W  # this is the time weighting
+        att = torch.softmax(scores, dim=-1)
+        if W is not None:
+            att = att * W  # this is the time weighting
         att = F.dropout(att, dropout, self.training)
         return att @ v
 

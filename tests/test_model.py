@@ -73,6 +73,23 @@ class TestTimeWeighting(unittest.TestCase):
             expected = attn.c_proj(expected.transpose(1, 2).reshape(2, T, 32))
             torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
 
+    def test_attention_dropout_matches_plain_formula(self):
+        for tw in (None, "full"):
+            model = tiny_model(time_weighting=tw, attn_pdrop=0.3).train()
+            attn = model.transformer.h[0].attn
+            T = 7
+            x = torch.randn(2, T, 32)
+            q, k, v = (t.view(2, T, 4, 8).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            probs = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(~causal, float("-inf")), -1)
+            if tw == "full":
+                probs = probs * attn.time_weighting[:, :T, :T]
+            torch.manual_seed(11)
+            expected = F.dropout(probs, 0.3) @ v
+            expected = attn.c_proj(expected.transpose(1, 2).reshape(2, T, 32))
+            torch.manual_seed(11)
+            torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+
     def test_ones_initialised_time_weighting_equals_vanilla(self):
         vanilla = tiny_model(seed=1)
         idx = torch.randint(0, 13, (3, 16))

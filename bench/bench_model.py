@@ -149,10 +149,22 @@ def bench_generation(repeats):
         for run in runs.values():  # warm up
             run()
         rates = {name: time_generation(run, repeats) for name, run in runs.items()}
+        floor = time_generation(lambda: linears_only(ours), repeats)
     print("\ngeneration, 200 new tokens, batch 1, greedy (block_size 256)")
     print(f"{'model':<18}{'tokens/s':>10}{'cached mygpt is':>18}")
     for name, rate in rates.items():
         print(f"{name:<18}{rate:>10.0f}{rates['mygpt cached'] / rate:>17.2f}x")
+    print(f"{'Linear layers only':<18}{floor:>10.0f}{rates['mygpt cached'] / floor:>17.2f}x"
+          "   (reading every weight once per token: the ceiling of any fp32 decoder of this shape)")
+
+
+def linears_only(model):
+    """The matrix-vector products of 200 decoding steps and nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {n: torch.randn(1, 1, n) for n in {m.in_features for m in layers}}
+    for _ in range(200):
+        for layer in layers:
+            layer(inputs[layer.in_features])
 
 
 def peak_memory_probe(name):

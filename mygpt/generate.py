@@ -12,7 +12,6 @@ from that point each step re-runs the window: the tokens stay exactly those of u
 """
 
 import torch
-import torch.nn.functional as F
 
 
 class KVCache:

@@ -531,7 +531,8 @@ class Trainer:
         if not path:
             raise ValueError("no checkpoint path: set config.ckpt_path or pass one")
         state = self.state_dict()  # collective: every rank takes part
-        self._saved_iter = self.iter_num
+        if path == self.config.ckpt_path:  # a copy elsewhere does not make the run's checkpoint current
+            self._saved_iter = self.iter_num
         if not self.is_main:
             return
         directory = os.path.dirname(os.path.abspath(path))

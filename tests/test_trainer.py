@@ -137,11 +137,21 @@ class TestTraining(TempDirTest):
         trainer = Trainer(C, TinyLM(), CountingData(64))
         trainer.add_callback("on_batch_end",
                              lambda t: os.kill(os.getpid(), signal.SIGINT) if t.iter_num == 3 else None)
+        before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
         trainer.run()
         self.assertTrue(trainer.interrupted)
         self.assertEqual(trainer.iter_num, 4)  # the step under way when Ctrl-C came is finished first
         self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 4)
-        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
+
+    def test_a_copy_elsewhere_does_not_skip_the_final_checkpoint(self):
+        C = config(max_iters=6, ckpt_path=self.path("run.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64))
+        trainer.add_callback("on_batch_end",
+                             lambda t: t.save_checkpoint(self.path("best.pt")) if t.iter_num == 6 else None)
+        trainer.run()
+        self.assertEqual(load_checkpoint(self.path("best.pt"))["iter_num"], 6)
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 6)
 
 
 class PoisonedLM(TinyLM):

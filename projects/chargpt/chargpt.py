@@ -14,7 +14,6 @@ The defaults are nanoGPT's CPU configuration of its shakespeare_char run (a few 
 
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -136,9 +135,7 @@ def keep_best(config, chars, log):
         earlier = [h["test_loss"] for h in trainer.history[:-1] if "test_loss" in h]
         is_best = not earlier or loss < min(earlier)
         if is_best:
-            # through the regular checkpoint: save_checkpoint(other_path) would count as the final save
-            trainer.save_checkpoint()
-            shutil.copyfile(trainer.config.ckpt_path, best_path)
+            trainer.save_checkpoint(best_path)
         log.info(f"iter {trainer.iter_num}: val loss {loss:.4f}{' (best so far, saved)' if is_best else ''}")
         if S.every_eval:
             log.info(sample(trainer.model, chars, S.prompt, S.every_eval, S.temperature, S.top_k))

@@ -7,4 +7,8 @@ from mygpt.model import GPT
 from mygpt.trainer import Trainer, load_checkpoint
 from mygpt.utils import CfgNode, set_seed
 
-__all__ = ["Encoder", "get_encoder", "BPETokenizer", "train_bpe", "download", "GPT", "CfgNode", "set_seed", "Trainer", "load_checkpoint"]
+__all__ = [
+    "GPT", "Trainer", "load_checkpoint",
+    "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "download",
+    "CfgNode", "set_seed",
+]

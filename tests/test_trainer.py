@@ -268,7 +268,7 @@ class TestDistributed(TempDirTest):
             ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   "--nproc_per_node=2", SCRIPT, "ddp", self.dir, str(iters)],
                                  capture_output=True, text=True, timeout=180)
-            self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+            self.assertEqual(ddp.returncode, 0, ddp.stdout[-2000:] + ddp.stderr[-3000:])
         self.assertIn("resumed from", ddp.stdout)
         single = run_script("single", self.dir, 12)
         self.assertEqual(single.returncode, 0, single.stderr)

@@ -90,3 +90,9 @@ def main(mode, *args):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    if sys.argv[1] == "ddp":
+        # Every result is on disk. Skip the interpreter's teardown, where gloo's threads occasionally
+        # abort the process ("terminate called without an active exception") after a successful run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

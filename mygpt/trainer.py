@@ -54,6 +54,17 @@ def scheduled_lr(config, tokens):
     return config.learning_rate * mult
 
 
+def fill_schedule(config, targets_per_example):
+    """Complete a schedule left open: final_tokens=None ends the cosine at max_iters, warmup_tokens=None warms up
+    over its first 5%. ``targets_per_example`` is the number of targets (y >= 0) in one example."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = config.batch_size * config.grad_accum_steps * world_size * targets_per_example
+    if config.final_tokens is None:
+        config.final_tokens = config.max_iters * tokens_per_step
+    if config.warmup_tokens is None:
+        config.warmup_tokens = config.final_tokens // 20
+
+
 def resolve_device(name):
     """'auto' picks CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":

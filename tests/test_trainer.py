@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mygpt.model import GPT
-from mygpt.trainer import CheckpointError, Trainer, load_checkpoint, scheduled_lr
+from mygpt.trainer import CheckpointError, Trainer, fill_schedule, load_checkpoint, scheduled_lr
 from tests.trainer_run import CountingData, TinyLM, config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,6 +55,15 @@ class TestSchedule(unittest.TestCase):
         self.assertEqual(f"{scheduled_lr(C, 34 * 256 * 128):e}", "5.999354e-04")
         self.assertEqual(f"{scheduled_lr(C, 2 * 34 * 256 * 128):e}", "5.997392e-04")
         self.assertEqual(f"{scheduled_lr(C, 150 * 34 * 256 * 128):e}", "6.000000e-05")
+
+    def test_fill_schedule_ends_the_cosine_at_max_iters(self):
+        C = config(max_iters=100, batch_size=8, grad_accum_steps=2, warmup_tokens=None, final_tokens=None)
+        fill_schedule(C, targets_per_example=3)
+        self.assertEqual(C.final_tokens, 100 * 8 * 2 * 3)
+        self.assertEqual(C.warmup_tokens, C.final_tokens // 20)
+        C = config(max_iters=100, warmup_tokens=0, final_tokens=500)
+        fill_schedule(C, targets_per_example=3)  # a schedule already given is kept
+        self.assertEqual((C.warmup_tokens, C.final_tokens), (0, 500))
 
     def test_trainer_counts_only_real_targets(self):
         class ThreeIgnored(CountingData):

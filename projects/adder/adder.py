@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mygpt.model import GPT
-from mygpt.trainer import Trainer
+from mygpt.trainer import Trainer, fill_schedule
 from mygpt.utils import CfgNode, set_seed, setup_logging
 
 
@@ -107,8 +107,7 @@ def main(args):
     config.model.vocab_size = 10
     config.model.block_size = 3 * config.data.ndigit
     model = GPT(config.model)
-    if config.trainer.final_tokens is None:
-        config.trainer.final_tokens = config.trainer.max_iters * config.trainer.batch_size * (config.data.ndigit + 1)
+    fill_schedule(config.trainer, targets_per_example=config.data.ndigit + 1)  # only the sum's digits are targets
     config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
     log = setup_logging(config)  # once the config is complete, so the saved one can rebuild the run
     log.info(f"{len(train_dataset)} train and {len(test_dataset)} test problems, "

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mygpt.download import DownloadError, download
 from mygpt.model import GPT
-from mygpt.trainer import Trainer, load_checkpoint
+from mygpt.trainer import Trainer, fill_schedule, load_checkpoint
 from mygpt.utils import CfgNode, set_seed, setup_logging
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -102,11 +102,7 @@ def train(config):
     config.model.vocab_size = len(chars)
     config.model.block_size = config.data.block_size
     C = config.trainer
-    tokens_per_step = C.batch_size * C.grad_accum_steps * config.data.block_size
-    if C.final_tokens is None:
-        C.final_tokens = C.max_iters * tokens_per_step
-    if C.warmup_tokens is None:
-        C.warmup_tokens = C.final_tokens // 20
+    fill_schedule(C, targets_per_example=config.data.block_size)
     C.ckpt_path = C.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
     log = setup_logging(config)
     with open(os.path.join(config.system.work_dir, "vocab.json"), "w", encoding="utf-8") as f:

@@ -257,7 +257,7 @@ class GPT(nn.Module):
             raise ValueError("idx holds an empty sequence; give at least one token")
         if torch.compiler.is_compiling():
             return  # a data-dependent check would break the compiled graph
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one pass, and one device sync on a GPU
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")

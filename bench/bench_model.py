@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from mygpt.model import GPT
+from mygpt import GPT
 from mygpt.utils import CfgNode
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
@@ -32,7 +32,6 @@ TRAIN_MODELS = ("mygpt", "mygpt-full", "mygpt-circulant", "transformers")
 
 def mygpt_model(time_weighting=None, block_size=SHAPE["block_size"]):
     c = GPT.get_default_config()
-    c.model_type = None
     c.merge_from_dict({**SHAPE, "block_size": block_size, "time_weighting": time_weighting})
     c.embd_pdrop = c.resid_pdrop = c.attn_pdrop = DROPOUT
     return GPT(c)

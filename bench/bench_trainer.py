@@ -42,7 +42,6 @@ class RandomText(Dataset):
 
 def seed_model():
     C = GPT.get_default_config()
-    C.model_type = None
     C.n_layer, C.n_head, C.n_embd, C.vocab_size, C.block_size = 3, 8, 512, VOCAB, BLOCK
     torch.manual_seed(0)
     return GPT(C)

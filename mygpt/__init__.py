@@ -2,13 +2,20 @@
 
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
-from mygpt.download import download
-from mygpt.model import GPT
-from mygpt.trainer import Trainer, load_checkpoint
-from mygpt.utils import CfgNode, set_seed
+from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.download import DownloadError, download
+from mygpt.generate import stream
+from mygpt.model import GPT, KVCache
+from mygpt.trainer import Trainer
+from mygpt.utils import CfgNode, set_seed, setup_logging
 
 __all__ = [
-    "GPT", "Trainer", "load_checkpoint",
-    "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "download",
-    "CfgNode", "set_seed",
+    # the model and sampling from it
+    "GPT", "KVCache", "stream",
+    # training
+    "Trainer", "load_checkpoint", "CheckpointError",
+    # tokenizers
+    "Encoder", "get_encoder", "BPETokenizer", "train_bpe",
+    # helpers
+    "download", "DownloadError", "CfgNode", "set_seed", "setup_logging",
 ]

@@ -4,7 +4,8 @@ The GPT language model, written to be read top to bottom:
     GELU -> CausalSelfAttention (optionally time-weighted) -> MLP -> Block -> GPT
 
 Parameter names follow OpenAI's GPT-2 layout (transformer.wte, transformer.h.0.attn.c_attn, ...)
-so that GPT-2 checkpoints load by name. Sampling with a key/value cache lives in mygpt/generate.py.
+so that GPT-2 checkpoints load by name. GPT.forward is the only forward pass: given a KVCache it
+processes just the positions after the cached ones, and mygpt/generate.py only drives it.
 
 Time-weighted attention (from the seed document) rescales the attention probabilities after the
 softmax by a learned weight per (head, query position t, key position u):
@@ -72,14 +73,15 @@ def circulant_time_weighting(time_weight, time_bias, T, first_row=0):
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention, with optional time weighting of the probabilities."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache holds this layer's keys and values
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_pdrop = config.attn_pdrop
-        self.resid_drop = nn.Dropout(config.resid_pdrop)
+        self.resid_pdrop = config.resid_pdrop
         self.token_shift = config.token_shift
         self.time_weighting_kind = config.time_weighting
         if config.time_weighting == "full":
@@ -96,10 +98,10 @@ class CausalSelfAttention(nn.Module):
             return circulant_time_weighting(self.time_weight, self.time_bias, T, first_row)
         return None
 
-    def shift(self, x, previous=None):
-        """Token shift: the first half of the channels come from the previous position.
+    def shift(self, x, previous):
+        """Token shift: the first half of the channels of x (B, T, C) come from the position before.
 
-        `previous` is the (B, 1, C) input of the position before x[:, 0] (zeros at the start).
+        previous is the (B, 1, C) input of the position before x[:, 0], or None at the start (zeros).
         """
         half = self.n_embd // 2
         if previous is None:
@@ -107,19 +109,11 @@ class CausalSelfAttention(nn.Module):
         shifted = torch.cat([previous[:, :, :half], x[:, :-1, :half]], dim=1)
         return torch.cat([shifted, x[:, :, half:]], dim=2)
 
-    def split_heads(self, x):
-        B, T, C = x.shape
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-
-    def qkv(self, x):
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
-
     def attend(self, q, k, v, W):
         """softmax(q k^T / sqrt(d), causal) [* W] -> dropout -> @ v, for queries at the last positions.
 
-        q covers the last Tq of the Tk key positions; W, when given, is the (n_head, Tq, Tk) slice
-        of the time-weighting matrix for exactly those query rows.
+        q (B, nh, Tq, hs) covers the last Tq of the Tk key positions of k, v (B, nh, Tk, hs); W, when
+        given, is the (nh, Tq, Tk) slice of the time-weighting matrix for exactly those query rows.
         """
         dropout = self.attn_pdrop if self.training else 0.0
         Tq, Tk = q.shape[2], k.shape[2]
@@ -138,52 +132,89 @@ class CausalSelfAttention(nn.Module):
         att = F.dropout(att, dropout, self.training)
         return att @ v
 
-    def merge_heads(self, y):
-        B, nh, T, hs = y.shape
-        return y.transpose(1, 2).reshape(B, T, nh * hs)
-
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
+        """x (B, T, C) -> (B, T, C). With kv_cache, x holds the positions that follow the cached ones."""
+        B, T, C = x.shape
+        start = 0 if kv_cache is None else kv_cache.length  # absolute position of x[:, 0]
         if self.token_shift:
-            x = self.shift(x)
-        q, k, v = self.qkv(x)
-        y = self.attend(q, k, v, self.weights(x.shape[1]))
-        return self.resid_drop(self.c_proj(self.merge_heads(y)))
+            x = self.shift(x, None if kv_cache is None else kv_cache.swap_last_input(self.layer_idx, x))
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, start + T, hs)
+        y = self.attend(q, k, v, self.weights(start + T, first_row=start))  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return F.dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
 
 class MLP(nn.Module):
+    """The position-wise feed-forward network: n_embd -> 4 n_embd -> GELU -> n_embd."""
+
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x):
-        return self.dropout(self.c_proj(gelu(self.c_fc(x))))
+        return F.dropout(self.c_proj(gelu(self.c_fc(x))), self.resid_pdrop, self.training)
 
 
 class Block(nn.Module):
     """A pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
+class KVCache:
+    """What a model must remember of the positions it has seen, to process only new ones.
+
+    Per layer: keys and values (preallocated for block_size positions) and, for token shift, the
+    attention input of the last position. `length` counts the positions held; GPT.forward advances it.
+    """
+
+    def __init__(self, config, batch_size, device=None, dtype=None):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.last_input = [None] * config.n_layer
+        self.length = 0
+
+    def append(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) after the cached positions; return the keys and values of all of them."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def swap_last_input(self, layer, x):
+        """Remember x[:, -1:] (B, 1, C) of this layer's attention input; return the one remembered before."""
+        previous, self.last_input[layer] = self.last_input[layer], x[:, -1:]
+        return previous
+
+
 class GPT(nn.Module):
-    """A GPT language model: token (+ position) embeddings, n_layer blocks, a final LayerNorm and a linear head."""
+    """A GPT language model: token (+ position) embeddings, n_layer blocks, a final LayerNorm and a linear head.
+
+    Dropout is applied with F.dropout rather than nn.Dropout modules: the same operation, without a
+    module call per use, which adds up when decoding one token at a time.
+    """
 
     @staticmethod
     def get_default_config():
         C = CfgNode()
-        # either model_type or (n_layer, n_head, n_embd) must be given
-        C.model_type = "gpt-mini"
+        # the shape: a model_type preset, or n_layer, n_head and n_embd (a preset fills those left None)
+        C.model_type = None
         C.n_layer = None
         C.n_head = None
         C.n_embd = None
@@ -196,6 +227,7 @@ class GPT(nn.Module):
         C.attn_pdrop = 0.1
         # architecture switches
         C.bias = True                # biases in Linear and LayerNorm, as GPT-2
+        C.tie_weights = True         # lm_head shares the token embedding matrix, as GPT-2
         C.time_weighting = None      # None, 'full' or 'circulant'
         C.token_shift = False        # the seed's companion trick to time weighting
         C.pos_emb = True             # learned absolute positions; time weighting can replace them
@@ -208,14 +240,16 @@ class GPT(nn.Module):
         self.block_size = config.block_size
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.embd_pdrop),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         )
         if config.pos_emb:
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # one (vocab_size, n_embd) matrix reads tokens in and scores them out
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: each block adds two residual branches, so their output projections start smaller
         # to keep the variance of the residual stream from growing with depth.
@@ -237,105 +271,159 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
 
     def num_parameters(self, include_position_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix counts once
         if not include_position_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def check_input(self, idx):
-        """Raise a clear error for token ids the model cannot take."""
+    def check_input(self, idx, start=0):
+        """Raise a clear error for token ids the model cannot take at positions start, start+1, ..."""
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer token ids (e.g. torch.long), got dtype {idx.dtype}")
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got shape {tuple(idx.shape)}")
-        if idx.shape[1] > self.block_size:
-            raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.block_size}; "
-                             f"crop it to the last {self.block_size} tokens or build the model with a larger block_size")
         if idx.shape[1] == 0:
             raise ValueError("idx holds an empty sequence; give at least one token")
-        if torch.compiler.is_compiling():
-            return  # a data-dependent check would break the compiled graph
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one pass, and one device sync on a GPU
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if start + idx.shape[1] > self.block_size:
+            where = f" after {start} cached positions" if start else ""
+            raise ValueError(f"sequence of length {idx.shape[1]}{where} is longer than block_size {self.block_size}; "
+                             f"crop it to the last {self.block_size} tokens or build the model with a larger block_size")
+        check_ids(idx, self.config.vocab_size, "token id")
 
-    def embed(self, idx, start=0):
-        """Token embeddings plus position embeddings for positions start, start+1, ..."""
-        x = self.transformer.wte(idx)
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (B, T, vocab_size) for idx (B, T), and the mean cross-entropy over targets != -1 when given.
+
+        With a KVCache, idx holds the tokens that follow the cached ones (a whole prompt, then one token
+        at a time); their keys and values are added to the cache.
+        """
+        start = 0 if kv_cache is None else kv_cache.length  # absolute position of idx[:, 0]
+        self.check_input(idx, start)
+        B, T = idx.shape
+        x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb:
-            pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-            x = x + self.transformer.wpe(pos)
-        return self.transformer.drop(x)
-
-    def forward(self, idx, targets=None):
-        """Logits for every position, and the mean cross-entropy over targets != -1 when given."""
-        self.check_input(idx)
-        x = self.embed(idx)
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
+        x = F.dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits, targets)
         return logits, loss
 
     def configure_optimizers(self, train_config):
-        """AdamW that decays only the weights of Linear layers.
+        """AdamW that decays only the weights of Linear layers (lm_head's, also when tied to the embedding).
 
-        Biases and LayerNorm gains have no reason to shrink, embeddings are lookups, and the time
+        Biases and LayerNorm gains have no reason to shrink, untied embeddings are lookups, and the time
         weights start at 1 (a decay toward 0 would switch attention off), so none of those decay.
         """
-        decay, no_decay = [], []
-        for module_name, module in self.named_modules():
-            for name, p in module.named_parameters(recurse=False):
-                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+        decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = list(self.parameters())  # each tensor once, also a tied one
         groups = [
-            {"params": decay, "weight_decay": train_config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in decayed], "weight_decay": train_config.weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
         ]
         # The fused kernel updates all parameters in one pass: the same maths, less time.
-        fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(groups, lr=train_config.learning_rate, betas=train_config.betas, fused=fused)
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
-                 use_cache=True, generator=None):
-        """Continue each sequence of idx (B, T) by max_new_tokens tokens; see mygpt.generate."""
+                 use_cache=True, generator=None, stop_tokens=None):
+        """Continue each sequence of idx (B, T) by up to max_new_tokens tokens; see mygpt.generate."""
         from mygpt.generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, do_sample=do_sample,
-                        top_k=top_k, top_p=top_p, use_cache=use_cache, generator=generator)
+                        top_k=top_k, top_p=top_p, use_cache=use_cache, generator=generator, stop_tokens=stop_tokens)
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):
-        """A GPT with OpenAI GPT-2 weights, read through Hugging Face transformers; see mygpt.pretrained."""
+        """A GPT with OpenAI GPT-2 weights, read through Hugging Face transformers, in eval mode; see mygpt.pretrained."""
         from mygpt.pretrained import load_gpt2
         return load_gpt2(cls, name_or_dir, **overrides)
 
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """The model of a checkpoint written by the Trainer (or mygpt.save_model), its weights loaded, in eval mode."""
+        from mygpt.checkpoint import load_checkpoint
+        ckpt = load_checkpoint(path, map_location=map_location)
+        if not ckpt.get("model_config"):
+            raise ValueError(f"{path} records no model config (it was written for a model that is not a mygpt GPT); "
+                             f"build the model yourself and pass it to load_checkpoint(path, model=...)")
+        config = cls.get_default_config()
+        config.merge_from_dict(ckpt["model_config"])
+        model = cls(config)
+        from mygpt.checkpoint import load_model_state
+        load_model_state(model, ckpt["model"], source=path)
+        return model.eval()
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy (B, T, V) x (B, T) over the targets that are not -1; 0 when every target is -1.
+
+    A micro-batch without targets then adds nothing to training instead of a 0/0 = NaN.
+    """
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:2]:
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be a tensor of shape {tuple(logits.shape[:2])} (that of idx), got {shape}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer token ids (-1 to ignore a position), got dtype {targets.dtype}")
+    check_ids(targets, logits.size(-1), "target", ignore_index=-1)
+    targets = targets.reshape(-1).long()
+    total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)
+
+
+def check_ids(ids, vocab_size, what, ignore_index=None):
+    """Raise a ValueError for an id outside [0, vocab_size) (ignore_index aside), on the CPU only.
+
+    On a GPU the check would cost a device sync per call; the Trainer checks its batches on the host
+    before they are copied there, and a compiled graph cannot hold a data-dependent branch.
+    """
+    if ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    lowest = 0 if ignore_index is None else ignore_index  # ignore_index is -1, just below the first id
+    lo, hi = (int(t) for t in torch.aminmax(ids))  # one pass over the ids
+    if lo < lowest or hi >= vocab_size:
+        extra = f" ({ignore_index} marks a position to ignore)" if ignore_index is not None else ""
+        raise ValueError(f"{what} {lo if lo < lowest else hi} is outside the vocabulary [0, {vocab_size}){extra}")
+
 
 def resolve_config(config):
-    """Fill n_layer/n_head/n_embd from model_type and check the config, with errors that say what to fix."""
-    config = CfgNode(**config.to_dict())
-    shape_given = all(getattr(config, k) is not None for k in ("n_layer", "n_head", "n_embd"))
+    """The config with n_layer/n_head/n_embd filled from model_type, checked, with errors that say what to fix.
+
+    The result names its preset and its shape, and GPT(model.config) rebuilds the same model.
+    """
+    config = GPT.get_default_config() if config is None else CfgNode(**config.to_dict())
+    shape_keys = ("n_layer", "n_head", "n_embd")
     if config.model_type is not None:
         if config.model_type not in MODEL_SHAPES:
             raise ValueError(f"unknown model_type {config.model_type!r}; choose one of {sorted(MODEL_SHAPES)} "
-                             f"or set model_type=None and give n_layer, n_head and n_embd")
-        if shape_given:
-            raise ValueError("give either model_type or all of n_layer, n_head, n_embd, not both "
-                             "(set model_type=None to use your own shape)")
-        config.n_layer, config.n_head, config.n_embd = MODEL_SHAPES[config.model_type]
-    elif not shape_given:
-        raise ValueError("model_type is None, so n_layer, n_head and n_embd must all be set")
-    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+                             f"or leave model_type None and give n_layer, n_head and n_embd")
+        for key, preset in zip(shape_keys, MODEL_SHAPES[config.model_type]):
+            given = getattr(config, key)
+            if given is not None and given != preset:
+                raise ValueError(f"model_type {config.model_type!r} has {key}={preset}, but {key}={given} was given; "
+                                 f"set model_type=None to use your own shape, or drop {key}")
+            setattr(config, key, preset)
+    elif any(getattr(config, k) is None for k in shape_keys):
+        raise ValueError("give the model's shape: a model_type (e.g. 'gpt-mini') or all of n_layer, n_head, n_embd")
+    for key in shape_keys + ("vocab_size", "block_size"):
         value = getattr(config, key)
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
     if config.n_embd % config.n_head != 0:
         raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
                          f"so that every head gets n_embd // n_head channels")
+    for key in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"config.{key} is a dropout probability and must be in [0, 1), got {value!r}")
+    for key in ("bias", "tie_weights", "token_shift", "pos_emb"):
+        if not isinstance(getattr(config, key), bool):
+            raise TypeError(f"config.{key} must be True or False, got {getattr(config, key)!r}")
     if config.time_weighting not in TIME_WEIGHTINGS:
         raise ValueError(f"unknown time_weighting {config.time_weighting!r}; choose None, 'full' or 'circulant'")
     return config

@@ -3,7 +3,8 @@ Loading OpenAI's GPT-2 weights through Hugging Face transformers (an optional de
 
 GPT-2's original code stores its projections as "Conv1D" modules whose weight is (in, out);
 torch's nn.Linear keeps (out, in), so those four weights are transposed on the way in. GPT-2 ties
-its output head to the token embedding, so lm_head receives a copy of wte.
+its output head to the token embedding, and so does the model built here (tie_weights=True), so
+fine-tuning keeps one matrix for both.
 """
 
 import os
@@ -37,21 +38,22 @@ def load_hf_model(name_or_dir):
 def load_gpt2(gpt_class, name_or_dir, **overrides):
     """A gpt_class model holding the weights of the GPT-2 named (hub name) or saved (directory) as name_or_dir.
 
-    overrides set config fields that do not change the weights' shapes (e.g. dropout).
+    overrides set config fields that do not change the weights' shapes (e.g. dropout). The model comes back
+    in eval mode, as from transformers; call .train() to fine-tune it.
     """
     hf_model = load_hf_model(name_or_dir)
     hf_config = hf_model.config
     config = gpt_class.get_default_config()
-    config.model_type = None
     config.n_layer, config.n_head, config.n_embd = hf_config.n_layer, hf_config.n_head, hf_config.n_embd
     config.vocab_size, config.block_size = hf_config.vocab_size, hf_config.n_positions
+    config.tie_weights = bool(getattr(hf_config, "tie_word_embeddings", True))
     config.merge_from_dict(overrides)
     if config.time_weighting is not None or config.token_shift or not config.pos_emb:
         raise ValueError("GPT-2 weights need the vanilla architecture: time_weighting=None, token_shift=False, "
                          "pos_emb=True")
     model = gpt_class(config)
     copy_gpt2_weights(hf_model.state_dict(), model)
-    return model
+    return model.eval()  # as transformers returns it: no dropout until the caller asks for training
 
 
 @torch.no_grad()

@@ -3,66 +3,57 @@ many GPUs on several machines under ``torchrun``.
 
 What it guarantees, and how:
 
-- The data order is a pure function of ``(seed, epoch)`` and the position inside the epoch is counted in
-  examples, so a checkpoint names exactly which example comes next.
+- The data order is a pure function of ``(seed, epoch, position)`` (mygpt/order.py), computed a step at a
+  time, so a checkpoint names exactly which example comes next and nothing proportional to the dataset
+  is ever built: an epoch over 10^10 windows starts at once.
 - A checkpoint holds everything that decides the future of the run (weights, optimizer, grad scaler,
-  schedule position, sampler position, every RNG state); it is written to a temporary file and renamed
-  over the old one, so a kill at any moment leaves the previous checkpoint whole. On CPU a resumed run
-  ends bit-identical to one that was never interrupted.
+  schedule position, sampler position, every RNG state) and is written atomically (mygpt/checkpoint.py).
+  On CPU a resumed run ends bit-identical to one that was never interrupted. A run never overwrites a
+  checkpoint it did not resume, unless told to.
 - Gradients are weighted by token counts, so k accumulated micro-batches, or n processes, compute the
   same update as one large batch.
 """
 
+import atexit
 import csv
 import json
+import logging
 import math
 import os
-import random
 import signal
 import threading
+import uuid
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, read_checkpoint, rng_state,
+                              save_checkpoint, set_rng_state, strip_compile_prefix)
+from mygpt.model import check_ids
+from mygpt.order import EpochOrder
 from mygpt.utils import CfgNode, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRAIN_ORDER, TEST_ORDER = 0, 1  # tags that keep the train and test shuffles independent
-CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read, or does not fit the model it is loaded into."""
+TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
+TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
+MIN_LR_FRACTION = 0.1  # the cosine ends at 10% of learning_rate
 
 
 def scheduled_lr(config, tokens):
-    """The learning rate after ``tokens`` target tokens: linear warmup, then cosine down to 10%, then flat."""
+    """The learning rate after ``tokens`` target tokens: linear warmup, then a cosine that reaches 10% of
+    learning_rate exactly at final_tokens, then flat (nanoGPT's form: min + (max - min) * cosine)."""
     if not config.lr_decay:
         return config.learning_rate
     if tokens < config.warmup_tokens:
-        mult = tokens / max(1, config.warmup_tokens)
-    else:
-        progress = (tokens - config.warmup_tokens) / max(1, config.final_tokens - config.warmup_tokens)
-        progress = min(progress, 1.0)  # past final_tokens the cosine would climb again: hold it at the floor
-        mult = max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return config.learning_rate * mult
-
-
-def fill_schedule(config, targets_per_example):
-    """Complete a schedule left open: final_tokens=None ends the cosine at max_iters, warmup_tokens=None warms up
-    over its first 5%. ``targets_per_example`` is the number of targets (y >= 0) in one example."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = config.batch_size * config.grad_accum_steps * world_size * targets_per_example
-    if config.final_tokens is None:
-        config.final_tokens = config.max_iters * tokens_per_step
-    if config.warmup_tokens is None:
-        config.warmup_tokens = config.final_tokens // 20
+        return config.learning_rate * tokens / max(1, config.warmup_tokens)
+    progress = (tokens - config.warmup_tokens) / max(1, config.final_tokens - config.warmup_tokens)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0, then held at 0
+    return config.learning_rate * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
 
 
 def resolve_device(name):
@@ -76,91 +67,14 @@ def resolve_device(name):
     return "cpu"
 
 
-def _strip_compile_prefix(state_dict):
-    """torch.compile wraps the model and prefixes every key with '_orig_mod.'; the weights are the same."""
-    prefix = "_orig_mod."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-
-
-def load_checkpoint(path, model=None):
-    """Read a checkpoint written by the Trainer; with ``model``, also load its weights into it.
-
-    Only tensors and plain Python values are unpickled (``weights_only=True``). A missing, truncated or
-    foreign file raises an error saying so, and a model of another shape one naming the keys that differ.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or truncated?): {err}") from err
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a mygpt trainer checkpoint: it lacks {missing}")
-    ckpt["model"] = _strip_compile_prefix(ckpt["model"])
-    if model is not None:
-        load_model_state(model, ckpt["model"], source=path)
-    return ckpt
-
-
-def load_model_state(model, state_dict, source="checkpoint"):
-    """``model.load_state_dict`` with an error that lists the missing, unexpected and reshaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    reshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-                for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or reshaped:
-        def show(names):
-            return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") or "none"
-        raise CheckpointError(
-            f"{source} is from a different model: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; shape (checkpoint vs model): {show(reshaped)}")
-    model.load_state_dict(state_dict)
-
-
-def _rng_state(device_type):
-    state = {
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if device_type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state):
-    random.setstate(_as_tuples(state["python"]))
-    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-def _numpy_state_to_plain(state):
-    # weights_only unpickling refuses numpy arrays, so the key array travels as a list of ints
-    name, keys, pos, has_gauss, cached = state
-    return [name, keys.tolist(), pos, has_gauss, cached]
-
-
-def _numpy_state_from_plain(state):
-    name, keys, pos, has_gauss, cached = state
-    return name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached
-
-
-def _as_tuples(value):
-    """random.setstate wants the nested tuples that a round trip through some formats turns into lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def _plain_config(config):
     """A config as JSON-safe values, so that weights_only loading accepts it whatever the user put in."""
     return json.loads(config.to_json())
+
+
+def _targets_in(example):
+    """The number of targets (y >= 0) in one (x, y) example."""
+    return int((example[1] >= 0).sum())
 
 
 class Trainer:
@@ -172,37 +86,39 @@ class Trainer:
         C.device = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
         C.num_workers = 0            # DataLoader worker processes; 0 is always safe (and needed on Windows)
         C.max_iters = None           # stop after this many optimizer steps ...
-        C.max_epochs = None          # ... or epochs; with neither, train until Ctrl-C
+        C.max_epochs = None          # ... or epochs (the first reached); with neither, train until Ctrl-C
         C.batch_size = 64            # examples per micro-batch per process
         C.learning_rate = 3e-4
         C.betas = (0.9, 0.95)
         C.weight_decay = 0.1         # read by the model's configure_optimizers, or the plain AdamW
         C.grad_norm_clip = 1.0       # None or 0 turns clipping off
-        C.lr_decay = False           # warmup then cosine decay, counted in target tokens
-        C.warmup_tokens = 375e6
-        C.final_tokens = 260e9
+        C.lr_decay = False           # warmup then cosine decay to 10%, counted in target tokens
+        C.warmup_tokens = None       # None: the first 5% of final_tokens
+        C.final_tokens = None        # None: where max_iters / max_epochs ends the run
         C.grad_accum_steps = 1       # micro-batches per optimizer step
         C.precision = "fp32"         # 'fp32', 'bf16' or 'fp16' (autocast; fp16 adds a grad scaler)
         C.compile = False            # torch.compile the model
         C.ckpt_path = None           # where checkpoints go; None writes none
-        C.ckpt_interval = 0          # also every this many steps (0: only at the end and on Ctrl-C)
+        C.ckpt_interval = 0          # also every this many steps (0: only at the end and on Ctrl-C/SIGTERM)
         C.resume = False             # continue from ckpt_path when it exists
-        C.eval_interval = 500        # test loss every this many steps, when there is a test set (0: never)
+        C.overwrite = False          # replace a checkpoint at ckpt_path that this run did not resume
+        C.eval_interval = 500        # validation loss every this many steps, when there is a val set (0: never)
         C.eval_iters = 20            # batches per process in one evaluation
         C.seed = 1337                # decides the RNGs at the start and the data order of every epoch
         C.quiet = False              # no progress bar: a plain line every log_interval steps, for log files
-        C.log_interval = 100
+        C.log_interval = 100         # steps between training-loss lines in the log (0: none)
         return C
 
-    def __init__(self, config, model, train_dataset, test_dataset=None):
-        self.config = config
+    def __init__(self, config, model, train_dataset, val_dataset=None):
+        self.config = config = CfgNode(**config.to_dict())  # the schedule filled in below stays ours
         self.train_dataset = train_dataset
-        self.test_dataset = test_dataset
+        self.val_dataset = val_dataset
         self.callbacks = {event: [] for event in EVENTS}
+        self.log = logging.getLogger("mygpt")
         self._check_config()
         self._check_dataset(train_dataset, "train_dataset")
-        if test_dataset is not None:
-            self._check_dataset(test_dataset, "test_dataset")
+        if val_dataset is not None:
+            self._check_dataset(val_dataset, "val_dataset")
 
         self._setup_distributed()
         self.model = model.to(self.device)
@@ -213,6 +129,7 @@ class Trainer:
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device_type == "cuda" else None
             self._forward_model = DistributedDataParallel(self._forward_model, device_ids=device_ids)
+        self._fill_schedule()
 
         self.iter_num = 0            # optimizer steps done
         self.tokens = 0              # target tokens (y >= 0) seen, over all processes
@@ -220,12 +137,14 @@ class Trainer:
         self.epoch_samples = 0       # examples of the current epoch's order already used
         self.lr = scheduled_lr(config, 0)
         self.loss = None             # the last step's training loss (this process's share)
-        self.history = []            # one dict per step: iter, epoch, tokens, lr, loss (+ test_loss)
+        self.history = []            # one dict per step: iter, epoch, tokens, lr, loss (+ val_loss)
+        self.run_id = uuid.uuid4().hex  # names this run in its checkpoints; a resume keeps it
         self.interrupted = False
-        self._stop_requested = False  # set by Ctrl-C in this process
-        self._stop_agreed = False     # set when any process had Ctrl-C, at the same step everywhere
+        self._stop_requested = False  # set by Ctrl-C or SIGTERM in this process
+        self._stop_agreed = False     # set when any process had one, at the same step everywhere
         self._saved_iter = None      # the step of the last checkpoint, to avoid writing it twice
 
+        self._prepare_checkpoint_path()
         if config.resume and config.ckpt_path and os.path.exists(config.ckpt_path):
             self._resume(config.ckpt_path)
         else:
@@ -235,19 +154,46 @@ class Trainer:
 
     def _check_config(self):
         C = self.config
+
+        def positive_int(key, allow_none=False, allow_zero=False):
+            value = getattr(C, key)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                kind = "an int >= 0" if allow_zero else "a positive int"
+                raise ValueError(f"trainer config {key} must be {kind}{' or None' if allow_none else ''}, got {value!r}")
+
+        for key in ("batch_size", "grad_accum_steps", "eval_iters"):
+            positive_int(key)
+        for key in ("max_iters", "max_epochs"):
+            positive_int(key, allow_none=True, allow_zero=True)
+        for key in ("num_workers", "ckpt_interval", "eval_interval", "log_interval", "seed"):
+            positive_int(key, allow_zero=True)
         if C.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {C.precision!r}")
-        if C.batch_size < 1 or C.grad_accum_steps < 1:
-            raise ValueError("batch_size and grad_accum_steps must be at least 1")
-        if not isinstance(C.seed, int) or C.seed < 0:
-            raise ValueError(f"seed must be an int >= 0 (it fixes the data order), got {C.seed!r}")
+        if not (isinstance(C.learning_rate, (int, float)) and C.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a number >= 0, got {C.learning_rate!r}")
+        if C.grad_norm_clip is not None and not (isinstance(C.grad_norm_clip, (int, float)) and C.grad_norm_clip >= 0):
+            raise ValueError(f"grad_norm_clip must be None or a number >= 0 (0 turns clipping off), "
+                             f"got {C.grad_norm_clip!r}")
+        if not (isinstance(C.betas, (tuple, list)) and len(C.betas) == 2 and all(0 <= b < 1 for b in C.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {C.betas!r}")
+        for key in ("warmup_tokens", "final_tokens"):
+            value = getattr(C, key)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{key} must be None or a number of tokens >= 0, got {value!r}")
+        if C.lr_decay and C.final_tokens is None and C.max_iters is None and C.max_epochs is None:
+            raise ValueError("lr_decay=True needs to know where the run ends: set max_iters or max_epochs "
+                             "(or final_tokens)")
+        if C.resume and C.overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other; choose one")
 
     @staticmethod
     def _check_dataset(dataset, name):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"{name} must be a map-style dataset with __len__ and __getitem__")
         if len(dataset) == 0:
-            raise ValueError(f"{name} is empty")
+            raise ValueError(f"{name} is empty: it has no examples (is the text shorter than one block?)")
 
     def _setup_distributed(self):
         """Under torchrun (WORLD_SIZE > 1) join the process group; otherwise run alone."""
@@ -261,9 +207,15 @@ class Trainer:
                 torch.cuda.set_device(device)
             if not dist.is_initialized():
                 dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+                # leave the group in order before the interpreter tears down: a process that exits
+                # while gloo's threads still run can abort after a run that succeeded
+                atexit.register(_leave_process_group)
         self.device = torch.device(device)
         self.device_type = self.device.type
         self.is_main = self.rank == 0
+        if self.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy for training, 2-8x faster
+            torch.backends.cudnn.allow_tf32 = True
 
     def _make_optimizer(self):
         if hasattr(self.model, "configure_optimizers"):
@@ -271,6 +223,37 @@ class Trainer:
         C = self.config
         return torch.optim.AdamW(self.model.parameters(), lr=C.learning_rate, betas=C.betas,
                                  weight_decay=C.weight_decay)
+
+    def _fill_schedule(self):
+        """Complete a schedule left open: final_tokens where max_iters/max_epochs ends the run, warmup over
+        its first 5%. The tokens of a step are estimated from the first example's target count."""
+        C = self.config
+        if C.final_tokens is None:
+            steps = [n for n in (C.max_iters, C.max_epochs and C.max_epochs * self.steps_per_epoch())
+                     if n is not None]
+            if steps:
+                C.final_tokens = min(steps) * self.global_batch * _targets_in(self.train_dataset[0])
+        if C.warmup_tokens is None and C.final_tokens is not None:
+            C.warmup_tokens = C.final_tokens // 20
+        if C.lr_decay:
+            self._print(f"schedule: warmup over {C.warmup_tokens:,.0f} tokens, cosine to "
+                        f"{MIN_LR_FRACTION * C.learning_rate:g} at {C.final_tokens:,.0f} tokens")
+
+    def _prepare_checkpoint_path(self):
+        """Refuse, before the first step, a checkpoint path that cannot be written or holds another run."""
+        C = self.config
+        if not C.ckpt_path:
+            return
+        if self.is_main:
+            check_writable(C.ckpt_path)
+        exists = os.path.exists(C.ckpt_path)
+        if C.resume and not exists:
+            self._print(f"resume=True but there is no checkpoint at {C.ckpt_path} yet: starting a new run")
+        if exists and not C.resume and not C.overwrite:
+            raise FileExistsError(
+                f"{C.ckpt_path} already holds a checkpoint of an earlier run. To continue that run, set "
+                f"resume=True (--trainer.resume=True); to keep it and start anew, choose another ckpt_path or "
+                f"work dir; to replace it, set overwrite=True (--trainer.overwrite=True)")
 
     # ---------------------------------------------------------------- callbacks
 
@@ -302,23 +285,20 @@ class Trainer:
     def _epoch_batches(self, epoch, start):
         """This process's micro-batches (lists of indices) for the rest of ``epoch``, from example ``start``.
 
-        Step s of the epoch takes the next global_batch examples of the epoch's order; micro-batch m of
+        Step s of the epoch takes the next global_batch positions of the epoch's order; micro-batch m of
         process r is slice m * world_size + r of that chunk. So one process with a k-times larger batch
         sees exactly the examples that k micro-batches, or k processes, see together. The last step is
         filled up by wrapping to the start of the order, so every process always has full batches.
+        The batches are computed one step at a time, as they are consumed.
         """
         n = len(self.train_dataset)
-        order = np.random.default_rng([self.config.seed, TRAIN_ORDER, epoch]).permutation(n)
-        rest = order[start:]
-        pad = -len(rest) % self.global_batch
-        rest = np.concatenate([rest, np.resize(order, pad)]).tolist()
+        order = EpochOrder(self.config.seed, epoch, n, tag=TRAIN_ORDER)
         B, W = self.config.batch_size, self.world_size
-        batches = []
-        for step_start in range(0, len(rest), self.global_batch):
+        for step_start in range(start, self.steps_per_epoch() * self.global_batch, self.global_batch):
             for m in range(self.config.grad_accum_steps):
                 first = step_start + (m * W + self.rank) * B
-                batches.append(rest[first:first + B])
-        return batches
+                positions = [(first + i) % n for i in range(B)]
+                yield order[positions].tolist()
 
     def _loader(self, dataset, batches):
         # a private generator: creating a DataLoader iterator would otherwise draw from the global RNG,
@@ -326,13 +306,18 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers,
                           pin_memory=self.device_type == "cuda", generator=torch.Generator())
 
-    @staticmethod
-    def _check_batch(batch):
+    def _check_batch(self, batch):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2
                 and torch.is_tensor(batch[0]) and torch.is_tensor(batch[1])):
             shape = [type(b).__name__ for b in batch] if isinstance(batch, (tuple, list)) else type(batch).__name__
             raise TypeError(f"the dataset must yield (x, y) pairs of tensors; a batch came out as {shape}")
-        return batch
+        x, y = batch
+        if self.device_type != "cpu":  # on the host, where the check costs no device sync
+            vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+            if vocab_size is not None:
+                check_ids(x, vocab_size, "token id")
+                check_ids(y, vocab_size, "target", ignore_index=-1)
+        return x, y
 
     def _to_device(self, x, y):
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -340,16 +325,20 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self):
-        """Train until max_iters or max_epochs (or Ctrl-C, which saves a checkpoint and returns)."""
+        """Train until max_iters or max_epochs (or Ctrl-C/SIGTERM, which save a checkpoint and return)."""
         self.interrupted = self._stop_requested = self._stop_agreed = False
-        restore_handler = self._catch_ctrl_c()
+        if self._finished():
+            self._print(f"nothing to do: the run is already at iteration {self.iter_num} (epoch {self.epoch}), "
+                        f"where max_iters/max_epochs end it; raise them to train further")
+            return self
+        restore_handlers = self._catch_signals()
         try:
             while not self._finished() and not self.interrupted:
                 self._run_epoch()
             if self.config.ckpt_path and not self.interrupted and self._saved_iter != self.iter_num:
                 self.save_checkpoint()
         finally:
-            restore_handler()
+            restore_handlers()
         return self
 
     def _finished(self):
@@ -358,12 +347,11 @@ class Trainer:
                 or (C.max_epochs is not None and self.epoch >= C.max_epochs))
 
     def _run_epoch(self):
-        batches = self._epoch_batches(self.epoch, self.epoch_samples)
         step_in_epoch = self.epoch_samples // self.global_batch
         bar = self._progress_bar(step_in_epoch)
-        loader = iter(self._loader(self.train_dataset, batches))
+        loader = iter(self._loader(self.train_dataset, self._epoch_batches(self.epoch, self.epoch_samples)))
         try:
-            for _ in range(len(batches) // self.config.grad_accum_steps):
+            for _ in range(step_in_epoch, self.steps_per_epoch()):
                 step_batches = [self._check_batch(next(loader)) for _ in range(self.config.grad_accum_steps)]
                 self._step(step_batches)
                 self._after_step(bar, step_in_epoch)
@@ -393,12 +381,14 @@ class Trainer:
                     _, loss = self._forward_model(x, y)
                 if loss is None:
                     raise TypeError("the model's forward(x, y) returned no loss")
+                if count == 0:
+                    loss = torch.nan_to_num(loss)  # a mean over no targets: it adds nothing either way
                 # the model returns a mean over its targets: weighting by count over the step's total
                 # (times world_size, as DDP averages) makes the step's loss the mean over all its tokens
                 self.scaler.scale(loss * (count * self.world_size / max(total, 1))).backward()
             loss_sum = loss_sum + loss.detach().float() * count
         self.loss = (loss_sum / max(sum(counts), 1)).item()
-        # one exchange tells every process whether any of them saw a bad loss or a Ctrl-C
+        # one exchange tells every process whether any of them saw a bad loss or a stop signal
         bad, stop = self._all_reduce([not math.isfinite(self.loss), self._stop_requested])
         self._stop_agreed = bool(stop)
         if bad:
@@ -427,12 +417,12 @@ class Trainer:
         if bar is not None:
             bar.set_description_str(line, refresh=False)
             bar.update(1)
-        elif self.is_main and C.log_interval and self.iter_num % C.log_interval == 0:
-            print(line, flush=True)
+        if C.log_interval and self.iter_num % C.log_interval == 0:
+            self._print(line, bar, to_console=bar is None)  # the bar shows it already; log.txt keeps it
         self.trigger_callbacks("on_batch_end")
-        if self.test_dataset is not None and C.eval_interval and self.iter_num % C.eval_interval == 0:
-            self.history[-1]["test_loss"] = self.evaluate()
-            self._print(f"iter {self.iter_num}: test loss {self.history[-1]['test_loss']:.5f}", bar)
+        if self.val_dataset is not None and C.eval_interval and self.iter_num % C.eval_interval == 0:
+            self.history[-1]["val_loss"] = self.evaluate()
+            self._print(f"iter {self.iter_num}: val loss {self.history[-1]['val_loss']:.5f}", bar)
             self.trigger_callbacks("on_eval_end")
         if self._stop_agreed:
             self.interrupted = True
@@ -450,8 +440,13 @@ class Trainer:
             total = min(total, step_in_epoch + self.config.max_iters - self.iter_num)
         return tqdm(total=total, initial=step_in_epoch, dynamic_ncols=True, leave=True)
 
-    def _print(self, text, bar=None):
-        if self.is_main:
+    def _print(self, text, bar=None, to_console=True):
+        """A message to the 'mygpt' log (log.txt, with mygpt.setup_logging) and above the progress bar."""
+        if not self.is_main:
+            return
+        if self.log.handlers:
+            self.log.info(text, extra={"console": to_console})
+        elif to_console:
             (bar.write if bar is not None else print)(text)
 
     def _autocast(self):
@@ -468,52 +463,63 @@ class Trainer:
         dist.all_reduce(t)
         return [v.item() for v in t]
 
-    def _catch_ctrl_c(self):
-        """Turn the first Ctrl-C into 'checkpoint after this step and stop'; a second one aborts."""
+    def _catch_signals(self):
+        """Turn the first Ctrl-C or SIGTERM (what schedulers send before a kill) into 'checkpoint after this
+        step and stop'; a second Ctrl-C aborts."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum, frame):
-            if self._stop_requested:
+            if self._stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_requested = True
-            self._print("Ctrl-C: stopping after this step (again to abort)")
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
+            self._print(f"{signal.Signals(signum).name}: stopping after this step"
+                        f"{' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''}")
+        for sig in previous:
+            signal.signal(sig, handler)
+
+        def restore():
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        return restore
 
     # ---------------------------------------------------------------- evaluation
 
     @torch.no_grad()
     def evaluate(self):
-        """Mean test loss per target token over eval_iters batches per process (a fixed subset each time)."""
-        if self.test_dataset is None:
-            raise ValueError("evaluate() needs a test_dataset")
-        B, W = self.config.batch_size, self.world_size
-        rng = np.random.default_rng([self.config.seed, TEST_ORDER, 0])
-        order = rng.permutation(len(self.test_dataset)).tolist()
-        batches = [order[i:i + B] for i in range(self.rank * B, len(order), B * W)][:self.config.eval_iters]
+        """Mean validation loss per target token over eval_iters batches per process (the same subset each
+        time); NaN, with a message, when those batches hold no targets at all."""
+        if self.val_dataset is None:
+            raise ValueError("evaluate() needs a val_dataset")
+        B, W, n = self.config.batch_size, self.world_size, len(self.val_dataset)
+        order = EpochOrder(self.config.seed, 0, n, tag=VAL_ORDER)
+        starts = range(self.rank * B, min(n, self.config.eval_iters * B * W), B * W)
+        batches = [order[list(range(s, min(s + B, n)))].tolist() for s in starts]
         was_training = self.model.training
         self.model.eval()
         loss_sum, count = 0.0, 0
-        for batch in self._loader(self.test_dataset, batches):
+        for batch in self._loader(self.val_dataset, batches):
             x, y = self._to_device(*self._check_batch(batch))
             with self._autocast():
                 _, loss = self.model(x, y)
-            n = int((y >= 0).sum())
-            loss_sum += loss.float().item() * n
-            count += n
+            n_targets = int((y >= 0).sum())
+            if n_targets:
+                loss_sum += loss.float().item() * n_targets
+                count += n_targets
         self.model.train(was_training)
         loss_sum, count = self._all_reduce([loss_sum, count])
-        return loss_sum / max(count, 1)
+        if count == 0:
+            self._print("evaluation: the validation batches hold no targets (every y is -1); val loss is NaN")
+            return float("nan")
+        return loss_sum / count
 
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self):
-        C = self.config
         model_config = getattr(self.model, "config", None)
         return {
-            "model": _strip_compile_prefix(self.model.state_dict()),
+            "model": strip_compile_prefix(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
@@ -522,14 +528,14 @@ class Trainer:
             "epoch_samples": self.epoch_samples,
             "history": self.history,
             "rng": self._gather_rng(),
-            "world_size": self.world_size,
-            "train_config": _plain_config(C),
+            "run_id": self.run_id,
+            "train_config": _plain_config(self.config),
             "model_config": _plain_config(model_config) if hasattr(model_config, "to_json") else None,
         }
 
     def _gather_rng(self):
         """Every process's RNG state, indexed by rank: each process has its own dropout stream."""
-        state = _rng_state(self.device_type)
+        state = rng_state(self.device_type)
         if self.world_size == 1:
             return [state]
         states = [None] * self.world_size
@@ -537,43 +543,46 @@ class Trainer:
         return states
 
     def save_checkpoint(self, path=None):
-        """Write the whole training state atomically. Under torchrun every process must call it."""
+        """Write the whole training state atomically. Under torchrun every process must call it.
+
+        A path other than ckpt_path (a 'best' copy, say) is written only if it holds nothing, a checkpoint
+        of this same run, or overwrite=True: a file of another run is never replaced unasked.
+        """
         path = path or self.config.ckpt_path
         if not path:
             raise ValueError("no checkpoint path: set config.ckpt_path or pass one")
+        if self.is_main and path != self.config.ckpt_path and os.path.exists(path) and not self.config.overwrite:
+            other = read_checkpoint(path).get("run_id")
+            if other != self.run_id:
+                raise FileExistsError(f"{path} holds a checkpoint of another run; move it away, write elsewhere, "
+                                      f"or set overwrite=True to replace it")
         state = self.state_dict()  # collective: every rank takes part
         if path == self.config.ckpt_path:  # a copy elsewhere does not make the run's checkpoint current
             self._saved_iter = self.iter_num
-        if not self.is_main:
-            return
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        except BaseException:
-            os.remove(tmp)  # the previous checkpoint is untouched; leave no half-written file beside it
-            raise
-        os.replace(tmp, path)
+        if self.is_main:
+            save_checkpoint(state, path)
 
     def _resume(self, path):
-        ckpt = load_checkpoint(path, model=self.model)
+        ckpt = load_checkpoint(path)
+        missing = [k for k in TRAINER_KEYS if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} is not a checkpoint the Trainer wrote (it lacks {missing}); "
+                                  f"load its weights with load_checkpoint(path, model) and start a new run")
+        load_checkpoint(path, model=self.model)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.tokens = ckpt["iter_num"], ckpt["tokens"]
         self.epoch, self.epoch_samples = ckpt["epoch"], ckpt["epoch_samples"]
         self.history = ckpt.get("history", [])
+        self.run_id = ckpt["run_id"]
         self._saved_iter = self.iter_num
         self.lr = scheduled_lr(self.config, self.tokens)
         if self.history:
             self.loss = self.history[-1]["loss"]
         rng = ckpt["rng"]
         if len(rng) == self.world_size:
-            _set_rng_state(rng[self.rank])
+            set_rng_state(rng[self.rank])
         else:
             # another number of processes than when saved: data order still resumes exactly, dropout cannot
             set_seed(self.config.seed + self.rank + self.iter_num)
@@ -587,9 +596,14 @@ class Trainer:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(self.history, f, indent=1)
             return
-        columns = ["iter", "epoch", "tokens", "lr", "loss", "test_loss"]
+        columns = ["iter", "epoch", "tokens", "lr", "loss", "val_loss"]
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
 
+
+def _leave_process_group():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

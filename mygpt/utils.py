@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 def set_seed(seed):
@@ -96,6 +97,17 @@ class CfgNode:
             node.__dict__[leaf] = _parse_value(text)
 
 
+class ConsoleHandler(logging.Handler):
+    """Prints log messages above a running tqdm progress bar (never glued to it), on stdout.
+
+    A record logged with extra={"console": False} goes to the other handlers (log.txt) only.
+    """
+
+    def emit(self, record):
+        if getattr(record, "console", True):
+            tqdm.write(self.format(record), file=sys.stdout)
+
+
 def setup_logging(config):
     """Prepare config.system.work_dir for a run: save the config as JSON, log to the console and to log.txt.
 
@@ -110,7 +122,7 @@ def setup_logging(config):
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    logger.addHandler(logging.StreamHandler(sys.stdout))
+    logger.addHandler(ConsoleHandler())
     to_file = logging.FileHandler(work_dir / "log.txt", encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(to_file)

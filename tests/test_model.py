@@ -1,11 +1,12 @@
 import math
+import os
 import tempfile
 import unittest
 
 import torch
 import torch.nn.functional as F
 
-from mygpt.model import GPT, circulant_time_weighting
+from mygpt.model import GPT, MODEL_SHAPES, circulant_time_weighting
 from mygpt.utils import CfgNode
 
 VARIANTS = [dict(time_weighting=tw, token_shift=ts, pos_emb=pe)
@@ -14,7 +15,6 @@ VARIANTS = [dict(time_weighting=tw, token_shift=ts, pos_emb=pe)
 
 def tiny_config(**kw):
     c = GPT.get_default_config()
-    c.model_type = None
     c.n_layer, c.n_head, c.n_embd = 2, 4, 32
     c.vocab_size, c.block_size = 13, 16
     c.embd_pdrop = c.resid_pdrop = c.attn_pdrop = 0.0
@@ -117,13 +117,14 @@ class TestTimeWeighting(unittest.TestCase):
 class TestModel(unittest.TestCase):
     def test_causality_in_every_variant(self):
         for variant in VARIANTS:
-            model = tiny_model(**variant)
-            idx = torch.randint(0, 13, (2, 12))
-            changed = idx.clone()
-            changed[:, 7] = (changed[:, 7] + 1) % 13
-            a, b = model(idx)[0], model(changed)[0]
-            self.assertTrue(torch.equal(a[:, :7], b[:, :7]), variant)
-            self.assertFalse(torch.allclose(a[:, 7:], b[:, 7:]), variant)
+            with self.subTest(**variant):
+                model = tiny_model(**variant)
+                idx = torch.randint(0, 13, (2, 12))
+                changed = idx.clone()
+                changed[:, 7] = (changed[:, 7] + 1) % 13
+                a, b = model(idx)[0], model(changed)[0]
+                self.assertTrue(torch.equal(a[:, :7], b[:, :7]))
+                self.assertFalse(torch.allclose(a[:, 7:], b[:, 7:]))
 
     def test_loss_ignores_minus_one_targets(self):
         model = tiny_model()
@@ -167,11 +168,15 @@ class TestModel(unittest.TestCase):
         self.assertEqual(sorted(ids), sorted(id(p) for p in model.parameters()))
         names = {id(p): n for n, p in model.named_parameters()}
         decayed = {names[id(p)] for p in decay["params"]}
-        self.assertTrue(all(n.endswith(".weight") and ("c_" in n or "lm_head" in n) for n in decayed))
+        self.assertTrue(all(n.endswith(".weight") and "c_" in n for n in decayed - {"transformer.wte.weight"}))
+        self.assertIn("transformer.wte.weight", decayed)  # tied: it is also the head, a Linear layer
         undecayed = {names[id(p)] for p in no_decay["params"]}
         self.assertIn("transformer.h.0.attn.time_weight", undecayed)
-        self.assertIn("transformer.wte.weight", undecayed)
         self.assertIn("transformer.h.1.ln_2.weight", undecayed)
+        untied = tiny_model(tie_weights=False, time_weighting="circulant", token_shift=True).configure_optimizers(CfgNode(learning_rate=1e-3, weight_decay=0.1,
+                                                                            betas=(0.9, 0.95)))
+        self.assertEqual(len(untied.param_groups[0]["params"]), len(decay["params"]))  # lm_head for the tie
+        self.assertEqual(len(untied.param_groups[1]["params"]), len(no_decay["params"]) + 1)  # + wte
 
     def test_bf16_autocast_close_to_fp32(self):
         model = tiny_model(time_weighting="full")
@@ -196,10 +201,6 @@ class TestBadInput(unittest.TestCase):
             model([[1, 2]])
         with self.assertRaisesRegex(ValueError, "shape"):
             model(torch.zeros(4, dtype=torch.long))
-        with self.assertRaisesRegex(ValueError, "top_p"):
-            model.generate(torch.zeros(1, 2, dtype=torch.long), 3, do_sample=True, top_p=1.5)
-        with self.assertRaisesRegex(ValueError, "temperature"):
-            model.generate(torch.zeros(1, 2, dtype=torch.long), 3, do_sample=True, temperature=0)
 
     def test_config_errors(self):
         with self.assertRaisesRegex(ValueError, "divisible by n_head"):
@@ -208,105 +209,101 @@ class TestBadInput(unittest.TestCase):
             GPT(tiny_config(time_weighting="diagonal"))
         with self.assertRaisesRegex(ValueError, "unknown model_type 'gpt5'"):
             GPT(tiny_config(model_type="gpt5", n_layer=None, n_head=None, n_embd=None))
-        with self.assertRaisesRegex(ValueError, "either model_type"):
-            GPT(tiny_config(model_type="gpt-nano"))
+        with self.assertRaisesRegex(ValueError, "'gpt-nano' has n_layer=3, but n_layer=1 was given"):
+            GPT(tiny_config(model_type="gpt-nano", n_layer=1, n_head=None, n_embd=None))
+        with self.assertRaisesRegex(ValueError, "give the model's shape"):
+            GPT(tiny_config(n_head=None))
         with self.assertRaisesRegex(ValueError, "vocab_size"):
             GPT(tiny_config(vocab_size=None))
+        with self.assertRaisesRegex(ValueError, "block_size must be a positive integer"):
+            GPT(tiny_config(block_size=0))
+        with self.assertRaisesRegex(ValueError, r"attn_pdrop .* \[0, 1\), got 1.0"):
+            GPT(tiny_config(attn_pdrop=1.0))
+        with self.assertRaisesRegex(ValueError, "resid_pdrop"):
+            GPT(tiny_config(resid_pdrop=-0.1))
+        with self.assertRaisesRegex(TypeError, "pos_emb must be True or False, got 'false'"):
+            GPT(tiny_config(pos_emb="false"))
+        with self.assertRaisesRegex(ValueError, "n_layer must be a positive integer, got 2.5"):
+            GPT(tiny_config(n_layer=2.5))
 
-
-class TestGenerate(unittest.TestCase):
-    def test_cached_equals_uncached_in_every_variant(self):
-        for variant in VARIANTS:
-            model = tiny_model(**variant)
-            prompt = torch.randint(0, 13, (2, 3))
-            # 30 new tokens run well past block_size 16, where the window starts to slide
-            greedy = model.generate(prompt, 30)
-            self.assertTrue(torch.equal(greedy, model.generate(prompt, 30, use_cache=False)), variant)
-            runs = []
-            for use_cache in (True, False):
-                g = torch.Generator().manual_seed(5)
-                runs.append(model.generate(prompt, 30, do_sample=True, top_k=6, top_p=0.9,
-                                           use_cache=use_cache, generator=g))
-            self.assertTrue(torch.equal(*runs), variant)
-
-    def test_prompt_is_kept_and_mode_restored(self):
-        model = tiny_model().train()
-        prompt = torch.randint(0, 13, (1, 20))  # longer than block_size: the window is used
-        out = model.generate(prompt, 5)
-        self.assertEqual(out.shape, (1, 25))
-        self.assertTrue(torch.equal(out[:, :20], prompt))
-        self.assertTrue(model.training)
-        self.assertFalse(out.is_inference())  # generated tokens can be trained on
-        model(out[:, -16:], out[:, -16:])[1].backward()
-
-    def test_top_k_one_is_greedy(self):
+    def test_targets_are_checked(self):
         model = tiny_model()
-        prompt = torch.randint(0, 13, (2, 4))
-        sampled = model.generate(prompt, 10, do_sample=True, top_k=1, temperature=3.0)
-        self.assertTrue(torch.equal(sampled, model.generate(prompt, 10)))
-
-    def test_top_p_keeps_smallest_nucleus(self):
-        from mygpt.generate import filter_logits
-        logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-        kept = torch.isfinite(filter_logits(logits, top_p=0.75))
-        self.assertEqual(kept.tolist(), [[True, True, False, False]])
-        kept = torch.isfinite(filter_logits(logits, top_p=0.85))
-        self.assertEqual(kept.tolist(), [[True, True, True, False]])
+        idx = torch.randint(0, 13, (2, 6))
+        with self.assertRaisesRegex(ValueError, r"targets must be a tensor of shape \(2, 6\).*\(2, 5\)"):
+            model(idx, idx[:, 1:])
+        with self.assertRaisesRegex(TypeError, "targets must hold integer"):
+            model(idx, idx.float())
+        with self.assertRaisesRegex(ValueError, r"target 13 is outside the vocabulary \[0, 13\)"):
+            model(idx, torch.full_like(idx, 13))
+        with self.assertRaisesRegex(ValueError, "target -2 is outside"):
+            model(idx, torch.full_like(idx, -2))
 
 
-class TestFromPretrained(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        try:
-            import transformers
-        except ImportError:
-            raise unittest.SkipTest("transformers is not installed (pip install 'mygpt[test]')")
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        torch.manual_seed(0)
-        hf_config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-        cls.hf = transformers.GPT2LMHeadModel(hf_config).eval()
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.hf.save_pretrained(cls.tmp.name)
-        cls.ours = GPT.from_pretrained(cls.tmp.name).eval()
+class TestConfigRoundTrip(unittest.TestCase):
+    def test_every_preset_and_custom_shape_rebuilds(self):
+        shapes = [dict(model_type=name) for name in MODEL_SHAPES if name not in ("gpt2-large", "gpt2-xl")]
+        shapes += [dict(n_layer=2, n_head=2, n_embd=8, bias=False, tie_weights=False, time_weighting="full",
+                        token_shift=True, pos_emb=False)]
+        for shape in shapes:
+            with self.subTest(**shape):
+                c = GPT.get_default_config()
+                c.vocab_size, c.block_size = 11, 8
+                c.merge_from_dict(shape)
+                torch.manual_seed(0)
+                model = GPT(c)
+                torch.manual_seed(0)
+                again = GPT(model.config)
+                self.assertEqual(again.config, model.config)
+                self.assertEqual(again.state_dict().keys(), model.state_dict().keys())
+                for k, v in model.state_dict().items():
+                    self.assertTrue(torch.equal(v, again.state_dict()[k]), k)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
+    def test_from_checkpoint_rebuilds_the_trainers_model(self):
+        from mygpt import Trainer
+        from mygpt.checkpoint import CheckpointError
+        model = tiny_model(time_weighting="circulant", token_shift=True)
+        with tempfile.TemporaryDirectory() as d:
+            C = Trainer.get_default_config()
+            C.device, C.max_iters, C.batch_size, C.quiet, C.ckpt_path = "cpu", 2, 4, True, os.path.join(d, "c.pt")
+            data = [(torch.randint(0, 13, (16,)), torch.randint(0, 13, (16,))) for _ in range(8)]
+            Trainer(C, model, data).run()
+            loaded = GPT.from_checkpoint(C.ckpt_path)
+            self.assertFalse(loaded.training)
+            self.assertEqual(loaded.config, model.config)
+            idx = torch.randint(0, 13, (2, 16))
+            torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0], rtol=0, atol=0)
+            torch.save({"model": {}}, os.path.join(d, "bare.pt"))
+            with self.assertRaisesRegex(ValueError, "records no model config"):
+                GPT.from_checkpoint(os.path.join(d, "bare.pt"))
+            with self.assertRaisesRegex(FileNotFoundError, "no checkpoint at"):
+                GPT.from_checkpoint(os.path.join(d, "missing.pt"))
+            with open(os.path.join(d, "junk.pt"), "wb") as f:
+                f.write(b"not a checkpoint")
+            with self.assertRaisesRegex(CheckpointError, "damaged or not a torch checkpoint"):
+                GPT.from_checkpoint(os.path.join(d, "junk.pt"))
 
-    def test_logits_and_loss_match_transformers(self):
-        idx = torch.randint(0, 50, (2, 32))
-        hf_out = self.hf(idx, labels=idx)
-        logits, loss = self.ours(idx[:, :-1], idx[:, 1:])
-        torch.testing.assert_close(self.ours(idx)[0], hf_out.logits, rtol=0, atol=1e-5)
-        torch.testing.assert_close(loss, hf_out.loss, rtol=0, atol=1e-5)
 
-    def test_gradients_match_transformers(self):
-        idx = torch.randint(0, 50, (2, 16))
-        self.hf.zero_grad()
-        self.ours.zero_grad()
-        self.hf(idx, labels=idx).loss.backward()
-        self.ours(idx[:, :-1], idx[:, 1:])[1].backward()
-        hf_grads = dict(self.hf.named_parameters())
-        for name, p in self.ours.named_parameters():
-            if name == "lm_head.weight":  # tied in GPT-2: its gradient lands on wte there
-                continue
-            expected = hf_grads[name].grad
-            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                expected = expected.t()
-            if name == "transformer.wte.weight":
-                expected = expected - self.ours.lm_head.weight.grad
-            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+class TestWeightTying(unittest.TestCase):
+    def test_tied_head_is_the_embedding(self):
+        tied, untied = tiny_model(), tiny_model(tie_weights=False)
+        self.assertIs(tied.lm_head.weight, tied.transformer.wte.weight)
+        self.assertIsNot(untied.lm_head.weight, untied.transformer.wte.weight)
+        self.assertEqual(untied.num_parameters() - tied.num_parameters(), 13 * 32)
+        # the tied matrix gets one gradient: the head's and the lookup's together
+        untied.load_state_dict(tied.state_dict())
+        idx = torch.randint(0, 13, (2, 8))
+        tied(idx, idx)[1].backward()
+        untied(idx, idx)[1].backward()
+        torch.testing.assert_close(tied.lm_head.weight.grad,
+                                   untied.lm_head.weight.grad + untied.transformer.wte.weight.grad)
 
-    def test_greedy_tokens_match_transformers_generate(self):
-        prompt = torch.randint(0, 50, (1, 5))
-        hf_tokens = self.hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0,
-                                     attention_mask=torch.ones_like(prompt))
-        self.assertTrue(torch.equal(self.ours.generate(prompt, 20), hf_tokens))
-
-    def test_missing_transformers_directory_is_explained(self):
-        with self.assertRaisesRegex(OSError, "save_pretrained"):
-            GPT.from_pretrained(self.tmp.name + "-does-not-exist")
+    def test_tie_survives_save_and_load(self):
+        model = tiny_model()
+        state = model.state_dict()
+        again = tiny_model(seed=3)
+        again.load_state_dict(state)
+        self.assertIs(again.lm_head.weight, again.transformer.wte.weight)
+        self.assertTrue(torch.equal(again.lm_head.weight, model.lm_head.weight))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from mygpt.model import GPT
-from mygpt.trainer import CheckpointError, Trainer, fill_schedule, load_checkpoint, scheduled_lr
+from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.trainer import Trainer, scheduled_lr
 from tests.trainer_run import CountingData, TinyLM, config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,32 +39,37 @@ class TempDirTest(unittest.TestCase):
 class TestSchedule(unittest.TestCase):
     def test_formula_at_known_token_counts(self):
         C = config(lr_decay=True, learning_rate=1.0, warmup_tokens=100, final_tokens=1100)
+
+        def cosine(progress):  # nanoGPT's get_lr: min_lr + coeff * (max_lr - min_lr), min_lr = 10%
+            return 0.1 + 0.5 * (1 + math.cos(math.pi * progress)) * 0.9
         self.assertEqual(scheduled_lr(C, 0), 0.0)
         self.assertAlmostEqual(scheduled_lr(C, 25), 0.25)
         self.assertAlmostEqual(scheduled_lr(C, 100), 1.0)
-        self.assertAlmostEqual(scheduled_lr(C, 600), 0.5)      # half way through the cosine
-        self.assertAlmostEqual(scheduled_lr(C, 350), 0.5 * (1 + math.cos(math.pi * 0.25)), places=12)
-        self.assertAlmostEqual(scheduled_lr(C, 1000), 0.1)     # the cosine is below 10% here
-        self.assertAlmostEqual(scheduled_lr(C, 1100), 0.1)     # floor
+        self.assertAlmostEqual(scheduled_lr(C, 600), 0.55)     # half way through the cosine
+        self.assertAlmostEqual(scheduled_lr(C, 350), cosine(0.25), places=12)
+        self.assertAlmostEqual(scheduled_lr(C, 1000), cosine(0.9), places=12)  # still above the floor
+        self.assertGreater(scheduled_lr(C, 1099), 0.1)
+        self.assertAlmostEqual(scheduled_lr(C, 1100), 0.1)     # the floor exactly at final_tokens
         self.assertAlmostEqual(scheduled_lr(C, 10 ** 9), 0.1)  # flat after final_tokens
         C.lr_decay = False
         self.assertEqual(scheduled_lr(C, 600), 1.0)
 
-    def test_seed_document_figures(self):
-        # The seed: batch 256 x block 128, 34 steps an epoch, 150 epochs over 8704 examples.
-        C = config(lr_decay=True, learning_rate=6e-4, warmup_tokens=512 * 20, final_tokens=150 * 8704 * 128)
-        self.assertEqual(f"{scheduled_lr(C, 34 * 256 * 128):e}", "5.999354e-04")
-        self.assertEqual(f"{scheduled_lr(C, 2 * 34 * 256 * 128):e}", "5.997392e-04")
-        self.assertEqual(f"{scheduled_lr(C, 150 * 34 * 256 * 128):e}", "6.000000e-05")
+    def test_trainer_fills_the_schedule_from_max_iters(self):
+        C = config(max_iters=100, batch_size=8, grad_accum_steps=2, lr_decay=True)
+        trainer = Trainer(C, TinyLM(), CountingData(64))
+        targets = int((CountingData(64)[0][1] >= 0).sum())
+        self.assertEqual(trainer.config.final_tokens, 100 * 8 * 2 * targets)
+        self.assertEqual(trainer.config.warmup_tokens, trainer.config.final_tokens // 20)
+        self.assertIsNone(C.final_tokens)  # the caller's config is left as it was
+        # max_epochs: 64 examples in steps of 16 is 4 steps an epoch; the earlier end wins
+        trainer = Trainer(config(max_epochs=3, max_iters=100, batch_size=16, lr_decay=True), TinyLM(), CountingData(64))
+        self.assertEqual(trainer.config.final_tokens, 3 * 4 * 16 * targets)
+        given = Trainer(config(max_iters=100, warmup_tokens=0, final_tokens=500), TinyLM(), CountingData(64))
+        self.assertEqual((given.config.warmup_tokens, given.config.final_tokens), (0, 500))
 
-    def test_fill_schedule_ends_the_cosine_at_max_iters(self):
-        C = config(max_iters=100, batch_size=8, grad_accum_steps=2, warmup_tokens=None, final_tokens=None)
-        fill_schedule(C, targets_per_example=3)
-        self.assertEqual(C.final_tokens, 100 * 8 * 2 * 3)
-        self.assertEqual(C.warmup_tokens, C.final_tokens // 20)
-        C = config(max_iters=100, warmup_tokens=0, final_tokens=500)
-        fill_schedule(C, targets_per_example=3)  # a schedule already given is kept
-        self.assertEqual((C.warmup_tokens, C.final_tokens), (0, 500))
+    def test_decay_without_an_end_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "max_iters or max_epochs"):
+            Trainer(config(lr_decay=True), TinyLM(), CountingData(64))
 
     def test_trainer_counts_only_real_targets(self):
         class ThreeIgnored(CountingData):
@@ -84,7 +90,7 @@ class TestTraining(TempDirTest):
         mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 2, 2, 32, 16, 8
         torch.manual_seed(0)
         C = config(max_iters=60, batch_size=16, learning_rate=3e-3, eval_interval=20, eval_iters=2)
-        trainer = Trainer(C, GPT(mc), CountingData(256), test_dataset=CountingData(64))
+        trainer = Trainer(C, GPT(mc), CountingData(256), val_dataset=CountingData(64))
         events = []
         for event in ("on_batch_end", "on_epoch_end", "on_eval_end"):
             trainer.add_callback(event, lambda t, e=event: events.append(e))
@@ -99,10 +105,10 @@ class TestTraining(TempDirTest):
         trainer.save_history(self.path("h.json"))
         with open(self.path("h.csv")) as f:
             lines = f.read().splitlines()
-        self.assertEqual(lines[0], "iter,epoch,tokens,lr,loss,test_loss")
+        self.assertEqual(lines[0], "iter,epoch,tokens,lr,loss,val_loss")
         self.assertEqual(len(lines), 61)
         with open(self.path("h.json")) as f:
-            self.assertIn("test_loss", json.load(f)[19])
+            self.assertIn("val_loss", json.load(f)[19])
 
     def test_progress_line_in_the_seed_words(self):
         C = config(max_iters=4, quiet=True, log_interval=2, batch_size=32)
@@ -193,11 +199,11 @@ class TestFailures(TempDirTest):
             data = f.read()
         with open(self.path("torn.pt"), "wb") as f:
             f.write(data[: len(data) // 2])
-        with self.assertRaisesRegex(CheckpointError, "corrupt or truncated"):
+        with self.assertRaisesRegex(CheckpointError, "torn.pt is damaged or not a torch checkpoint"):
             load_checkpoint(self.path("torn.pt"))
         self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 2)
         torch.save({"weights": 1}, self.path("foreign.pt"))
-        with self.assertRaisesRegex(CheckpointError, "not a mygpt trainer checkpoint"):
+        with self.assertRaisesRegex(CheckpointError, "not a mygpt checkpoint"):
             load_checkpoint(self.path("foreign.pt"))
         with self.assertRaisesRegex(CheckpointError, r"emb.weight \(16, 32\) vs \(16, 48\)"):
             load_checkpoint(C.ckpt_path, model=TinyLM(width=48))
@@ -221,6 +227,7 @@ class TestFailures(TempDirTest):
         trainer = Trainer(C, TinyLM(), CountingData(64)).run()
         ckpt = torch.load(C.ckpt_path, weights_only=True)
         ckpt["model"] = {"_orig_mod." + k: v for k, v in ckpt["model"].items()}
+        del ckpt["checksum"]  # as an older file, written without one
         torch.save(ckpt, C.ckpt_path)
         model = TinyLM()
         load_checkpoint(C.ckpt_path, model=model)
@@ -237,6 +244,107 @@ class TestFailures(TempDirTest):
                 return super().__getitem__(i)[0]
         with self.assertRaisesRegex(TypeError, r"\(x, y\) pairs"):
             Trainer(config(max_iters=1), TinyLM(), XOnly(8)).run()
+
+
+class TestKeepsTheUsersWork(TempDirTest):
+    def test_a_new_run_refuses_an_existing_checkpoint(self):
+        C = config(max_iters=3, ckpt_path=self.path("run.pt"))
+        Trainer(C, TinyLM(), CountingData(64)).run()
+        with self.assertRaisesRegex(FileExistsError, r"run\.pt already holds .*resume=True.*overwrite=True"):
+            Trainer(config(max_iters=1, ckpt_path=C.ckpt_path), TinyLM(), CountingData(64))
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 3)
+        Trainer(config(max_iters=1, ckpt_path=C.ckpt_path, overwrite=True), TinyLM(), CountingData(64)).run()
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 1)
+
+    def test_a_copy_of_another_run_is_never_replaced(self):
+        first = Trainer(config(max_iters=2, ckpt_path=self.path("a.pt")), TinyLM(), CountingData(64)).run()
+        first.save_checkpoint(self.path("best.pt"))
+        first.save_checkpoint(self.path("best.pt"))  # the same run may replace its own copy
+        second = Trainer(config(max_iters=2, ckpt_path=self.path("b.pt")), TinyLM(), CountingData(64)).run()
+        with self.assertRaisesRegex(FileExistsError, "another run"):
+            second.save_checkpoint(self.path("best.pt"))
+        self.assertEqual(load_checkpoint(self.path("best.pt"))["run_id"], first.run_id)
+
+    def test_resume_keeps_the_run_id_and_says_when_starting_fresh(self):
+        from contextlib import redirect_stdout
+        from io import StringIO
+        out = StringIO()
+        with redirect_stdout(out):
+            first = Trainer(config(max_iters=2, ckpt_path=self.path("r.pt"), resume=True), TinyLM(), CountingData(64))
+        self.assertIn("no checkpoint at", out.getvalue())
+        first.run()
+        again = Trainer(config(max_iters=2, ckpt_path=self.path("r.pt"), resume=True), TinyLM(), CountingData(64))
+        self.assertEqual(again.run_id, first.run_id)
+        with redirect_stdout(out):
+            again.run()
+        self.assertIn("nothing to do", out.getvalue())
+
+    def test_a_bad_checkpoint_path_is_refused_before_training(self):
+        with self.assertRaisesRegex(ValueError, "is a directory"):
+            Trainer(config(max_iters=1, ckpt_path=self.dir), TinyLM(), CountingData(64))
+        with open(self.path("file"), "w") as f:
+            f.write("x")
+        with self.assertRaisesRegex(ValueError, "cannot write checkpoints"):
+            Trainer(config(max_iters=1, ckpt_path=self.path("file/ckpt.pt")), TinyLM(), CountingData(64))
+        if os.geteuid() != 0:  # root writes anywhere
+            os.mkdir(self.path("ro"), 0o500)
+            with self.assertRaisesRegex(ValueError, "cannot write checkpoints"):
+                Trainer(config(max_iters=1, ckpt_path=self.path("ro/c.pt")), TinyLM(), CountingData(64))
+
+    def test_bit_rot_is_reported_as_damage(self):
+        C = config(max_iters=1, ckpt_path=self.path("rot.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64)).run()
+        weight = trainer.model.head.weight.detach().numpy().tobytes()
+        with open(C.ckpt_path, "rb") as f:
+            data = bytearray(f.read())
+        at = data.find(weight[:64])  # the head's weights, stored as raw bytes in the zip
+        self.assertGreater(at, 0)
+        data[at + 5] ^= 0x10
+        with open(self.path("rotten.pt"), "wb") as f:
+            f.write(data)
+        with self.assertRaisesRegex(CheckpointError, "damaged") as caught:
+            load_checkpoint(self.path("rotten.pt"))
+        self.assertNotIn("weights_only=False", str(caught.exception))
+
+    def test_failed_write_reports_the_real_cause_and_leaves_no_temporary(self):
+        C = config(max_iters=1, ckpt_path=self.path("w.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64)).run()
+        real_save = torch.save
+
+        def full_disk(obj, f):
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        torch.save = full_disk
+        try:
+            with self.assertRaisesRegex(OSError, "No space left on device"):
+                trainer.save_checkpoint()
+        finally:
+            torch.save = real_save
+        self.assertEqual(sorted(os.listdir(self.dir)), ["w.pt"])
+
+    def test_sigterm_saves_and_returns(self):
+        C = config(max_iters=50, ckpt_path=self.path("t.pt"))
+        trainer = Trainer(C, TinyLM(), CountingData(64))
+        trainer.add_callback("on_batch_end",
+                             lambda t: os.kill(os.getpid(), signal.SIGTERM) if t.iter_num == 2 else None)
+        trainer.run()
+        self.assertTrue(trainer.interrupted)
+        self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 3)
+
+    def test_a_batch_without_targets_adds_nothing(self):
+        class SomeMasked(CountingData):
+            def __getitem__(self, i):
+                x, y = super().__getitem__(i)
+                return x, torch.full_like(y, -1) if i < 32 else y
+        mc = GPT.get_default_config()
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, 16, 8
+        C = config(max_iters=8, batch_size=8, grad_accum_steps=2, eval_iters=2)
+        trainer = Trainer(C, GPT(mc), SomeMasked(64), val_dataset=SomeMasked(16)).run()
+        self.assertTrue(all(math.isfinite(h["loss"]) for h in trainer.history))
+        self.assertTrue(math.isnan(trainer.evaluate()))  # every validation example is masked: said so
+        idx = torch.randint(0, 16, (2, 8))
+        logits, loss = trainer.model(idx, torch.full_like(idx, -1))
+        self.assertEqual(loss.item(), 0.0)
 
 
 class TestResume(TempDirTest):

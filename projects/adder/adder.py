@@ -20,9 +20,7 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt.model import GPT
-from mygpt.trainer import Trainer, fill_schedule
-from mygpt.utils import CfgNode, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
 
 
 def get_config():
@@ -30,7 +28,6 @@ def get_config():
     C.system = CfgNode(seed=3407, work_dir="./out/adder")
     C.data = AdditionDataset.get_default_config()
     C.model = GPT.get_default_config()
-    C.model.model_type = None
     C.model.n_layer, C.model.n_head, C.model.n_embd = 2, 4, 64
     # every problem is seen many times and the test asks for exact answers: dropout only slows learning
     C.model.embd_pdrop = C.model.resid_pdrop = C.model.attn_pdrop = 0.0
@@ -40,7 +37,6 @@ def get_config():
     C.trainer.learning_rate = 3e-3
     C.trainer.lr_decay = True
     C.trainer.warmup_tokens = 0
-    C.trainer.final_tokens = None  # None: decay over all max_iters steps
     C.trainer.ckpt_path = None     # None: checkpoint.pt in the work dir
     return C
 
@@ -107,7 +103,6 @@ def main(args):
     config.model.vocab_size = 10
     config.model.block_size = 3 * config.data.ndigit
     model = GPT(config.model)
-    fill_schedule(config.trainer, targets_per_example=config.data.ndigit + 1)  # only the sum's digits are targets
     config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
     log = setup_logging(config)  # once the config is complete, so the saved one can rebuild the run
     log.info(f"{len(train_dataset)} train and {len(test_dataset)} test problems, "

@@ -19,10 +19,7 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt.download import DownloadError, download
-from mygpt.model import GPT
-from mygpt.trainer import Trainer, fill_schedule, load_checkpoint
-from mygpt.utils import CfgNode, set_seed, setup_logging
+from mygpt import GPT, CfgNode, DownloadError, Trainer, download, set_seed, setup_logging
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -33,7 +30,6 @@ def get_config():
     C.system = CfgNode(seed=3407, work_dir="./out/chargpt", mode="train")  # mode: 'train' or 'sample'
     C.data = CfgNode(input_file=None, block_size=64, val_fraction=0.1)
     C.model = GPT.get_default_config()
-    C.model.model_type = None
     C.model.n_layer, C.model.n_head, C.model.n_embd = 4, 4, 128
     C.model.embd_pdrop = C.model.resid_pdrop = C.model.attn_pdrop = 0.0
     C.trainer = Trainer.get_default_config()
@@ -41,8 +37,6 @@ def get_config():
     C.trainer.batch_size = 12
     C.trainer.learning_rate = 1e-3
     C.trainer.lr_decay = True
-    C.trainer.warmup_tokens = None  # None: the first 5% of the steps
-    C.trainer.final_tokens = None   # None: decay over all max_iters steps
     C.trainer.eval_interval = 250
     C.trainer.ckpt_path = None      # None: checkpoint.pt in the work dir
     C.sample = CfgNode(prompt="\n", length=500, temperature=1.0, top_k=None, every_eval=200)
@@ -102,7 +96,6 @@ def train(config):
     config.model.vocab_size = len(chars)
     config.model.block_size = config.data.block_size
     C = config.trainer
-    fill_schedule(C, targets_per_example=config.data.block_size)
     C.ckpt_path = C.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
     log = setup_logging(config)
     with open(os.path.join(config.system.work_dir, "vocab.json"), "w", encoding="utf-8") as f:
@@ -126,9 +119,9 @@ def keep_best(config, chars, log):
     S = config.sample
 
     def on_eval_end(trainer):
-        loss = trainer.history[-1]["test_loss"]
+        loss = trainer.history[-1]["val_loss"]
         # the history survives a resume, so the best loss so far does too
-        earlier = [h["test_loss"] for h in trainer.history[:-1] if "test_loss" in h]
+        earlier = [h["val_loss"] for h in trainer.history[:-1] if "val_loss" in h]
         is_best = not earlier or loss < min(earlier)
         if is_best:
             trainer.save_checkpoint(best_path)
@@ -144,14 +137,9 @@ def sample_from_checkpoint(config):
     path = os.path.join(work_dir, "best.pt")
     if not os.path.exists(path):
         path = os.path.join(work_dir, "checkpoint.pt")  # a run too short to have evaluated
-    ckpt = load_checkpoint(path)
+    model = GPT.from_checkpoint(path)
     with open(os.path.join(work_dir, "vocab.json"), encoding="utf-8") as f:
         chars = json.load(f)
-    model_config = GPT.get_default_config()
-    model_config.merge_from_dict(ckpt["model_config"])
-    model_config.model_type = None  # the saved config already holds the resolved shape
-    model = GPT(model_config)
-    model.load_state_dict(ckpt["model"])
     S = config.sample
     print(sample(model, chars, S.prompt, S.length, S.temperature, S.top_k))
 

@@ -12,6 +12,7 @@ loss per token.
 """
 
 import os
+import math
 import sys
 
 import numpy as np
@@ -20,9 +21,7 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt.model import GPT
-from mygpt.trainer import Trainer
-from mygpt.utils import CfgNode, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
 
@@ -33,7 +32,6 @@ def get_config():
     C.data = CfgNode(dataset="digits", folder=None, image_size=16, n_clusters=None,
                      kmeans_pixels=200_000, kmeans_iters=30)
     C.model = GPT.get_default_config()
-    C.model.model_type = None
     C.model.n_layer, C.model.n_head, C.model.n_embd = 4, 4, 128
     C.trainer = Trainer.get_default_config()
     C.trainer.max_iters = 1500
@@ -124,6 +122,7 @@ def main(args):
     config.model.vocab_size = len(palette)
     config.model.block_size = height * width - 1
     config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
+    config.trainer.eval_iters = config.trainer.eval_iters or math.ceil(len(test_tokens) / config.trainer.batch_size)
     log = setup_logging(config)
     error = (dequantise(test_tokens, palette, height, width) - test_images).abs().mean()
     log.info(f"{len(train_images)} train and {len(test_images)} test images of {height}x{width}, "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mygpt.download import download
+from mygpt import download
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"

@@ -1,0 +1,49 @@
+import resource
+import unittest
+
+import numpy as np
+
+from mygpt.order import EpochOrder
+
+
+class TestEpochOrder(unittest.TestCase):
+    def test_a_permutation_for_every_size(self):
+        for n in (1, 2, 3, 7, 64, 1000, 4097):
+            with self.subTest(n=n):
+                order = EpochOrder(seed=5, epoch=0, n=n)
+                self.assertEqual(sorted(order[np.arange(n)].tolist()), list(range(n)))
+
+    def test_a_pure_function_of_seed_epoch_and_tag(self):
+        n = 500
+        whole = EpochOrder(1, 2, n)[np.arange(n)]
+        self.assertTrue(np.array_equal(whole, EpochOrder(1, 2, n)[np.arange(n)]))
+        self.assertEqual([EpochOrder(1, 2, n)[i] for i in (0, 17, 499)], whole[[0, 17, 499]].tolist())
+        for other in (EpochOrder(2, 2, n), EpochOrder(1, 3, n), EpochOrder(1, 2, n, tag=1)):
+            self.assertFalse(np.array_equal(whole, other[np.arange(n)]))
+
+    def test_looks_shuffled(self):
+        n = 10000
+        order = EpochOrder(0, 0, n)[np.arange(n)]
+        self.assertLess(np.mean(order == np.arange(n)), 0.01)  # hardly any fixed points
+        # neighbours in the order are not neighbours in the data
+        self.assertGreater(np.mean(np.abs(np.diff(order))), n / 5)
+
+    def test_ten_billion_examples_in_constant_memory(self):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        order = EpochOrder(3, 0, 10 ** 10)
+        positions = np.arange(10 ** 10 - 100_000, 10 ** 10)
+        picked = order[positions]
+        self.assertTrue(((picked >= 0) & (picked < 10 ** 10)).all())
+        self.assertEqual(len(set(picked.tolist())), len(positions))
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        self.assertLess(grown_mib, 100)
+
+    def test_bad_input(self):
+        with self.assertRaisesRegex(ValueError, "empty"):
+            EpochOrder(0, 0, 0)
+        with self.assertRaisesRegex(IndexError, "position 10 is outside"):
+            EpochOrder(0, 0, 10)[10]
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -109,10 +109,13 @@ class Trainer:
         C.log_interval = 100         # steps between training-loss lines in the log (0: none)
         return C
 
-    def __init__(self, config, model, train_dataset, val_dataset=None):
+    def __init__(self, config, model, train_dataset, val_dataset=None, tokenizer=None):
         self.config = config = CfgNode(**config.to_dict())  # the schedule filled in below stays ours
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
+        # how text becomes the model's tokens, recorded in every checkpoint so that tools can read and
+        # write text with it (mygpt.tokenizer.describe_tokenizer gives this plain dict)
+        self.tokenizer = tokenizer
         self.callbacks = {event: [] for event in EVENTS}
         self.log = logging.getLogger("mygpt")
         self._check_config()
@@ -531,6 +534,7 @@ class Trainer:
             "run_id": self.run_id,
             "train_config": _plain_config(self.config),
             "model_config": _plain_config(model_config) if hasattr(model_config, "to_json") else None,
+            "tokenizer": self.tokenizer,
         }
 
     def _gather_rng(self):

@@ -12,6 +12,9 @@ What it guarantees, and how:
   checkpoint it did not resume, unless told to.
 - Gradients are weighted by token counts, so k accumulated micro-batches, or n processes, compute the
   same update as one large batch.
+- On one GPU the host never waits for the device inside a step: batches are checked on the host, copied
+  from pinned memory without blocking, and the loss is read every log_interval steps (a non-finite loss
+  makes the fused optimizer skip its update on the device, and the next read stops the run).
 """
 
 import atexit
@@ -139,8 +142,14 @@ class Trainer:
         self.epoch = 0               # epochs completed
         self.epoch_samples = 0       # examples of the current epoch's order already used
         self.lr = scheduled_lr(config, 0)
-        self.loss = None             # the last step's training loss (this process's share)
-        self.history = []            # one dict per step: iter, epoch, tokens, lr, loss (+ val_loss)
+        self._loss = None            # the last step's training loss, read through .loss
+        self._history = []           # read through .history
+        self._pending = []           # losses still on the device (see _deferred)
+        # On a GPU, reading the loss every step would stall the host until the device catches up. With a
+        # fused optimizer, which can skip an update on the device, losses are read every log_interval
+        # steps instead; elsewhere (and with fp16's grad scaler, or several processes) every step.
+        self._deferred = (self.device_type == "cuda" and self.world_size == 1 and config.precision != "fp16"
+                          and all(g.get("fused") for g in self.optimizer.param_groups))
         self.run_id = uuid.uuid4().hex  # names this run in its checkpoints; a resume keeps it
         self.interrupted = False
         self._stop_requested = False  # set by Ctrl-C or SIGTERM in this process
@@ -390,14 +399,20 @@ class Trainer:
                 # (times world_size, as DDP averages) makes the step's loss the mean over all its tokens
                 self.scaler.scale(loss * (count * self.world_size / max(total, 1))).backward()
             loss_sum = loss_sum + loss.detach().float() * count
-        self.loss = (loss_sum / max(sum(counts), 1)).item()
-        # one exchange tells every process whether any of them saw a bad loss or a stop signal
-        bad, stop = self._all_reduce([not math.isfinite(self.loss), self._stop_requested])
+        step_loss = loss_sum / max(sum(counts), 1)  # a tensor on the device: reading it waits for the step
+        if self._deferred:
+            # No sync: a non-finite loss makes the fused optimizer skip this update (and its step count)
+            # on the device; the next sync (every log_interval steps) reports it and stops the run.
+            self.optimizer.found_inf = (~torch.isfinite(step_loss)).float()
+            self._pending.append(step_loss)
+            stop = self._stop_requested
+        else:
+            self._loss = step_loss.item()
+            # one exchange tells every process whether any of them saw a bad loss or a stop signal
+            bad, stop = self._all_reduce([not math.isfinite(self._loss), self._stop_requested])
+            if bad:
+                self._raise_non_finite(self.iter_num, self._loss)
         self._stop_agreed = bool(stop)
-        if bad:
-            raise FloatingPointError(
-                f"non-finite loss at iteration {self.iter_num} (epoch {self.epoch + 1}; this process: {self.loss}); "
-                f"stopped before the update, the last checkpoint ({self.config.ckpt_path}) is intact")
 
         self.tokens += int(total)
         self.lr = scheduled_lr(self.config, self.tokens)
@@ -409,19 +424,52 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
+    def _raise_non_finite(self, iteration, loss):
+        raise FloatingPointError(
+            f"non-finite loss at iteration {iteration} (this process: {loss}); no update was made from it, "
+            f"and the last checkpoint ({self.config.ckpt_path}) is intact")
+
+    def _sync(self):
+        """Read the losses of the steps run since the last sync (one device sync for all of them)."""
+        if not self._pending:
+            return
+        losses = torch.stack(self._pending).tolist()
+        entries = self._history[-len(losses):]
+        self._pending = []
+        for entry, loss in zip(entries, losses):
+            entry["loss"] = loss
+            if not math.isfinite(loss):
+                self._raise_non_finite(entry["iter"] - 1, loss)
+        self._loss = losses[-1]
+
+    @property
+    def loss(self):
+        """The last step's training loss (this process's share)."""
+        self._sync()
+        return self._loss
+
+    @property
+    def history(self):
+        """One dict per step: iter, epoch, tokens, lr, loss (+ val_loss at evaluations)."""
+        self._sync()
+        return self._history
+
     def _after_step(self, bar, step_in_epoch):
         """Bookkeeping, reporting, evaluation and checkpoints once a step has changed the weights."""
         C = self.config
         self.iter_num += 1
         self.epoch_samples += self.global_batch
-        self.history.append({"iter": self.iter_num, "epoch": self.epoch + 1, "tokens": self.tokens,
-                             "lr": self.lr, "loss": self.loss})
-        line = f"epoch {self.epoch + 1} iter {step_in_epoch}: train loss {self.loss:.5f}. lr {self.lr:e}"
+        self._history.append({"iter": self.iter_num, "epoch": self.epoch + 1, "tokens": self.tokens,
+                              "lr": self.lr, "loss": None if self._deferred else self._loss})
+        log_now = C.log_interval and self.iter_num % C.log_interval == 0
+        if not self._deferred or log_now or self._finished():
+            line = f"epoch {self.epoch + 1} iter {step_in_epoch}: train loss {self.loss:.5f}. lr {self.lr:e}"
+            if bar is not None:
+                bar.set_description_str(line, refresh=False)
+            if log_now:
+                self._print(line, bar, to_console=bar is None)  # the bar shows it already; log.txt keeps it
         if bar is not None:
-            bar.set_description_str(line, refresh=False)
             bar.update(1)
-        if C.log_interval and self.iter_num % C.log_interval == 0:
-            self._print(line, bar, to_console=bar is None)  # the bar shows it already; log.txt keeps it
         self.trigger_callbacks("on_batch_end")
         if self.val_dataset is not None and C.eval_interval and self.iter_num % C.eval_interval == 0:
             self.history[-1]["val_loss"] = self.evaluate()
@@ -578,12 +626,12 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.tokens = ckpt["iter_num"], ckpt["tokens"]
         self.epoch, self.epoch_samples = ckpt["epoch"], ckpt["epoch_samples"]
-        self.history = ckpt.get("history", [])
+        self._history = ckpt.get("history", [])
         self.run_id = ckpt["run_id"]
         self._saved_iter = self.iter_num
         self.lr = scheduled_lr(self.config, self.tokens)
-        if self.history:
-            self.loss = self.history[-1]["loss"]
+        if self._history:
+            self._loss = self._history[-1]["loss"]
         rng = ckpt["rng"]
         if len(rng) == self.world_size:
             set_rng_state(rng[self.rank])

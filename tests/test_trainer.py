@@ -189,6 +189,32 @@ class TestFailures(TempDirTest):
         self.assertEqual(load_checkpoint(C.ckpt_path)["iter_num"], 5)
         self.assertTrue(all(torch.isfinite(p).all() for p in model.parameters()))  # no update was made
 
+    def test_deferred_loss_reading_skips_a_bad_update_on_the_device(self):
+        # What a GPU run does (losses read every log_interval steps), forced here on the CPU.
+        mc = GPT.get_default_config()
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, 16, 8
+        torch.manual_seed(0)
+        model = GPT(mc)
+        C = config(max_iters=12, log_interval=4)
+        trainer = Trainer(C, model, CountingData(64))
+        trainer._deferred = True
+        poisoned = {"at": 6}
+        real_forward = model.forward
+
+        def forward(x, y=None, **kw):
+            logits, loss = real_forward(x, y, **kw)
+            return logits, loss * float("nan") if trainer.iter_num == poisoned["at"] else loss
+        model.forward = forward
+        weights = {}
+        trainer.add_callback("on_batch_end", lambda t: weights.__setitem__(t.iter_num, model.lm_head.weight.clone()))
+        with self.assertRaisesRegex(FloatingPointError, "iteration 6 "):
+            trainer.run()  # reported at the sync after step 8
+        self.assertTrue(torch.equal(weights[7], weights[6]))      # the bad step changed nothing
+        self.assertFalse(torch.equal(model.lm_head.weight, weights[7]))  # step 8 trained as usual
+        self.assertTrue(all(torch.isfinite(p).all() for p in model.parameters()))
+        self.assertEqual(len(trainer.optimizer.state[model.lm_head.weight]) and
+                         int(trainer.optimizer.state[model.lm_head.weight]["step"]), 7)  # one step skipped
+
     def test_checkpoint_errors(self):
         C = config(max_iters=2, ckpt_path=self.path("good.pt"))
         trainer = Trainer(C, TinyLM(), CountingData(64)).run()

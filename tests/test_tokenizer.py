@@ -1,0 +1,125 @@
+import io
+import json
+import os
+import tempfile
+import unittest
+
+import torch
+
+from mygpt.bpe import BPETokenizer, Encoder, get_encoder
+from mygpt.bpe_train import train_bpe
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+
+TEXT = "Hello world, héllo wörld! 你好 <|endoftext|> the end\n"
+
+
+def through_checkpoint(description):
+    """The description after torch.save and a weights_only torch.load, as a checkpoint carries it."""
+    buffer = io.BytesIO()
+    torch.save({"tokenizer": description}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)["tokenizer"]
+
+
+class TestGPT2(unittest.TestCase):
+    def test_described_by_name_and_matches_tiktoken(self):
+        try:
+            from tests.test_bpe import tiktoken_gpt2  # GPT-2's tiktoken encoding, built offline
+        except ImportError:
+            self.skipTest("tiktoken is not installed (pip install -e '.[test]')")
+        reference = tiktoken_gpt2()
+        for given in ("gpt2", get_encoder(), BPETokenizer(), Encoder(get_encoder().encoder, get_encoder().merges)):
+            self.assertEqual(describe_tokenizer(given), {"type": "gpt2"})
+        tok = load_tokenizer(through_checkpoint(describe_tokenizer("gpt2")))
+        ids = tok.encode(TEXT)
+        self.assertEqual(ids, reference.encode(TEXT, allowed_special="all"))
+        self.assertEqual(tok.decode(ids), TEXT)
+        self.assertEqual(tok.decode_bytes(ids), TEXT.encode("utf-8"))
+        self.assertEqual((tok.vocab_size, tok.eot_token), (reference.n_vocab, reference.eot_token))
+
+
+class TestTrainedBPE(unittest.TestCase):
+    def setUp(self):
+        self.encoder = train_bpe(["the cat sat on the mat. " * 20, "héllo wörld " * 10], 300)
+
+    def test_round_trip_through_a_checkpoint_encodes_as_the_encoder(self):
+        description = through_checkpoint(describe_tokenizer(self.encoder))
+        self.assertEqual(description["type"], "bpe")
+        tok = load_tokenizer(description)
+        text = "the cat héllo <|endoftext|> mat"
+        self.assertEqual(tok.encode(text), self.encoder.encode(text, allowed_special="all"))
+        self.assertEqual(tok.decode(tok.encode(text)), text)
+        self.assertEqual(tok.vocab_size, self.encoder.vocab_size)
+        self.assertEqual(tok.eot_token, self.encoder.special_tokens["<|endoftext|>"])
+        self.assertEqual(describe_tokenizer(tok), description)
+
+    def test_description_holds_what_encoder_save_writes(self):
+        with tempfile.TemporaryDirectory() as folder:
+            self.encoder.save(folder)
+            with open(os.path.join(folder, "encoder.json"), encoding="utf-8") as f:
+                encoder_json = json.load(f)
+            with open(os.path.join(folder, "vocab.bpe"), encoding="utf-8") as f:
+                merges = [line.split() for line in f.read().splitlines()[1:]]
+        description = describe_tokenizer(self.encoder)
+        self.assertEqual(description["encoder"], encoder_json)
+        self.assertEqual(description["merges"], merges)
+
+    def test_without_endoftext_has_no_eot(self):
+        self.assertIsNone(load_tokenizer(describe_tokenizer(train_bpe("abc abd", 258, special_tokens=()))).eot_token)
+
+    def test_damaged_vocabulary_is_refused(self):
+        description = describe_tokenizer(self.encoder)
+        description["encoder"]["a"] = description["encoder"]["b"]
+        with self.assertRaisesRegex(ValueError, "type 'bpe': "):
+            load_tokenizer(description)
+        with self.assertRaisesRegex(ValueError, "lacks 'merges'"):
+            load_tokenizer({"type": "bpe", "encoder": {}})
+
+
+class TestChars(unittest.TestCase):
+    def test_ids_are_positions_in_the_list(self):
+        chars = sorted(set("hello, world\n"))
+        tok = load_tokenizer(through_checkpoint(describe_tokenizer(chars)))
+        self.assertEqual(tok.encode("hello"), [chars.index(c) for c in "hello"])
+        self.assertEqual(tok.decode(tok.encode("hello, world\n")), "hello, world\n")
+        self.assertEqual((tok.vocab_size, tok.eot_token), (len(chars), None))
+
+    def test_unknown_characters_are_named(self):
+        tok = load_tokenizer(describe_tokenizer(list("abc")))
+        with self.assertRaises(ValueError) as caught:
+            tok.encode("abXcY")
+        self.assertIn("'X', 'Y'", str(caught.exception))
+        with self.assertRaisesRegex(ValueError, "outside the character vocabulary"):
+            tok.decode([0, 3])
+
+    def test_eot_after_the_characters(self):
+        tok = load_tokenizer({"type": "chars", "chars": ["a", "é"], "eot": 2})
+        self.assertEqual((tok.vocab_size, tok.eot_token), (3, 2))
+        self.assertEqual(tok.decode([1, 2, 0]), "é<|endoftext|>a")
+        self.assertEqual(tok.decode_bytes([1]), "é".encode("utf-8"))
+        self.assertEqual(describe_tokenizer(tok), {"type": "chars", "chars": ["a", "é"], "eot": 2})
+
+    def test_bad_descriptions(self):
+        cases = [
+            ({"type": "chars", "chars": "abc"}, "non-empty list"),
+            ({"type": "chars", "chars": []}, "non-empty list"),
+            ({"type": "chars", "chars": ["a", "bc"]}, r"chars\[1\] = 'bc' is not one character"),
+            ({"type": "chars", "chars": ["a", "b", "a"]}, r"'a' appears twice \(chars\[0\] and chars\[2\]\)"),
+            ({"type": "chars", "chars": ["a"], "eot": 5}, "'eot' must be len"),
+            ({"type": "chars", "chars": ["a"], "extra": 1}, r"unknown keys \['extra'\]"),
+            ({"type": "sentencepiece"}, "unknown type 'sentencepiece'"),
+            (None, "no tokenizer recorded"),
+        ]
+        for description, message in cases:
+            with self.subTest(description=description), self.assertRaisesRegex(ValueError, message):
+                load_tokenizer(description)
+        with self.assertRaisesRegex(TypeError, "must be a dict"):
+            load_tokenizer(["a"])
+        with self.assertRaisesRegex(TypeError, "list of characters"):
+            describe_tokenizer("abc")
+        with self.assertRaisesRegex(TypeError, "type int"):
+            describe_tokenizer(3)
+
+
+if __name__ == "__main__":
+    unittest.main()

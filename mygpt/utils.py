@@ -1,8 +1,10 @@
 """Small helpers shared by the library and the projects: seeding, a config node and a run's work dir."""
 
 import ast
+import difflib
 import json
 import logging
+import numbers
 import random
 import sys
 from pathlib import Path
@@ -20,12 +22,112 @@ def set_seed(seed):
     torch.cuda.manual_seed_all(seed)
 
 
-def _parse_value(text):
-    """Read a command-line value as a Python literal, falling back to the plain string."""
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+NONE_WORDS = ("None", "none", "null")
+
+
+def _type_name(default):
+    """How --help and the errors name the type a key's value must have."""
+    if default is None:
+        return "literal or text"  # no default to take a type from: 4 is an int, book.txt text
+    if isinstance(default, list):  # any length, items like the first
+        return f"list of {_type_name(default[0])}" if default else "list"
+    if isinstance(default, tuple):  # this length, each item like the default's at its place
+        return f"tuple ({', '.join(_type_name(x) for x in default)})"
+    return type(default).__name__
+
+
+def _wants(key, default, got):
+    """The ValueError for a value of the wrong type: 'trainer.batch_size wants an int, got 'abc''."""
+    name = _type_name(default)
+    article = "an" if name[0] in "aeiou" else "a"
+    return ValueError(f"{key} wants {article} {name}, got {got!r}")
+
+
+def _coerce(value, default, key):
+    """The Python value converted to the type of default (int -> float, list <-> tuple), or a ValueError."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if value in (0, 1) and not isinstance(value, float):
+            return bool(value)
+    elif isinstance(default, numbers.Integral):  # numpy integers too
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e3 is a fine way to write 1000
+            return int(value)
+    elif isinstance(default, numbers.Real):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)) and (isinstance(default, list) or len(value) == len(default)):
+            # a list's items take the type of its first item; a tuple's, that of the item at their place
+            models = default if isinstance(default, tuple) else [default[0] if default else None] * len(value)
+            return type(default)(_coerce(v, d, f"{key}[{i}]") for i, (v, d) in enumerate(zip(value, models)))
+    elif isinstance(value, type(default)):
+        return value
+    raise _wants(key, default, value)
+
+
+def _unquote(text):
+    """Text without the quotes around it when the whole value is quoted ('"ROMEO:"' -> 'ROMEO:')."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            value = ast.literal_eval(text)  # so '"\\n"' is a newline, as Python reads it
+        except (ValueError, SyntaxError):
+            return text[1:-1]
+        return value if isinstance(value, str) else text[1:-1]
+    return text
+
+
+def _parse_value(text, default, key):
+    """A command-line value converted to the type of the key's default, or a ValueError naming the key.
+
+    Text keys take the text as it is (quotes around the whole value removed); None and other defaults read
+    a Python literal, falling back to the text. Any key takes None (only 'None' itself for a text key).
+    """
+    if isinstance(default, str):
+        return None if text == "None" else _unquote(text)
+    if text.strip() in NONE_WORDS:
+        return None
+    if isinstance(default, bool):
+        word = text.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"{key} wants a bool (true/false, 1/0, yes/no), got {text!r}")
+    if isinstance(default, float):
+        try:
+            return float(text)  # also 'inf', which is no Python literal
+        except ValueError:
+            raise _wants(key, default, text) from None
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):
-        return text
+        if default is None:
+            return text
+        raise _wants(key, default, text) from None
+    return _coerce(value, default, key)
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every value under node, in the order the config defines them."""
+    for key, value in node.__dict__.items():
+        if isinstance(value, CfgNode):
+            yield from _leaves(value, prefix + key + ".")
+        else:
+            yield prefix + key, value
+
+
+def _unknown_key(root, dotted, hint):
+    """A KeyError for a key root does not hold, naming the known keys closest to it."""
+    known = [path for path, _ in _leaves(root)]
+    leaf = dotted.rsplit(".", 1)[-1]
+    same_leaf = [path for path in known if path.rsplit(".", 1)[-1] == leaf]  # the right key in the wrong group
+    close = same_leaf + [p for p in difflib.get_close_matches(dotted, known, n=3, cutoff=0.8) if p not in same_leaf]
+    if close:
+        return KeyError(f"unknown config key {dotted!r}; did you mean {' or '.join(map(repr, close))}? {hint}")
+    return KeyError(f"unknown config key {dotted!r} {hint}")
 
 
 class CfgNode:
@@ -33,7 +135,8 @@ class CfgNode:
 
     Every component owns one (``GPT.get_default_config()``, ``Trainer.get_default_config()``);
     a script groups them under one root (``C.model``, ``C.trainer``) and lets
-    ``--model.n_layer=4`` style arguments override any leaf.
+    ``--model.n_layer=4`` style arguments override any leaf, each value converted to the type of
+    the leaf's default; ``--help`` lists every key.
     """
 
     def __init__(self, **kwargs):
@@ -65,36 +168,70 @@ class CfgNode:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def merge_from_dict(self, d):
-        """Update from a (possibly nested) dict; nested dicts update nested nodes.
+        """Update from a (possibly nested) dict of Python values, taken as they are; nested dicts update groups.
 
-        Unknown keys raise ``KeyError`` naming the key, so a typo never silently does nothing.
+        Unknown keys raise ``KeyError`` naming the closest known keys, so a typo never silently does nothing.
         """
+        self._merge_dict(d, self, "")
+
+    def _merge_dict(self, d, root, prefix):
         for key, value in d.items():
             if key not in self.__dict__:
-                raise KeyError(f"unknown config key {key!r}; known keys: {sorted(self.__dict__)}")
+                known = ", ".join(sorted(self.__dict__))
+                raise _unknown_key(root, prefix + key, f"(the keys here: {known})")
             current = self.__dict__[key]
-            if isinstance(current, CfgNode) and isinstance(value, dict):
-                current.merge_from_dict(value)
+            if isinstance(current, CfgNode):
+                if not isinstance(value, (dict, CfgNode)):
+                    raise TypeError(f"{prefix + key!r} is a config group; give a dict of its keys, got {value!r}")
+                current._merge_dict(value if isinstance(value, dict) else value.to_dict(), root, prefix + key + ".")
             else:
                 self.__dict__[key] = value
 
-    def merge_from_args(self, args):
-        """Apply overrides of the form ``--model.n_layer=4`` (values parsed as Python literals)."""
+    def merge_from_args(self, args, description=None):
+        """Apply overrides like ``--model.n_layer=4``, each value converted to the type of the key's default.
+
+        ``--help`` or ``-h`` prints format_help(description) and exits, as argparse does. A bad value raises a
+        ValueError naming the key and the type it wants; an unknown key a KeyError naming the closest ones.
+        """
+        if isinstance(args, str):
+            raise TypeError(f"args must be a list of strings such as sys.argv[1:], got the string {args!r}")
+        if "--help" in args or "-h" in args:
+            print(self.format_help(description))
+            sys.exit(0)
         for arg in args:
             if not arg.startswith("--") or "=" not in arg:
-                raise ValueError(f"expected an override like --trainer.batch_size=32, got {arg!r}")
+                raise ValueError(f"expected an override like --trainer.batch_size=32, got {arg!r} "
+                                 f"(--help lists every key)")
             dotted, text = arg[2:].split("=", 1)
-            *path, leaf = dotted.split(".")
-            node = self
-            for i, key in enumerate(path):
-                if not isinstance(node.__dict__.get(key), CfgNode):
-                    raise KeyError(f"unknown config key {'.'.join(path[:i + 1])!r} in {arg!r}")
-                node = node.__dict__[key]
-            if leaf not in node.__dict__:
-                raise KeyError(f"unknown config key {dotted!r} in {arg!r}")
-            if isinstance(node.__dict__[leaf], CfgNode):
-                raise KeyError(f"{dotted!r} is a config group, not a value; set one of its keys")
-            node.__dict__[leaf] = _parse_value(text)
+            node, leaf = self._find(dotted)
+            node.__dict__[leaf] = _parse_value(text, node.__dict__[leaf], dotted)
+
+    def _find(self, dotted):
+        """The node holding the value at a dotted key, and the key's last part."""
+        *path, leaf = dotted.split(".")
+        node = self
+        for i, key in enumerate(path):
+            if key not in node.__dict__:
+                raise _unknown_key(self, dotted, "(--help lists every key)")
+            node = node.__dict__[key]
+            if not isinstance(node, CfgNode):
+                raise KeyError(f"{'.'.join(path[:i + 1])!r} is a value, not a config group, so there is no {dotted!r}")
+        if leaf not in node.__dict__:
+            raise _unknown_key(self, dotted, "(--help lists every key)")
+        if isinstance(node.__dict__[leaf], CfgNode):
+            raise KeyError(f"{dotted!r} is a config group, not a value; set one of its keys (--help lists them)")
+        return node, leaf
+
+    def format_help(self, description=None):
+        """Usage, the description (a script's __doc__, say), and every key with its default and type."""
+        leaves = [(f"--{path}={value!r}", _type_name(value)) for path, value in _leaves(self)]
+        width = max((len(left) for left, _ in leaves), default=0)
+        lines = [f"usage: {Path(sys.argv[0]).name} [--help] [--group.key=value ...]", ""]
+        if description:
+            lines += [description.strip(), ""]
+        lines.append("Every key with its default and the type its value is read as (any key also takes None):")
+        lines += [f"  {left.ljust(width)}  {kind}" for left, kind in leaves]
+        return "\n".join(lines)
 
 
 class ConsoleHandler(logging.Handler):

@@ -423,6 +423,18 @@ class TestDistributed(TempDirTest):
         with open(self.path("ddp.json")) as f, open(self.path("single.json")) as g:
             self.assertEqual([h["tokens"] for h in json.load(f)], [h["tokens"] for h in json.load(g)])
 
+    def test_a_killed_rank_restarts_and_resumes_to_the_same_weights(self):
+        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "--max-restarts=1", SCRIPT, "elastic", self.dir, "10", "4"],
+                             capture_output=True, text=True, timeout=240)
+        self.assertEqual(ddp.returncode, 0, ddp.stdout[-2000:] + ddp.stderr[-3000:])
+        self.assertIn("resumed from", ddp.stdout)  # the second attempt continued the first one's checkpoint
+        single = run_script("single", self.dir, 10)
+        self.assertEqual(single.returncode, 0, single.stderr)
+        rank0, alone = (torch.load(self.path(f), weights_only=True) for f in ("elastic0.pt", "single0.pt"))
+        for k, v in rank0.items():
+            torch.testing.assert_close(v, alone[k], rtol=1e-5, atol=1e-6)
+
 
 if __name__ == "__main__":
     unittest.main()

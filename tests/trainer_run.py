@@ -2,10 +2,13 @@
 
     python tests/trainer_run.py resume CKPT ITERS SLEEP   train with resume=True, a checkpoint every step
     torchrun --standalone --nproc_per_node=2 tests/trainer_run.py ddp OUTDIR ITERS   (resumes from OUTDIR)
+    torchrun --standalone --nproc_per_node=2 --max-restarts=1 tests/trainer_run.py elastic OUTDIR ITERS KILL_AT
+        the DDP run, in which rank 1 kills itself at step KILL_AT on the first attempt; torchrun restarts it
     python tests/trainer_run.py single OUTDIR ITERS       the DDP run's global batches in one process
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -74,14 +77,20 @@ def main(mode, *args):
         trainer = Trainer(C, TinyLM(dropout=0.1), CountingData(100))
         trainer.add_callback("on_batch_end", lambda t: time.sleep(sleep))
         trainer.run()
-    elif mode in ("ddp", "single"):
+    elif mode in ("ddp", "single", "elastic"):
         outdir, iters = args[0], int(args[1])
         rank = int(os.environ.get("RANK", "0"))
         torch.manual_seed(100 + rank)  # the ranks start from different weights; DDP must align them
-        batch = 4 if mode == "ddp" else 16  # 4 per micro-batch x 2 micro-batches x 2 processes
-        C = config(max_iters=iters, batch_size=batch, grad_accum_steps=2 if mode == "ddp" else 1,
-                   ckpt_path=os.path.join(outdir, f"{mode}.ckpt"), resume=True)
+        batch = 16 if mode == "single" else 4  # 4 per micro-batch x 2 micro-batches x 2 processes
+        C = config(max_iters=iters, batch_size=batch, grad_accum_steps=1 if mode == "single" else 2,
+                   ckpt_path=os.path.join(outdir, f"{mode}.ckpt"), resume=True,
+                   ckpt_interval=1 if mode == "elastic" else 0)
         trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(100))
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if mode == "elastic" and rank == 1 and first_attempt:
+            kill_at = int(args[2])
+            trainer.add_callback("on_batch_end",
+                                 lambda t: os.kill(os.getpid(), signal.SIGKILL) if t.iter_num == kill_at else None)
         trainer.run()
         torch.save(trainer.model.state_dict(), os.path.join(outdir, f"{mode}{rank}.pt"))
         if rank == 0:
@@ -90,9 +99,3 @@ def main(mode, *args):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if sys.argv[1] == "ddp":
-        # Every result is on disk. Skip the interpreter's teardown, where gloo's threads occasionally
-        # abort the process ("terminate called without an active exception") after a successful run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)

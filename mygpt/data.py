@@ -1,0 +1,741 @@
+"""Token corpora on disk: shards in llm.c's format, `prepare_corpus` to write them, `TokenDataset` to train from them.
+
+Shard format (llm.c and modded-nanogpt's, so their pre-tokenised FineWeb shards train here unchanged):
+
+    bytes 0..1023   header: 256 little-endian int32 = magic, version, N (tokens in the file), then 253 zeros
+    bytes 1024..    N tokens, little-endian, uint16 or uint32 as the (magic, version) pair says:
+                    (20240520, 1) uint16, vocabularies up to 65,536 ids (llm.c's "gpt-2");
+                    (20240801, 7) uint32, larger vocabularies (llm.c's "llama-3")
+    the file ends right after the last token; N < 2**31, since the header stores it as an int32.
+
+nanoGPT's headerless `train.bin`/`val.bin` (bare uint16 tokens) are read only when asked: `headerless=True`.
+
+`prepare_corpus` writes `train_000000.bin, ...` and `val_000000.bin, ...`: one token stream per split, each document
+followed by the end-of-text id, cut into shards of `shard_tokens`; and `meta.json` with the tokenizer, the vocabulary
+size, the counts and the settings. `TokenDataset` memory-maps the shards and serves the windows of that stream.
+"""
+
+import glob as globlib
+import hashlib
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import tempfile
+import uuid
+from collections import deque, namedtuple
+from pathlib import Path
+
+import numpy as np
+import regex
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, get_encoder
+from mygpt.download import sha256_file
+
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
+FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}  # (magic, version) -> token dtype
+MAX_SHARD_TOKENS = 2**31 - 1
+SPLITS = ("train", "val")
+PIECE_CHARS = 1 << 20  # documents are encoded in pieces of about this many characters ...
+UNIT_CHARS = 1 << 20   # ... and sent to the workers in units of about this many
+DATA_EXTRA = "pip install 'mygpt[data]'"
+
+ShardHeader = namedtuple("ShardHeader", "magic version num_tokens dtype")
+
+
+class ShardError(ValueError):
+    """A file is not a whole token shard: wrong magic or version, truncated, or with bytes after its tokens."""
+
+
+# ---------------------------------------------------------------------------------------------------- the format
+
+def _format_of(dtype):
+    dtype = np.dtype(dtype).newbyteorder("<")
+    for key, value in FORMATS.items():
+        if value == dtype:
+            return key
+    raise ValueError(f"shards hold uint16 or uint32 tokens, not {dtype.name}")
+
+
+class _ShardFile:
+    """One shard being written under a temporary name (unique per process); `commit` renames it when whole."""
+
+    def __init__(self, path, dtype):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.magic, self.version = _format_of(self.dtype)
+        self.count = 0
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.file = open(self.tmp, "wb")
+        self.file.write(bytes(HEADER_BYTES))  # a zero header (magic 0) until the shard is whole
+
+    def append(self, tokens):
+        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self.count += len(tokens)
+
+    def commit(self):
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = self.magic, self.version, self.count
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())  # the bytes are on disk before the rename makes them the shard
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shard(path, tokens, dtype=None):
+    """Write `tokens` (ints >= 0) as one shard at `path`, atomically. dtype: uint16 (the default when every token
+    fits) or uint32."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not (tokens.size == 0 or np.issubdtype(tokens.dtype, np.integer)):
+        raise TypeError(f"tokens must be a 1-D sequence of ints, got {tokens.dtype} of shape {tokens.shape}")
+    if len(tokens) > MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS:,} tokens (an int32 count), got {len(tokens):,}")
+    low, high = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
+    dtype = np.dtype(dtype or (np.uint16 if high < 2**16 else np.uint32))
+    if low < 0 or high > np.iinfo(dtype).max:
+        raise ValueError(f"token ids must lie in 0..{np.iinfo(dtype).max} for {dtype.name} shards, "
+                         f"got {low}..{high}")
+    shard = _ShardFile(path, dtype)
+    try:
+        shard.append(tokens)
+        shard.commit()
+    except BaseException:
+        shard.discard()
+        raise
+
+
+def read_header(path):
+    """The `ShardHeader` of the shard at `path`, after checking that the file is exactly one whole shard."""
+    path = Path(path)
+    size = path.stat().st_size  # FileNotFoundError names the path
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is too short for a shard's {HEADER_BYTES}-byte header "
+                         f"(a nanoGPT train.bin without header? pass headerless=True)")
+    magic, version, count = (int(v) for v in np.frombuffer(raw, dtype="<i4")[:3])
+    if magic not in {m for m, _ in FORMATS}:
+        raise ShardError(f"{path} is not a token shard: magic {magic}, expected 20240520 (uint16) or 20240801 "
+                         f"(uint32) (a nanoGPT train.bin without header? pass headerless=True)")
+    dtype = FORMATS.get((magic, version))
+    if dtype is None:
+        known = [v for m, v in FORMATS if m == magic]
+        raise ShardError(f"{path}: shard version {version} is unknown for magic {magic} (known: {known}); "
+                         f"it was written by a newer or different tool")
+    expected = HEADER_BYTES + count * dtype.itemsize
+    if count < 0 or size < expected:
+        raise ShardError(f"{path} is truncated: its header promises {count:,} tokens ({expected:,} bytes), "
+                         f"the file has {size:,} bytes")
+    if size > expected:
+        raise ShardError(f"{path} has {size - expected:,} bytes after its {count:,} tokens; it is not one whole shard")
+    return ShardHeader(magic, version, count, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def _expand(pattern_or_paths):
+    """Paths from one path or glob pattern, or a list of them; each pattern's matches sorted."""
+    items = [pattern_or_paths] if isinstance(pattern_or_paths, (str, os.PathLike)) else list(pattern_or_paths)
+    paths = []
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"shard paths must be str or Path, got {type(item).__name__}")
+        item = os.fspath(item)
+        if globlib.has_magic(item):
+            matches = sorted(p for p in globlib.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise FileNotFoundError(f"no shard files match {item!r}")
+            paths += map(Path, matches)
+        elif os.path.isdir(item):
+            raise IsADirectoryError(f"{item} is a folder; name its shards, e.g. {os.path.join(item, 'train_*.bin')!r}")
+        else:
+            paths.append(Path(item))
+    if not paths:
+        raise ValueError("no shard paths given")
+    return paths
+
+
+def _vocab_size_from_meta(paths):
+    """`vocab_size` from the meta.json beside the shards, if there is one (None otherwise)."""
+    sizes = {}
+    for folder in {p.parent for p in paths}:
+        meta = folder / "meta.json"
+        if meta.is_file():
+            with open(meta, encoding="utf-8") as f:
+                sizes[meta] = json.load(f).get("vocab_size")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"the shards come from corpora with different vocabularies: {sizes}")
+    return next(iter(sizes.values()), None)
+
+
+class TokenDataset(Dataset):
+    """Windows of `block_size` tokens from shards on disk; item i is (x, y), int64 tensors of shape (block_size,), y
+    being x shifted by one token.
+
+    The shards are read as one stream, concatenated in order (the sorted matches of each glob pattern), and window i
+    is tokens [i * block_size, i * block_size + block_size + 1) of it: consecutive windows share one token, the
+    target of the last position. Windows may cross from one shard into the next, since shards are cuts of one stream
+    (documents are separated by the end-of-text id, not by files); so the windows do not depend on the shard size, and
+    a short last shard costs nothing. len() = (num_tokens - 1) // block_size.
+
+    Memory does not grow with the corpus: each shard is an np.memmap opened on first use in each process (a pickled
+    dataset, as DataLoader workers receive, carries file names and counts only), plus one int per shard.
+    """
+
+    def __init__(self, pattern_or_paths, block_size, headerless=False):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+        self.headerless = headerless
+        paths = _expand(pattern_or_paths)
+        shards = [self._shard_info(p) for p in paths]
+        # shards without tokens take no part in reading: a window never needs to open them
+        self.paths = [p for p, (_, count, _) in zip(paths, shards) if count]
+        self._offsets = [offset for offset, count, _ in shards if count]
+        self._dtypes = [dtype for _, count, dtype in shards if count]
+        counts = np.array([count for _, count, _ in shards if count], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])  # stream position of each shard's first token
+        self.num_tokens = int(self._starts[-1])
+        if self.num_tokens < block_size + 1:
+            names = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+            raise ValueError(f"block_size {block_size} needs at least {block_size + 1} tokens, but {names} "
+                             f"hold {self.num_tokens:,}; use a smaller block_size or more text")
+        self.vocab_size = _vocab_size_from_meta(paths)
+        self._maps = [None] * len(self.paths)
+
+    def _shard_info(self, path):
+        """(byte offset of the tokens, token count, dtype) of one file."""
+        if not self.headerless:
+            header = read_header(path)
+            return HEADER_BYTES, header.num_tokens, header.dtype
+        size = path.stat().st_size
+        if size % 2:
+            raise ShardError(f"{path}: a headerless nanoGPT file holds uint16 tokens, but it has an odd size ({size})")
+        return 0, size // 2, np.dtype("<u2")
+
+    def __getstate__(self):
+        return dict(self.__dict__, _maps=[None] * len(self.paths))  # each process maps the files itself
+
+    def _map(self, s):
+        if self._maps[s] is None:
+            count = int(self._starts[s + 1] - self._starts[s])
+            self._maps[s] = np.memmap(self.paths[s], dtype=self._dtypes[s], mode="r", offset=self._offsets[s],
+                                      shape=(count,))
+        return self._maps[s]
+
+    def __len__(self):
+        return (self.num_tokens - 1) // self.block_size
+
+    def _read(self, start, out):
+        """Fill `out` with the stream's tokens from position `start` on, across shards if need be."""
+        s = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos, filled = start - int(self._starts[s]), 0
+        while filled < len(out):
+            shard = self._map(s)
+            take = min(len(out) - filled, len(shard) - pos)
+            out[filled:filled + take] = shard[pos:pos + take]
+            filled, s, pos = filled + take, s + 1, 0
+
+    def _check_index(self, i, n):
+        if not -n <= i < n:
+            raise IndexError(f"window {i} is outside a dataset of {n:,} windows")
+        return i % n
+
+    def __getitem__(self, i):
+        i = self._check_index(int(i), len(self))
+        chunk = np.empty(self.block_size + 1, dtype=np.int64)
+        self._read(i * self.block_size, chunk)
+        chunk = torch.from_numpy(chunk)
+        return chunk[:-1], chunk[1:].clone()  # y its own tensor: changing one never changes the other
+
+    def get_batch(self, indices):
+        """Windows `indices` stacked: (x, y), each of shape (len(indices), block_size), in one buffer read."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        chunks = np.empty((len(indices), self.block_size + 1), dtype=np.int64)
+        for row, i in enumerate(indices.tolist()):
+            self._read(self._check_index(i, n) * self.block_size, chunks[row])
+        chunks = torch.from_numpy(chunks)
+        return chunks[:, :-1].contiguous(), chunks[:, 1:].contiguous()
+
+    def __repr__(self):
+        return (f"TokenDataset({len(self.paths)} shards, {self.num_tokens:,} tokens, block_size={self.block_size}, "
+                f"{len(self):,} windows, vocab_size={self.vocab_size})")
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizers
+
+class _Tokenizer:
+    """What prepare needs of a tokenizer: `encode(text) -> list of ids`, the end-of-document id, the vocabulary size,
+    a description for meta.json, and `cut(text)`: where a long document may be cut into pieces that encode to
+    exactly the tokens of the whole (None: never cut)."""
+
+    def __init__(self, encode, eot, vocab_size, info, cut):
+        self.encode, self.eot, self.vocab_size, self.info, self.cut = encode, eot, vocab_size, info, cut
+        self.dtype = np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
+
+
+# With GPT-2's pattern no pre-token spans a space that has a non-space on both sides (only a space's right neighbour
+# can join it), and the pre-token before it ends at its left neighbour, so cutting just before such a space leaves
+# every pre-token, hence every token, as it is.
+_SAFE_SPACE = regex.compile(r"(?<=\S) (?=\S)", flags=regex.REVERSE)
+
+
+def _cut_before_space(text):
+    """The last safe cut in the second half of the first PIECE_CHARS characters; a hard cut where text has none."""
+    match = _SAFE_SPACE.search(text, PIECE_CHARS // 2, PIECE_CHARS)
+    return match.start() if match else PIECE_CHARS
+
+
+def _cut_anywhere(text):
+    return PIECE_CHARS  # characters encode one by one, so any cut is exact
+
+
+class _Chars:
+    """A character vocabulary: char i -> id i; picklable for the worker processes."""
+
+    def __init__(self, chars):
+        self.ids = {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text):
+        try:
+            return list(map(self.ids.__getitem__, text))
+        except KeyError as e:
+            c = e.args[0]
+            raise ValueError(f"character {c!r} (U+{ord(c):04X}) is not in the character vocabulary") from None
+
+
+def _hash_encoder_files(encoder):
+    """sha256 of the encoder.json and vocab.bpe that `Encoder.save` writes for this encoder."""
+    with tempfile.TemporaryDirectory() as folder:
+        encoder.save(folder)
+        return {name: sha256_file(Path(folder) / name) for name in ("encoder.json", "vocab.bpe")}
+
+
+def _resolve_tokenizer(tokenizer):
+    if isinstance(tokenizer, str):
+        if tokenizer != "gpt2":
+            raise ValueError(f"tokenizer must be 'gpt2', an Encoder or a list of characters, got {tokenizer!r}; "
+                             f"for a character vocabulary pass a list, e.g. sorted(set(text))")
+        return _resolve_tokenizer(get_encoder())
+    if isinstance(tokenizer, Encoder):
+        eot = tokenizer.special_tokens.get(ENDOFTEXT)
+        if eot is None:
+            raise ValueError(f"the encoder has no {ENDOFTEXT} token to end documents with; "
+                             f"train it with special_tokens=({ENDOFTEXT!r},)")
+        if tokenizer is get_encoder():
+            info = {"name": "gpt2", "sha256": GPT2_SHA256}
+        else:
+            info = {"name": "bpe", "sha256": _hash_encoder_files(tokenizer)}
+        cut = _cut_before_space if tokenizer.pattern == GPT2_PATTERN else None
+        return _Tokenizer(tokenizer.encode_ordinary, eot, tokenizer.vocab_size, info, cut)
+    if isinstance(tokenizer, (list, tuple)):
+        chars = list(tokenizer)
+        bad = next((c for c in chars if not (isinstance(c, str) and len(c) == 1)), None)
+        if bad is not None or not chars:
+            raise ValueError(f"a character vocabulary is a non-empty list of single characters; found {bad!r}")
+        if len(set(chars)) != len(chars):
+            raise ValueError("the character vocabulary lists a character twice")
+        text = "".join(chars)
+        info = {"name": "chars", "chars": text, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+        # one id past the characters ends each document, as <|endoftext|> does for BPE
+        return _Tokenizer(_Chars(chars).encode, len(chars), len(chars) + 1, info, _cut_anywhere)
+    raise TypeError(f"tokenizer must be 'gpt2', an Encoder or a list of characters, got {type(tokenizer).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+_HF_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _optional(module, what):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs the optional package {module.split('.')[0]}: {DATA_EXTRA}") from None
+
+
+def _resolve_sources(sources, glob):
+    """Each source as ('file', path), ('hf', load_dataset keyword arguments), in order; folders expanded."""
+    resolved = []
+    for source in sources:
+        if isinstance(source, dict):
+            resolved.append(("hf", source))
+            continue
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"a source is a path, a glob pattern, a dataset name or a dict of load_dataset "
+                            f"arguments, got {type(source).__name__}")
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(f for f in path.glob(glob)
+                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            if not files:
+                raise FileNotFoundError(f"the folder {path} has no files matching {glob!r}")
+            resolved += [("file", f) for f in files]
+        elif path.is_file():
+            resolved.append(("file", path))
+        elif globlib.has_magic(str(source)):
+            files = sorted(Path(f) for f in globlib.glob(str(source), recursive=True) if os.path.isfile(f))
+            if not files:
+                raise FileNotFoundError(f"no files match {str(source)!r}")
+            resolved += [("file", f) for f in files]
+        elif _HF_NAME.fullmatch(str(source)) and path.suffix not in (".txt", ".jsonl", ".json", ".parquet", ".md"):
+            resolved.append(("hf", {"path": str(source)}))
+        else:
+            raise FileNotFoundError(f"source {str(source)!r} is not a file or folder")
+    return resolved
+
+
+def _describe(source):
+    """A source for meta.json: a path or glob pattern made absolute, a dataset name or arguments as given."""
+    if isinstance(source, dict):
+        return source
+    source = os.fspath(source)
+    return os.path.abspath(source) if os.path.exists(source) or globlib.has_magic(source) else source
+
+
+def _text_file(path):
+    """A text file as one document, read in blocks (UTF-8, line endings kept as they are)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            yield from iter(lambda: f.read(PIECE_CHARS), "")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}); leave it out of the sources "
+                             f"or pass a glob that does") from None
+
+
+def _jsonl_file(path, text_field):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+            yield [_field(row, text_field, f"{path}:{lineno}")]
+
+
+def _field(row, text_field, where):
+    if not isinstance(row, dict) or text_field not in row:
+        raise ValueError(f"{where} has no {text_field!r} field; name the text field with text_field=...")
+    text = row[text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {text_field!r} holds {type(text).__name__}, not text")
+    return text
+
+
+def _parquet_file(path, text_field):
+    parquet = _optional("pyarrow.parquet", "reading Parquet files")
+    table = parquet.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        raise ValueError(f"{path} has no column {text_field!r} (it has {table.schema_arrow.names}); "
+                         f"name the text column with text_field=...")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield [_field({text_field: text}, text_field, str(path))]
+
+
+def _hf_dataset(spec, text_field):
+    datasets = _optional("datasets", f"the Hugging Face dataset {spec.get('path')!r}")
+    rows = datasets.load_dataset(**{"split": "train", **spec, "streaming": True})
+    for row in rows:
+        yield [_field(row, text_field, f"dataset {spec.get('path')!r}")]
+
+
+def _documents(sources, text_field):
+    """Every document of every source, in order, each as an iterable of text blocks."""
+    for kind, source in sources:
+        if kind == "hf":
+            yield from _hf_dataset(source, text_field)
+        elif source.suffix == ".jsonl":
+            yield from _jsonl_file(source, text_field)
+        elif source.suffix == ".parquet":
+            yield from _parquet_file(source, text_field)
+        else:
+            yield _text_file(source)
+
+
+def _pieces(blocks, cut):
+    """A document's text as (piece, is_last) pairs of at most about PIECE_CHARS characters each, cut where `cut`
+    says (never, if cut is None). An empty document gives nothing."""
+    pending, text = None, ""
+    for block in blocks:
+        text += block
+        while cut and len(text) > PIECE_CHARS:
+            if pending:
+                yield pending, False
+            k = cut(text)
+            pending, text = text[:k], text[k:]
+    if text:
+        if pending:
+            yield pending, False
+        pending = text
+    if pending:
+        yield pending, True
+
+
+def _work_units(documents, cut):
+    """Lists of (document index, piece, is_last) holding about UNIT_CHARS characters each."""
+    unit, size = [], 0
+    for index, blocks in enumerate(documents):
+        for piece, last in _pieces(blocks, cut):
+            unit.append((index, piece, last))
+            size += len(piece)
+            if size >= UNIT_CHARS:
+                yield unit
+                unit, size = [], 0
+    if unit:
+        yield unit
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+def _in_val(index, seed, val_fraction):
+    """Whether document `index` goes to the validation split: when blake2b(f"{seed}/{index}", 8-byte digest), read
+    as a little-endian integer, is below val_fraction * 2**64. A pure function of (seed, index), so the split is the
+    same whatever the order in which workers finish."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+_worker = None  # (tokenizer, seed, val_fraction) in each worker process
+
+
+def _set_worker(tokenizer, seed, val_fraction):
+    global _worker
+    _worker = tokenizer, seed, val_fraction
+
+
+def _encode_unit(unit):
+    """A unit's pieces -> ([train tokens, val tokens] as arrays, [train documents, val documents], UTF-8 bytes)."""
+    tokenizer, seed, val_fraction = _worker
+    ids, documents, nbytes = ([], []), [0, 0], 0
+    for index, piece, last in unit:
+        split = int(_in_val(index, seed, val_fraction))
+        try:
+            ids[split].extend(tokenizer.encode(piece))
+        except ValueError as e:
+            raise ValueError(f"document {index}: {e}") from None
+        if last:
+            ids[split].append(tokenizer.eot)
+            documents[split] += 1
+        nbytes += len(piece.encode("utf-8"))
+    return [np.array(x, dtype=tokenizer.dtype) for x in ids], documents, nbytes
+
+
+def _ordered_map(pool, function, items, ahead):
+    """`function` over `items` in `pool`, results in order, at most `ahead` items in flight (bounded memory:
+    Pool.imap would read all of `items` in advance)."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class _ShardWriter:
+    """Appends one split's tokens to shards of `shard_tokens` tokens: {split}_000000.bin, {split}_000001.bin, ..."""
+
+    def __init__(self, out_dir, split, shard_tokens, dtype):
+        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
+        self.shards, self.tokens, self.documents, self.file = 0, 0, 0, None
+
+    def write(self, tokens):
+        while len(tokens):
+            if self.file is None:
+                self.file = _ShardFile(self.out_dir / shard_name(self.split, self.shards), self.dtype)
+            take = min(len(tokens), self.shard_tokens - self.file.count)
+            self.file.append(tokens[:take])
+            self.tokens += take
+            tokens = tokens[take:]
+            if self.file.count == self.shard_tokens:
+                self.close()
+
+    def close(self):
+        """Commit the shard being written, if any (the last one is usually shorter)."""
+        if self.file is not None:
+            self.file.commit()
+            self.file, self.shards = None, self.shards + 1
+
+    def discard(self):
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
+
+
+def shard_name(split, index):
+    return f"{split}_{index:06d}.bin"
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+
+def _write_json(path, value):
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _complete(out_dir, meta):
+    """Whether every shard that meta.json lists is on disk, whole."""
+    try:
+        return all(sum(read_header(out_dir / shard_name(split, i)).num_tokens for i in range(meta[split]["shards"]))
+                   == meta[split]["tokens"] for split in SPLITS)
+    except (OSError, ShardError):
+        return False
+
+
+def _claim(out_dir, settings):
+    """Make out_dir ours for these settings. Returns the meta of a finished run with the same settings, else None.
+
+    prepare.json records the settings of a run in progress, so that a rerun after an interruption knows the files
+    it finds are its own; a folder holding another corpus, or shards nobody recorded, is refused.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path, plan_path = out_dir / "meta.json", out_dir / "prepare.json"
+    recorded = {}
+    for path in (meta_path, plan_path):
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                recorded[path] = json.load(f)
+            if recorded[path].get("settings") != settings:
+                raise ValueError(f"{out_dir} holds a corpus prepared with other settings ({path.name}); "
+                                 f"choose another out_dir or delete that one")
+    if meta_path in recorded and _complete(out_dir, recorded[meta_path]):
+        plan_path.unlink(missing_ok=True)
+        return recorded[meta_path]
+    if not recorded and (any(out_dir.glob("train_*.bin")) or any(out_dir.glob("val_*.bin"))):
+        raise ValueError(f"{out_dir} already holds shards that prepare_corpus did not record; choose an empty out_dir")
+    if plan_path not in recorded:
+        _write_json(plan_path, {"settings": settings})
+    meta_path.unlink(missing_ok=True)  # meta.json marks a finished corpus; it comes back when this run ends
+    for stale in [*out_dir.glob("*.bin.tmp-*"), *out_dir.glob("*.json.tmp-*")]:
+        stale.unlink()  # left by a run of these settings that was killed
+    return None
+
+
+def _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field):
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise ValueError(f"shard_tokens must be an int in 1..{MAX_SHARD_TOKENS:,} (the header's int32 count), "
+                         f"got {shard_tokens!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 1):
+        raise ValueError(f"num_workers must be None (all CPU cores) or an int >= 1, got {num_workers!r}")
+    if not isinstance(text_field, str):
+        raise TypeError(f"text_field must be a str, got {type(text_field).__name__}")
+
+
+def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard_tokens=100_000_000,
+                   num_workers=None, text_field="text", seed=0, glob="**/*", progress=True):
+    """Tokenise `sources` into train/val shards and meta.json in `out_dir`; returns the meta dict.
+
+    sources: one or a list of: a text file (one document); a .jsonl file (one document per line, in `text_field`); a
+    .parquet file (one per row, column `text_field`; needs pyarrow); a folder (every non-hidden file matching `glob`,
+    recursively, in sorted order, each read by its suffix as above); a glob pattern; a Hugging Face dataset name or a
+    dict of `datasets.load_dataset` arguments, e.g. {"path": "HuggingFaceFW/fineweb", "name": "sample-10BT"}
+    (streamed, split "train" unless given; needs `mygpt[data]`).
+    tokenizer: "gpt2", a mygpt `Encoder` (it must have <|endoftext|>), or a list of characters, which get ids
+    0..len-1 and id len(chars) ends each document. Text is encoded as ordinary text (encode_ordinary); each non-empty
+    document is followed by the end-of-text id; empty documents are skipped.
+    Document i goes to validation when a hash of (seed, i) says so, with probability val_fraction.
+    num_workers processes encode (None: all cores); the output is byte-identical for any number of them. Shards are
+    written under temporary names and renamed when whole; after an interruption, run the same call again: it
+    rewrites the corpus and ends byte-identical to an uninterrupted run. Rerunning a finished prepare returns at once.
+    """
+    _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field)
+    tok = _resolve_tokenizer(tokenizer)
+    sources = [sources] if isinstance(sources, (str, os.PathLike, dict)) else list(sources)
+    resolved = _resolve_sources(sources, glob)
+    out_dir = Path(out_dir)
+    settings = json.loads(json.dumps({  # as JSON gives it back, so that a rerun compares equal
+        "sources": [_describe(s) for s in sources], "glob": glob, "text_field": text_field, "tokenizer": tok.info,
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}))
+    finished = _claim(out_dir, settings)
+    if finished is not None:
+        return finished
+
+    workers = num_workers or os.cpu_count() or 1
+    writers = {split: _ShardWriter(out_dir, split, shard_tokens, tok.dtype) for split in SPLITS}
+    units = _work_units(_documents(resolved, text_field), tok.cut)
+    nbytes = 0
+    try:
+        with _encoder_pool(workers, tok, seed, val_fraction) as encoded, \
+                tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
+            for tokens, documents, size in encoded(units):
+                for split, writer, part, docs in zip(SPLITS, writers.values(), tokens, documents):
+                    writer.write(part)
+                    writer.documents += docs
+                nbytes += size
+                bar.update(size)
+                bar.set_postfix_str(f"{writers['train'].tokens + writers['val'].tokens:,} tokens", refresh=False)
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+
+    for writer in writers.values():  # shards numbered past this run's, left by an earlier run of changed sources
+        for path in out_dir.glob(f"{writer.split}_*.bin"):
+            number = re.fullmatch(rf"{writer.split}_(\d{{6}})\.bin", path.name)
+            if number and int(number.group(1)) >= writer.shards:
+                path.unlink()
+    magic, version = _format_of(tok.dtype)
+    meta = {"vocab_size": tok.vocab_size, "eot": tok.eot, "dtype": tok.dtype.name, "magic": magic,
+            "version": version, "text_bytes": nbytes, "settings": settings}
+    meta.update({w.split: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
+                 for w in writers.values()})
+    _write_json(out_dir / "meta.json", meta)
+    (out_dir / "prepare.json").unlink()
+    return meta
+
+
+class _encoder_pool:
+    """`with _encoder_pool(...) as encoded:` gives encoded(units) -> the results of _encode_unit, in order; in
+    `workers` processes (forked where the platform can, so they start with the tokenizer at no cost) or, for one,
+    in this process."""
+
+    def __init__(self, workers, tok, seed, val_fraction):
+        self.workers, self.args = workers, (tok, seed, val_fraction)
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers == 1:
+            _set_worker(*self.args)
+            return lambda units: map(_encode_unit, units)
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        self.pool = context.Pool(self.workers, initializer=_set_worker, initargs=self.args)
+        return lambda units: _ordered_map(self.pool, _encode_unit, units, ahead=2 * self.workers)
+
+    def __exit__(self, *exc):
+        _set_worker(None, None, None)
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()

@@ -1,0 +1,457 @@
+"""Token shards in llm.c's layout, prepare_corpus against tiktoken, and TokenDataset against plain numpy slicing."""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import textwrap
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import mygpt.data as data
+from mygpt.bpe import ENDOFTEXT
+from mygpt.bpe_train import train_bpe
+from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
+from mygpt.download import sha256_file
+from tests.corpus import mixed_text
+from tests.test_bpe import tiktoken_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+EOT = 50256
+
+
+def numpy_shard(path, tokens, magic=20240520, version=1, count=None, dtype="<u2"):
+    """A shard as llm.c's own writer makes it, by plain numpy: 256 int32 header, then the tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    with open(path, "wb") as f:
+        header.tofile(f)
+        np.asarray(tokens, dtype=dtype).tofile(f)
+
+
+def tokens_of(out_dir, split):
+    """One split's token stream, read by plain numpy from the shard files."""
+    files = sorted(Path(out_dir).glob(f"{split}_*.bin"))
+    return np.concatenate([np.fromfile(f, dtype="<u2", offset=1024) for f in files] or [np.zeros(0, "<u2")])
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def is_val(index, seed, fraction):
+    """The documented split rule, written out again."""
+    h = int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest(), "little")
+    return h < fraction * 2**64
+
+
+def vm_rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+class TempDir(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.dir = Path(self._tmp.name)
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+
+class TestShardFormat(TempDir):
+    def test_round_trip_uint16_and_uint32(self):
+        rng = np.random.default_rng(0)
+        for high, magic, version, dtype in ((50257, 20240520, 1, "<u2"), (100_000, 20240801, 7, "<u4")):
+            tokens = rng.integers(0, high, size=1000)
+            path = self.dir / f"s{high}.bin"
+            write_shard(path, tokens)
+            header = read_header(path)
+            self.assertEqual((header.magic, header.version, header.num_tokens), (magic, version, 1000))
+            raw = np.fromfile(path, dtype="<i4", count=256)
+            self.assertEqual(raw[:3].tolist(), [magic, version, 1000])
+            self.assertFalse(raw[3:].any())
+            self.assertEqual(np.fromfile(path, dtype=dtype, offset=1024).tolist(), tokens.tolist())
+            self.assertEqual(path.stat().st_size, 1024 + 1000 * np.dtype(dtype).itemsize)
+        write_shard(self.dir / "small.bin", [1, 2], dtype=np.uint32)  # uint32 on request
+        self.assertEqual(read_header(self.dir / "small.bin").version, 7)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["s100000.bin", "s50257.bin", "small.bin"])  # no temp files
+
+    def test_write_shard_refuses_bad_tokens_and_keeps_the_old_file(self):
+        path = self.dir / "s.bin"
+        write_shard(path, [1, 2, 3])
+        for tokens, dtype, error in (([-1], None, ValueError), ([70000], np.uint16, ValueError),
+                                     ([[1, 2]], None, TypeError), ([1.5], None, TypeError)):
+            with self.subTest(tokens=tokens), self.assertRaises(error):
+                write_shard(path, tokens, dtype=dtype)
+        with mock.patch("os.fsync", side_effect=OSError("disk full")), self.assertRaisesRegex(OSError, "disk full"):
+            write_shard(path, [9, 9, 9, 9])
+        self.assertEqual(read_header(path).num_tokens, 3)
+        self.assertEqual(os.listdir(self.dir), ["s.bin"])
+
+    def test_every_bad_file_is_named(self):
+        good = np.arange(100)
+        cases = {
+            "short.bin": lambda p: p.write_bytes(b"\x00" * 10),
+            "foreign.bin": lambda p: numpy_shard(p, good, magic=12345),
+            "newer.bin": lambda p: numpy_shard(p, good, version=2),
+            "truncated.bin": lambda p: numpy_shard(p, good, count=101),
+            "trailing.bin": lambda p: numpy_shard(p, good, count=99),
+            "u32_as_v1.bin": lambda p: numpy_shard(p, good, magic=20240801, version=1, dtype="<u4"),
+        }
+        messages = {"short.bin": "too short.*headerless=True", "foreign.bin": "magic 12345.*headerless=True",
+                    "newer.bin": "version 2 is unknown", "truncated.bin": "truncated.*101 tokens",
+                    "trailing.bin": "bytes after its 99 tokens", "u32_as_v1.bin": "version 1 is unknown"}
+        for name, make in cases.items():
+            path = self.dir / name
+            make(path)
+            for read in (read_header, lambda p: TokenDataset(p, 4)):
+                with self.subTest(name=name), self.assertRaisesRegex(ShardError, messages[name]) as caught:
+                    read(path)
+                self.assertIn(str(path), str(caught.exception))
+        with self.assertRaisesRegex(FileNotFoundError, "missing.bin"):
+            TokenDataset(self.dir / "missing.bin", 4)
+        with self.assertRaisesRegex(FileNotFoundError, "no shard files match"):
+            TokenDataset(str(self.dir / "nothing_*.bin"), 4)
+        with self.assertRaisesRegex(IsADirectoryError, "train_"):
+            TokenDataset(self.dir, 4)
+
+
+class TestTokenDataset(TempDir):
+    def setUp(self):
+        super().setUp()
+        rng = np.random.default_rng(1)
+        self.parts = [rng.integers(0, 50257, size=n) for n in (100, 0, 3, 60)]  # an empty and a tiny shard too
+        for i, part in enumerate(self.parts):
+            numpy_shard(self.dir / f"train_{i:06d}.bin", part)
+        self.stream = np.concatenate(self.parts)
+
+    def test_windows_of_llmc_shards_written_by_numpy(self):
+        ds = TokenDataset(str(self.dir / "train_*.bin"), block_size=8)
+        self.assertEqual(ds.num_tokens, 163)
+        self.assertEqual(len(ds), (163 - 1) // 8)
+        for i in range(len(ds)):  # window 12 crosses from the first shard through the 3-token one into the last
+            x, y = ds[i]
+            self.assertEqual(x.dtype, torch.int64)
+            self.assertEqual(x.tolist(), self.stream[8 * i:8 * i + 8].tolist())
+            self.assertEqual(y.tolist(), self.stream[8 * i + 1:8 * i + 9].tolist())
+        self.assertEqual(ds[-1][0].tolist(), ds[len(ds) - 1][0].tolist())
+        with self.assertRaisesRegex(IndexError, "window 20 is outside"):
+            ds[len(ds)]
+        xb, yb = ds.get_batch([3, 12, 0])
+        self.assertEqual(xb.shape, (3, 8))
+        for row, i in enumerate([3, 12, 0]):
+            self.assertTrue(torch.equal(xb[row], ds[i][0]) and torch.equal(yb[row], ds[i][1]))
+        x, y = ds[0]
+        y[0] = -1  # masking targets leaves the inputs alone
+        self.assertEqual(x[1].item(), self.stream[1])
+
+    def test_a_list_of_paths_in_the_given_order(self):
+        ds = TokenDataset([self.dir / "train_000003.bin", self.dir / "train_000000.bin"], block_size=10)
+        stream = np.concatenate([self.parts[3], self.parts[0]])
+        self.assertEqual(ds[5][0].tolist(), stream[50:60].tolist())
+
+    def test_block_longer_than_the_corpus(self):
+        with self.assertRaisesRegex(ValueError, "block_size 163 needs at least 164 tokens.*train_000000.bin"):
+            TokenDataset(str(self.dir / "train_*.bin"), block_size=163)
+        self.assertEqual(len(TokenDataset(str(self.dir / "train_*.bin"), block_size=162)), 1)
+        for bad in (0, -1, 2.0, True):
+            with self.subTest(block_size=bad), self.assertRaisesRegex(ValueError, "block_size"):
+                TokenDataset(str(self.dir / "train_*.bin"), block_size=bad)
+
+    def test_nanogpt_headerless_bin_only_when_asked(self):
+        tokens = np.random.default_rng(2).integers(0, 50257, size=500).astype(np.uint16)
+        tokens.tofile(self.dir / "train.bin")  # exactly how nanoGPT's prepare.py writes it
+        ds = TokenDataset(self.dir / "train.bin", block_size=16, headerless=True)
+        self.assertEqual((ds.num_tokens, len(ds)), (500, 31))
+        self.assertEqual(ds[30][1].tolist(), tokens[481:497].tolist())
+        with self.assertRaisesRegex(ShardError, "headerless=True"):
+            TokenDataset(self.dir / "train.bin", block_size=16)
+
+    def test_vocab_size_from_meta_json(self):
+        self.assertIsNone(TokenDataset(str(self.dir / "train_*.bin"), 8).vocab_size)
+        (self.dir / "meta.json").write_text(json.dumps({"vocab_size": 50257}))
+        self.assertEqual(TokenDataset(str(self.dir / "train_*.bin"), 8).vocab_size, 50257)
+
+    def test_pickles_without_data_and_loads_in_workers(self):
+        ds = TokenDataset(str(self.dir / "train_*.bin"), block_size=4)
+        ds[len(ds) - 1]  # opens the memmaps
+        self.assertLess(len(pickle.dumps(ds)), 2000)
+        expected = torch.stack([ds[i][0] for i in range(len(ds))])
+        loader = DataLoader(ds, batch_size=5, num_workers=2)
+        self.assertTrue(torch.equal(torch.cat([x for x, _ in loader]), expected))
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads VmRSS from /proc")
+    def test_ten_billion_tokens_in_constant_memory(self):
+        # 5 sparse shards of 2e9 tokens (a shard's int32 count stops at 2**31 - 1); only the pages written hold data
+        per_shard, block = 2 * 10**9, 1024
+        start, end = np.random.default_rng(3).integers(0, 50257, size=(2, 3000))
+        before = vm_rss_kib()
+        for i in range(5):
+            path = self.dir / f"big_{i:06d}.bin"
+            numpy_shard(path, [], count=per_shard)
+            with open(path, "r+b") as f:
+                f.truncate(1024 + 2 * per_shard)
+                if i == 1:  # the first tokens of shard 1
+                    f.seek(1024)
+                    f.write(start.astype("<u2").tobytes())
+                if i == 4:  # the last tokens of the corpus
+                    f.seek(1024 + 2 * (per_shard - len(end)))
+                    f.write(end.astype("<u2").tobytes())
+        if os.stat(self.dir / "big_000000.bin").st_blocks * 512 > 10**8:
+            self.skipTest("this file system does not keep files sparse")
+        ds = TokenDataset(str(self.dir / "big_*.bin"), block_size=block)
+        self.assertEqual(ds.num_tokens, 10**10)
+        self.assertEqual(len(ds), (10**10 - 1) // block)
+        stream_end = np.concatenate([np.zeros(block, dtype=np.int64), end])  # the last window, read by hand
+        last = len(ds) - 1
+        first = last * block - (10**10 - len(stream_end))
+        x, y = ds[last]
+        self.assertEqual(x.tolist(), stream_end[first:first + block].tolist())
+        self.assertEqual(y.tolist(), stream_end[first + 1:first + block + 1].tolist())
+        crossing = per_shard // block  # starts in shard 0, ends in shard 1
+        x, _ = ds[crossing]
+        head = per_shard - crossing * block
+        self.assertEqual(x[head:].tolist(), start[:block - head].tolist())
+        self.assertFalse(x[:head].any())
+        ds.get_batch(np.random.default_rng(4).integers(0, len(ds), size=64))
+        grown_mib = (vm_rss_kib() - before) / 1024
+        self.assertLess(grown_mib, 30)
+
+
+class TestPrepare(TempDir):
+    @classmethod
+    def setUpClass(cls):
+        cls.tk = tiktoken_gpt2()
+
+    def make_folder(self):
+        """A small mixed folder; returns its documents in the order prepare reads them."""
+        src = self.dir / "src"
+        (src / "b_sub" / "deeper").mkdir(parents=True)
+        texts = {
+            "a.txt": "Hello world.\r\nSecond line — café, naïve.\n\n  indented\t tab",
+            "b_sub/deeper/c.txt": "日本語のテキスト 🙂 and " + ENDOFTEXT + " written in the text",
+            "b_sub/empty.txt": "",
+            "d.md": mixed_text(3000, seed=1),
+        }
+        for name, text in texts.items():
+            (src / name).write_bytes(text.encode("utf-8"))
+        (src / ".hidden.txt").write_bytes(b"\xff not text, and hidden")
+        rows = [{"text": "first json document"}, {"text": ""}, {"text": "Ελληνικά\nκείμενο", "id": 3},
+                {"text": "x" * 50}]
+        (src / "b_sub" / "e.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n"
+                                               + "\n".join(json.dumps(r) for r in rows[2:]) + "\n", encoding="utf-8")
+        # sorted paths: a.txt, b_sub/deeper/c.txt, b_sub/e.jsonl, b_sub/empty.txt, d.md
+        documents = [texts["a.txt"], texts["b_sub/deeper/c.txt"], *[r["text"] for r in rows], "", texts["d.md"]]
+        return src, documents
+
+    def reference(self, documents, seed, fraction, encode=None, eot=EOT):
+        """Each split's tokens by encoding the documents one by one (empty ones skipped)."""
+        encode = encode or self.tk.encode_ordinary
+        splits = {"train": [], "val": []}
+        for i, doc in enumerate(documents):
+            if doc:
+                splits["val" if is_val(i, seed, fraction) else "train"] += encode(doc) + [eot]
+        return splits
+
+    def test_mixed_folder_equals_encoding_documents_one_by_one(self):
+        src, documents = self.make_folder()
+        seed, fraction = 3, 0.3
+        expected = self.reference(documents, seed, fraction)
+        self.assertTrue(expected["train"] and expected["val"])
+        meta = prepare_corpus(src, self.dir / "out", val_fraction=fraction, seed=seed, shard_tokens=100,
+                              num_workers=1, progress=False)
+        for split in ("train", "val"):
+            self.assertEqual(tokens_of(self.dir / "out", split).tolist(), expected[split])
+            counts = [read_header(p).num_tokens for p in sorted((self.dir / "out").glob(f"{split}_*.bin"))]
+            self.assertEqual(counts, [100] * (len(counts) - 1) + [len(expected[split]) - 100 * (len(counts) - 1)])
+            self.assertEqual(meta[split]["tokens"], len(expected[split]))
+            self.assertEqual(meta[split]["shards"], len(counts))
+        self.assertEqual(meta["train"]["documents"] + meta["val"]["documents"], 6)  # 8 minus 2 empty
+        self.assertEqual((meta["vocab_size"], meta["eot"], meta["dtype"]), (50257, EOT, "uint16"))
+        self.assertEqual(meta["settings"]["tokenizer"]["name"], "gpt2")
+        self.assertEqual(meta["text_bytes"], sum(len(d.encode("utf-8")) for d in documents))
+        on_disk = json.loads((self.dir / "out" / "meta.json").read_text(encoding="utf-8"))
+        self.assertEqual(on_disk, meta)
+        self.assertFalse((self.dir / "out" / "prepare.json").exists())
+        ds = TokenDataset(str(self.dir / "out" / "train_*.bin"), block_size=32)
+        self.assertEqual(ds.vocab_size, 50257)
+        self.assertEqual(ds[2][0].tolist(), expected["train"][64:96])
+
+    def test_same_bytes_for_one_and_two_workers(self):
+        src, _ = self.make_folder()
+        for workers in (1, 2):
+            prepare_corpus(src, self.dir / f"out{workers}", val_fraction=0.3, shard_tokens=64,
+                           num_workers=workers, progress=False)
+        with mock.patch.object(data, "UNIT_CHARS", 100):  # many work units in flight between the processes
+            prepare_corpus(src, self.dir / "out3", val_fraction=0.3, shard_tokens=64, num_workers=2, progress=False)
+        self.assertEqual(files_of(self.dir / "out1"), files_of(self.dir / "out2"))
+        self.assertEqual(files_of(self.dir / "out1"), files_of(self.dir / "out3"))
+
+    def test_long_documents_are_cut_where_tokens_do_not_change(self):
+        text = mixed_text(40_000, seed=5)
+        (self.dir / "long.txt").write_text(text, encoding="utf-8", newline="")
+        with mock.patch.object(data, "PIECE_CHARS", 2000), mock.patch.object(data, "UNIT_CHARS", 3000):
+            prepare_corpus(self.dir / "long.txt", self.dir / "out", val_fraction=0, num_workers=2, progress=False)
+        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), self.tk.encode_ordinary(text) + [EOT])
+
+    def test_killed_and_rerun_is_byte_identical(self):
+        src, _ = self.make_folder()
+        args = dict(val_fraction=0.3, shard_tokens=50, seed=1, progress=False)
+        prepare_corpus(src, self.dir / "clean", num_workers=1, **args)
+        # SIGKILL in the middle of the second train shard, right after some of its tokens hit the temporary file
+        script = textwrap.dedent(f"""
+            import os, signal, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            import mygpt.data as data
+            commit, append = data._ShardFile.commit, data._ShardFile.append
+            def append_then_die(self, tokens):
+                append(self, tokens)
+                if self.path.name == "train_000001.bin" and self.count:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            data._ShardFile.append = append_then_die
+            data.prepare_corpus({str(src)!r}, {str(self.dir / "killed")!r}, num_workers=1, **{args!r})
+        """)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, -9, result.stderr)
+        left = sorted(os.listdir(self.dir / "killed"))
+        self.assertNotIn("meta.json", left)
+        self.assertIn("train_000000.bin", left)
+        self.assertNotIn("train_000001.bin", left)
+        self.assertTrue(any(name.startswith("train_000001.bin.tmp-") for name in left), left)
+        for name in left:  # whatever looks like a shard is a whole one
+            if name.endswith(".bin"):
+                read_header(self.dir / "killed" / name)
+        prepare_corpus(src, self.dir / "killed", num_workers=2, **args)
+        self.assertEqual(files_of(self.dir / "killed"), files_of(self.dir / "clean"))
+
+    def test_rerun_of_a_finished_corpus_and_foreign_folders(self):
+        src, _ = self.make_folder()
+        out = self.dir / "out"
+        meta = prepare_corpus(src, out, shard_tokens=64, num_workers=1, progress=False)
+        stamp = (out / "train_000000.bin").stat().st_mtime_ns
+        self.assertEqual(prepare_corpus(src, out, shard_tokens=64, num_workers=1, progress=False), meta)
+        self.assertEqual((out / "train_000000.bin").stat().st_mtime_ns, stamp)  # nothing rewritten
+        with self.assertRaisesRegex(ValueError, "other settings"):
+            prepare_corpus(src, out, shard_tokens=32, num_workers=1, progress=False)
+        (out / "train_000001.bin").unlink()  # a damaged corpus of the same settings is prepared again
+        self.assertEqual(prepare_corpus(src, out, shard_tokens=64, num_workers=1, progress=False), meta)
+        self.assertTrue((out / "train_000001.bin").is_file())
+        foreign = self.dir / "foreign"
+        foreign.mkdir()
+        write_shard(foreign / "train_000000.bin", [1, 2, 3])
+        with self.assertRaisesRegex(ValueError, "did not record"):
+            prepare_corpus(src, foreign, num_workers=1, progress=False)
+
+    def test_character_vocabulary(self):
+        docs = ["hello there", "", "the other one\n"]
+        for i, doc in enumerate(docs):
+            (self.dir / f"{i}.txt").write_text(doc, encoding="utf-8")
+        chars = sorted(set("".join(docs)))
+        meta = prepare_corpus(str(self.dir / "*.txt"), self.dir / "out", tokenizer=chars, val_fraction=0,
+                              num_workers=1, progress=False)
+        expected = [chars.index(c) for c in docs[0]] + [len(chars)] + [chars.index(c) for c in docs[2]] + [len(chars)]
+        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), expected)
+        self.assertEqual((meta["vocab_size"], meta["eot"]), (len(chars) + 1, len(chars)))
+        self.assertEqual(meta["settings"]["tokenizer"]["chars"], "".join(chars))
+        with self.assertRaisesRegex(ValueError, r"document 2: character 'n'"):
+            prepare_corpus(str(self.dir / "*.txt"), self.dir / "out2", tokenizer=list("helo tr"), num_workers=1,
+                           val_fraction=0, progress=False)
+
+    def test_large_character_vocabulary_gives_uint32_shards(self):
+        chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
+        text = "".join(chars[-5:] + chars[:3])
+        (self.dir / "t.txt").write_text(text, encoding="utf-8")
+        meta = prepare_corpus(self.dir / "t.txt", self.dir / "out", tokenizer=chars, val_fraction=0, num_workers=1,
+                              progress=False)
+        self.assertEqual((meta["dtype"], meta["magic"], meta["version"]), ("uint32", 20240801, 7))
+        ds = TokenDataset(self.dir / "out" / "train_000000.bin", block_size=8)
+        self.assertEqual(ds[0][1].tolist(), [chars.index(c) for c in text[1:]] + [len(chars)])
+
+    def test_custom_encoder(self):
+        docs = [mixed_text(2000, seed=s) for s in range(3)]
+        encoder = train_bpe(docs, vocab_size=400)
+        for i, doc in enumerate(docs):
+            (self.dir / f"{i}.txt").write_text(doc, encoding="utf-8", newline="")
+        meta = prepare_corpus(str(self.dir / "*.txt"), self.dir / "out", tokenizer=encoder, val_fraction=0,
+                              num_workers=1, progress=False)
+        eot = encoder.special_tokens[ENDOFTEXT]
+        expected = self.reference(docs, 0, 0, encode=encoder.encode_ordinary, eot=eot)["train"]
+        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), expected)
+        self.assertEqual((meta["vocab_size"], meta["eot"]), (400, eot))
+        encoder.save(self.dir / "vocab")
+        files = {name: sha256_file(self.dir / "vocab" / name) for name in ("encoder.json", "vocab.bpe")}
+        self.assertEqual(meta["settings"]["tokenizer"], {"name": "bpe", "sha256": files})
+        with self.assertRaisesRegex(ValueError, "no <\\|endoftext\\|> token"):
+            prepare_corpus(self.dir / "0.txt", self.dir / "o2", tokenizer=train_bpe(docs, 300, special_tokens=()))
+
+    def test_parquet(self):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            self.skipTest("pyarrow is not installed (pip install 'mygpt[data]')")
+        docs = ["parquet row one", None, "ряд два 🙂", "three"]
+        pq.write_table(pa.table({"content": docs, "n": [1, 2, 3, 4]}), self.dir / "d.parquet", row_group_size=2)
+        prepare_corpus(self.dir / "d.parquet", self.dir / "out", text_field="content", val_fraction=0,
+                       num_workers=1, progress=False)
+        expected = self.reference([d or "" for d in docs], 0, 0)["train"]
+        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), expected)
+        with self.assertRaisesRegex(ValueError, "no column 'text'"):
+            prepare_corpus(self.dir / "d.parquet", self.dir / "out2", num_workers=1, progress=False)
+
+    def test_hugging_face_dataset(self):
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            self.skipTest("datasets is not installed (pip install 'mygpt[data]')")
+        docs = [f"row {i}: some text" for i in range(20)]
+        jsonl = self.dir / "rows.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        spec = {"path": "json", "data_files": str(jsonl)}  # a packaged builder: offline, no dataset script
+        with mock.patch.dict(os.environ, {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}):
+            prepare_corpus(spec, self.dir / "out", val_fraction=0.2, num_workers=1, progress=False)
+        expected = self.reference(docs, 0, 0.2)
+        self.assertEqual(tokens_of(self.dir / "out", "val").tolist(), expected["val"])
+        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), expected["train"])
+
+    def test_missing_extra_is_named(self):
+        with mock.patch.dict(sys.modules, {"datasets": None, "pyarrow": None, "pyarrow.parquet": None}):
+            with self.assertRaisesRegex(ImportError, r"pip install 'mygpt\[data\]'"):
+                prepare_corpus("someone/some-dataset", self.dir / "out", num_workers=1, progress=False)
+            (self.dir / "d.parquet").write_bytes(b"PAR1")
+            with self.assertRaisesRegex(ImportError, r"pip install 'mygpt\[data\]'"):
+                prepare_corpus(self.dir / "d.parquet", self.dir / "out2", num_workers=1, progress=False)
+
+    def test_bad_input(self):
+        src, _ = self.make_folder()
+        out = self.dir / "out"
+        for kwargs, error, message in (
+                ({"tokenizer": "gpt4"}, ValueError, "list of characters"),
+                ({"tokenizer": ["ab"]}, ValueError, "single characters"),
+                ({"tokenizer": 5}, TypeError, "tokenizer"),
+                ({"val_fraction": 1.0}, ValueError, "val_fraction"),
+                ({"shard_tokens": 2**31}, ValueError, "shard_tokens"),
+                ({"num_workers": 0}, ValueError, "num_workers")):
+            with self.subTest(kwargs=kwargs), self.assertRaisesRegex(error, message):
+                prepare_corpus(src, out, progress=False, **kwargs)
+        with self.assertRaisesRegex(FileNotFoundError, "nowhere.txt"):
+            prepare_corpus(self.dir / "nowhere.txt", out, progress=False)
+        (self.dir / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n', encoding="utf-8")
+        with self.assertRaisesRegex(ValueError, r"bad.jsonl:2 has no 'text' field"):
+            prepare_corpus(self.dir / "bad.jsonl", self.dir / "o1", num_workers=1, progress=False)
+        with self.assertRaisesRegex(ValueError, r"\.hidden\.txt is not UTF-8"):
+            prepare_corpus(src / ".hidden.txt", self.dir / "o2", num_workers=1, progress=False)
+        self.assertFalse(any((self.dir / "o2").glob("*.bin*")))  # a failed run leaves no shard or temporary file
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,3 @@
+from mygpt.cli import main
+
+raise SystemExit(main())

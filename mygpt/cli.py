@@ -1,0 +1,389 @@
+"""The `mygpt` command: what comes after training, from the shell.
+
+    mygpt sample CKPT --prompt TEXT       print a continuation as it is generated
+    mygpt eval CKPT --data FILE_OR_SHARDS loss, perplexity and bits per byte
+    mygpt info CKPT                       what a checkpoint holds
+    mygpt prepare SOURCES... --out DIR    tokenise a corpus into shards (mygpt.data.prepare_corpus)
+
+Text goes in and out through the tokenizer the checkpoint records (mygpt/tokenizer.py). An error is one line,
+`mygpt: error: ...`, with exit status 2 for a wrong command line and 1 for anything that fails after it.
+"""
+
+import argparse
+import codecs
+import glob
+import json
+import math
+import os
+import sys
+
+import torch
+
+from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.generate import stream
+from mygpt.model import GPT
+from mygpt.tokenizer import load_tokenizer
+from mygpt.trainer import resolve_device
+
+SEPARATOR = "-" * 40  # between samples, as nanoGPT's sample.py prints them
+
+
+class UsageError(Exception):
+    """A command line argparse cannot accept: exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------- argument types
+
+def positive_int(text):
+    value = int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int_arg(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def int_arg(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def probability(text):
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def open_checkpoint(path, device="cpu"):
+    """(model in eval mode on device, its tokenizer or None, the checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("model_config"):
+        raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT")
+    model = GPT.from_checkpoint(path).to(device)
+    tokenizer = None
+    if ckpt.get("tokenizer") is not None:
+        tokenizer = load_tokenizer(ckpt["tokenizer"])
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise CheckpointError(f"{path}: its tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens, "
+                                  f"more than the model's vocab_size {model.config.vocab_size}")
+    return model, tokenizer, ckpt
+
+
+def require_tokenizer(tokenizer, path):
+    if tokenizer is None:
+        raise ValueError(f"{path} records no tokenizer, so its text cannot be read or written; train with "
+                         f"Trainer(..., tokenizer=mygpt.tokenizer.describe_tokenizer(...))")
+    return tokenizer
+
+
+# ---------------------------------------------------------------- sample
+
+def sample(args):
+    device = resolve_device(args.device)
+    model, tokenizer, _ = open_checkpoint(args.checkpoint, device)
+    tokenizer = require_tokenizer(tokenizer, args.checkpoint)
+    idx = torch.tensor([prompt_ids(tokenizer, args.prompt)], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device)
+    if args.seed is None:
+        generator.seed()  # a fresh seed each run: torch's default generator starts from the same one every time
+    else:
+        generator.manual_seed(args.seed)
+    stop = None if args.no_stop or tokenizer.eot_token is None else [tokenizer.eot_token]
+    for i in range(args.num_samples):
+        if i:
+            print(SEPARATOR)
+        write(args.prompt)
+        # a BPE token may end inside a character: the decoder holds such bytes until the character is whole
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, do_sample=not args.greedy,
+                        top_k=args.top_k, top_p=args.top_p, generator=generator, stop_tokens=stop)
+        for token in tokens:
+            token = token.item()
+            if stop is None or token not in stop:
+                write(text.decode(tokenizer.decode_bytes([token])))
+        write(text.decode(b"", final=True) + "\n")
+    return 0
+
+
+def prompt_ids(tokenizer, prompt):
+    """The prompt's token ids; an empty prompt starts a new document at <|endoftext|>, as GPT-2 samples do."""
+    if not prompt:
+        if tokenizer.eot_token is None:
+            raise ValueError(f"--prompt is empty and the tokenizer ({tokenizer.name}) has no <|endoftext|> "
+                             f"to start from; give a prompt")
+        return [tokenizer.eot_token]
+    try:
+        return tokenizer.encode(prompt)
+    except ValueError as err:
+        raise ValueError(f"--prompt: {err}") from None
+
+
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- eval
+
+class TextWindows:
+    """Windows of block_size tokens over one token sequence, as mygpt.data.TokenDataset serves a corpus: window i
+    is tokens [i * T, i * T + T + 1), so every token after the first is a target exactly once. The last window may
+    be shorter: its missing inputs are 0 and targets -1 (ignored), and causal attention keeps the padding out of
+    the real positions."""
+
+    def __init__(self, ids, block_size):
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.block_size = block_size
+
+    def __len__(self):
+        return max(0, math.ceil((len(self.ids) - 1) / self.block_size))
+
+    def get_batch(self, indices):
+        T = self.block_size
+        x = torch.zeros(len(indices), T, dtype=torch.long)
+        y = torch.full((len(indices), T), -1, dtype=torch.long)
+        for row, i in enumerate(indices):
+            chunk = self.ids[i * T:i * T + T + 1]
+            x[row, :len(chunk) - 1] = chunk[:-1]
+            y[row, :len(chunk) - 1] = chunk[1:]
+        return x, y
+
+
+def evaluate(args):
+    device = resolve_device(args.device)
+    model, tokenizer, _ = open_checkpoint(args.checkpoint, device)
+    tokenizer = require_tokenizer(tokenizer, args.checkpoint)
+    windows, what = eval_windows(args.data, tokenizer, model.block_size)
+    n = len(windows)
+    if args.max_batches is not None:
+        n = min(n, args.max_batches * args.batch_size)
+    if n == 0:
+        raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
+    nats, targets, nbytes = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in range(0, n, args.batch_size):
+            x, y = windows.get_batch(list(range(start, min(start + args.batch_size, n))))  # (B, T) each
+            _, loss = model(x.to(device), y.to(device))
+            count = int((y >= 0).sum())
+            nats += loss.item() * count  # the model's mean over this batch's targets, back to a sum
+            targets += count
+            nbytes += len(tokenizer.decode_bytes(y[y >= 0].tolist()))
+    loss = nats / targets
+    print(f"data: {what}")
+    print(f"evaluated: {n:,} windows of up to {model.block_size} tokens, {targets:,} target tokens, "
+          f"{nbytes:,} bytes of text")
+    print(f"loss: {loss:.6f}")
+    print(f"perplexity: {math.exp(loss):.4f}")
+    print(f"bits per byte: {nats / math.log(2) / nbytes:.6f}")
+    return 0
+
+
+def eval_windows(data, tokenizer, block_size):
+    """(windows with get_batch, a description) for a UTF-8 text file, or token shards: a folder (its val_*.bin), a
+    glob pattern or a .bin file."""
+    if os.path.isdir(data):
+        pattern = os.path.join(data, "val_*.bin")
+        if not glob.glob(pattern):
+            raise FileNotFoundError(f"{data} is a folder without val_*.bin shards; give a text file or shards")
+        return shard_windows(pattern, tokenizer, block_size)
+    if glob.has_magic(data) or data.endswith(".bin"):
+        return shard_windows(data, tokenizer, block_size)
+    try:
+        with open(data, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{data} is not UTF-8 text ({err.reason} at byte {err.start}); give a text file or "
+                         f"token shards (.bin)") from None
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as err:
+        raise ValueError(f"{data}: {err}") from None
+    return TextWindows(ids, block_size), f"{data} (text, {len(ids):,} tokens with {tokenizer.name})"
+
+
+def shard_windows(pattern, tokenizer, block_size):
+    from mygpt.data import TokenDataset
+    dataset = TokenDataset(pattern, block_size)
+    if dataset.vocab_size is not None and dataset.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the shards {pattern} were prepared with a vocabulary of {dataset.vocab_size} tokens "
+                         f"(meta.json), the checkpoint's tokenizer ({tokenizer.name}) has {tokenizer.vocab_size}")
+    return dataset, f"{pattern} ({len(dataset.paths)} shards, {dataset.num_tokens:,} tokens)"
+
+
+# ---------------------------------------------------------------- info
+
+def info(args):
+    model, tokenizer, ckpt = open_checkpoint(args.checkpoint)
+    print(f"checkpoint: {args.checkpoint} ({human_bytes(os.path.getsize(args.checkpoint))})")
+    print(f"run_id: {ckpt.get('run_id')}")
+    print(f"parameters: {model.num_parameters():,}")
+    print("model config:")
+    for key, value in ckpt["model_config"].items():
+        print(f"  {key}: {value}")
+    if tokenizer is None:
+        print("tokenizer: none recorded")
+    else:
+        eot = "" if tokenizer.eot_token is None else f", <|endoftext|> = {tokenizer.eot_token}"
+        print(f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size:,} tokens{eot})")
+    if "iter_num" in ckpt:
+        print(f"trained: {ckpt['iter_num']:,} iterations, {ckpt['tokens']:,} target tokens, "
+              f"{ckpt['epoch']} epochs completed")
+    history = ckpt.get("history") or []
+    if history:
+        print(f"last train loss: {history[-1]['loss']:.6f} (iteration {history[-1]['iter']})")
+    evaluated = [h for h in history if h.get("val_loss") is not None]
+    if evaluated:
+        print(f"last val loss: {evaluated[-1]['val_loss']:.6f} (iteration {evaluated[-1]['iter']})")
+    return 0
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+# ---------------------------------------------------------------- prepare
+
+def prepare(args):
+    from mygpt.data import prepare_corpus
+    meta = prepare_corpus(args.sources, args.out, tokenizer=prepare_tokenizer(args.tokenizer),
+                          val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                          num_workers=args.num_workers, text_field=args.text_field, seed=args.seed)
+    for split in ("train", "val"):
+        part = meta[split]
+        print(f"{split}: {part['documents']:,} documents, {part['tokens']:,} tokens in {part['shards']} shards")
+    print(f"written to {args.out} (vocab_size {meta['vocab_size']}, {meta['text_bytes']:,} bytes of text)")
+    return 0
+
+
+def prepare_tokenizer(name):
+    """'gpt2', a folder holding a trained vocabulary's encoder.json and vocab.bpe, or a JSON list of characters."""
+    if name == "gpt2":
+        return name
+    if os.path.isdir(name):
+        from mygpt.bpe import get_encoder
+        return get_encoder(name)
+    if name.endswith(".json") and os.path.isfile(name):
+        with open(name, encoding="utf-8") as f:
+            chars = json.load(f)
+        if not isinstance(chars, list):
+            raise ValueError(f"--tokenizer {name} must hold a JSON list of characters, e.g. [\"a\", \"b\"]")
+        return chars
+    raise ValueError(f"--tokenizer {name!r}: give 'gpt2', a folder holding encoder.json and vocab.bpe, or a .json "
+                     f"file holding a list of characters")
+
+
+# ---------------------------------------------------------------- the command line
+
+def build_parser():
+    parser = ArgumentParser(prog="mygpt", description="Sample from, evaluate and inspect mygpt checkpoints.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = commands.add_parser("sample", help="print a continuation of a prompt as it is generated",
+                            description="Sample from a checkpoint, printing each token as it comes. Stops at "
+                                        "<|endoftext|> when the tokenizer has it.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--prompt", metavar="TEXT", default="", help="the text to continue (empty: start a new document at "
+                                                "<|endoftext|>)")
+    p.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=200, help="tokens to generate per sample (200)")
+    p.add_argument("--temperature", metavar="T", type=positive_float, default=1.0, help="divides the logits (1.0)")
+    p.add_argument("--top-k", metavar="K", type=positive_int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", metavar="P", type=probability, default=None,
+                   help="sample among the fewest tokens holding this much probability only (nucleus)")
+    p.add_argument("--seed", metavar="S", type=int_arg, default=None, help="seed of the sampling (default: a fresh one per run)")
+    p.add_argument("--num-samples", metavar="M", type=positive_int, default=1, help="samples to print (1)")
+    p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
+    p.add_argument("--no-stop", action="store_true", help="go on past <|endoftext|>")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.set_defaults(run=sample)
+
+    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a text or token shards",
+                            description="Evaluate a checkpoint on consecutive windows of block_size tokens of a "
+                                        "UTF-8 text file (encoded with the checkpoint's tokenizer) or of token "
+                                        "shards (a folder's val_*.bin, a glob pattern or a .bin file). Bits per byte "
+                                        "= total nats / ln 2 / UTF-8 bytes of the predicted tokens.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--data", required=True, metavar="FILE_OR_SHARDS")
+    p.add_argument("--batch-size", metavar="B", type=positive_int, default=8, help="windows per forward pass (8)")
+    p.add_argument("--max-batches", metavar="N", type=positive_int, default=None, help="evaluate only this many batches")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("info", help="what a checkpoint holds",
+                            description="Print a checkpoint's model config, parameter count, tokenizer, training "
+                                        "position, size on disk, run id and last losses.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.set_defaults(run=info)
+
+    p = commands.add_parser("prepare", help="tokenise a corpus into train/val shards",
+                            description="Tokenise text files, .jsonl, .parquet, folders, glob patterns or Hugging "
+                                        "Face datasets into train_*.bin / val_*.bin shards and meta.json.")
+    p.add_argument("sources", nargs="+", metavar="SOURCES")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and meta.json")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default), a folder holding encoder.json and "
+                                                       "vocab.bpe, or a .json file holding a list of characters")
+    p.add_argument("--val-fraction", metavar="F", type=float, default=0.005, help="share of documents for validation (0.005)")
+    p.add_argument("--shard-tokens", metavar="N", type=positive_int, default=100_000_000, help="tokens per shard (100M)")
+    p.add_argument("--num-workers", metavar="N", type=positive_int, default=None, help="encoding processes (all cores)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/datasets rows (text)")
+    p.add_argument("--seed", metavar="S", type=int_arg, default=0, help="decides which documents go to validation (0)")
+    p.set_defaults(run=prepare)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line argv (sys.argv[1:] by default); returns the exit status."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        if extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see 'mygpt {args.command} --help')")
+        return args.run(args)
+    except SystemExit as done:  # --help
+        return done.code
+    except BrokenPipeError:  # the reader went away (mygpt sample ... | head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
+    except UsageError as err:
+        return fail(err, 2)
+    except (OSError, ValueError, TypeError, ImportError, CheckpointError) as err:
+        return fail(err, 1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def fail(err, status):
+    message = " ".join(str(err).split("\n"))
+    print(f"mygpt: error: {message}", file=sys.stderr)
+    return status

@@ -1,0 +1,333 @@
+"""The `mygpt` command, run in-process through main() on tiny checkpoints that the Trainer writes here."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from mygpt.cli import main
+from mygpt.data import prepare_corpus
+from mygpt.model import GPT
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+from mygpt.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHINESE = "你好世界。"  # every character of it spans two GPT-2 tokens
+CHARS = {"type": "chars", "chars": list("ehlo "), "eot": 5}
+
+
+class Windows(Dataset):
+    """Every window of block_size + 1 tokens of one sequence, as (input, target) pairs."""
+
+    def __init__(self, ids, block_size):
+        self.ids, self.block_size = torch.tensor(ids), block_size
+
+    def __len__(self):
+        return len(self.ids) - self.block_size
+
+    def __getitem__(self, i):
+        chunk = self.ids[i:i + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+def train(path, tokenizer, text, vocab_size, n_embd, iters, eot=None):
+    """A tiny GPT trained on `text` repeated (documents ended by eot), saved by the Trainer at path."""
+    torch.manual_seed(0)
+    tok = load_tokenizer(tokenizer)
+    ids = (tok.encode(text) + ([eot] if eot is not None else [])) * 40
+    config = GPT.get_default_config()
+    config.merge_from_dict(dict(n_layer=1, n_head=2, n_embd=n_embd, vocab_size=vocab_size, block_size=16))
+    model = GPT(config)
+    C = Trainer.get_default_config()
+    C.merge_from_dict(dict(device="cpu", max_iters=iters, batch_size=8, learning_rate=3e-2, quiet=True,
+                           log_interval=0, eval_interval=iters, eval_iters=2, ckpt_path=path))
+    trainer = Trainer(C, model, Windows(ids, 16), Windows(ids, 16), tokenizer=tokenizer)
+    trainer.run()
+    return trainer
+
+
+def is_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def run(*argv):
+    """(exit status, stdout, stderr) of `mygpt argv`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([str(a) for a in argv])
+    return status, out.getvalue(), err.getvalue()
+
+
+def setUpModule():
+    """Two checkpoints for every test: GPT-2 BPE (vocab 50257, tiny width) and characters with <|endoftext|>."""
+    torch.set_num_threads(1)
+    CLITest.dir = tempfile.mkdtemp()
+    CLITest.gpt2 = os.path.join(CLITest.dir, "gpt2.pt")
+    CLITest.chars = os.path.join(CLITest.dir, "chars.pt")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        CLITest.gpt2_trainer = train(CLITest.gpt2, {"type": "gpt2"}, CHINESE, 50257, n_embd=16, iters=20)
+        CLITest.chars_trainer = train(CLITest.chars, CHARS, "hello", 6, n_embd=16, iters=60, eot=5)
+
+
+def tearDownModule():
+    shutil.rmtree(CLITest.dir)
+
+
+class CLITest(unittest.TestCase):
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def assertFails(self, argv, status, message):
+        code, out, err = run(*argv)
+        self.assertEqual(code, status, err)
+        self.assertEqual(err.count("\n"), 1, f"one line expected: {err!r}")
+        self.assertTrue(err.startswith("mygpt: error: "), err)
+        self.assertRegex(err, message)
+        self.assertNotIn("Traceback", err)
+
+
+class TestSample(CLITest):
+    def expected(self, path, prompt, seed, n, stop=True, **kwargs):
+        """What model.generate gives for the same settings, decoded, without the stop token."""
+        model = GPT.from_checkpoint(path)
+        tok = load_tokenizer(torch.load(path, weights_only=True)["tokenizer"])
+        generator = torch.Generator().manual_seed(seed)
+        texts = []
+        for _ in range(n):
+            out = model.generate(torch.tensor([tok.encode(prompt)]), 12, generator=generator,
+                                 stop_tokens=[tok.eot_token] if stop else None, **kwargs)[0].tolist()
+            texts.append(tok.decode(out[:-1] if stop and out[-1] == tok.eot_token else out))
+        return texts
+
+    def test_sampled_text_is_what_generate_returns(self):
+        for path, prompt in ((self.gpt2, CHINESE[:2]), (self.chars, "he")):
+            with self.subTest(path=os.path.basename(path)):
+                status, out, err = run("sample", path, "--prompt", prompt, "--seed", 7, "--num-samples", 3,
+                                       "--max-new-tokens", 12, "--top-k", 4, "--top-p", 0.9, "--temperature", 1.5)
+                self.assertEqual(status, 0, err)
+                expected = self.expected(path, prompt, 7, 3, do_sample=True, top_k=4, top_p=0.9, temperature=1.5)
+                self.assertEqual(out, "\n----------------------------------------\n".join(expected) + "\n")
+
+    def test_greedy_stops_at_endoftext_unless_told_not_to(self):
+        status, out, _ = run("sample", self.chars, "--prompt", "hel", "--greedy", "--max-new-tokens", 12)
+        self.assertEqual(status, 0)
+        self.assertEqual(out, "hello\n")  # the model learned "hello" then <|endoftext|>
+        self.assertEqual(out, self.expected(self.chars, "hel", 0, 1)[0] + "\n")
+        status, out, _ = run("sample", self.chars, "--prompt", "hel", "--greedy", "--max-new-tokens", 12, "--no-stop")
+        self.assertEqual(out, self.expected(self.chars, "hel", 0, 1, stop=False)[0] + "\n")
+        self.assertTrue(out.startswith("hello<|endoftext|>"), out)
+
+    def test_empty_prompt_starts_at_endoftext(self):
+        status, out, _ = run("sample", self.chars, "--greedy", "--max-new-tokens", 12)
+        self.assertEqual((status, out), (0, "hello\n"))
+
+    def test_streams_whole_characters_when_tokens_split_them(self):
+        writes = []
+
+        class Recorder(io.StringIO):
+            def write(self, text):
+                writes.append(text)
+                return super().write(text)
+
+        with contextlib.redirect_stdout(Recorder()), contextlib.redirect_stderr(io.StringIO()):
+            status = main(["sample", self.gpt2, "--prompt", CHINESE[:2], "--greedy", "--max-new-tokens", "12"])
+        self.assertEqual(status, 0)
+        # printing each token's own text would turn every half character into U+FFFD and differ from this
+        self.assertEqual("".join(writes), self.expected(self.gpt2, CHINESE[:2], 0, 1, stop=False)[0] + "\n")
+        model, tok = GPT.from_checkpoint(self.gpt2), load_tokenizer({"type": "gpt2"})
+        new = model.generate(torch.tensor([tok.encode(CHINESE[:2])]), 12)[0, 4:].tolist()
+        halves = [t for t in new if not is_utf8(tok.decode_bytes([t]))]
+        self.assertGreater(len(halves), 2, "the test needs tokens that end inside a character")
+        self.assertGreater(sum(1 for w in writes if w.strip()), 4)  # printed as it went
+
+    def test_errors(self):
+        with open(self.path("corrupt.pt"), "wb") as f:
+            f.write(b"not a checkpoint" * 100)
+        self.assertFails(["sample", self.path("missing.pt"), "--prompt", "x"], 1, "no checkpoint at .*missing.pt")
+        self.assertFails(["sample", self.path("corrupt.pt"), "--prompt", "x"], 1, "damaged or not a torch checkpoint")
+        self.assertFails(["sample", self.chars, "--prompt", "hex!"], 1,
+                         r"--prompt: .*characters outside .*: '!', 'x'")
+        self.assertFails(["sample", self.chars, "--bogus"], 2, r"unrecognized arguments: --bogus .*mygpt sample --help")
+        self.assertFails(["sample", self.chars, "--top-p", "1.5"], 2, r"--top-p: must be in \(0, 1\]")
+        self.assertFails(["sample", self.chars, "--max-new-tokens", "x"], 2, "--max-new-tokens: must be an integer")
+        self.assertFails(["sample"], 2, "required: CKPT")
+        self.assertFails(["frobnicate"], 2, "invalid choice: 'frobnicate'")
+
+
+class TestEval(CLITest):
+    def reference(self, path, text=None, max_windows=None, ids=None):
+        """(mean loss, bits per byte) by hand: windows [i, i + T] for i = 0, T, 2T, ..., each token after the first
+        predicted once; bytes are the UTF-8 bytes of the predicted tokens."""
+        model = GPT.from_checkpoint(path)
+        tok = load_tokenizer(torch.load(path, weights_only=True)["tokenizer"])
+        ids = tok.encode(text) if ids is None else ids
+        T = model.block_size
+        nats, count, nbytes = 0.0, 0, 0
+        starts = list(range(0, len(ids) - 1, T))[:max_windows]
+        for start in starts:
+            x, y = torch.tensor(ids[start:start + T]), torch.tensor(ids[start + 1:start + T + 1])
+            with torch.no_grad():
+                logits, _ = model(x[None, :len(y)])
+            nats += F.cross_entropy(logits[0], y, reduction="sum").item()
+            count += len(y)
+            nbytes += len(tok.decode_bytes(y.tolist()))
+        if text is not None and max_windows is None:  # every token but the first was predicted: the whole text but its bytes
+            self.assertEqual(nbytes, len(text.encode("utf-8")) - len(tok.decode_bytes(ids[:1])))
+        return nats / count, nats / math.log(2) / nbytes
+
+    def figures(self, out):
+        lines = dict(line.split(": ", 1) for line in out.splitlines())
+        return float(lines["loss"]), float(lines["perplexity"]), float(lines["bits per byte"])
+
+    def test_text_file_matches_a_hand_computation(self):
+        text = "hello hello hell oh hole " * 5 + "he"  # 127 characters: the last window is short
+        with open(self.path("eval.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        for extra, windows in (((), None), (("--max-batches", 2), 4)):
+            with self.subTest(extra=extra):
+                status, out, err = run("eval", self.chars, "--data", self.path("eval.txt"), "--batch-size", 2, *extra)
+                self.assertEqual(status, 0, err)
+                loss, perplexity, bpb = self.figures(out)
+                ref_loss, ref_bpb = self.reference(self.chars, text, windows)
+                self.assertAlmostEqual(loss, ref_loss, places=5)
+                self.assertAlmostEqual(perplexity, math.exp(ref_loss), places=3)
+                self.assertAlmostEqual(bpb, ref_bpb, places=5)
+
+    def test_bits_per_byte_counts_utf8_bytes(self):
+        text = CHINESE * 6 + " end"  # 3 bytes per character: bits per byte is a third of bits per character
+        with open(self.path("chinese.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        status, out, err = run("eval", self.gpt2, "--data", self.path("chinese.txt"))
+        self.assertEqual(status, 0, err)
+        loss, _, bpb = self.figures(out)
+        ref_loss, ref_bpb = self.reference(self.gpt2, text)
+        self.assertAlmostEqual(loss, ref_loss, places=5)
+        self.assertAlmostEqual(bpb, ref_bpb, places=5)
+
+    def test_shards_match_a_hand_computation(self):
+        documents = self.prepare_hello()
+        ids = np.fromfile(os.path.join(documents, "val_000000.bin"), dtype="<u2", offset=1024).tolist()
+        full_windows = (len(ids) - 1) // 16  # a corpus's windows are whole, as TokenDataset serves them
+        status, out, err = run("eval", self.chars, "--data", documents)
+        self.assertEqual(status, 0, err)
+        loss, _, bpb = self.figures(out)
+        ref_loss, ref_bpb = self.reference(self.chars, ids=ids, max_windows=full_windows)
+        self.assertAlmostEqual(loss, ref_loss, places=5)
+        self.assertAlmostEqual(bpb, ref_bpb, places=5)
+        self.assertFails(["eval", self.gpt2, "--data", documents], 1,
+                         "prepared with a vocabulary of 6 tokens .*GPT-2 BPE\\) has 50257")
+
+    def prepare_hello(self):
+        """A character corpus (the checkpoint's vocabulary) prepared by mygpt prepare; returns its folder."""
+        folder = self.path("hello-corpus")
+        if not os.path.isdir(folder):
+            with open(self.path("docs.jsonl"), "w", encoding="utf-8") as f:
+                for i in range(40):
+                    f.write(json.dumps({"text": "hello " * (i % 5) + "hole"}) + "\n")
+            with open(self.path("chars.json"), "w", encoding="utf-8") as f:
+                json.dump(CHARS["chars"], f)
+            status, _, err = run("prepare", self.path("docs.jsonl"), "--out", folder, "--tokenizer",
+                                 self.path("chars.json"), "--val-fraction", 0.5, "--num-workers", 1)
+            self.assertEqual(status, 0, err)
+        return folder
+
+    def test_errors(self):
+        with open(self.path("bad.txt"), "w", encoding="utf-8") as f:
+            f.write("hello?")
+        with open(self.path("latin1.txt"), "wb") as f:
+            f.write("hé".encode("latin-1"))
+        self.assertFails(["eval", self.chars, "--data", self.path("bad.txt")], 1, r"bad.txt: .*outside .*'\?'")
+        self.assertFails(["eval", self.chars, "--data", self.path("latin1.txt")], 1, "is not UTF-8 text")
+        self.assertFails(["eval", self.chars, "--data", self.path("nothing.txt")], 1, "No such file")
+        self.assertFails(["eval", self.chars], 2, "required: --data")
+
+
+class TestPrepare(CLITest):
+    def test_writes_what_prepare_corpus_writes(self):
+        with open(self.path("a.txt"), "w", encoding="utf-8") as f:
+            f.write("Hello, world. " * 50)
+        with open(self.path("b.txt"), "w", encoding="utf-8") as f:
+            f.write(CHINESE * 20)
+        status, out, err = run("prepare", self.path("a.txt"), self.path("b.txt"), "--out", self.path("cli"),
+                               "--val-fraction", 0.5, "--shard-tokens", 100, "--seed", 3, "--num-workers", 1)
+        self.assertEqual(status, 0, err)
+        with contextlib.redirect_stderr(io.StringIO()):
+            meta = prepare_corpus([self.path("a.txt"), self.path("b.txt")], self.path("direct"), val_fraction=0.5,
+                                  shard_tokens=100, seed=3, num_workers=1)
+        for split in ("train", "val"):
+            self.assertIn(f"{split}: {meta[split]['documents']} documents, {meta[split]['tokens']:,} tokens in "
+                          f"{meta[split]['shards']} shards", out)
+        names = sorted(n for n in os.listdir(self.path("direct")) if n.endswith(".bin"))
+        self.assertEqual(sorted(n for n in os.listdir(self.path("cli")) if n.endswith(".bin")), names)
+        self.assertGreater(len(names), 2)
+        for name in names:
+            with open(os.path.join(self.path("cli"), name), "rb") as a, \
+                    open(os.path.join(self.path("direct"), name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
+
+    def test_errors(self):
+        self.assertFails(["prepare", self.path("a.txt")], 2, "required: --out")
+        self.assertFails(["prepare", self.path("missing.txt"), "--out", self.path("x")], 1, "missing.txt")
+        self.assertFails(["prepare", self.path("missing.txt"), "--out", self.path("x"), "--tokenizer", "llama"], 1,
+                         "--tokenizer 'llama': give 'gpt2'")
+
+
+class TestInfo(CLITest):
+    def test_reports_what_the_checkpoint_holds(self):
+        for path, trainer in ((self.gpt2, self.gpt2_trainer), (self.chars, self.chars_trainer)):
+            with self.subTest(path=os.path.basename(path)):
+                status, out, err = run("info", path)
+                self.assertEqual(status, 0, err)
+                self.assertIn(f"run_id: {trainer.run_id}\n", out)
+                self.assertIn(f"parameters: {trainer.model.num_parameters():,}\n", out)
+                self.assertIn(f"  n_embd: {trainer.model.config.n_embd}\n", out)
+                self.assertIn(f"  vocab_size: {trainer.model.config.vocab_size}\n", out)
+                self.assertIn(f"trained: {trainer.iter_num:,} iterations, {trainer.tokens:,} target tokens", out)
+                self.assertIn(f"last train loss: {trainer.history[-1]['loss']:.6f}", out)
+                self.assertIn(f"last val loss: {trainer.history[-1]['val_loss']:.6f}", out)
+                number, unit = re.search(r"^checkpoint: .* \(([\d.]+) (KB|MB)\)$", out, re.M).groups()
+                size = float(number) * {"KB": 1e3, "MB": 1e6}[unit]
+                self.assertLessEqual(abs(size - os.path.getsize(path)), 0.05 * {"KB": 1e3, "MB": 1e6}[unit])
+        self.assertIn("tokenizer: GPT-2 BPE (50,257 tokens, <|endoftext|> = 50256)", run("info", self.gpt2)[1])
+        self.assertIn("tokenizer: characters (5 + <|endoftext|>) (6 tokens, <|endoftext|> = 5)",
+                      run("info", self.chars)[1])
+
+    def test_errors(self):
+        self.assertFails(["info", self.path("missing.pt")], 1, "no checkpoint at")
+        self.assertFails(["info", self.dir], 1, "is a directory")
+
+
+class TestHelp(CLITest):
+    def test_every_subcommand_has_help(self):
+        for command in ("sample", "eval", "info", "prepare"):
+            with self.subTest(command=command):
+                status, out, _ = run(command, "--help")
+                self.assertEqual(status, 0)
+                self.assertTrue(out.startswith(f"usage: mygpt {command} "), out)
+
+    def test_python_dash_m(self):
+        result = subprocess.run([sys.executable, "-m", "mygpt", "--help"], capture_output=True, text=True,
+                                cwd=ROOT, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for command in ("sample", "eval", "info", "prepare"):
+            self.assertIn(command, result.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -27,9 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mygpt.kernels import time_weighted_attention, triton_available
 from mygpt.utils import CfgNode
 
 TIME_WEIGHTINGS = (None, "full", "circulant")
+ATTENTIONS = ("auto", "torch", "triton")
 
 # (n_layer, n_head, n_embd) of the named model shapes
 MODEL_SHAPES = {
@@ -84,6 +86,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_pdrop = config.resid_pdrop
         self.token_shift = config.token_shift
         self.time_weighting_kind = config.time_weighting
+        self.attention = config.attention
+        # 'auto' takes the Triton kernel for time weighting on CUDA (vanilla attention has flash attention)
+        self.auto_kernel = config.attention == "auto" and config.time_weighting is not None and triton_available()
         if config.time_weighting == "full":
             self.time_weighting = nn.Parameter(torch.ones(config.n_head, config.block_size, config.block_size))
         elif config.time_weighting == "circulant":
@@ -97,6 +102,16 @@ class CausalSelfAttention(nn.Module):
         if self.time_weighting_kind == "circulant":
             return circulant_time_weighting(self.time_weight, self.time_bias, T, first_row)
         return None
+
+    def fused(self, q):
+        """Whether mygpt.kernels' fused Triton kernel computes attention over a whole sequence (config.attention)."""
+        dropout = self.attn_pdrop if self.training else 0.0
+        if self.attention == "triton":
+            if dropout > 0.0:
+                raise ValueError("attention='triton' has no attention dropout: set attn_pdrop=0 to train with it, "
+                                 "or use attention='auto' or 'torch'")
+            return True
+        return self.auto_kernel and q.is_cuda and dropout == 0.0
 
     def shift(self, x, previous):
         """Token shift: the first half of the channels of x (B, T, C) come from the position before.
@@ -142,7 +157,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, start + T, hs)
-        y = self.attend(q, k, v, self.weights(start + T, first_row=start))  # (B, nh, T, hs)
+        if start == 0 and self.fused(q):  # without the (B, nh, T, T) probabilities
+            y = time_weighted_attention(q, k, v, getattr(self, "time_weighting", None),
+                                        getattr(self, "time_weight", None), getattr(self, "time_bias", None))
+        else:
+            y = self.attend(q, k, v, self.weights(start + T, first_row=start))  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return F.dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
@@ -231,6 +250,10 @@ class GPT(nn.Module):
         C.time_weighting = None      # None, 'full' or 'circulant'
         C.token_shift = False        # the seed's companion trick to time weighting
         C.pos_emb = True             # learned absolute positions; time weighting can replace them
+        # 'auto': time-weighted attention in mygpt.kernels' Triton kernel on CUDA when Triton is installed and
+        # there is no attention dropout, PyTorch otherwise; 'torch'; 'triton': always the kernel (CPU tensors
+        # need TRITON_INTERPRET=1). Decoding with a KVCache past the prompt always takes PyTorch.
+        C.attention = "auto"
         return C
 
     def __init__(self, config):
@@ -426,4 +449,7 @@ def resolve_config(config):
             raise TypeError(f"config.{key} must be True or False, got {getattr(config, key)!r}")
     if config.time_weighting not in TIME_WEIGHTINGS:
         raise ValueError(f"unknown time_weighting {config.time_weighting!r}; choose None, 'full' or 'circulant'")
+    if config.attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {config.attention!r}; choose 'auto' (the Triton kernel on CUDA when "
+                         f"Triton is installed), 'torch' or 'triton'")
     return config

@@ -164,6 +164,64 @@ class TestErrors(unittest.TestCase):
                                     time_bias=torch.ones(2, 1, 8))
 
 
+def gpt(attention, time_weighting, **overrides):
+    from mygpt import GPT
+    config = GPT.get_default_config()
+    config.merge_from_dict(dict(n_layer=2, n_head=2, n_embd=32, vocab_size=11, block_size=24, attention=attention,
+                                time_weighting=time_weighting, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0))
+    config.merge_from_dict(overrides)
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():  # time weights away from their initial ones, so that they matter
+        for name, p in model.named_parameters():
+            if "time_" in name:
+                p.add_(0.5 * torch.randn(p.shape))
+    return model
+
+
+@unittest.skipIf(interpreted(), interpreted())
+class TestInTheModel(unittest.TestCase):
+
+    def test_triton_attention_matches_torch_attention(self):
+        idx = torch.randint(0, 11, (2, 19), generator=torch.Generator().manual_seed(0))
+        targets = torch.roll(idx, -1, dims=1)
+        for form, token_shift in (("full", False), ("circulant", True)):
+            results = []
+            for attention in ("torch", "triton"):
+                model = gpt(attention, form, token_shift=token_shift)
+                logits, loss = model(idx, targets)
+                loss.backward()
+                results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+            (logits, loss, grads), (k_logits, k_loss, k_grads) = results
+            torch.testing.assert_close(k_logits, logits, rtol=0, atol=1e-5, msg=form)
+            torch.testing.assert_close(k_loss, loss, rtol=0, atol=1e-6, msg=form)
+            for name in grads:
+                torch.testing.assert_close(k_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=f"{form} {name}")
+
+    def test_cached_generation_with_the_kernel_for_the_prompt(self):
+        # the prompt goes through the kernel, each new token through the PyTorch path
+        model = gpt("triton", "circulant").eval()
+        prompt = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+        cached = model.generate(prompt, max_new_tokens=8, use_cache=True)
+        torch.testing.assert_close(cached, gpt("torch", "circulant").eval().generate(prompt, 8, use_cache=False))
+
+    def test_auto_takes_pytorch_on_the_cpu_and_triton_refuses_dropout(self):
+        from mygpt.kernels import time_attention
+        model = gpt("auto", "full")
+        calls = []
+        original = time_attention._forward_op
+        time_attention._forward_op = lambda *args: calls.append(1) or original(*args)
+        try:
+            model(torch.zeros(1, 4, dtype=torch.long))
+        finally:
+            time_attention._forward_op = original
+        self.assertEqual(calls, [])
+        with self.assertRaisesRegex(ValueError, "attention='triton' has no attention dropout"):
+            gpt("triton", "full", attn_pdrop=0.1).train()(torch.zeros(1, 4, dtype=torch.long))
+        with self.assertRaisesRegex(ValueError, "unknown attention 'flash'"):
+            gpt("flash", None)
+
+
 def compiled_kernel_report():
     """Run without the interpreter: compile every kernel for sm_90 and try CPU tensors; print JSON."""
     import triton

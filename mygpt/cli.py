@@ -22,7 +22,7 @@ import torch
 from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.generate import stream
 from mygpt.model import GPT
-from mygpt.tokenizer import load_tokenizer
+from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
 
 SEPARATOR = "-" * 40  # between samples, as nanoGPT's sample.py prints them
@@ -80,24 +80,26 @@ def probability(text):
 # ---------------------------------------------------------------- checkpoints
 
 def open_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, its tokenizer or None, the checkpoint dict)."""
+    """(model in eval mode on device, the checkpoint dict)."""
     ckpt = load_checkpoint(path)
     if not ckpt.get("model_config"):
         raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT")
-    model = GPT.from_checkpoint(path).to(device)
-    tokenizer = None
-    if ckpt.get("tokenizer") is not None:
-        tokenizer = load_tokenizer(ckpt["tokenizer"])
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise CheckpointError(f"{path}: its tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens, "
-                                  f"more than the model's vocab_size {model.config.vocab_size}")
-    return model, tokenizer, ckpt
+    return GPT.from_checkpoint(path).to(device), ckpt
 
 
-def require_tokenizer(tokenizer, path):
-    if tokenizer is None:
+def text_tokenizer(ckpt, path, model):
+    """The tokenizer the checkpoint records, with errors that say why its text cannot be read or written."""
+    description = ckpt.get("tokenizer")
+    if description is None:
         raise ValueError(f"{path} records no tokenizer, so its text cannot be read or written; train with "
                          f"Trainer(..., tokenizer=mygpt.tokenizer.describe_tokenizer(...))")
+    if isinstance(description, dict) and description.get("type") not in TOKENIZER_TYPES:
+        raise ValueError(f"{path} records a tokenizer of type {description.get('type')!r}, not one of text "
+                         f"({', '.join(TOKENIZER_TYPES)}); use the project that trained it")
+    tokenizer = load_tokenizer(description)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens, "
+                              f"more than the model's vocab_size {model.config.vocab_size}")
     return tokenizer
 
 
@@ -105,8 +107,8 @@ def require_tokenizer(tokenizer, path):
 
 def sample(args):
     device = resolve_device(args.device)
-    model, tokenizer, _ = open_checkpoint(args.checkpoint, device)
-    tokenizer = require_tokenizer(tokenizer, args.checkpoint)
+    model, ckpt = open_checkpoint(args.checkpoint, device)
+    tokenizer = text_tokenizer(ckpt, args.checkpoint, model)
     idx = torch.tensor([prompt_ids(tokenizer, args.prompt)], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device)
     if args.seed is None:
@@ -176,8 +178,8 @@ class TextWindows:
 
 def evaluate(args):
     device = resolve_device(args.device)
-    model, tokenizer, _ = open_checkpoint(args.checkpoint, device)
-    tokenizer = require_tokenizer(tokenizer, args.checkpoint)
+    model, ckpt = open_checkpoint(args.checkpoint, device)
+    tokenizer = text_tokenizer(ckpt, args.checkpoint, model)
     windows, what = eval_windows(args.data, tokenizer, model.block_size)
     n = len(windows)
     if args.max_batches is not None:
@@ -238,18 +240,14 @@ def shard_windows(pattern, tokenizer, block_size):
 # ---------------------------------------------------------------- info
 
 def info(args):
-    model, tokenizer, ckpt = open_checkpoint(args.checkpoint)
+    model, ckpt = open_checkpoint(args.checkpoint)
     print(f"checkpoint: {args.checkpoint} ({human_bytes(os.path.getsize(args.checkpoint))})")
     print(f"run_id: {ckpt.get('run_id')}")
     print(f"parameters: {model.num_parameters():,}")
     print("model config:")
     for key, value in ckpt["model_config"].items():
         print(f"  {key}: {value}")
-    if tokenizer is None:
-        print("tokenizer: none recorded")
-    else:
-        eot = "" if tokenizer.eot_token is None else f", <|endoftext|> = {tokenizer.eot_token}"
-        print(f"tokenizer: {tokenizer.name} ({tokenizer.vocab_size:,} tokens{eot})")
+    print(f"tokenizer: {describe(ckpt.get('tokenizer'), args.checkpoint, model)}")
     if "iter_num" in ckpt:
         print(f"trained: {ckpt['iter_num']:,} iterations, {ckpt['tokens']:,} target tokens, "
               f"{ckpt['epoch']} epochs completed")
@@ -260,6 +258,17 @@ def info(args):
     if evaluated:
         print(f"last val loss: {evaluated[-1]['val_loss']:.6f} (iteration {evaluated[-1]['iter']})")
     return 0
+
+
+def describe(tokenizer, path, model):
+    """One line about a checkpoint's tokenizer, also when it is not one of text (image-gpt records its palette)."""
+    if tokenizer is None:
+        return "none recorded"
+    if isinstance(tokenizer, dict) and tokenizer.get("type") not in TOKENIZER_TYPES:
+        return f"type {tokenizer.get('type')!r} (not text: sample and eval do not apply)"
+    tokenizer = text_tokenizer({"tokenizer": tokenizer}, path, model)
+    eot = "" if tokenizer.eot_token is None else f", <|endoftext|> = {tokenizer.eot_token}"
+    return f"{tokenizer.name} ({tokenizer.vocab_size:,} tokens{eot})"
 
 
 def human_bytes(n):

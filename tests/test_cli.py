@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mygpt.checkpoint import save_checkpoint
 from mygpt.cli import main
 from mygpt.data import prepare_corpus
 from mygpt.model import GPT
@@ -307,6 +308,18 @@ class TestInfo(CLITest):
         self.assertIn("tokenizer: GPT-2 BPE (50,257 tokens, <|endoftext|> = 50256)", run("info", self.gpt2)[1])
         self.assertIn("tokenizer: characters (5 + <|endoftext|>) (6 tokens, <|endoftext|> = 5)",
                       run("info", self.chars)[1])
+
+    def test_checkpoints_without_a_text_tokenizer(self):
+        for tokenizer, shown, refusal in ((None, "none recorded", "records no tokenizer"),
+                                          ({"type": "palette", "colours": [[0, 0, 0]]}, "type 'palette' (not text",
+                                           "tokenizer of type 'palette', not one of text")):
+            with self.subTest(tokenizer=tokenizer):
+                state = dict(torch.load(self.chars, weights_only=True), tokenizer=tokenizer)
+                save_checkpoint(state, self.path("other.pt"))
+                status, out, err = run("info", self.path("other.pt"))
+                self.assertEqual(status, 0, err)
+                self.assertIn(f"tokenizer: {shown}", out)
+                self.assertFails(["sample", self.path("other.pt"), "--prompt", "he"], 1, refusal)
 
     def test_errors(self):
         self.assertFails(["info", self.path("missing.pt")], 1, "no checkpoint at")

@@ -8,11 +8,10 @@ Long pre-tokens (base64, DNA, minified code: runs without spaces) merge through 
 
 import json
 import multiprocessing
-import operator
 import os
 from collections.abc import Mapping
 from functools import lru_cache
-from heapq import heapify, heappop, heappush
+from heapq import heappop, heappush
 from itertools import chain, repeat
 from pathlib import Path
 
@@ -35,7 +34,7 @@ GPT2_SHA256 = {
 _NO_MERGE = (float("inf"), -1, -1, -1)
 # Pre-tokens of at least this many bytes merge through the heap; shorter ones by whole passes, which do fewer steps on a
 # few bytes (the crossover measured in bench/bench_bpe.py, --threshold).
-HEAP_FROM_BYTES = 10
+HEAP_FROM_BYTES = 12
 # Longer pre-tokens are not cached: they rarely repeat, and the cache's memory is bounded by its count of entries.
 CACHE_MAX_CHARS = 256
 
@@ -59,13 +58,15 @@ def _unicode_to_byte():
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
+@lru_cache(maxsize=None)
+def _byte_alphabet():
+    return frozenset(bytes_to_unicode().values())
+
+
 def _unicode_to_bytes(token):
     """The bytes that a vocabulary string stands for (the inverse of `bytes_to_unicode`)."""
     inverse = _unicode_to_byte()
-    try:
-        return bytes(inverse[c] for c in token)
-    except KeyError as e:
-        raise ValueError(f"vocabulary token {token!r} has character {e.args[0]!r} outside the byte alphabet") from None
+    return bytes(inverse[c] for c in token)
 
 
 def merge_pair(ids, left, right, merged):
@@ -81,6 +82,54 @@ def merge_pair(ids, left, right, merged):
     return out
 
 
+def merge_in_rank_order(ids, rank_of, merge_of):
+    """GPT-2's merges of `ids` in O(n log n): the result of repeating `merge_pair` with the lowest-ranked pair.
+
+    `rank_of` maps a pair of ids to its merge's rank and `merge_of` a rank to (rank, merged id, left id, right id).
+    The parts form a linked list over the positions of `ids` (a part is named by the position of its first byte, so
+    positions order parts left to right). Candidate merges wait in `where`, rank -> positions of the pair's left part,
+    and a heap of those ranks gives the lowest: a pass takes all of its positions in order, which repeats
+    `merge_pair`'s left to right scan, and skips one whose parts have changed since (in "aaa", the second "a a" once
+    the first has merged). Pairs that a pass creates have other ranks, so they wait for a later pass. One heap entry
+    per rank instead of per pair: a pass then walks a sorted list, several times faster than a pop per pair.
+    """
+    n = len(ids)
+    after = list(range(1, n + 1))  # after[i]: the part following part i (n: none)
+    before = list(range(-1, n - 1))  # before[i]: the part preceding part i (-1: none)
+    where = {}
+    ranks = []
+
+    def candidate(i, pair):
+        rank = rank_of.get(pair)
+        if rank is not None:
+            positions = where.get(rank)
+            if positions is None:
+                where[rank] = [i]
+                heappush(ranks, rank)
+            else:
+                positions.append(i)
+
+    for i, pair in enumerate(zip(ids, ids[1:])):
+        candidate(i, pair)
+    while ranks:
+        rank = heappop(ranks)
+        _, merged, left, right = merge_of[rank]
+        positions = where.pop(rank)
+        positions.sort()
+        for i in positions:
+            j = after[i]
+            if ids[i] != left or j == n or ids[j] != right:
+                continue
+            ids[i], ids[j] = merged, -1  # part j joins part i; -1 marks it gone
+            k = after[i] = after[j]
+            if k < n:
+                before[k] = i
+                candidate(i, (merged, ids[k]))
+            if before[i] >= 0:
+                candidate(before[i], (ids[before[i]], merged))
+    return [t for t in ids if t >= 0]
+
+
 class _PieceCache(dict):
     """Pre-token -> ids; a miss runs the BPE. Cleared when full, so memory stays bounded on endless unique text."""
 
@@ -90,6 +139,8 @@ class _PieceCache(dict):
         self.limit = limit
 
     def __missing__(self, piece):
+        if len(piece) > CACHE_MAX_CHARS:
+            return self.encode_piece(piece)
         if len(self) >= self.limit:
             self.clear()
         ids = self[piece] = self.encode_piece(piece)
@@ -101,31 +152,32 @@ class Encoder:
 
     `encoder` maps each token, written in the `bytes_to_unicode` alphabet, to its id; `merges` lists the pairs of
     tokens in rank order. Tokens of `encoder` that are neither a byte nor made by a merge are special tokens, such as
-    GPT-2's `<|endoftext|>`.
+    GPT-2's `<|endoftext|>`. Both are checked (see `check_vocabulary`); a bad one raises ValueError or TypeError.
     """
 
     def __init__(self, encoder, merges, pattern=GPT2_PATTERN, cache_size=1 << 18):
-        self.encoder = dict(encoder)
-        self.merges = [tuple(m) for m in merges]
+        self._build(*check_vocabulary(encoder, merges), pattern, cache_size)
+
+    def _build(self, encoder, merges, pattern=GPT2_PATTERN, cache_size=1 << 18):
+        """The tables behind encode and decode, from a checked vocabulary."""
+        self.encoder, self.merges = encoder, merges
         self.pattern = pattern
-        self._split = regex.compile(pattern).findall
-        by_value = sorted(bytes_to_unicode().items())
-        self._byte_ids = [self._id_of(c, "byte") for _, c in by_value]
+        self._split = _compiled(pattern, "pattern").findall
+        cache_size = _int_arg(cache_size, "cache_size")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0 (pre-tokens kept), got {cache_size}")
+        self._byte_ids = [self.encoder[c] for _, c in sorted(bytes_to_unicode().items())]
         self._merge_table = self._build_merge_table()
+        self._rank_of = {pair: entry[0] for pair, entry in self._merge_table.items()}
+        self._merge_of = {entry[0]: entry for entry in self._merge_table.values()}
         made = set(bytes_to_unicode().values()) | {a + b for a, b in self.merges}
         self.special_tokens = {t: i for t, i in self.encoder.items() if t not in made}
         self._token_bytes = {i: _unicode_to_bytes(t) for t, i in self.encoder.items() if t in made}
         self._bytes_to_id = {b: i for i, b in self._token_bytes.items()}
         self._token_bytes.update((i, t.encode("utf-8")) for t, i in self.special_tokens.items())
-        self.vocab_size = max(self._token_bytes) + 1
+        self.vocab_size = len(self.encoder)
         self._decode_table = self._build_decode_table()
         self._cache = _PieceCache(self._encode_piece, cache_size)
-
-    def _id_of(self, token, what):
-        try:
-            return self.encoder[token]
-        except KeyError:
-            raise ValueError(f"the vocabulary has no id for {what} token {token!r}") from None
 
     def _build_merge_table(self):
         """(left id, right id) -> (rank, merged id, left id, right id).
@@ -135,18 +187,16 @@ class Encoder:
         """
         table = {}
         for rank, (a, b) in enumerate(self.merges):
-            what = f"merge {rank} ({a!r} {b!r})"
-            left, right = self._id_of(a, what), self._id_of(b, what)
-            table[left, right] = (rank, self._id_of(a + b, what), left, right)
+            left, right = self.encoder[a], self.encoder[b]
+            table[left, right] = (rank, self.encoder[a + b], left, right)
         return table
 
     def _build_decode_table(self):
         """id -> the token's bytes, each byte as one Latin-1 character, in a list.
 
         A list indexes faster than a dict, and joining a million short str is several times faster than joining as
-        many bytes objects (bytes.join allocates a buffer descriptor per item). Ids missing from the vocabulary hold
-        None, and so does a second half as long as the first: an id in -V..-1 would otherwise silently index from
-        the end, and now lands on None, which `decode` reports as a bad id.
+        many bytes objects (bytes.join allocates a buffer descriptor per item). A second half of None, as long as the
+        first, catches ids in -V..-1, which would otherwise silently index from the end; `decode` reports them.
         """
         table = [None] * (2 * self.vocab_size)
         for i, data in self._token_bytes.items():
@@ -167,10 +217,16 @@ class Encoder:
         whole = self._bytes_to_id.get(data)
         if whole is not None:
             return (whole,)
-        return tuple(self._merge(list(map(self._byte_ids.__getitem__, data))))
+        ids = list(map(self._byte_ids.__getitem__, data))
+        if len(ids) >= HEAP_FROM_BYTES:
+            return tuple(merge_in_rank_order(ids, self._rank_of, self._merge_of))
+        return tuple(self._merge(ids))
 
     def _merge(self, ids, on_step=None):
-        """Apply the lowest-ranked merge present, everywhere it occurs, until no pair of `ids` has a merge."""
+        """Apply the lowest-ranked merge present, everywhere it occurs, until no pair of `ids` has a merge.
+
+        One pass per merge, over the whole pre-token: quadratic in its length, but the fewest steps on a short one.
+        """
         table = self._merge_table
         while len(ids) > 1:
             rank, merged, left, right = min(map(table.get, zip(ids, ids[1:]), repeat(_NO_MERGE)))
@@ -183,13 +239,13 @@ class Encoder:
 
     def encode_ordinary(self, text):
         """Ids of `text`, with any special-token text encoded as ordinary text."""
-        _require_str(text)
+        _require_str(text, "text")
         return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
 
     def encode(self, text, allowed_special=()):
         """Ids of `text`. Special tokens named in `allowed_special` (or all, with "all") map to their own ids; any
         other special-token text is ordinary text, as in GPT-2."""
-        _require_str(text)
+        _require_str(text, "text")
         allowed = self._allowed(allowed_special)
         if not allowed:
             return self.encode_ordinary(text)
@@ -204,31 +260,31 @@ class Encoder:
         return ids
 
     def _allowed(self, allowed_special):
+        """The set of special tokens that `allowed_special` ("all", or a collection of them) names."""
         if allowed_special == "all":
             return set(self.special_tokens)
-        if isinstance(allowed_special, str):
-            raise TypeError(f'allowed_special must be "all" or a set of special tokens, '
-                            f'not the string {allowed_special!r}')
+        if isinstance(allowed_special, str) or not _is_collection(allowed_special):
+            raise TypeError(f'allowed_special must be "all" or a set of special tokens (e.g. {{"<|endoftext|>"}}), '
+                            f"got {allowed_special!r}")
+        for token in allowed_special:
+            _require_str(token, "each token of allowed_special")
         unknown = set(allowed_special) - set(self.special_tokens)
         if unknown:
-            raise ValueError(f"not special tokens of this vocabulary: {sorted(unknown)}; "
+            raise ValueError(f"allowed_special names {sorted(unknown)}, not special tokens of this vocabulary; "
                              f"it has {sorted(self.special_tokens)}")
         return set(allowed_special)
 
     def decode_bytes(self, ids):
-        """The bytes that `ids` stand for."""
-        ids = ids if isinstance(ids, (list, tuple)) else list(ids)
+        """The bytes that `ids` (ints: a list, tuple, 1-D integer array or tensor) stand for."""
+        ids = _id_list(ids, "ids")
         try:
             return "".join(map(self._decode_table.__getitem__, ids)).encode("latin-1")
         except (IndexError, TypeError):
-            bad = next(i for i in ids if not self._is_token_id(i))
-            raise ValueError(f"token id {bad!r} is not in the vocabulary (ids 0..{self.vocab_size - 1})") from None
+            at, bad = next((k, i) for k, i in enumerate(ids) if not self._is_token_id(i))
+            raise ValueError(f"ids[{at}] = {bad!r} is not a token id of this vocabulary (ids 0..{self.vocab_size - 1})"
+                             ) from None
 
     def _is_token_id(self, i):
-        try:
-            i = operator.index(i)
-        except TypeError:
-            return False
         return 0 <= i < self.vocab_size and self._decode_table[i] is not None
 
     def decode(self, ids):
@@ -239,8 +295,9 @@ class Encoder:
         """Every step of encoding `text`, for learning how BPE works.
 
         Returns one dict per pre-token: the pre-token, its bytes written in the vocabulary's alphabet, the list of
-        token strings after each merge (starting from single bytes), and its ids.
+        token strings after each merge pass (starting from single bytes), and its ids.
         """
+        _require_str(text, "text")
         alphabet = bytes_to_unicode()
         names = {i: t for t, i in self.encoder.items()}
         steps = []
@@ -259,7 +316,11 @@ class Encoder:
         round trip and its cache sees text that shares words. Workers are forked where the platform can, so they start
         with this encoder and its cache at no cost.
         """
-        texts = list(texts)
+        texts = _str_list(texts, "texts", "for one text, use encode")
+        num_workers = _int_arg(num_workers, "num_workers")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 (1 encodes in this process), got {num_workers}")
+        self._allowed(allowed_special)
         workers = min(num_workers, len(texts))
         if workers <= 1:
             return [self.encode(t, allowed_special) for t in texts]
@@ -281,23 +342,193 @@ class Encoder:
 
     @classmethod
     def load(cls, directory, **kwargs):
-        """The encoder saved in `directory` as `encoder.json` and `vocab.bpe` (GPT-2's formats)."""
-        directory = Path(directory)
-        with open(directory / "encoder.json", encoding="utf-8") as f:
-            encoder = json.load(f)
-        with open(directory / "vocab.bpe", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # The first line is the "#version" header and the file ends with a newline, hence the empty last item.
-        merges = [tuple(line.split(" ")) for line in lines[1:] if line]
-        bad = next((m for m in merges if len(m) != 2), None)
-        if bad:
-            raise ValueError(f"{directory / 'vocab.bpe'}: a merge line must be two tokens, got {' '.join(bad)!r}")
-        return cls(encoder, merges, **kwargs)
+        """The encoder saved in `directory` as `encoder.json` and `vocab.bpe` (GPT-2's formats).
+
+        Both files are checked for structure first; every error names the file (and the line, for vocab.bpe).
+        """
+        directory = _path_arg(directory, "directory")
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} is not a directory; pass the folder holding encoder.json and "
+                                    "vocab.bpe")
+        encoder_path, merges_path = directory / "encoder.json", directory / "vocab.bpe"
+        checked = check_vocabulary(_read_encoder_json(encoder_path), _read_vocab_bpe(merges_path),
+                                   encoder_name=str(encoder_path),
+                                   merge_name=lambda rank: f"{merges_path} line {rank + 2}")
+        encoder = cls.__new__(cls)  # checked once, with the files' names, instead of again by __init__
+        encoder._build(*checked, **kwargs)
+        return encoder
 
 
-def _require_str(text):
+def check_vocabulary(encoder, merges, encoder_name="encoder", merge_name=lambda rank: f"merges[{rank}]"):
+    """(encoder as a dict of str -> int, merges as a list of str pairs) after checking that they form a byte-level
+    BPE vocabulary: ids number the tokens 0..N-1 with none shared, all 256 byte tokens are present, and every merge
+    joins two tokens of the encoder into a third, once. Errors name `encoder_name` and `merge_name(rank)`."""
+    if not isinstance(encoder, Mapping):
+        raise TypeError(f"{encoder_name} must map each token (str) to its id (int), got {type(encoder).__name__}")
+    checked = {}
+    for token, i in encoder.items():
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"{encoder_name}: token {token!r} must be a non-empty str")
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"{encoder_name}: the id of token {token!r} must be an int, got {i!r}")
+        checked[token] = int(i)
+    owner = {}
+    for token, i in checked.items():
+        if i in owner:
+            raise ValueError(f"{encoder_name}: tokens {owner[i]!r} and {token!r} share id {i}; "
+                             "each token needs its own")
+        owner[i] = token
+    missing = [f"{c!r} (byte {b})" for b, c in bytes_to_unicode().items() if c not in checked]
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"{encoder_name} lacks byte tokens {', '.join(missing[:5])}{more}: a byte-level vocabulary "
+                         "holds all 256 bytes")
+    if isinstance(merges, (str, bytes, Mapping)) or not _is_collection(merges):
+        raise TypeError(f"merges must be a list of (left, right) token pairs, got {type(merges).__name__}")
+    checked_merges, first = [], {}
+    for rank, merge in enumerate(merges):
+        if isinstance(merge, str) or not _is_collection(merge) or len(merge) != 2:
+            raise ValueError(f"{merge_name(rank)}: a merge must be two tokens (left, right), got {merge!r}")
+        pair = tuple(merge)
+        merged = "".join(pair)
+        if not (pair[0] in checked and pair[1] in checked and merged in checked
+                and _byte_alphabet().issuperset(merged)):
+            raise ValueError(f"{merge_name(rank)}: merge {' '.join(pair)!r} " + _what_is_wrong(pair, checked,
+                                                                                              encoder_name))
+        if pair in first:
+            raise ValueError(f"{merge_name(rank)}: merge {' '.join(pair)!r} repeats {merge_name(first[pair])}")
+        first[pair] = rank
+        checked_merges.append(pair)
+    n = len(checked)
+    outside = next((t for t, i in checked.items() if not 0 <= i < n), None)
+    if outside is not None:
+        raise ValueError(f"{encoder_name}: token {outside!r} has id {checked[outside]}, outside 0..{n - 1}: the ids "
+                         f"of {n} tokens must number them from 0")
+    return checked, checked_merges
+
+
+def _what_is_wrong(pair, encoder, encoder_name):
+    for token in (*pair, "".join(pair)):
+        if token not in encoder:
+            return f"needs token {token!r}, which {encoder_name} lacks (it has {len(encoder)} tokens)"
+    outside = sorted(set("".join(pair)) - _byte_alphabet())
+    return f"has characters {outside} outside the byte alphabet (see bytes_to_unicode)"
+
+
+def _read_encoder_json(path):
+    """encoder.json as a dict, refusing a duplicated token (which `json.load` would silently keep the last of)."""
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{path}: token {key!r} appears twice")
+            seen[key] = value
+        return seen
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            encoder = json.load(f, object_pairs_hook=no_duplicates)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: a vocabulary folder holds encoder.json and vocab.bpe") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{path} must hold a JSON object of token -> id, got a {type(encoder).__name__}")
+    return encoder
+
+
+def _read_vocab_bpe(path):
+    """The merges of vocab.bpe: a '#version' header line, then one 'left right' pair per line, each line ended by a
+    newline (GPT-2's own reader drops the last line, so a file cut short would lose a merge there and not here)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: a vocabulary folder holds encoder.json and vocab.bpe") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text.split("\n")
+    if not lines[0].startswith("#version"):
+        raise ValueError(f"{path} line 1 must be the header '#version: 0.2', got {lines[0][:40]!r}: "
+                         "is this a vocab.bpe file?")
+    if lines[-1]:
+        raise ValueError(f"{path} does not end with a newline: the file may be cut short (line {len(lines)} is "
+                         f"{lines[-1][:40]!r})")
+    merges = []
+    for number, line in enumerate(lines[1:-1], start=2):
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"{path} line {number}: a merge line is two tokens separated by one space, "
+                             f"got {line[:40]!r}")
+        merges.append(tuple(pair))
+    return merges
+
+
+def _compiled(pattern, name):
+    _require_str(pattern, name)
+    try:
+        return regex.compile(pattern)
+    except regex.error as e:
+        raise ValueError(f"{name} is not a valid regular expression: {e}") from None
+
+
+def _require_str(text, name):
     if not isinstance(text, str):
-        raise TypeError(f"encode takes a str, got {type(text).__name__}; decode bytes to text first")
+        hint = "; decode bytes to text first, e.g. data.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}{hint}")
+
+
+def _is_collection(value):
+    return hasattr(value, "__iter__") and hasattr(value, "__len__")
+
+
+def _str_list(texts, name, hint):
+    """`texts` (a list or tuple of str) as a list, or TypeError naming the argument or its first bad item."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str, got {type(texts).__name__}; {hint}")
+    for k, text in enumerate(texts):
+        _require_str(text, f"{name}[{k}]")
+    return list(texts)
+
+
+def _int_arg(value, name):
+    """`value` as an int (numpy integers too, never bools), or TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
+def _path_arg(value, name):
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or path, got {type(value).__name__}")
+    return Path(value)
+
+
+def _id_list(ids, name):
+    """`ids` as a list of ints (numpy integers allowed), from a list, tuple or 1-D integer array or tensor.
+
+    Bools, floats, strings and nested lists raise TypeError naming the position: a bool would index as 0 or 1 and a
+    nested list means a batch given where one sequence belongs. Checking the types of a million ids costs about a
+    fifth of decoding them.
+    """
+    if hasattr(ids, "dtype") and hasattr(ids, "ndim"):  # a numpy array or a torch tensor
+        if "int" not in str(ids.dtype):
+            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (one sequence), got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of int token ids, got {type(ids).__name__}")
+    ids = ids if isinstance(ids, list) else list(ids)
+    types = set(map(type, ids))
+    if types - {int}:
+        for k, i in enumerate(ids):
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                nested = "; decode one sequence at a time" if isinstance(i, (list, tuple)) else ""
+                raise TypeError(f"{name}[{k}] is {i!r} ({type(i).__name__}): token ids must be ints{nested}")
+    return ids
 
 
 _worker_encoder = None
@@ -323,14 +554,15 @@ def _contiguous_groups(texts, n):
 
 
 def get_encoder(name="gpt2"):
-    """The encoder of a vocabulary shipped with mygpt (only "gpt2"), loaded from the package with no network access.
-
-    The result is loaded once and shared by all callers.
-    """
-    if name != "gpt2":
-        raise ValueError(f"unknown vocabulary {name!r}: mygpt ships only 'gpt2'; "
-                         "use Encoder.load(directory) for others")
-    return _shipped_gpt2()
+    """The encoder named `name`: "gpt2" (shipped with mygpt, loaded once with no network access and shared by all
+    callers) or a folder holding encoder.json and vocab.bpe (loaded by `Encoder.load`)."""
+    if name == "gpt2":
+        return _shipped_gpt2()
+    path = _path_arg(name, "name")
+    if path.is_dir():
+        return Encoder.load(path)
+    raise ValueError(f"unknown vocabulary {name!r}: mygpt ships only 'gpt2'; for your own, pass the folder holding "
+                     "its encoder.json and vocab.bpe")
 
 
 @lru_cache(maxsize=None)
@@ -362,11 +594,19 @@ class BPETokenizer:
     """
 
     def __init__(self, encoder=None, allowed_special=(ENDOFTEXT,)):
+        if encoder is not None and not isinstance(encoder, Encoder):
+            raise TypeError(f"encoder must be an Encoder (e.g. get_encoder() or Encoder.load(folder)), "
+                            f"got {type(encoder).__name__}")
         self.encoder = encoder or get_encoder()
+        self.encoder._allowed(allowed_special)
         self.allowed_special = allowed_special
 
     def __call__(self, text, pad_id=None):
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, (str, bytes)) else _str_list(text, "text", "pass a str or a list of str")
+        if pad_id is not None:
+            pad_id = _int_arg(pad_id, "pad_id")
+            if pad_id < -1:
+                raise ValueError(f"pad_id must be a token id (>= 0) or -1 (ignored as a target), got {pad_id}")
         rows = [self.encoder.encode(t, self.allowed_special) for t in texts]
         width = max(map(len, rows), default=0)
         if pad_id is None and any(len(r) != width for r in rows):
@@ -374,11 +614,12 @@ class BPETokenizer:
         return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long).view(len(rows), width)
 
     def decode(self, ids):
-        """A 1-D tensor (or list) of ids -> str; a 2-D tensor -> list of str, one per row."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() > 2:
-                raise ValueError(f"decode takes a 1-D or 2-D tensor of ids, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):
+        """One sequence of ids (1-D tensor or array, list) -> str; a batch (2-D, or a list of lists) -> list of str."""
+        if hasattr(ids, "dtype") and hasattr(ids, "ndim"):
+            if ids.ndim not in (1, 2):
+                raise ValueError(f"ids must be 1-D (one sequence) or 2-D (a batch), got shape {tuple(ids.shape)}")
+            if ids.ndim == 2:
+                return [self.encoder.decode(row) for row in ids]
+        elif isinstance(ids, (list, tuple)) and ids and all(isinstance(row, (list, tuple)) for row in ids):
             return [self.encoder.decode(row) for row in ids]
         return self.encoder.decode(ids)

@@ -3,6 +3,8 @@
 Training starts from the 256 bytes and repeatedly merges the most frequent adjacent pair of tokens inside pre-tokens.
 Distinct pre-tokens are counted once and weighted by frequency, and pair counts are updated only for the pre-tokens a
 merge touches, so one merge costs time in proportion to where the pair occurs, not to the size of the text.
+A long pre-token (base64, DNA, minified code) keeps the positions of each of its pairs, so that a merge touches only
+where the pair occurs in it, not the whole pre-token.
 """
 
 import heapq
@@ -10,7 +12,11 @@ from collections import Counter, defaultdict
 
 import regex
 
-from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, bytes_to_unicode, merge_pair
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, _compiled, _int_arg, _require_str, bytes_to_unicode, merge_pair
+
+# Pre-tokens of more bytes than this keep their pairs' positions (see _LongWord); a shorter one is merged and
+# recounted whole, which is cheaper for a few bytes.
+LONG_WORD_BYTES = 64
 
 
 def train_bpe(text_or_iterator, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
@@ -21,27 +27,56 @@ def train_bpe(text_or_iterator, vocab_size, special_tokens=(ENDOFTEXT,), pattern
     bytes) sorts first wins, so training is deterministic. Training stops early, with a smaller vocabulary, if every
     pre-token has become a single token.
     """
+    special_tokens = _checked_special_tokens(special_tokens)
+    vocab_size = _int_arg(vocab_size, "vocab_size")
     n_learned = vocab_size - 256 - len(special_tokens)
     if n_learned < 0:
-        raise ValueError(f"vocab_size {vocab_size} is below the 256 bytes plus {len(special_tokens)} special tokens")
-    words = _count_pretokens(text_or_iterator, pattern, special_tokens)
+        raise ValueError(f"vocab_size {vocab_size} is below the 256 bytes plus {len(special_tokens)} special tokens; "
+                         f"pass at least {256 + len(special_tokens)}")
+    words = _count_pretokens(text_or_iterator, _compiled(pattern, "pattern"), special_tokens)
     token_bytes, merges = _learn_merges(words, n_learned)
     alphabet = bytes_to_unicode()
     encoder = {"".join(alphabet[b] for b in data): i for i, data in enumerate(token_bytes)}
-    encoder.update((token, len(token_bytes) + i) for i, token in enumerate(special_tokens))
     names = list(encoder)
+    for token in special_tokens:
+        if token in encoder:
+            raise ValueError(f"special token {token!r} is also the learned token {encoder[token]}: the two would share "
+                             "one entry of the vocabulary; choose a special token that cannot be ordinary text, "
+                             "such as '<|name|>'")
+    encoder.update((token, len(token_bytes) + i) for i, token in enumerate(special_tokens))
     return Encoder(encoder, [(names[a], names[b]) for a, b in merges], pattern=pattern)
+
+
+def _checked_special_tokens(special_tokens):
+    """`special_tokens` as a tuple of distinct non-empty str, or an error naming the argument."""
+    if isinstance(special_tokens, str) or not isinstance(special_tokens, (list, tuple, set, frozenset)):
+        raise TypeError(f"special_tokens must be a list of str such as ['<|endoftext|>'], got {special_tokens!r}")
+    tokens = tuple(special_tokens)
+    for k, token in enumerate(tokens):
+        _require_str(token, f"special_tokens[{k}]")
+        if not token:
+            raise ValueError(f"special_tokens[{k}] is empty; a special token needs text to be found by")
+    repeated = sorted(t for t, n in Counter(tokens).items() if n > 1)
+    if repeated:
+        raise ValueError(f"special_tokens lists {repeated} more than once")
+    return tokens
 
 
 def _count_pretokens(text_or_iterator, pattern, special_tokens):
     """Counter of each distinct pre-token's UTF-8 bytes."""
+    if isinstance(text_or_iterator, (bytes, bytearray)) or not isinstance(text_or_iterator, str) and not hasattr(
+            text_or_iterator, "__iter__"):
+        raise TypeError(f"text_or_iterator must be a str or an iterable of str, got "
+                        f"{type(text_or_iterator).__name__}; decode bytes to text first")
     chunks = [text_or_iterator] if isinstance(text_or_iterator, str) else text_or_iterator
-    split = regex.compile(pattern).findall
-    specials = regex.compile("|".join(map(regex.escape, special_tokens))) if special_tokens else None
+    # Longest first, so that a special token inside a longer one does not cut it.
+    by_length = sorted(special_tokens, key=len, reverse=True)
+    specials = regex.compile("|".join(map(regex.escape, by_length))) if special_tokens else None
     counts = Counter()
-    for chunk in chunks:
+    for k, chunk in enumerate(chunks):
+        _require_str(chunk, f"text_or_iterator item {k}")
         for part in specials.split(chunk) if specials else [chunk]:
-            counts.update(split(part))
+            counts.update(pattern.findall(part))
     return Counter({piece.encode("utf-8"): n for piece, n in counts.items()})
 
 
@@ -89,12 +124,13 @@ def _learn_merges(words, n_learned):
     token_bytes = [bytes([b]) for b in bytes_to_unicode()]
     id_of = {data: i for i, data in enumerate(token_bytes)}
     seqs = [[id_of[bytes([b])] for b in word] for word in words]
+    seqs = [_LongWord(seq) if len(seq) > LONG_WORD_BYTES else seq for seq in seqs]
     freqs = list(words.values())
     pairs = _PairCounts(token_bytes)
     where = defaultdict(set)  # pair -> indices of words that hold it (or once did: checked on use)
     initial = defaultdict(int)
     for w, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
+        for pair in seq.pairs() if isinstance(seq, _LongWord) else zip(seq, seq[1:]):
             initial[pair] += freqs[w]
             where[pair].add(w)
     pairs.add(initial)
@@ -118,6 +154,10 @@ def _apply_merge(pair, new_id, seqs, freqs, where, pairs):
     deltas = defaultdict(int)
     for w in where.pop(pair, ()):
         old = seqs[w]
+        if isinstance(old, _LongWord):
+            for p in old.merge(pair, new_id, freqs[w], deltas):
+                where[p].add(w)
+            continue
         new = merge_pair(old, *pair, new_id)
         if len(new) == len(old):
             continue
@@ -130,3 +170,51 @@ def _apply_merge(pair, new_id, seqs, freqs, where, pairs):
             where[p].add(w)
     pairs.add(deltas)
 
+
+
+class _LongWord:
+    """A long pre-token as a linked list of parts, with the positions where each pair of adjacent parts occurs.
+
+    A merge visits only the positions of its pair (left to right, as `merge_pair` scans), so its cost follows the
+    pair's occurrences instead of the pre-token's length. Positions go stale as parts merge and are checked on use.
+    """
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+        n = self.n = len(ids)
+        self.after = list(range(1, n + 1))  # after[i]: the part following part i (n: none)
+        self.before = list(range(-1, n - 1))  # before[i]: the part preceding part i (-1: none)
+        self.at = defaultdict(list)  # pair -> positions of its left part
+        for i, pair in enumerate(zip(ids, ids[1:])):
+            self.at[pair].append(i)
+
+    def pairs(self):
+        """Every pair of adjacent parts, one per occurrence."""
+        return zip(self.ids, self.ids[1:])
+
+    def merge(self, pair, new_id, freq, deltas):
+        """Merge each occurrence of `pair` into `new_id`, adding the change of each pair's count, weighted by
+        `freq`, to `deltas`. Returns the pairs the merge created."""
+        ids, after, before, n = self.ids, self.after, self.before, self.n
+        left, right = pair
+        created = set()
+        for i in sorted(self.at.pop(pair, ())):
+            j = after[i]
+            if ids[i] != left or j == n or ids[j] != right:
+                continue
+            deltas[pair] -= freq
+            h, k = before[i], after[j]
+            ids[i], ids[j] = new_id, -1  # part j joins part i; -1 marks it gone
+            after[i] = k
+            if h >= 0:
+                self._replace(h, (ids[h], left), (ids[h], new_id), freq, deltas, created)
+            if k < n:
+                before[k] = i
+                self._replace(i, (right, ids[k]), (new_id, ids[k]), freq, deltas, created)
+        return created
+
+    def _replace(self, i, old, new, freq, deltas, created):
+        deltas[old] -= freq
+        deltas[new] += freq
+        self.at[new].append(i)
+        created.add(new)

@@ -5,11 +5,12 @@ statistics; generated sections add the scripts, emoji, numbers and whitespace th
 Everything comes from the running Python and a seeded generator, so no download is needed.
 """
 
+import base64
 import importlib.util
-import random
-import unicodedata
-
 import pydoc_data.topics
+import random
+import sys
+import unicodedata
 
 # About 2 MB of code; read from their files, not imported, so reading has no side effects.
 STDLIB_MODULES = [
@@ -107,3 +108,101 @@ def english_and_code(n_chars):
     """Half English prose, half Python code: the kind of text the speed targets were measured on."""
     half = n_chars // 2
     return english_prose(half) + "\n" + python_code(half)
+
+
+def _letters(n, rng):
+    return "".join(rng.choices("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", k=n))
+
+
+def _base64(n, rng):
+    return base64.b64encode(rng.randbytes(n * 3 // 4 + 3)).decode("ascii")[:n]
+
+
+def _dna(n, rng):
+    return "".join(rng.choices("ACGT", k=n))
+
+
+def _minified_js(n, rng):
+    """Code with no whitespace at all, as minifiers write it: short names, numbers and runs of punctuation."""
+    names = ["a", "b", "e", "t", "n", "r", "i", "o", "fn", "cb", "xs", "_0x3f", "$", "el", "Ut", "Qe"]
+    pieces = ["function(", "){", "return ", ";", "}", "var ", "=", "==", "!==", "&&", "||", "?", ":", ",", ".",
+              "[", "]", "(", ")", "=>", "+", "-", "*", "/", "!0", "!1", "void 0", "null", "'use strict'", "\"\\n\""]
+    parts, size = [], 0
+    while size < n:
+        kind = rng.randrange(3)
+        piece = rng.choice(names) if kind == 0 else str(rng.randrange(10 ** 4)) if kind == 1 else rng.choice(pieces)
+        parts.append(piece.replace(" ", ""))
+        size += len(parts[-1])
+    return "".join(parts)[:n]
+
+
+def _url(n, rng):
+    """One URL: a host, deep path segments of letters and digits, then a query of long percent-encoded values."""
+    parts = ["https://cdn.example.com/"]
+    size = len(parts[0])
+    while size < n:
+        if rng.random() < 0.5:
+            piece = _letters(rng.randrange(5, 40), rng) + str(rng.randrange(10 ** 6)) + "/"
+        else:
+            piece = "?q=" + "".join(f"%{b:02X}" for b in rng.randbytes(rng.randrange(5, 60))) + "&id="
+        parts.append(piece)
+        size += len(piece)
+    return "".join(parts)[:n]
+
+
+def _repeated(n, rng):
+    return "a" * n
+
+
+def _spaces(n, rng):
+    return " " * n
+
+
+def _digits(n, rng):
+    return "".join(rng.choices("0123456789", k=n))
+
+
+def _latin1_bytes(n, rng):
+    """Random bytes read as Latin-1: controls, whitespace, letters with accents and symbols, each byte one char."""
+    return rng.randbytes(n).decode("latin-1")
+
+
+def _unicode(n, rng):
+    """Random assigned code points: mostly CJK and other letters, so runs of multi-byte letters with no break."""
+    return "".join(_assigned_char(rng) for _ in range(n))
+
+
+# Text a corpus may hold that the pre-tokeniser cannot cut into words: each kind gives pre-tokens thousands of bytes
+# long (or, for minified code and URLs, long runs of short ones with no spaces). kind -> f(n_chars, rng) -> str.
+LONG_RUNS = {
+    "random letters": _letters, "base64": _base64, "DNA": _dna, "minified JS": _minified_js, "long URL": _url,
+    "one repeated char": _repeated, "spaces": _spaces, "digits": _digits, "random bytes as Latin-1": _latin1_bytes,
+    "random Unicode": _unicode,
+}
+
+
+def long_run(kind, n_chars, seed=0):
+    """`n_chars` of the `LONG_RUNS` kind `kind`, from a seeded generator."""
+    return LONG_RUNS[kind](n_chars, random.Random(seed))
+
+
+def lines_run(fn, *modules):
+    """(fn()'s result, the number of lines of `modules` that ran meanwhile): a count of work that, unlike time, is
+    the same on every run and every machine, for showing how a cost grows with the input."""
+    files = {module.__file__ for module in modules}
+    count = 0
+
+    def on_line(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename in files else None
+
+    sys.settrace(on_call)
+    try:
+        result = fn()
+    finally:
+        sys.settrace(None)
+    return result, count

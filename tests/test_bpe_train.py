@@ -5,14 +5,18 @@ import tempfile
 import unittest
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mygpt.bpe as bpe_module
+import mygpt.bpe_train as bpe_train_module
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, bytes_to_unicode
 from mygpt.bpe_train import train_bpe
-from tests.corpus import english_and_code, mixed_text
+from tests.corpus import LONG_RUNS, english_and_code, lines_run, long_run, mixed_text
 
 
 def naive_bpe(text, n_merges):
@@ -81,6 +85,41 @@ class TestTrainingIsBPE(unittest.TestCase):
         self.assertEqual(self.enc.encode(ENDOFTEXT, allowed_special="all"), [256 + self.n_merges])
 
 
+class TestLongPretokens(unittest.TestCase):
+    """Pre-tokens thousands of bytes long (kept as positions of pairs) train exactly like short ones."""
+
+    def test_merges_are_the_most_frequent_pairs(self):
+        # Runs of 700 characters are long pre-tokens (over LONG_WORD_BYTES); the reference recounts them whole.
+        text = " ".join(long_run(kind, 700, seed=k) for k, kind in enumerate(LONG_RUNS)) + mixed_text(1_500)
+        enc = train_bpe(text, 256 + 80 + 1)
+        reference, segments = naive_bpe(text, 80)
+        self.assertEqual([(as_bytes(enc, a), as_bytes(enc, b)) for a, b in enc.merges], reference)
+        for word, parts in segments.items():
+            self.assertEqual([enc.decode_bytes([i]) for i in enc.encode(word.decode("utf-8"))], parts)
+
+    def test_overlapping_pairs_merge_left_to_right(self):
+        # "a" * 101 is 50 "aa" and one "a" (never "a" "aa"), then 25 "aaaa", "a", then 12 "a" * 8, "aaaa", "a".
+        enc = train_bpe("a" * 101, 256 + 3, special_tokens=())
+        self.assertEqual([as_bytes(enc, a) + as_bytes(enc, b) for a, b in enc.merges], [b"aa", b"aaaa", b"a" * 8])
+        pieces = [enc.decode_bytes([i]) for i in enc.encode("a" * 101)]
+        self.assertEqual(pieces, [b"a" * 8] * 12 + [b"aaaa", b"a"])
+
+    def test_work_grows_as_n_log_n_not_n_squared(self):
+        """Lines of mygpt's BPE modules run to learn n/50 merges from n bytes of DNA (one pre-token), n and 4n:
+        about 4x for n log n, 16x for merging and recounting the whole pre-token at every merge (shown by
+        switching the positions off)."""
+        def work(n):
+            text = long_run("DNA", n)
+            enc, lines = lines_run(lambda: train_bpe(text, 256 + n // 50, special_tokens=()), bpe_train_module,
+                                   bpe_module)
+            self.assertEqual(enc.decode(enc.encode(text)), text)
+            return lines
+
+        self.assertLess(work(6_000) / work(1_500), 5)
+        with mock.patch.object(bpe_train_module, "LONG_WORD_BYTES", 10 ** 9):
+            self.assertGreater(work(6_000) / work(1_500), 8)
+
+
 class TestTrainedEncoder(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -116,8 +155,46 @@ class TestTrainingInput(unittest.TestCase):
         self.assertEqual(enc.vocab_size, 258)
 
     def test_vocab_too_small(self):
-        with self.assertRaisesRegex(ValueError, "256 bytes"):
+        with self.assertRaisesRegex(ValueError, "vocab_size 256 is below the 256 bytes plus 1 special tokens; "
+                                                "pass at least 257"):
             train_bpe("text", 256)
+        with self.assertRaisesRegex(ValueError, "plus 2 special tokens; pass at least 258"):
+            train_bpe("text", 257, special_tokens=["<|a|>", "<|b|>"])
+        for bad in ("300", 300.0, True, None):
+            with self.assertRaisesRegex(TypeError, "vocab_size must be an int"):
+                train_bpe("text", bad)
+        self.assertEqual(train_bpe("text text", np.int64(258)).vocab_size, 258)
+
+    def test_special_tokens_checked(self):
+        for bad in (ENDOFTEXT, None, 5, {ENDOFTEXT: 1}):
+            with self.assertRaisesRegex(TypeError, "special_tokens must be a list of str"):
+                train_bpe("text", 300, special_tokens=bad)
+        with self.assertRaisesRegex(TypeError, "special_tokens\\[1\\] must be a str, got bytes"):
+            train_bpe("text", 300, special_tokens=[ENDOFTEXT, b"<|pad|>"])
+        with self.assertRaisesRegex(ValueError, "special_tokens\\[0\\] is empty"):
+            train_bpe("text", 300, special_tokens=[""])
+        with self.assertRaisesRegex(ValueError, "special_tokens lists \\['<\\|pad\\|>'\\] more than once"):
+            train_bpe("text", 300, special_tokens=["<|pad|>", ENDOFTEXT, "<|pad|>"])
+
+    def test_special_token_that_is_also_a_learned_token(self):
+        with self.assertRaisesRegex(ValueError, "special token 'a' is also the learned token 64"):
+            train_bpe("text", 300, special_tokens=["a"])
+        with self.assertRaisesRegex(ValueError, "special token 'Ġthe' is also the learned token"):
+            train_bpe("the the the then", 300, special_tokens=["Ġthe"])
+
+    def test_longer_special_token_is_cut_out_whole(self):
+        enc = train_bpe("xy<|a|>b" * 20, 300, special_tokens=["<|a|>", "<|a|>b"])
+        self.assertEqual([as_bytes(enc, a) + as_bytes(enc, b) for a, b in enc.merges], [b"xy"])
+
+    def test_text_checked(self):
+        with self.assertRaisesRegex(TypeError, "text_or_iterator must be a str or an iterable of str, got bytes"):
+            train_bpe(b"text", 300)
+        with self.assertRaisesRegex(TypeError, "text_or_iterator must be a str or an iterable of str, got int"):
+            train_bpe(5, 300)
+        with self.assertRaisesRegex(TypeError, "text_or_iterator item 1 must be a str, got bytes"):
+            train_bpe(["text", b"more"], 300)
+        with self.assertRaisesRegex(ValueError, "pattern is not a valid regular expression"):
+            train_bpe("text", 300, pattern="(")
 
 
 class TestMegabyte(unittest.TestCase):

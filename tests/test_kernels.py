@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import unittest
 
 import numpy as np
@@ -220,6 +221,27 @@ class TestInTheModel(unittest.TestCase):
             gpt("triton", "full", attn_pdrop=0.1).train()(torch.zeros(1, 4, dtype=torch.long))
         with self.assertRaisesRegex(ValueError, "unknown attention 'flash'"):
             gpt("flash", None)
+
+
+@unittest.skipIf(interpreted(), interpreted())
+class TestGPUBenchmark(unittest.TestCase):
+
+    def test_cpu_smoke_run_of_bench_gpu(self):
+        # bench/gpu.py --cpu-smoke runs every check and measurement of the GPU benchmark on tiny shapes
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "smoke.json")
+            run = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu.py"), "--cpu-smoke", path],
+                                 cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
+                                 capture_output=True, text=True, timeout=300)
+            self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+            with open(path) as f:
+                results = json.load(f)
+        for kind in ("tests", "attention", "training"):
+            for name, out in results[kind].items():
+                self.assertTrue(out["ok"], f"{kind}/{name}: {out}")
+        self.assertEqual(len(results["tests"]), 6)
+        self.assertEqual(len(results["training"]), 6)
+        self.assertIn("nanoGPT-style reference", run.stdout)
 
 
 def compiled_kernel_report():

@@ -5,10 +5,11 @@ matches, so the cache never holds a partial or wrong file, even if the process i
 """
 
 import hashlib
+import numbers
 import os
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from urllib.parse import unquote, urlparse
 
 import requests
@@ -40,17 +41,22 @@ def cache_dir_default():
 def download(url, sha256, filename=None, cache_dir=None, retries=3, timeout=30):
     """The local path of the file at `url` whose sha256 is `sha256`, downloading it into the cache if needed.
 
-    A file already in the cache with the right hash is returned without touching the network. Otherwise the file is
-    fetched up to `retries` times (`timeout` seconds for connecting and between bytes). Raises `DownloadError` naming
-    the URL and where to put the file by hand if every attempt fails or the file's hash is wrong.
+    A file already in the cache with the right hash is returned without touching the network; one with another hash
+    (damaged, cut short, or an old version) is fetched again and replaced only once the new one checks out. The file
+    is fetched up to `retries` times (`timeout` seconds for connecting and between bytes). Raises `DownloadError`
+    naming the URL and what to do by hand if every attempt fails or the file's hash is wrong. The cached file is named
+    `filename`, else after the last part of the URL's path; either way it stays inside the cache folder.
     """
-    sha256 = _checked_hash(sha256)
+    url, sha256 = _checked_url(url), _checked_hash(sha256)
+    retries, timeout = _checked_retries(retries), _checked_timeout(timeout)
     directory = Path(cache_dir) if cache_dir is not None else cache_dir_default()
-    target = directory / (filename or _name_from_url(url))
-    if target.is_file() and sha256_file(target) == sha256:
+    target = directory / (_checked_filename(filename) if filename is not None else _name_from_url(url))
+    cached = sha256_file(target) if target.is_file() else None
+    if cached == sha256:
         return target
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"the cache folder {directory} is a file; pass another cache_dir or set ${CACHE_ENV}")
     directory.mkdir(parents=True, exist_ok=True)
-    by_hand = f"fetch it by other means (a browser, another machine) and place it at {target} (sha256 {sha256})"
     last_error = None
     for attempt in range(retries):
         if attempt:
@@ -62,10 +68,27 @@ def download(url, sha256, filename=None, cache_dir=None, retries=3, timeout=30):
             continue
         if actual != sha256:
             raise DownloadError(f"{url} gave a file with sha256 {actual}, expected {sha256}; nothing was cached. "
-                                f"If the file at that address has changed, {by_hand}")
+                                f"If the file at that address has changed, {_by_hand(target, sha256, cached)}")
         return target
     raise DownloadError(f"could not download {url} ({retries} attempts; last error: {last_error}). "
-                        f"If this machine is offline, {by_hand}")
+                        f"If this machine is offline, {_by_hand(target, sha256, cached)}")
+
+
+def _by_hand(target, sha256, cached):
+    """What to do without the network: place the file, or replace the wrong one already in its place."""
+    elsewhere = "fetch it by other means (a browser, another machine)"
+    if cached is None:
+        return f"{elsewhere} and place it at {target} (sha256 {sha256})"
+    return (f"{elsewhere}: the file now at {target} has sha256 {cached}, not {sha256} (damaged, cut short or another "
+            "version), so replace it with the right one")
+
+
+def _checked_url(url):
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, got {type(url).__name__}")
+    if urlparse(url).scheme not in ("http", "https"):
+        raise ValueError(f"url must be an http:// or https:// address, got {url!r}")
+    return url
 
 
 def _checked_hash(sha256):
@@ -75,10 +98,42 @@ def _checked_hash(sha256):
     return text
 
 
+def _checked_retries(retries):
+    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
+        raise TypeError(f"retries must be an int, got {retries!r}")
+    if retries < 1:
+        raise ValueError(f"retries must be >= 1 (the number of attempts), got {retries}")
+    return int(retries)
+
+
+def _checked_timeout(timeout):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    return float(timeout)
+
+
+def _is_plain_name(name):
+    """Whether `name` names a file inside a folder, never the folder itself, its parent or a path elsewhere."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and not PureWindowsPath(name).drive
+
+
+def _checked_filename(filename):
+    if not isinstance(filename, (str, os.PathLike)):
+        raise TypeError(f"filename must be a str, got {type(filename).__name__}")
+    filename = os.fspath(filename)
+    if not _is_plain_name(filename):
+        raise ValueError(f"filename must be a plain file name (no folders, not '.' or '..'), got {filename!r}")
+    return filename
+
+
 def _name_from_url(url):
-    name = unquote(Path(urlparse(url).path).name)
-    if not name:
-        raise ValueError(f"cannot take a file name from {url!r}; pass filename=")
+    """The last part of the URL's path, decoded: '..%2F..%2Fetc%2Fpasswd' gives 'passwd', never a path elsewhere."""
+    path = unquote(urlparse(url).path)
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    if not _is_plain_name(name):
+        raise ValueError(f"cannot take a file name from {url!r} (its path ends in {name!r}); pass filename=")
     return name
 
 

@@ -92,6 +92,50 @@ class TestDownload(unittest.TestCase):
         (self.cache / "good").write_bytes(b"stale")
         path = download(f"{self.base}/good", PAYLOAD_SHA256, cache_dir=self.cache)
         self.assertEqual(path.read_bytes(), PAYLOAD)
+        self.assertEqual(self.server.requests, ["/good"])
+        self.assertEqual(os.listdir(self.cache), ["good"])
+
+    def test_offline_with_a_wrong_cached_file_says_replace_it(self):
+        stale = self.cache / "shakespeare.txt"
+        stale.write_bytes(b"stale")
+        url = f"http://127.0.0.1:{closed_port()}/shakespeare.txt"
+        with self.assertRaises(DownloadError) as caught:
+            download(url, PAYLOAD_SHA256, cache_dir=self.cache, retries=1, timeout=5)
+        message = str(caught.exception)
+        self.assertIn(f"the file now at {stale} has sha256 {hashlib.sha256(b'stale').hexdigest()}, "
+                      f"not {PAYLOAD_SHA256}", message)
+        self.assertIn("replace it with the right one", message)
+        self.assertNotIn("place it at", message)
+        self.assertEqual(stale.read_bytes(), b"stale")  # kept until a right one replaces it
+
+    def test_corrupt_download_over_a_wrong_cached_file_says_replace_it(self):
+        (self.cache / "corrupt").write_bytes(b"stale")
+        with self.assertRaisesRegex(DownloadError, "the file now at .*corrupt has sha256 .* so replace it"):
+            download(f"{self.base}/corrupt", PAYLOAD_SHA256, cache_dir=self.cache)
+        self.assertEqual(os.listdir(self.cache), ["corrupt"])
+
+    def test_names_from_urls_stay_in_the_cache(self):
+        for path, name in [("/data/..%2F..%2Fescape.bin", "escape.bin"), ("/a/..%5C..%5Cwin.bin", "win.bin"),
+                           ("/files/get?name=../../x.bin", "get"), ("/%2E%2E%2Fup.bin", "up.bin"),
+                           ("/dir/a..b", "a..b")]:
+            with self.subTest(path=path):
+                target = download(self.base + path, PAYLOAD_SHA256, cache_dir=self.cache)
+                self.assertEqual(target, self.cache / name)
+                self.assertEqual(target.resolve().parent, self.cache.resolve())
+        for path in ("/", "/dir/", "/a/..", "/a/%2E%2E", "/a/.", "/a/..%2F", "/C:x"):
+            with self.subTest(path=path), self.assertRaisesRegex(ValueError, "cannot take a file name.*pass filename="):
+                download(self.base + path, PAYLOAD_SHA256, cache_dir=self.cache)
+        self.assertEqual(sorted(os.listdir(self.cache)), ["a..b", "escape.bin", "get", "up.bin", "win.bin"])
+
+    def test_filename_must_be_a_plain_name(self):
+        for bad in ("../x", "/etc/passwd", "a/b", "a\\b", "", ".", "..", "C:x", "a\0b"):
+            with self.subTest(filename=bad), self.assertRaisesRegex(ValueError, "filename must be a plain file name"):
+                download(f"{self.base}/good", PAYLOAD_SHA256, filename=bad, cache_dir=self.cache)
+        with self.assertRaisesRegex(TypeError, "filename must be a str"):
+            download(f"{self.base}/good", PAYLOAD_SHA256, filename=5, cache_dir=self.cache)
+        self.assertEqual(self.server.requests, [])
+        self.assertEqual(download(f"{self.base}/good", PAYLOAD_SHA256, filename=Path("x"), cache_dir=self.cache),
+                         self.cache / "x")
 
     def test_dropped_connection_is_retried(self):
         path = download(f"{self.base}/flaky", PAYLOAD_SHA256, cache_dir=self.cache, retries=2)
@@ -115,6 +159,28 @@ class TestDownload(unittest.TestCase):
     def test_bad_hash_argument(self):
         with self.assertRaisesRegex(ValueError, "64 hexadecimal"):
             download(f"{self.base}/good", "abc", cache_dir=self.cache)
+
+    def test_bad_arguments(self):
+        good = f"{self.base}/good"
+        cases = [(TypeError, "url must be a str", dict(url=good.encode())),
+                 (ValueError, "url must be an http:// or https:// address", dict(url="ftp://127.0.0.1/good")),
+                 (ValueError, "url must be an http:// or https:// address", dict(url="/etc/passwd")),
+                 (ValueError, "retries must be >= 1", dict(retries=0)),
+                 (TypeError, "retries must be an int", dict(retries="3")),
+                 (TypeError, "retries must be an int", dict(retries=True)),
+                 (ValueError, "timeout must be > 0 seconds", dict(timeout=0)),
+                 (TypeError, "timeout must be a number of seconds", dict(timeout="30"))]
+        for error, message, change in cases:
+            arguments = {"url": good, "sha256": PAYLOAD_SHA256, "cache_dir": self.cache, **change}
+            with self.subTest(change=change), self.assertRaisesRegex(error, message):
+                download(**arguments)
+        self.assertEqual(self.server.requests, [])
+
+    def test_cache_dir_that_is_a_file(self):
+        not_a_folder = self.cache / "file"
+        not_a_folder.write_bytes(b"")
+        with self.assertRaisesRegex(NotADirectoryError, f"the cache folder {not_a_folder} is a file"):
+            download(f"{self.base}/good", PAYLOAD_SHA256, cache_dir=not_a_folder)
 
 
 def closed_port():

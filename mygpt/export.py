@@ -1,0 +1,256 @@
+"""
+Export a GPT to the formats other tools run: a Hugging Face `transformers` directory and a GGUF file
+(llama.cpp, ollama). Both describe OpenAI's GPT-2, so a model exports only if it is a GPT-2:
+
+    export_hf(model, "out/hf")                          # GPT2LMHeadModel / AutoTokenizer .from_pretrained("out/hf")
+    export_gguf(model, "out/model.gguf", dtype="q8_0")  # llama.cpp's gpt2 architecture; "f32", "f16" or "q8_0"
+
+Refused, with the reason: time weighting, token shift, no position embedding, no biases (GPT-2 has none of
+those differences), an int8 model from mygpt.quantize (export the fp32 one), and a tokenizer GPT-2's cannot
+stand for (a character vocabulary, another split pattern, more tokens than the model has). tokenizer=None
+writes the weights alone: transformers then loads the model but AutoTokenizer has nothing to load, and
+llama.cpp needs the tokenizer to run it.
+
+GPT-2's original code keeps its four projections as Conv1D with weights (in, out); transformers kept that
+layout, so those weights are transposed on the way out. GGUF stores matrices (out, in) like nn.Linear.
+"""
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN
+from mygpt.pretrained import CONV1D_WEIGHTS
+from mygpt.quantize import is_quantized
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+
+
+# ---------------------------------------------------------------- what GPT-2 can hold
+
+def check_gpt2(model, target):
+    """Raise a ValueError naming every reason `target` (a format) cannot hold this model."""
+    if is_quantized(model):
+        raise ValueError(f"cannot export an int8 model to {target}: export the fp32 model it was quantized from")
+    c = model.config
+    reasons = []
+    if c.time_weighting is not None:
+        reasons.append(f"time_weighting={c.time_weighting!r} (GPT-2 does not reweight attention probabilities)")
+    if c.token_shift:
+        reasons.append("token_shift=True (GPT-2 takes no channels from the previous position)")
+    if not c.pos_emb:
+        reasons.append("pos_emb=False (GPT-2 adds learned position embeddings)")
+    if not c.bias:
+        reasons.append("bias=False (GPT-2 has biases in every Linear and LayerNorm)")
+    if reasons:
+        raise ValueError(f"cannot export to {target}: its GPT-2 architecture cannot represent " + "; ".join(reasons))
+
+
+def is_tied(model):
+    return model.lm_head.weight is model.transformer.wte.weight
+
+
+def gpt2_encoder(tokenizer, vocab_size, target):
+    """The BPE Encoder to ship (GPT-2's or one trained with GPT-2's pattern), or None for tokenizer=None."""
+    if tokenizer is None:
+        return None
+    description = describe_tokenizer(tokenizer)
+    if description["type"] == "chars":
+        raise ValueError(f"cannot ship a character vocabulary to {target}: it holds only GPT-2's byte-level BPE. "
+                         f"Pass tokenizer=None to export the weights alone")
+    encoder = load_tokenizer(description).encoder
+    if encoder.pattern != GPT2_PATTERN:
+        raise ValueError(f"cannot ship this BPE vocabulary to {target}: it splits text with its own pattern, and "
+                         f"GPT-2's tokenizer always uses GPT-2's. Pass tokenizer=None to export the weights alone")
+    if encoder.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {encoder.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
+                         f"pass the tokenizer the model was trained with, or tokenizer=None for the weights alone")
+    return encoder
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside path; once the body has written it, flush it to disk and rename it to path."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- Hugging Face transformers
+
+def export_hf(model, out_dir, tokenizer="gpt2"):
+    """Write model (and its tokenizer) as a transformers GPT-2 directory; returns out_dir as a Path.
+
+    Files: config.json, model.safetensors and, unless tokenizer=None, vocab.json, merges.txt and
+    tokenizer_config.json. tokenizer is anything mygpt.tokenizer.describe_tokenizer accepts ("gpt2", an
+    Encoder, a checkpoint's tokenizer record). A tied head is left out (transformers ties it again);
+    an untied one is written with tie_word_embeddings=false.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ImportError("export_hf needs safetensors: pip install 'mygpt[export]' (or pip install safetensors)") from e
+    check_gpt2(model, "Hugging Face transformers")
+    c = model.config
+    encoder = gpt2_encoder(tokenizer, c.vocab_size, "Hugging Face transformers")
+    eot = None if encoder is None else encoder.special_tokens.get(ENDOFTEXT)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight" and is_tied(model):
+            continue
+        value = value.detach().float().cpu()
+        tensors[name] = (value.t() if name.endswith(CONV1D_WEIGHTS) else value).contiguous()
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
+        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+        "activation_function": "gelu_new",  # GELU's tanh approximation, as mygpt's
+        "resid_pdrop": c.resid_pdrop, "embd_pdrop": c.embd_pdrop, "attn_pdrop": c.attn_pdrop,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "tie_word_embeddings": is_tied(model), "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
+    }
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    if encoder is not None:
+        write_hf_tokenizer(out_dir, encoder, c.block_size)
+    return out_dir
+
+
+def write_hf_tokenizer(out_dir, encoder, block_size):
+    """vocab.json and merges.txt (what GPT-2's encoder.json and vocab.bpe hold) and tokenizer_config.json."""
+    vocab = dict(sorted(encoder.encoder.items(), key=lambda item: item[1]))
+    write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in encoder.merges))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
+              "errors": "replace"}
+    if ENDOFTEXT in encoder.special_tokens:
+        config.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+    write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+
+# mygpt's parameter names -> llama.cpp's for the gpt2 architecture ("N" is the block number)
+GGUF_NAMES = {
+    "transformer.wte": "token_embd",
+    "transformer.wpe": "position_embd",
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+    "transformer.ln_f": "output_norm",
+    "lm_head": "output",
+}
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+
+
+def gguf_name(name):
+    """'transformer.h.3.mlp.c_fc.weight' -> 'blk.3.ffn_up.weight'; 'transformer.wte.weight' -> 'token_embd.weight'."""
+    module, kind = name.rsplit(".", 1)
+    if module.startswith("transformer.h."):
+        block, inner = module[len("transformer.h."):].split(".", 1)
+        return f"blk.{block}.{GGUF_NAMES[inner]}.{kind}"
+    return f"{GGUF_NAMES[module]}.{kind}"
+
+
+def gguf_tensor(gguf, name, value, dtype):
+    """(data, raw_dtype) for one tensor, typed as llama.cpp's converter types it for the file's dtype.
+
+    Vectors (norms, biases) and the position embedding stay f32; matrices become f16 or Q8_0. Q8_0 packs
+    rows in blocks of 32, so a matrix whose rows are not a multiple of 32 long falls back to f16.
+    """
+    array = value.detach().float().cpu().numpy()
+    T = gguf.GGMLQuantizationType
+    if dtype == "f32" or array.ndim == 1 or name.startswith("position_embd"):
+        return array, T.F32
+    if dtype == "q8_0" and array.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(array, T.Q8_0), T.Q8_0
+    return array.astype("float16"), T.F16
+
+
+def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
+    """Write model (and its tokenizer) as a GGUF file of llama.cpp's gpt2 architecture; returns path as a Path.
+
+    dtype: "f32", "f16" or "q8_0" for the matrices. The output head is always written as `output.weight`,
+    also when tied to the token embedding, so every llama.cpp version finds it.
+    """
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("export_gguf needs the gguf package: pip install 'mygpt[export]' (or pip install gguf)") from e
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
+    check_gpt2(model, "GGUF")
+    c = model.config
+    encoder = gpt2_encoder(tokenizer, c.vocab_size, "GGUF")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "gpt2")
+        writer.add_name("mygpt")
+        writer.add_block_count(c.n_layer)
+        writer.add_context_length(c.block_size)
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(4 * c.n_embd)
+        writer.add_head_count(c.n_head)
+        writer.add_layer_norm_eps(1e-5)
+        writer.add_file_type(file_type)
+        if encoder is not None:
+            add_gguf_tokenizer(gguf, writer, encoder, c.vocab_size)
+        for name, value in model.state_dict().items():
+            name = gguf_name(name)
+            data, raw_dtype = gguf_tensor(gguf, name, value, dtype)
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def add_gguf_tokenizer(gguf, writer, encoder, vocab_size):
+    """GPT-2's BPE as llama.cpp's converter writes it: tokens in id order (ids the vocabulary lacks up to
+    vocab_size as [PAD<id>]), their types, the merges, and <|endoftext|> as bos, eos and unk."""
+    by_id = {i: token for token, i in encoder.encoder.items()}
+    special = set(encoder.special_tokens.values())
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{a} {b}" for a, b in encoder.merges])
+    eot = encoder.special_tokens.get(ENDOFTEXT)
+    if eot is not None:
+        writer.add_bos_token_id(eot)
+        writer.add_eos_token_id(eot)
+        writer.add_unk_token_id(eot)

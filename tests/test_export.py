@@ -1,0 +1,227 @@
+import json
+import os
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+
+from mygpt import GPT, get_encoder, train_bpe
+from mygpt.export import export_gguf, export_hf
+from mygpt.quantize import quantize
+
+try:
+    import transformers
+    transformers.logging.set_verbosity_error()
+except ImportError:
+    transformers = None
+try:
+    import gguf
+except ImportError:
+    gguf = None
+
+TEXT = "Hello world! It's 2024: naïve café, 日本語, emoji 🙂 and <|endoftext|> and\n\tcode = f(x) ** 2"
+
+
+def small_config(**kw):
+    c = GPT.get_default_config()
+    c.n_layer, c.n_head, c.n_embd = 2, 4, 32
+    c.vocab_size, c.block_size = 50257, 64
+    c.merge_from_dict(kw)
+    return c
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPT(small_config(**kw)).eval()
+    with torch.no_grad():  # biases and LayerNorms away from 0 and 1, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(mean=1.0 if name.endswith("ln_1.weight") else 0.0, std=0.1)
+    return model
+
+
+REFUSED = [(dict(time_weighting="full"), "time_weighting"), (dict(time_weighting="circulant"), "time_weighting"),
+           (dict(token_shift=True), "token_shift"), (dict(pos_emb=False), "pos_emb"), (dict(bias=False), "bias")]
+
+
+@unittest.skipIf(transformers is None, "needs transformers (pip install 'mygpt[test]')")
+class TestExportHF(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = self.tmp.name
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_transformers_gpt2_to_mygpt_and_back(self):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        original = transformers.GPT2LMHeadModel(config).eval()
+        original.save_pretrained(os.path.join(self.dir, "src"))
+        model = GPT.from_pretrained(os.path.join(self.dir, "src"))
+        out = export_hf(model, os.path.join(self.dir, "out"))
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+        x = torch.randint(0, 50257, (2, 40))
+        with torch.no_grad():
+            ours, theirs = model(x)[0], loaded(x).logits
+            self.assertLess(float((ours - theirs).abs().max()), 1e-5)
+            self.assertLess(float((original(x).logits - theirs).abs().max()), 1e-5)
+        self.assertIs(loaded.lm_head.weight, loaded.transformer.wte.weight)
+        saved = json.loads((out / "config.json").read_text())
+        self.assertEqual((saved["n_ctx"], saved["n_positions"], saved["tie_word_embeddings"]), (64, 64, True))
+        from safetensors.torch import load_file
+        tensors = load_file(out / "model.safetensors")
+        self.assertNotIn("lm_head.weight", tensors)  # tied: transformers ties it again
+        self.assertEqual(tuple(tensors["transformer.h.0.attn.c_attn.weight"].shape), (32, 96))  # Conv1D: (in, out)
+
+    def test_tokenizer_loads_offline_and_gives_gpt2_ids(self):
+        out = export_hf(small_model(), self.dir)
+        tok = transformers.AutoTokenizer.from_pretrained(out)
+        enc = get_encoder()  # tested against tiktoken in test_bpe
+        self.assertEqual(tok.encode(TEXT), enc.encode(TEXT, allowed_special="all"))
+        self.assertEqual(tok.decode(enc.encode(TEXT, allowed_special="all")), TEXT)
+        self.assertEqual((tok.eos_token_id, tok.model_max_length), (50256, 64))
+
+    def test_untied_head_is_written(self):
+        model = small_model(tie_weights=False)
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(export_hf(model, self.dir)).eval()
+        x = torch.randint(0, 50257, (1, 30))
+        with torch.no_grad():
+            self.assertLess(float((model(x)[0] - loaded(x).logits).abs().max()), 1e-5)
+        self.assertFalse(torch.equal(loaded.lm_head.weight, loaded.transformer.wte.weight))
+
+    def test_trained_bpe_vocabulary_ships(self):
+        encoder = train_bpe("the quick brown fox jumps over the lazy dog; " * 50, vocab_size=300)
+        model = small_model(vocab_size=encoder.vocab_size)
+        tok = transformers.AutoTokenizer.from_pretrained(export_hf(model, self.dir, tokenizer=encoder))
+        text = "the lazy dog jumps<|endoftext|> quick"
+        self.assertEqual(tok.encode(text), encoder.encode(text, allowed_special="all"))
+
+    def test_weights_alone_for_a_vocabulary_without_tokenizer(self):
+        model = small_model(vocab_size=65)
+        with self.assertRaisesRegex(ValueError, "vocab_size is 65"):
+            export_hf(model, self.dir)  # GPT-2's tokenizer by default, which does not fit
+        with self.assertRaisesRegex(ValueError, "character vocabulary"):
+            export_hf(model, self.dir, tokenizer={"type": "chars", "chars": list("abc")})
+        out = export_hf(model, self.dir, tokenizer=None)
+        self.assertFalse((out / "vocab.json").exists())
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+        x = torch.randint(0, 65, (2, 10))
+        with torch.no_grad():
+            self.assertLess(float((model(x)[0] - loaded(x).logits).abs().max()), 1e-5)
+
+    def test_refusals_say_why(self):
+        for kw, reason in REFUSED:
+            with self.subTest(**kw), self.assertRaisesRegex(ValueError, f"cannot export.*{reason}"):
+                export_hf(small_model(**kw), self.dir)
+        with self.assertRaisesRegex(ValueError, "int8"):
+            export_hf(quantize(small_model()), self.dir)
+        self.assertEqual(os.listdir(self.dir), [])  # refused before anything was written
+
+
+def read_gguf(path):
+    reader = gguf.GGUFReader(str(path))
+    return reader, {t.name: t for t in reader.tensors}, {k: f.contents() for k, f in reader.fields.items()}
+
+
+def q8_0_dequantize(raw, shape):
+    """Q8_0 by hand: each block of 32 values is a float16 scale d and 32 int8 q, value = d * q."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 34)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)
+    return (d * q).reshape(shape)
+
+
+@unittest.skipIf(gguf is None, "needs the gguf package (pip install 'mygpt[export]')")
+class TestExportGGUF(unittest.TestCase):
+    NAMES = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.h.1.ln_1.weight": "blk.1.attn_norm.weight", "transformer.h.1.ln_1.bias": "blk.1.attn_norm.bias",
+             "transformer.h.1.attn.c_attn.weight": "blk.1.attn_qkv.weight",
+             "transformer.h.1.attn.c_attn.bias": "blk.1.attn_qkv.bias",
+             "transformer.h.1.attn.c_proj.weight": "blk.1.attn_output.weight",
+             "transformer.h.1.ln_2.bias": "blk.1.ffn_norm.bias", "transformer.h.1.mlp.c_fc.weight": "blk.1.ffn_up.weight",
+             "transformer.h.1.mlp.c_proj.weight": "blk.1.ffn_down.weight",
+             "transformer.h.1.mlp.c_proj.bias": "blk.1.ffn_down.bias",
+             "transformer.ln_f.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.tmp.name, "model.gguf")
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_f32_names_shapes_values_and_metadata(self):
+        model = small_model()
+        _, tensors, meta = read_gguf(export_gguf(model, self.path, dtype="f32"))
+        state = model.state_dict()
+        self.assertEqual(len(tensors), len(state))
+        for ours, theirs in self.NAMES.items():
+            t = tensors[theirs]
+            self.assertEqual(list(t.shape), list(reversed(state[ours].shape)))  # GGUF lists the fastest dim first
+            self.assertTrue(np.array_equal(np.asarray(t.data).reshape(state[ours].shape), state[ours].numpy()))
+        expected = {"general.architecture": "gpt2", "gpt2.context_length": 64, "gpt2.embedding_length": 32,
+                    "gpt2.feed_forward_length": 128, "gpt2.block_count": 2, "gpt2.attention.head_count": 4,
+                    "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 50256,
+                    "tokenizer.ggml.eos_token_id": 50256, "general.file_type": 0}
+        self.assertEqual({k: meta[k] for k in expected}, expected)
+        self.assertAlmostEqual(meta["gpt2.attention.layer_norm_epsilon"], 1e-5, places=10)
+        enc = get_encoder()
+        self.assertEqual(meta["tokenizer.ggml.tokens"], [t for t, _ in sorted(enc.encoder.items(), key=lambda x: x[1])])
+        self.assertEqual(meta["tokenizer.ggml.merges"][:3], [f"{a} {b}" for a, b in enc.merges[:3]])
+        self.assertEqual(len(meta["tokenizer.ggml.merges"]), len(enc.merges))
+        types = meta["tokenizer.ggml.token_type"]
+        self.assertEqual((types[50256], types[0], set(types[:50256])), (3, 1, {1}))  # <|endoftext|> is CONTROL
+
+    def test_f16_matrices_and_f32_vectors(self):
+        model = small_model()
+        _, tensors, meta = read_gguf(export_gguf(model, self.path, dtype="f16"))
+        state = model.state_dict()
+        for ours, theirs in self.NAMES.items():
+            t = tensors[theirs]
+            matrix = state[ours].dim() == 2 and not theirs.startswith("position_embd")
+            self.assertEqual(t.tensor_type.name, "F16" if matrix else "F32")
+            expected = state[ours].half().float() if matrix else state[ours]
+            self.assertTrue(np.array_equal(np.asarray(t.data, dtype=np.float32).reshape(state[ours].shape),
+                                           expected.numpy()))
+        self.assertEqual(meta["general.file_type"], 1)
+
+    def test_q8_0_dequantizes_within_half_a_step(self):
+        model = small_model(n_embd=48)  # rows of 48 cannot form Q8_0 blocks of 32: those matrices fall back to f16
+        _, tensors, meta = read_gguf(export_gguf(model, self.path, dtype="q8_0"))
+        state = model.state_dict()
+        self.assertEqual(meta["general.file_type"], 7)
+        self.assertEqual(tensors["blk.0.attn_qkv.weight"].tensor_type.name, "F16")
+        self.assertEqual(tensors["position_embd.weight"].tensor_type.name, "F32")
+        down = tensors["blk.0.ffn_down.weight"]  # rows of 4 x 48 = 192 = 6 blocks
+        self.assertEqual(down.tensor_type.name, "Q8_0")
+        w = state["transformer.h.0.mlp.c_proj.weight"].numpy()
+        self.assertEqual(list(down.shape), [192, 48])
+        ours = q8_0_dequantize(down.data, w.shape)
+        theirs = gguf.quants.dequantize(down.data, down.tensor_type)
+        self.assertTrue(np.array_equal(ours, theirs))
+        step = np.abs(w.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+        # half a step of rounding, plus the float16 rounding of the scale (2^-11 relative) times |q| <= 127
+        self.assertTrue(np.all(np.abs(ours.reshape(-1, 32) - w.reshape(-1, 32)) <= step * (0.5 + 127 * 2 ** -11)))
+
+    def test_vocabulary_padded_to_the_model(self):
+        _, _, meta = read_gguf(export_gguf(small_model(vocab_size=50304), self.path))
+        tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+        self.assertEqual((len(tokens), tokens[50257], tokens[-1], types[50257]), (50304, "[PAD50257]", "[PAD50303]", 4))
+
+    def test_refusals_say_why(self):
+        for kw, reason in REFUSED:
+            with self.subTest(**kw), self.assertRaisesRegex(ValueError, f"cannot export to GGUF.*{reason}"):
+                export_gguf(small_model(**kw), self.path)
+        with self.assertRaisesRegex(ValueError, "int8"):
+            export_gguf(quantize(small_model()), self.path)
+        with self.assertRaisesRegex(ValueError, "dtype"):
+            export_gguf(small_model(), self.path, dtype="q4_0")
+        with self.assertRaisesRegex(ValueError, "vocab_size is 65"):
+            export_gguf(small_model(vocab_size=65), self.path)
+        self.assertFalse(os.path.exists(self.path))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -22,6 +22,7 @@ import torch
 from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.generate import stream
 from mygpt.model import GPT
+from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_quantized
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
 
@@ -80,14 +81,21 @@ def probability(text):
 # ---------------------------------------------------------------- checkpoints
 
 def open_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, the checkpoint dict)."""
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("model_config"):
-        raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT")
+    """(model in eval mode on device, the checkpoint dict), for a Trainer's checkpoint or a quantized one."""
+    ckpt = read_gpt_checkpoint(path)
+    if ckpt.get("format") == QUANTIZED:
+        return load_quantized(path).to(device), ckpt
     return GPT.from_checkpoint(path).to(device), ckpt
 
 
-def text_tokenizer(ckpt, path, model):
+def read_gpt_checkpoint(path):
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("model_config"):
+        raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT")
+    return ckpt
+
+
+def text_tokenizer(ckpt, path):
     """The tokenizer the checkpoint records, with errors that say why its text cannot be read or written."""
     description = ckpt.get("tokenizer")
     if description is None:
@@ -97,9 +105,10 @@ def text_tokenizer(ckpt, path, model):
         raise ValueError(f"{path} records a tokenizer of type {description.get('type')!r}, not one of text "
                          f"({', '.join(TOKENIZER_TYPES)}); use the project that trained it")
     tokenizer = load_tokenizer(description)
-    if tokenizer.vocab_size > model.config.vocab_size:
+    vocab_size = ckpt["model_config"]["vocab_size"]
+    if tokenizer.vocab_size > vocab_size:
         raise CheckpointError(f"{path}: its tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens, "
-                              f"more than the model's vocab_size {model.config.vocab_size}")
+                              f"more than the model's vocab_size {vocab_size}")
     return tokenizer
 
 
@@ -108,7 +117,7 @@ def text_tokenizer(ckpt, path, model):
 def sample(args):
     device = resolve_device(args.device)
     model, ckpt = open_checkpoint(args.checkpoint, device)
-    tokenizer = text_tokenizer(ckpt, args.checkpoint, model)
+    tokenizer = text_tokenizer(ckpt, args.checkpoint)
     idx = torch.tensor([prompt_ids(tokenizer, args.prompt)], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device)
     if args.seed is None:
@@ -155,8 +164,8 @@ def write(text):
 class TextWindows:
     """Windows of block_size tokens over one token sequence, as mygpt.data.TokenDataset serves a corpus: window i
     is tokens [i * T, i * T + T + 1), so every token after the first is a target exactly once. The last window may
-    be shorter: its missing inputs are 0 and targets -1 (ignored), and causal attention keeps the padding out of
-    the real positions."""
+    be shorter; in a batch with longer ones its missing inputs are 0 and targets -1 (ignored), and causal attention
+    keeps that padding out of the real positions."""
 
     def __init__(self, ids, block_size):
         self.ids = torch.tensor(ids, dtype=torch.long)
@@ -167,10 +176,11 @@ class TextWindows:
 
     def get_batch(self, indices):
         T = self.block_size
-        x = torch.zeros(len(indices), T, dtype=torch.long)
-        y = torch.full((len(indices), T), -1, dtype=torch.long)
-        for row, i in enumerate(indices):
-            chunk = self.ids[i * T:i * T + T + 1]
+        chunks = [self.ids[i * T:i * T + T + 1] for i in indices]
+        width = max(len(c) for c in chunks) - 1  # no padding at all unless the short last window shares a batch
+        x = torch.zeros(len(indices), width, dtype=torch.long)
+        y = torch.full((len(indices), width), -1, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
             x[row, :len(chunk) - 1] = chunk[:-1]
             y[row, :len(chunk) - 1] = chunk[1:]
         return x, y
@@ -179,7 +189,7 @@ class TextWindows:
 def evaluate(args):
     device = resolve_device(args.device)
     model, ckpt = open_checkpoint(args.checkpoint, device)
-    tokenizer = text_tokenizer(ckpt, args.checkpoint, model)
+    tokenizer = text_tokenizer(ckpt, args.checkpoint)
     windows, what = eval_windows(args.data, tokenizer, model.block_size)
     n = len(windows)
     if args.max_batches is not None:
@@ -240,33 +250,38 @@ def shard_windows(pattern, tokenizer, block_size):
 # ---------------------------------------------------------------- info
 
 def info(args):
-    model, ckpt = open_checkpoint(args.checkpoint)
+    ckpt = read_gpt_checkpoint(args.checkpoint)  # the weights need no model: info stays fast on a large one
+    config = GPT.get_default_config()
+    config.merge_from_dict(ckpt["model_config"])
     print(f"checkpoint: {args.checkpoint} ({human_bytes(os.path.getsize(args.checkpoint))})")
-    print(f"run_id: {ckpt.get('run_id')}")
-    print(f"parameters: {model.num_parameters():,}")
+    if ckpt.get("run_id"):
+        print(f"run_id: {ckpt['run_id']}")
+    with torch.device("meta"):  # the fp32 model's count, also for int8 weights (buffers, not parameters)
+        parameters = GPT(config).num_parameters()
+    print(f"parameters: {parameters:,}{' (int8 weights)' if ckpt.get('format') == QUANTIZED else ''}")
     print("model config:")
     for key, value in ckpt["model_config"].items():
         print(f"  {key}: {value}")
-    print(f"tokenizer: {describe(ckpt.get('tokenizer'), args.checkpoint, model)}")
+    print(f"tokenizer: {describe(ckpt, args.checkpoint)}")
     if "iter_num" in ckpt:
         print(f"trained: {ckpt['iter_num']:,} iterations, {ckpt['tokens']:,} target tokens, "
               f"{ckpt['epoch']} epochs completed")
     history = ckpt.get("history") or []
-    if history:
-        print(f"last train loss: {history[-1]['loss']:.6f} (iteration {history[-1]['iter']})")
-    evaluated = [h for h in history if h.get("val_loss") is not None]
-    if evaluated:
-        print(f"last val loss: {evaluated[-1]['val_loss']:.6f} (iteration {evaluated[-1]['iter']})")
+    for key, what in (("loss", "train"), ("val_loss", "val")):
+        recorded = [h for h in history if h.get(key) is not None]
+        if recorded:
+            print(f"last {what} loss: {recorded[-1][key]:.6f} (iteration {recorded[-1]['iter']})")
     return 0
 
 
-def describe(tokenizer, path, model):
+def describe(ckpt, path):
     """One line about a checkpoint's tokenizer, also when it is not one of text (image-gpt records its palette)."""
+    tokenizer = ckpt.get("tokenizer")
     if tokenizer is None:
         return "none recorded"
     if isinstance(tokenizer, dict) and tokenizer.get("type") not in TOKENIZER_TYPES:
         return f"type {tokenizer.get('type')!r} (not text: sample and eval do not apply)"
-    tokenizer = text_tokenizer({"tokenizer": tokenizer}, path, model)
+    tokenizer = text_tokenizer(ckpt, path)
     eot = "" if tokenizer.eot_token is None else f", <|endoftext|> = {tokenizer.eot_token}"
     return f"{tokenizer.name} ({tokenizer.vocab_size:,} tokens{eot})"
 
@@ -276,6 +291,27 @@ def human_bytes(n):
         if n < 1000 or unit == "GB":
             return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
+
+
+# ---------------------------------------------------------------- quantize
+
+def quantize_checkpoint(args):
+    refuse_overwrite(args.out, args.checkpoint, args.overwrite)
+    model, ckpt = open_checkpoint(args.checkpoint)
+    if ckpt.get("format") == QUANTIZED:
+        raise ValueError(f"{args.checkpoint} is quantized already")
+    save_quantized(quantize(model, inplace=True), args.out, tokenizer=ckpt.get("tokenizer"))
+    print(f"wrote {args.out}: int8 weights, {human_bytes(os.path.getsize(args.out))} "
+          f"(the checkpoint, with its optimizer state: {human_bytes(os.path.getsize(args.checkpoint))})")
+    return 0
+
+
+def refuse_overwrite(out, source, overwrite):
+    """Never replace the source, nor an existing file unless told to."""
+    if os.path.exists(out) and os.path.samefile(out, source):
+        raise ValueError(f"--out {out} is the checkpoint being read; write elsewhere")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
 
 # ---------------------------------------------------------------- prepare
@@ -337,7 +373,9 @@ def build_parser():
                             description="Evaluate a checkpoint on consecutive windows of block_size tokens of a "
                                         "UTF-8 text file (encoded with the checkpoint's tokenizer) or of token "
                                         "shards (a folder's val_*.bin, a glob pattern or a .bin file). Bits per byte "
-                                        "= total nats / ln 2 / UTF-8 bytes of the predicted tokens.")
+                                        "= total nats / ln 2 / UTF-8 bytes of the predicted tokens. On an int8 "
+                                        "checkpoint the figures depend slightly on --batch-size, since each forward "
+                                        "pass quantizes its activations with one scale.")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--data", required=True, metavar="FILE_OR_SHARDS")
     p.add_argument("--batch-size", metavar="B", type=positive_int, default=8, help="windows per forward pass (8)")
@@ -350,6 +388,15 @@ def build_parser():
                                         "position, size on disk, run id and last losses.")
     p.add_argument("checkpoint", metavar="CKPT")
     p.set_defaults(run=info)
+
+    p = commands.add_parser("quantize", help="int8 weights for CPU inference, about 1/4 of the fp32 size",
+                            description="Write an int8 copy of a checkpoint's model (one scale per output channel "
+                                        "of every Linear layer and per token of the embedding) with its tokenizer; "
+                                        "sample, eval and info read it like any checkpoint.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(run=quantize_checkpoint)
 
     p = commands.add_parser("prepare", help="tokenise a corpus into train/val shards",
                             description="Tokenise text files, .jsonl, .parquet, folders, glob patterns or Hugging "

@@ -21,6 +21,7 @@ from mygpt.checkpoint import save_checkpoint
 from mygpt.cli import main
 from mygpt.data import prepare_corpus
 from mygpt.model import GPT
+from mygpt.quantize import load_quantized
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer
 
@@ -67,6 +68,12 @@ def is_utf8(data):
         return False
 
 
+def load_model(path):
+    """The model of a Trainer's checkpoint or of a quantized one."""
+    ckpt = torch.load(path, weights_only=True)
+    return load_quantized(path) if ckpt.get("format") == "mygpt-int8" else GPT.from_checkpoint(path)
+
+
 def run(*argv):
     """(exit status, stdout, stderr) of `mygpt argv`."""
     out, err = io.StringIO(), io.StringIO()
@@ -106,7 +113,7 @@ class CLITest(unittest.TestCase):
 class TestSample(CLITest):
     def expected(self, path, prompt, seed, n, stop=True, **kwargs):
         """What model.generate gives for the same settings, decoded, without the stop token."""
-        model = GPT.from_checkpoint(path)
+        model = load_model(path)
         tok = load_tokenizer(torch.load(path, weights_only=True)["tokenizer"])
         generator = torch.Generator().manual_seed(seed)
         texts = []
@@ -175,7 +182,7 @@ class TestEval(CLITest):
     def reference(self, path, text=None, max_windows=None, ids=None):
         """(mean loss, bits per byte) by hand: windows [i, i + T] for i = 0, T, 2T, ..., each token after the first
         predicted once; bytes are the UTF-8 bytes of the predicted tokens."""
-        model = GPT.from_checkpoint(path)
+        model = load_model(path)
         tok = load_tokenizer(torch.load(path, weights_only=True)["tokenizer"])
         ids = tok.encode(text) if ids is None else ids
         T = model.block_size
@@ -259,6 +266,43 @@ class TestEval(CLITest):
         self.assertFails(["eval", self.chars], 2, "required: --data")
 
 
+class TestQuantize(CLITest):
+    def test_quantized_checkpoint_works_with_sample_eval_and_info(self):
+        quantized = self.path("gpt2-int8.pt")
+        status, out, err = run("quantize", self.gpt2, "--out", quantized)
+        self.assertEqual(status, 0, err)
+        self.assertIn(f"wrote {quantized}: int8 weights", out)
+        model = load_quantized(quantized)
+        self.assertEqual(model.lm_head.weight.dtype, torch.int8)
+        fp32 = GPT.from_checkpoint(self.gpt2)
+        # a quarter of fp32, plus an fp32 scale per row: 1/n_embd = 1/16 more at this tiny width
+        self.assertLess(os.path.getsize(quantized), (0.25 + 1 / 16 + 0.01) * 4 * fp32.num_parameters())
+
+        status, out, err = run("info", quantized)
+        self.assertEqual(status, 0, err)
+        self.assertIn(f"parameters: {fp32.num_parameters():,} (int8 weights)", out)
+        self.assertIn("tokenizer: GPT-2 BPE", out)
+
+        status, out, err = run("sample", quantized, "--prompt", CHINESE[:2], "--seed", 1, "--max-new-tokens", 12)
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out, TestSample.expected(self, quantized, CHINESE[:2], 1, 1, do_sample=True)[0] + "\n")
+
+        with open(self.path("q.txt"), "w", encoding="utf-8") as f:
+            f.write(CHINESE * 8)
+        # batch 1: each forward quantizes its activations with one scale, so only equal batches give equal figures
+        status, out, err = run("eval", quantized, "--data", self.path("q.txt"), "--batch-size", 1)
+        self.assertEqual(status, 0, err)
+        loss, _, bpb = TestEval.figures(self, out)
+        ref_loss, ref_bpb = TestEval.reference(self, quantized, CHINESE * 8)
+        self.assertAlmostEqual(loss, ref_loss, places=5)
+        self.assertAlmostEqual(bpb, ref_bpb, places=5)
+
+        self.assertFails(["quantize", quantized, "--out", self.path("again.pt")], 1, "quantized already")
+        self.assertFails(["quantize", self.gpt2, "--out", quantized], 1, "exists; .* --overwrite")
+        self.assertFails(["quantize", self.gpt2, "--out", self.gpt2, "--overwrite"], 1, "is the checkpoint being read")
+        self.assertEqual(run("quantize", self.gpt2, "--out", quantized, "--overwrite")[0], 0)
+
+
 class TestPrepare(CLITest):
     def test_writes_what_prepare_corpus_writes(self):
         with open(self.path("a.txt"), "w", encoding="utf-8") as f:
@@ -328,7 +372,7 @@ class TestInfo(CLITest):
 
 class TestHelp(CLITest):
     def test_every_subcommand_has_help(self):
-        for command in ("sample", "eval", "info", "prepare"):
+        for command in ("sample", "eval", "info", "prepare", "quantize"):
             with self.subTest(command=command):
                 status, out, _ = run(command, "--help")
                 self.assertEqual(status, 0)
@@ -338,7 +382,7 @@ class TestHelp(CLITest):
         result = subprocess.run([sys.executable, "-m", "mygpt", "--help"], capture_output=True, text=True,
                                 cwd=ROOT, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
-        for command in ("sample", "eval", "info", "prepare"):
+        for command in ("sample", "eval", "info", "prepare", "quantize"):
             self.assertIn(command, result.stdout)
 
 

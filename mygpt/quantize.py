@@ -25,6 +25,7 @@ dtype from it. LayerNorms, biases, position embeddings and time weights stay fp3
 
 import copy
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,8 @@ REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 def quantize_rows(weight):
     """(int8 q, fp32 scale) with weight[o] ≈ q[o] * scale[o]: symmetric, one scale per row (output channel)."""
+    if weight.is_meta:  # a skeleton to load saved tensors into: shapes only, nothing to compute
+        return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], device="meta")
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero row stays zero
@@ -112,7 +115,9 @@ class Int8Embedding(nn.Module):
         self.dequantize()
 
     def dequantize(self):
-        self.weight = self.qweight.float() * self.scale[:, None]
+        q = self.qweight
+        # a meta skeleton (see load_quantized) has nothing to compute until saved tensors are loaded into it
+        self.weight = torch.empty(q.shape, device="meta") if q.is_meta else q.float() * self.scale[:, None]
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
@@ -163,6 +168,22 @@ def save_quantized(model, path, tokenizer=None):
     save_checkpoint(state, path)
 
 
+@contextmanager
+def meta_skeleton():
+    """Build modules on the meta device (shapes, no storage) without their random initialisation.
+
+    normal_ on a meta tensor would import PyTorch's Python decompositions, about 150 MB of modules, only to
+    fill tensors that hold nothing; every tensor of the skeleton is replaced by a loaded one.
+    """
+    normal = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.init.normal_ = normal
+
+
 def load_quantized(path, map_location="cpu"):
     """The quantized GPT saved at path by save_quantized, in eval mode. Loading never executes code.
 
@@ -176,7 +197,7 @@ def load_quantized(path, map_location="cpu"):
                               f"checkpoint with GPT.from_checkpoint(path) and quantize it with mygpt.quantize")
     config = GPT.get_default_config()
     config.merge_from_dict(ckpt["model_config"])
-    with torch.device("meta"):
+    with meta_skeleton():
         model = quantize(GPT(config), inplace=True)
     try:
         model.load_state_dict(ckpt["model"], assign=True)

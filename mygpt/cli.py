@@ -20,6 +20,7 @@ import sys
 import torch
 
 from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT
 from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_quantized
@@ -314,6 +315,26 @@ def refuse_overwrite(out, source, overwrite):
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
 
+# ---------------------------------------------------------------- export
+
+def export(args):
+    if args.dtype is not None and args.format != "gguf":
+        raise UsageError("--dtype applies to --format gguf only (see 'mygpt export --help')")
+    refuse_overwrite(args.out, args.checkpoint, args.overwrite)
+    model, ckpt = open_checkpoint(args.checkpoint)
+    tokenizer = None if args.no_tokenizer else ckpt.get("tokenizer")
+    if isinstance(tokenizer, dict) and tokenizer.get("type") == "chars":
+        raise ValueError(f"{args.checkpoint} records a character vocabulary, which GPT-2's BPE tokenizer cannot "
+                         f"hold; pass --no-tokenizer to export the weights alone")
+    if args.format == "hf":
+        export_hf(model, args.out, tokenizer=tokenizer)
+    else:
+        export_gguf(model, args.out, tokenizer=tokenizer, dtype=args.dtype or "f16")
+    print(f"wrote {args.out} ({'transformers GPT-2' if args.format == 'hf' else 'GGUF, gpt2 architecture'}"
+          f"{', weights only: no tokenizer' if tokenizer is None else ''})")
+    return 0
+
+
 # ---------------------------------------------------------------- prepare
 
 def prepare(args):
@@ -397,6 +418,21 @@ def build_parser():
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     p.set_defaults(run=quantize_checkpoint)
+
+    p = commands.add_parser("export", help="a Hugging Face transformers folder or a GGUF file (llama.cpp)",
+                            description="Export a checkpoint's GPT-2-shaped model with its BPE tokenizer: --format hf "
+                                        "writes a folder that transformers' GPT2LMHeadModel and AutoTokenizer load, "
+                                        "--format gguf a file of llama.cpp's gpt2 architecture. Models GPT-2 cannot "
+                                        "represent (time weighting, token shift, no position embedding or biases, "
+                                        "int8) are refused with the reason. Needs: pip install 'mygpt[export]'.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--format", required=True, choices=("hf", "gguf"))
+    p.add_argument("--out", required=True, metavar="PATH", help="the folder (hf) or file (gguf) to write")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default=None, help="GGUF matrices (f16)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the weights alone (e.g. for a character "
+                                                               "vocabulary, which GPT-2's tokenizer cannot hold)")
+    p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    p.set_defaults(run=export)
 
     p = commands.add_parser("prepare", help="tokenise a corpus into train/val shards",
                             description="Tokenise text files, .jsonl, .parquet, folders, glob patterns or Hugging "

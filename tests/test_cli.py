@@ -303,6 +303,57 @@ class TestQuantize(CLITest):
         self.assertEqual(run("quantize", self.gpt2, "--out", quantized, "--overwrite")[0], 0)
 
 
+class TestExport(CLITest):
+    def test_hf_folder_loads_in_transformers_with_the_same_logits(self):
+        try:
+            import transformers
+            import safetensors  # noqa: F401
+        except ImportError:
+            self.skipTest("transformers and safetensors are needed (pip install -e '.[test,export]')")
+        status, out, err = run("export", self.gpt2, "--format", "hf", "--out", self.path("hf"))
+        self.assertEqual(status, 0, err)
+        self.assertIn("wrote", out)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(self.path("hf")).eval()
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(self.path("hf"))
+        ids = hf_tokenizer(CHINESE + " ok", return_tensors="pt")["input_ids"]  # 12 tokens: within block_size
+        self.assertEqual(ids[0].tolist(), load_tokenizer({"type": "gpt2"}).encode(CHINESE + " ok"))
+        with torch.no_grad():
+            expected, _ = GPT.from_checkpoint(self.gpt2)(ids)
+            torch.testing.assert_close(hf(ids).logits, expected, atol=1e-5, rtol=0)
+        self.assertFails(["export", self.gpt2, "--format", "hf", "--out", self.path("hf")], 1, "exists")
+
+    def test_gguf_file_reads_back(self):  # weights alone: the hf test covers the tokenizer, GGUF's is slow to read
+        try:
+            import gguf
+        except ImportError:
+            self.skipTest("gguf is needed (pip install -e '.[export]')")
+        path = self.path("model.gguf")
+        status, out, err = run("export", self.gpt2, "--format", "gguf", "--dtype", "f32", "--no-tokenizer",
+                               "--out", path)
+        self.assertEqual(status, 0, err)
+        reader = gguf.GGUFReader(path)
+        tensors = {t.name: t for t in reader.tensors}
+        model = GPT.from_checkpoint(self.gpt2)
+        self.assertEqual(tensors["token_embd.weight"].tensor_type.name, "F32")
+        torch.testing.assert_close(torch.from_numpy(tensors["token_embd.weight"].data.copy()),
+                                   model.transformer.wte.weight.detach(), atol=0, rtol=0)
+        self.assertEqual(reader.fields["gpt2.context_length"].parts[-1][0], model.block_size)
+        self.assertNotIn("tokenizer.ggml.tokens", reader.fields)
+        self.assertIn("weights only: no tokenizer", out)
+
+    def test_refusals(self):
+        self.assertFails(["export", self.chars, "--format", "gguf", "--out", self.path("c.gguf")], 1,
+                         "character vocabulary.*--no-tokenizer")
+        self.assertFails(["export", self.gpt2, "--format", "onnx", "--out", self.path("x")], 2,
+                         "invalid choice: 'onnx'")
+        self.assertFails(["export", self.gpt2, "--format", "hf", "--dtype", "f16", "--out", self.path("x")], 2,
+                         "--dtype applies to --format gguf only")
+        quantized = self.path("for-export-int8.pt")
+        self.assertEqual(run("quantize", self.gpt2, "--out", quantized)[0], 0)
+        self.assertFails(["export", quantized, "--format", "hf", "--out", self.path("q-hf")], 1,
+                         "cannot export an int8 model")
+
+
 class TestPrepare(CLITest):
     def test_writes_what_prepare_corpus_writes(self):
         with open(self.path("a.txt"), "w", encoding="utf-8") as f:
@@ -372,7 +423,7 @@ class TestInfo(CLITest):
 
 class TestHelp(CLITest):
     def test_every_subcommand_has_help(self):
-        for command in ("sample", "eval", "info", "prepare", "quantize"):
+        for command in ("sample", "eval", "info", "prepare", "quantize", "export"):
             with self.subTest(command=command):
                 status, out, _ = run(command, "--help")
                 self.assertEqual(status, 0)
@@ -382,7 +433,7 @@ class TestHelp(CLITest):
         result = subprocess.run([sys.executable, "-m", "mygpt", "--help"], capture_output=True, text=True,
                                 cwd=ROOT, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
-        for command in ("sample", "eval", "info", "prepare", "quantize"):
+        for command in ("sample", "eval", "info", "prepare", "quantize", "export"):
             self.assertIn(command, result.stdout)
 
 

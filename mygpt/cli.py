@@ -3,6 +3,9 @@
     mygpt sample CKPT --prompt TEXT       print a continuation as it is generated
     mygpt eval CKPT --data FILE_OR_SHARDS loss, perplexity and bits per byte
     mygpt info CKPT                       what a checkpoint holds
+    mygpt quantize CKPT --out FILE        int8 weights (mygpt.quantize)
+    mygpt export CKPT --format hf|gguf    a transformers folder or a GGUF file (mygpt.export)
+    mygpt plot RUN_DIR_OR_CSV             loss.png of a run (mygpt.plot)
     mygpt prepare SOURCES... --out DIR    tokenise a corpus into shards (mygpt.data.prepare_corpus)
 
 Text goes in and out through the tokenizer the checkpoint records (mygpt/tokenizer.py). An error is one line,
@@ -23,6 +26,7 @@ from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT
+from mygpt.plot import plot_history
 from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_quantized
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
@@ -335,6 +339,17 @@ def export(args):
     return 0
 
 
+# ---------------------------------------------------------------- plot
+
+def plot(args):
+    source, out = args.source, args.out
+    if source.endswith(".pt") and os.path.isfile(source):  # a checkpoint carries its run's history
+        source = load_checkpoint(source).get("history") or []
+        out = out or os.path.join(os.path.dirname(os.path.abspath(args.source)), "loss.png")
+    print(f"wrote {plot_history(source, out, width=args.width, height=args.height, dpi=args.dpi)}")
+    return 0
+
+
 # ---------------------------------------------------------------- prepare
 
 def prepare(args):
@@ -433,6 +448,17 @@ def build_parser():
                                                                "vocabulary, which GPT-2's tokenizer cannot hold)")
     p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
     p.set_defaults(run=export)
+
+    p = commands.add_parser("plot", help="loss.png: train and validation loss against tokens, learning rate",
+                            description="Plot a run's train and validation loss against tokens (log scale) with the "
+                                        "learning rate on a second axis, from its work dir (history.csv), a history "
+                                        ".csv/.json file or a checkpoint. Needs: pip install 'mygpt[plot]'.")
+    p.add_argument("source", metavar="RUN_DIR_OR_CSV")
+    p.add_argument("--out", metavar="PNG", help="where to write (default: loss.png beside the history)")
+    p.add_argument("--width", type=positive_float, default=8.0, help="inches (8)")
+    p.add_argument("--height", type=positive_float, default=4.5, help="inches (4.5)")
+    p.add_argument("--dpi", type=positive_int, default=100, help="pixels per inch (100)")
+    p.set_defaults(run=plot)
 
     p = commands.add_parser("prepare", help="tokenise a corpus into train/val shards",
                             description="Tokenise text files, .jsonl, .parquet, folders, glob patterns or Hugging "

@@ -354,6 +354,35 @@ class TestExport(CLITest):
                          "cannot export an int8 model")
 
 
+def png_size(path):
+    """(width, height) from a PNG's signature and IHDR chunk."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise AssertionError(f"{path} is not a PNG")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+class TestPlot(CLITest):
+    def test_png_from_a_history_csv_and_from_a_checkpoint(self):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.skipTest("matplotlib is needed (pip install -e '.[plot]')")
+        run_dir = self.path("run")
+        os.makedirs(run_dir, exist_ok=True)
+        self.chars_trainer.save_history(os.path.join(run_dir, "history.csv"))
+        status, out, err = run("plot", run_dir, "--width", 4, "--height", 3, "--dpi", 50)
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out, f"wrote {os.path.join(run_dir, 'loss.png')}\n")
+        self.assertEqual(png_size(os.path.join(run_dir, "loss.png")), (200, 150))
+        status, out, err = run("plot", self.chars, "--out", self.path("from-ckpt.png"))
+        self.assertEqual(status, 0, err)
+        self.assertEqual(png_size(self.path("from-ckpt.png")), (800, 450))
+        self.assertFails(["plot", self.path("no-run")], 1, "no history at")
+        self.assertFails(["plot", run_dir, "--dpi", 0], 2, "--dpi: must be a positive integer")
+
+
 class TestPrepare(CLITest):
     def test_writes_what_prepare_corpus_writes(self):
         with open(self.path("a.txt"), "w", encoding="utf-8") as f:
@@ -423,7 +452,7 @@ class TestInfo(CLITest):
 
 class TestHelp(CLITest):
     def test_every_subcommand_has_help(self):
-        for command in ("sample", "eval", "info", "prepare", "quantize", "export"):
+        for command in ("sample", "eval", "info", "prepare", "quantize", "export", "plot"):
             with self.subTest(command=command):
                 status, out, _ = run(command, "--help")
                 self.assertEqual(status, 0)
@@ -433,7 +462,7 @@ class TestHelp(CLITest):
         result = subprocess.run([sys.executable, "-m", "mygpt", "--help"], capture_output=True, text=True,
                                 cwd=ROOT, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
-        for command in ("sample", "eval", "info", "prepare", "quantize", "export"):
+        for command in ("sample", "eval", "info", "prepare", "quantize", "export", "plot"):
             self.assertIn(command, result.stdout)
 
 

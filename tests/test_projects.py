@@ -7,16 +7,19 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mygpt import load_checkpoint
 from mygpt.utils import CfgNode, setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,14 +34,32 @@ def load_module(path, name):
     return module
 
 
-def run_script(script, *args):
-    """Run a project script as a user would; return its stdout, failing the test with its stderr."""
+def run_script(script, *args, fails=False):
+    """Run a project script as a user would; return its stdout, failing the test with its stderr.
+    With fails=True the script must fail, and its stderr is returned."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, str(PROJECTS / script), *args], capture_output=True, text=True,
                             env=env, timeout=300)
-    if result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
+    if (result.returncode != 0) != fails:
+        raise AssertionError(f"{script} {' '.join(args)} {'succeeded' if fails else 'failed'}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result.stderr if fails else result.stdout
+
+
+def write_text(folder, name, text):
+    path = os.path.join(folder, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def file_state(path):
+    """What a rerun must leave alone: the bytes and modification time of a file."""
+    with open(path, "rb") as f:
+        return f.read(), os.stat(path).st_mtime_ns
+
+
+RERUN_WAYS = ("--trainer.resume=True", "--trainer.overwrite=True", "--system.work_dir")
 
 
 class TestSetupLogging(unittest.TestCase):
@@ -80,43 +101,167 @@ class TestAdder(unittest.TestCase):
 
     def test_script_ends_with_the_accuracy_line(self):
         with tempfile.TemporaryDirectory() as tmp:
-            out = run_script("adder/adder.py", f"--system.work_dir={tmp}", "--trainer.max_iters=20", *TINY_MODEL)
+            args = [f"--system.work_dir={tmp}", "--trainer.max_iters=20", "--trainer.log_interval=10", *TINY_MODEL]
+            out = run_script("adder/adder.py", *args)
+            self.assertIn("expected duration of the default run", out)
             last = out.strip().splitlines()[-1]
             match = re.fullmatch(r"test accuracy: (\d+)/(\d+) = (\d+\.\d\d)%", last)
             self.assertIsNotNone(match, last)
             correct, total, pct = int(match[1]), int(match[2]), float(match[3])
             self.assertEqual(total, 2000)
             self.assertAlmostEqual(pct, round(100 * correct / total, 2))
-            self.assertTrue(os.path.exists(os.path.join(tmp, "checkpoint.pt")))
+            ckpt_path = os.path.join(tmp, "checkpoint.pt")
+            self.assertEqual(load_checkpoint(ckpt_path)["tokenizer"], {"type": "chars", "chars": list("0123456789")})
             with open(os.path.join(tmp, "config.json")) as f:
                 self.assertEqual(json.load(f)["model"]["n_embd"], 32)
+            with open(os.path.join(tmp, "log.txt")) as f:
+                self.assertEqual(len(re.findall(r"epoch \d+ iter \d+: train loss", f.read())), 2)  # steps 10, 20
+
+            # a second run in the same work dir stops before it writes anything
+            before = file_state(ckpt_path), file_state(os.path.join(tmp, "config.json"))
+            with self.assertRaises(FileExistsError) as cm:
+                self.adder.main(args)
+            for way in RERUN_WAYS:
+                self.assertIn(way, str(cm.exception))
+            self.assertEqual((file_state(ckpt_path), file_state(os.path.join(tmp, "config.json"))), before)
+
+    def test_values_it_cannot_represent_are_refused(self):
+        cases = [("--data.ndigit=0", "ndigit"), ("--data.ndigit=4", "ndigit"), ("--data.ndigit=-2", "ndigit"),
+                 ("--data.ndigit=None", "ndigit"), ("--data.test_fraction=0", "test_fraction"),
+                 ("--data.test_fraction=1", "test_fraction"), ("--data.test_fraction=1.5", "test_fraction"),
+                 ("--data.ndigit=1 --data.test_fraction=0.001", "test_fraction"), ("--data.max_test=0", "max_test")]
+        with tempfile.TemporaryDirectory() as tmp:
+            for args, key in cases:
+                with self.subTest(args):
+                    with self.assertRaisesRegex(ValueError, key):
+                        self.adder.main([f"--system.work_dir={tmp}", *args.split()])
+                    self.assertEqual(os.listdir(tmp), [])  # refused before anything was written
+        with self.assertRaisesRegex(ValueError, "split"):
+            self.adder.AdditionDataset(self.adder.AdditionDataset.get_default_config(), "val")
+
+    def test_largest_ndigit_splits_every_problem(self):
+        config = self.adder.AdditionDataset.get_default_config()
+        config.ndigit = self.adder.MAX_NDIGIT
+        train, test = (self.adder.AdditionDataset(config, split, seed=3) for split in ("train", "test"))
+        self.assertEqual((len(train), len(test)), (10 ** 6 - 10000, 10000))
+        self.assertEqual(torch.cat([train.problems, test.problems]).unique().numel(), 10 ** 6)
 
 
 class TestCharGPT(unittest.TestCase):
-    def test_train_resume_and_sample(self):
-        text = "".join(f"{a} and {b} make {a + b}.\n" for a in range(40) for b in range(12))
+    TEXT = "".join(f"{a} and {b} make {a + b}.\n" for a in range(40) for b in range(12))
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chargpt = load_module(PROJECTS / "chargpt" / "chargpt.py", "chargpt_project")
+
+    def common(self, text_file, work_dir):
+        return [f"--data.input_file={text_file}", f"--system.work_dir={work_dir}", "--data.block_size=16",
+                "--trainer.eval_interval=10", "--trainer.eval_iters=2", "--sample.every_eval=20", *TINY_MODEL]
+
+    def test_train_refuse_rerun_resume_and_sample(self):
         with tempfile.TemporaryDirectory() as tmp:
-            text_file = os.path.join(tmp, "numbers.txt")
-            with open(text_file, "w", encoding="utf-8") as f:
-                f.write(text)
             work_dir = os.path.join(tmp, "run")
-            common = [f"--data.input_file={text_file}", f"--system.work_dir={work_dir}", "--data.block_size=16",
-                      "--trainer.eval_interval=10", "--trainer.eval_iters=2", "--sample.every_eval=20", *TINY_MODEL]
-            out = run_script("chargpt/chargpt.py", "--trainer.max_iters=20", *common)
+            common = self.common(write_text(tmp, "numbers.txt", self.TEXT), work_dir)
+            out = run_script("chargpt/chargpt.py", "--trainer.max_iters=20", "--trainer.log_interval=5", *common)
+            self.assertIn("expected duration of the default run", out)
             self.assertIn("val loss", out)
             for name in ("best.pt", "checkpoint.pt", "config.json", "vocab.json", "log.txt"):
                 self.assertTrue(os.path.exists(os.path.join(work_dir, name)), name)
+            chars = sorted(set(self.TEXT))
+            ckpt_path = os.path.join(work_dir, "checkpoint.pt")
+            self.assertEqual(load_checkpoint(ckpt_path)["tokenizer"], {"type": "chars", "chars": chars})
+            with open(os.path.join(work_dir, "log.txt")) as f:
+                log = f.read()
+            self.assertEqual(len(re.findall(r"epoch 1 iter \d+: train loss \d", log)), 4)  # every 5 of 20 steps
+            self.assertEqual(re.findall(r"iter (\d+): val loss \d", log), ["10", "20"])
+
+            # a rerun neither trains nor touches the run it would replace, and says how to go on
+            kept = {name: file_state(os.path.join(work_dir, name)) for name in ("checkpoint.pt", "best.pt", "config.json")}
+            with self.assertRaises(FileExistsError) as cm:
+                self.chargpt.main(["--trainer.max_iters=10", *common])
+            for way in RERUN_WAYS:
+                self.assertIn(way, str(cm.exception))
+            self.assertEqual({name: file_state(os.path.join(work_dir, name)) for name in kept}, kept)
 
             out = run_script("chargpt/chargpt.py", "--trainer.max_iters=30", "--trainer.resume=True", *common)
             self.assertIn("resumed from", out)
             self.assertIn("iter 30: train loss", out)
+            self.assertEqual(load_checkpoint(ckpt_path)["iter_num"], 30)
 
             prompt = "12 and"
             out = run_script("chargpt/chargpt.py", "--system.mode=sample", f"--system.work_dir={work_dir}",
                              f"--sample.prompt={prompt}", "--sample.length=50")
             self.assertTrue(out.startswith(prompt))
             self.assertEqual(len(out), len(prompt) + 50 + 1)  # print adds the final newline
+            self.assertLessEqual(set(out[:-1]), set(self.TEXT))
+
+    def test_text_without_newline(self):
+        text = self.TEXT.replace("\n", " ")
+        with tempfile.TemporaryDirectory() as tmp:
+            work_dir = os.path.join(tmp, "run")
+            out = run_script("chargpt/chargpt.py", "--trainer.max_iters=20",
+                             *self.common(write_text(tmp, "line.txt", text), work_dir))
+            self.assertIn("samples start from ' ' instead", out)  # the default prompt, a newline, is no character of it
+            self.assertEqual(len(re.findall(r"val loss \d", out)), 3)  # at steps 10 and 20, and the final line
+            out = run_script("chargpt/chargpt.py", "--system.mode=sample", f"--system.work_dir={work_dir}",
+                             "--sample.length=30")
+            self.assertEqual(len(out), 1 + 30 + 1)
             self.assertLessEqual(set(out[:-1]), set(text))
+
+    def test_val_fraction_zero_trains_without_validation(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            work_dir = os.path.join(tmp, "run")
+            out = run_script("chargpt/chargpt.py", "--trainer.max_iters=20", "--data.val_fraction=0",
+                             *self.common(write_text(tmp, "numbers.txt", self.TEXT), work_dir))
+            self.assertNotIn("val loss", out)
+            self.assertTrue(os.path.exists(os.path.join(work_dir, "checkpoint.pt")))
+            self.assertFalse(os.path.exists(os.path.join(work_dir, "best.pt")))
+            self.assertEqual(load_checkpoint(os.path.join(work_dir, "checkpoint.pt"))["iter_num"], 20)
+
+    def test_texts_it_cannot_train_on_are_refused(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {"empty": write_text(tmp, "empty.txt", ""),
+                     "binary": os.path.join(tmp, "data.bin"), "latin": os.path.join(tmp, "latin1.txt")}
+            with open(files["binary"], "wb") as f:
+                f.write(b"text\0with a NUL byte" * 20)
+            with open(files["latin"], "wb") as f:
+                f.write("café au lait ".encode("latin-1") * 20)
+            for kind, message in [("empty", "is empty"), ("binary", "binary"), ("latin", "not UTF-8")]:
+                with self.subTest(kind):
+                    with self.assertRaisesRegex(ValueError, message):
+                        self.chargpt.main([f"--data.input_file={files[kind]}", f"--system.work_dir={tmp}/run"])
+            for value in ("1", "1.5", "-0.1"):
+                with self.subTest(val_fraction=value):
+                    with self.assertRaisesRegex(ValueError, "val_fraction must be a number in \\[0, 1\\)"):
+                        self.chargpt.main([f"--data.val_fraction={value}", f"--system.work_dir={tmp}/run"])
+            self.assertFalse(os.path.exists(f"{tmp}/run"))  # refused before anything was written
+
+    def test_short_text_is_refused_with_the_length_it_needs(self):
+        data = CfgNode(block_size=16, val_fraction=0.1)
+        for vf in (0.1, 0.25, 0.5, 0.0):
+            data.val_fraction = vf
+            # the plain rule: the shortest text whose split leaves block_size + 1 characters in each part used
+            needed = next(n for n in range(1, 1000) if int(n * (1 - vf)) >= 17 and (vf == 0 or n - int(n * (1 - vf)) >= 17))
+            with self.subTest(val_fraction=vf):
+                train, val = self.chargpt.split_text("x" * needed, data, "t.txt")
+                self.assertEqual((len(train) > 16, val is None or len(val) > 16), (True, True))
+                with self.assertRaisesRegex(ValueError, f"holds {needed - 1} characters; with block_size=16 and "
+                                                        f"val_fraction={vf} it needs at least {needed}"):
+                    self.chargpt.split_text("x" * (needed - 1), data, "t.txt")
+        tokenizer = self.chargpt.load_tokenizer({"type": "chars", "chars": ["a", "b"]})
+        self.assertEqual(len(self.chargpt.CharDataset("ab", tokenizer, 16)), 0)  # never a negative length
+
+    def test_sampling_prompt(self):
+        notes = []
+        chars = sorted(set("hello world"))
+        self.assertEqual(self.chargpt.sampling_prompt("\n", chars, notes.append), " ")
+        self.assertEqual(len(notes), 1)
+        self.assertEqual(self.chargpt.sampling_prompt("hello", chars, notes.append), "hello")
+        with self.assertRaisesRegex(ValueError, r"\['H', 'é'\]"):
+            self.chargpt.sampling_prompt("Hé llo", chars, notes.append)
+        with self.assertRaisesRegex(ValueError, "non-empty"):
+            self.chargpt.sampling_prompt("", chars, notes.append)
+        self.assertEqual(len(notes), 1)
 
 
 class TestImageGPT(unittest.TestCase):
@@ -178,19 +323,58 @@ class TestImageGPT(unittest.TestCase):
         self.assertEqual((len(train), len(test)), (2, 1))
         self.assertEqual(tuple(train.shape[1:]), (8, 8, 3))
 
-    def test_script_writes_a_png_of_samples(self):
+    def png_size(self, path):
         from PIL import Image
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+
+    def test_killed_run_keeps_its_work_resumes_and_samples_from_its_checkpoint(self):
         with tempfile.TemporaryDirectory() as tmp:
-            out = run_script("image-gpt/imagegpt.py", f"--system.work_dir={tmp}", "--trainer.max_iters=10",
-                             "--sample.n=8", "--sample.columns=4", "--sample.scale=2", *TINY_MODEL)
-            self.assertRegex(out, r"test loss per token: \d+\.\d+")
-            path = os.path.join(tmp, "samples.png")
-            with open(path, "rb") as f:
-                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
-            with Image.open(path) as im:
-                im.load()
-                # two 4x2 grids of 8x8 images with 1-pixel lines, a 2-pixel gap, all scaled by 2
-                self.assertEqual(im.size, (2 * (2 * (4 * 9 + 1) + 2), 2 * (2 * 9 + 1)))
+            args = [f"--system.work_dir={tmp}", "--sample.n=8", "--sample.columns=4", "--sample.scale=2", *TINY_MODEL]
+            ckpt_path = os.path.join(tmp, "checkpoint.pt")
+            # a run far too long to finish, stopped by SIGTERM (what `timeout` and schedulers send) once it
+            # has written a periodic checkpoint
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            proc = subprocess.Popen([sys.executable, str(PROJECTS / "image-gpt" / "imagegpt.py"), *args,
+                                     "--trainer.max_iters=1000000", "--trainer.ckpt_interval=5"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                deadline = time.monotonic() + 120
+                while not os.path.exists(ckpt_path) and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                proc.send_signal(signal.SIGTERM)
+                out, err = proc.communicate(timeout=60)
+            finally:
+                proc.kill()
+            self.assertEqual(proc.returncode, 0, err)
+            self.assertIn("expected duration of the default run", out)
+            self.assertIn("continue this run with --trainer.resume=True", out)
+            self.assertFalse(os.path.exists(os.path.join(tmp, "samples.png")))  # no samples from a stopped run
+            ckpt = load_checkpoint(ckpt_path)
+            stopped_at, pixels = ckpt["iter_num"], ckpt["tokenizer"]
+            self.assertGreaterEqual(stopped_at, 5)
+            self.assertEqual((pixels["type"], len(pixels["colours"]), pixels["height"], pixels["width"]),
+                             ("palette", 16, 8, 8))
+            self.assertEqual(sum(pixels["first_token_counts"]), 1438)  # one first pixel per training image
+
+            run_script("image-gpt/imagegpt.py", *args, fails=True)  # a new run would replace it: refused
+            out = run_script("image-gpt/imagegpt.py", f"--trainer.max_iters={stopped_at + 5}", "--trainer.resume=True",
+                             *args)
+            self.assertIn(f"resumed from {ckpt_path} at iteration {stopped_at}", out)
+            self.assertRegex(out, r"val loss per token: \d+\.\d+")
+            ckpt = load_checkpoint(ckpt_path)
+            self.assertEqual((ckpt["iter_num"], ckpt["tokenizer"]), (stopped_at + 5, pixels))
+            # two 4x2 grids of 8x8 images with 1-pixel lines, a 2-pixel gap, all scaled by 2
+            self.assertEqual(self.png_size(os.path.join(tmp, "samples.png")), (2 * (2 * (4 * 9 + 1) + 2), 2 * (2 * 9 + 1)))
+
+            out = run_script("image-gpt/imagegpt.py", "--system.mode=sample", f"--system.work_dir={tmp}",
+                             "--sample.n=6", "--sample.columns=3", "--sample.scale=3", "--sample.file=more.png")
+            self.assertIn("more.png", out)
+            # samples only: a 3x2 grid of 8x8 images with 1-pixel lines, scaled by 3
+            self.assertEqual(self.png_size(os.path.join(tmp, "more.png")), (3 * (3 * 9 + 1), 3 * (2 * 9 + 1)))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ For n = 2, 47 + 85 = 132 becomes 4 7 8 5 2 3 1.
 Every problem is in exactly one of the train and test splits; the test accuracy counts the test
 problems whose whole sum greedy generation gets right.
 
-    python projects/adder/adder.py
-    python projects/adder/adder.py --data.ndigit=3 --trainer.max_iters=20000
+    python projects/adder/adder.py                     # about 25 s on one CPU thread
+    python projects/adder/adder.py --data.ndigit=3
 """
 
 import os
@@ -21,6 +21,13 @@ import torch
 from torch.utils.data import Dataset
 
 from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
+from mygpt.tokenizer import describe_tokenizer
+
+# the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
+# 4 digits would be 10^8 (11 GB), so, as in minGPT, at most 3 digits
+MAX_NDIGIT = 3
+EXPECTED_DURATION = "about 25 s on one CPU thread (OMP_NUM_THREADS=1), 35 s with --data.ndigit=3"
+TOKENIZER = describe_tokenizer(list("0123456789"))  # token i is the digit i, recorded in every checkpoint
 
 
 def get_config():
@@ -38,6 +45,7 @@ def get_config():
     C.trainer.lr_decay = True
     C.trainer.warmup_tokens = 0
     C.trainer.ckpt_path = None     # None: checkpoint.pt in the work dir
+    C.trainer.ckpt_interval = 500  # a killed run keeps its work: --trainer.resume=True continues it
     return C
 
 
@@ -49,9 +57,11 @@ class AdditionDataset(Dataset):
         return CfgNode(ndigit=2, test_fraction=0.2, max_test=10000)
 
     def __init__(self, config, split, seed=0):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        num_test = check_data_config(config)
         n = config.ndigit
         num = 10 ** (2 * n)
-        num_test = min(int(num * config.test_fraction), config.max_test)
         # the same seed gives both splits the same permutation, so they partition all problems
         order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
         self.problems = order[:num_test] if split == "test" else order[num_test:]
@@ -66,6 +76,26 @@ class AdditionDataset(Dataset):
         x, y = seq[:-1], seq[1:].clone()
         y[: 2 * self.ndigit - 1] = -1  # the operands are given, not predicted
         return x, y
+
+
+def check_data_config(config):
+    """The size of the test split; a clear error, naming the key, for a problem size the dataset cannot
+    enumerate or a split that cannot exist."""
+    n = config.ndigit
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NDIGIT:
+        raise ValueError(f"--data.ndigit must be an int from 1 to {MAX_NDIGIT}, got {n!r}: the dataset enumerates "
+                         f"all 10^(2 x ndigit) problems, and 4 digits would take 10^8 problems (11 GB)")
+    if isinstance(config.test_fraction, bool) or not (isinstance(config.test_fraction, (int, float))
+                                                      and 0 < config.test_fraction < 1):
+        raise ValueError(f"--data.test_fraction must be a number strictly between 0 and 1, got {config.test_fraction!r}")
+    if isinstance(config.max_test, bool) or not isinstance(config.max_test, int) or config.max_test < 1:
+        raise ValueError(f"--data.max_test must be a positive int, got {config.max_test!r}")
+    num = 10 ** (2 * n)
+    num_test = min(int(num * config.test_fraction), config.max_test)
+    if num_test < 1:
+        raise ValueError(f"--data.test_fraction={config.test_fraction} of the {num} {n}-digit problems leaves "
+                         f"no test problem; raise it")
+    return num_test
 
 
 def digits(values, count):
@@ -93,25 +123,40 @@ def count_correct(model, dataset, batch_size=2000):
     return correct
 
 
+def check_rerun(config):
+    """Stop before anything is written when the work dir holds a run that this one would replace unasked."""
+    C = config.trainer
+    if os.path.exists(C.ckpt_path) and not (C.resume or C.overwrite):
+        raise FileExistsError(f"{C.ckpt_path} holds the checkpoint of an earlier run. Continue that run with "
+                              f"--trainer.resume=True, keep it and start anew with --system.work_dir=another/dir, "
+                              f"or replace it with --trainer.overwrite=True")
+
+
 def main(args):
     config = get_config()
-    config.merge_from_args(args)
+    config.merge_from_args(args, description=__doc__)
     set_seed(config.system.seed)
 
     train_dataset = AdditionDataset(config.data, "train", seed=config.system.seed)
     test_dataset = AdditionDataset(config.data, "test", seed=config.system.seed)
-    config.model.vocab_size = 10
+    config.model.vocab_size = len(TOKENIZER["chars"])
     config.model.block_size = 3 * config.data.ndigit
     model = GPT(config.model)
     config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
+    check_rerun(config)
     log = setup_logging(config)  # once the config is complete, so the saved one can rebuild the run
+    log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
+             f"here: {torch.get_num_threads()}")
     log.info(f"{len(train_dataset)} train and {len(test_dataset)} test problems, "
              f"{model.num_parameters() / 1e6:.2f}M parameters")
 
-    trainer = Trainer(config.trainer, model, train_dataset)
+    trainer = Trainer(config.trainer, model, train_dataset, tokenizer=TOKENIZER)
     started = time.time()
     trainer.run()
     trainer.save_history(os.path.join(config.system.work_dir, "history.csv"))
+    if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
+        log.info("continue this run with --trainer.resume=True")
+        return
     log.info(f"trained to iteration {trainer.iter_num} in {time.time() - started:.0f}s, final train loss {trainer.loss:.4f}")
 
     correct = count_correct(model, test_dataset)

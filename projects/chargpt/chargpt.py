@@ -9,7 +9,7 @@ Sample from the best checkpoint of a run:
 
     python projects/chargpt/chargpt.py --system.mode=sample --sample.prompt="ROMEO:" --sample.length=500
 
-The defaults are nanoGPT's CPU configuration of its shakespeare_char run (a few minutes on a laptop).
+The defaults are nanoGPT's CPU configuration of its shakespeare_char run (about 3 minutes on one CPU thread).
 """
 
 import json
@@ -19,10 +19,13 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import GPT, CfgNode, DownloadError, Trainer, download, set_seed, setup_logging
+from mygpt import GPT, CfgNode, DownloadError, Trainer, download, load_checkpoint, set_seed, setup_logging
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_PROMPT = "\n"
+EXPECTED_DURATION = "about 3 minutes on one CPU thread (OMP_NUM_THREADS=1) for tiny shakespeare"
 
 
 def get_config():
@@ -39,20 +42,20 @@ def get_config():
     C.trainer.lr_decay = True
     C.trainer.eval_interval = 250
     C.trainer.ckpt_path = None      # None: checkpoint.pt in the work dir
-    C.sample = CfgNode(prompt="\n", length=500, temperature=1.0, top_k=None, every_eval=200)
+    C.trainer.ckpt_interval = 250   # a killed run keeps its work: --trainer.resume=True continues it
+    C.sample = CfgNode(prompt=DEFAULT_PROMPT, length=500, temperature=1.0, top_k=None, every_eval=200)
     return C
 
 
 class CharDataset(Dataset):
     """Every window of block_size + 1 characters of a text, as (input, next-character target) pairs."""
 
-    def __init__(self, text, chars, block_size):
-        stoi = {c: i for i, c in enumerate(chars)}
-        self.data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    def __init__(self, text, tokenizer, block_size):
+        self.data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
         self.block_size = block_size
 
     def __len__(self):
-        return len(self.data) - self.block_size
+        return max(0, len(self.data) - self.block_size)
 
     def __getitem__(self, i):
         chunk = self.data[i:i + self.block_size + 1]
@@ -60,74 +63,191 @@ class CharDataset(Dataset):
 
 
 def read_text(path):
-    """The training text and where it came from: the given file, else tiny shakespeare from the download cache."""
+    """The training text and where it came from: the given file, else tiny shakespeare from the download cache.
+
+    Any non-empty UTF-8 text will do; an empty or binary file is refused.
+    """
     if path is None:
         try:
             path = download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
         except DownloadError as err:
             sys.exit(f"{err}\nOr train on any UTF-8 text file you have: --data.input_file=path/to/file.txt")
-    with open(path, encoding="utf-8") as f:
-        return f.read(), path
+    path = str(path)  # --data.input_file=2024 names a file, not file descriptor 2024
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"--data.input_file {path} is empty; give a UTF-8 text file")
+    if b"\0" in data:
+        raise ValueError(f"--data.input_file {path} holds NUL bytes: it is a binary file, not text; give a UTF-8 text file")
+    try:
+        return data.decode("utf-8"), path
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data.input_file {path} is not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                         f"{err.start}); convert it to UTF-8 or give another file") from None
 
 
-def encode(text, chars):
-    unknown = sorted(set(text) - set(chars))
+def split_point(n, val_fraction):
+    """Where a text of n characters splits: the first part trains, the rest validates."""
+    return int(n * (1 - val_fraction))
+
+
+def min_text_length(block_size, val_fraction):
+    """The fewest characters whose split leaves one window (block_size + 1 characters) in each part that
+    is used; both parts grow with the text, so a binary search finds it."""
+    def fits(n):
+        cut = split_point(n, val_fraction)
+        return cut > block_size and (val_fraction == 0 or n - cut > block_size)
+
+    lo = hi = block_size + 1
+    while not fits(hi):
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
+
+
+def check_data_config(data):
+    """Refuse, naming the key, a split or window size that cannot be (before any file is read)."""
+    vf, block_size = data.val_fraction, data.block_size
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:
+        raise ValueError(f"--data.val_fraction must be a number in [0, 1) (0: no validation), got {vf!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"--data.block_size must be a positive int, got {block_size!r}")
+
+
+def split_text(text, data, path):
+    """The train and val parts of the text (val is None when val_fraction is 0)."""
+    vf, block_size = data.val_fraction, data.block_size
+    needed = min_text_length(block_size, vf)
+    if len(text) < needed:
+        parts = "each of its train and val parts" if vf else "it"
+        raise ValueError(f"{path} holds {len(text)} characters; with block_size={block_size} and val_fraction={vf} "
+                         f"it needs at least {needed}, so that {parts} holds one window of block_size + 1 "
+                         f"characters. Give a longer text, or lower --data.block_size or --data.val_fraction")
+    cut = split_point(len(text), vf)
+    return text[:cut], (text[cut:] if vf else None)
+
+
+def sampling_prompt(prompt, chars, note):
+    """The prompt samples continue. The default, a newline, becomes the vocabulary's first character (with
+    a note) when the text has no newline; a prompt the user gave must use the text's characters."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"--sample.prompt must be a non-empty string, got {prompt!r}")
+    unknown = sorted(set(prompt) - set(chars))
+    if unknown and prompt == DEFAULT_PROMPT:
+        note(f"the text has no newline, the default prompt: samples start from {chars[0]!r} instead")
+        return chars[0]
     if unknown:
-        raise ValueError(f"characters {unknown!r} are not in the model's vocabulary")
-    stoi = {c: i for i, c in enumerate(chars)}
-    return torch.tensor([[stoi[c] for c in text]], dtype=torch.long)
+        raise ValueError(f"--sample.prompt holds characters the model never saw in training: {unknown!r}; "
+                         f"use characters of its text")
+    return prompt
 
 
-def sample(model, chars, prompt, length, temperature=1.0, top_k=None):
+def check_sample_config(S):
+    """Refuse bad sampling options now rather than at the first evaluation, minutes into a run."""
+    for key in ("length", "every_eval"):
+        value = getattr(S, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--sample.{key} must be an int >= 0, got {value!r}")
+    if isinstance(S.temperature, bool) or not isinstance(S.temperature, (int, float)) or not S.temperature > 0:
+        raise ValueError(f"--sample.temperature must be a number > 0, got {S.temperature!r}")
+    if S.top_k is not None and (isinstance(S.top_k, bool) or not isinstance(S.top_k, int) or S.top_k < 1):
+        raise ValueError(f"--sample.top_k must be None or an int >= 1, got {S.top_k!r}")
+
+
+def sample(model, tokenizer, prompt, length, temperature=1.0, top_k=None):
     """The prompt followed by `length` sampled characters."""
     device = next(model.parameters()).device
-    out = model.generate(encode(prompt, chars).to(device), length, temperature=temperature,
-                         do_sample=True, top_k=top_k)
-    return "".join(chars[i] for i in out[0].tolist())
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    out = model.generate(idx, length, temperature=temperature, do_sample=True, top_k=top_k)
+    return tokenizer.decode(out[0].tolist())
+
+
+def run_tokenizer(ckpt_path, work_dir):
+    """The characters of the run that wrote ckpt_path: its tokenizer entry, else the work dir's vocab.json
+    (runs from before checkpoints recorded it)."""
+    description = load_checkpoint(ckpt_path).get("tokenizer")
+    if description is None:
+        with open(os.path.join(work_dir, "vocab.json"), encoding="utf-8") as f:
+            description = describe_tokenizer(json.load(f))
+    return load_tokenizer(description)
+
+
+def check_rerun(config, best_path, chars):
+    """Stop before anything is written when the work dir holds a run that this one would replace unasked,
+    or would resume on another text's characters."""
+    C = config.trainer
+    resuming = C.resume and os.path.exists(C.ckpt_path)
+    earlier = [p for p in (C.ckpt_path, best_path) if os.path.exists(p)]
+    if earlier and not resuming and not C.overwrite:
+        raise FileExistsError(f"{' and '.join(earlier)} hold an earlier run. Continue that run with "
+                              f"--trainer.resume=True, keep it and start anew with --system.work_dir=another/dir, "
+                              f"or replace it with --trainer.overwrite=True")
+    if resuming and run_tokenizer(C.ckpt_path, config.system.work_dir).chars != chars:
+        raise ValueError(f"{C.ckpt_path} was trained on a text with other characters than "
+                         f"{config.data.input_file}; resume it on the same text")
 
 
 def train(config):
+    check_data_config(config.data)
+    check_sample_config(config.sample)
     text, path = read_text(config.data.input_file)
+    train_text, val_text = split_text(text, config.data, path)
     chars = sorted(set(text))
-    split = int(len(text) * (1 - config.data.val_fraction))
-    train_dataset = CharDataset(text[:split], chars, config.data.block_size)
-    val_dataset = CharDataset(text[split:], chars, config.data.block_size)
+    tokenizer = load_tokenizer(describe_tokenizer(chars))
+    work_dir = config.system.work_dir
+    C = config.trainer
+    C.ckpt_path = C.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
+    best_path = os.path.join(work_dir, "best.pt")
+    check_rerun(config, best_path, chars)
 
     config.model.vocab_size = len(chars)
     config.model.block_size = config.data.block_size
-    C = config.trainer
-    C.ckpt_path = C.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
     log = setup_logging(config)
-    with open(os.path.join(config.system.work_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    prompt = sampling_prompt(config.sample.prompt, chars, log.info)  # now, not at the first evaluation
+    with open(os.path.join(work_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(chars, f)
+    if C.overwrite and os.path.exists(best_path):
+        os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
+        log.info(f"overwrite=True: removed {best_path} of the earlier run")
 
     model = GPT(config.model)
-    log.info(f"{path}: {len(text)} characters, {len(chars)} distinct; {model.num_parameters() / 1e6:.2f}M parameters")
-    trainer = Trainer(C, model, train_dataset, val_dataset)
-    trainer.add_callback("on_eval_end", keep_best(config, chars, log))
+    log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
+             f"here: {torch.get_num_threads()}")
+    log.info(f"{path}: {len(text)} characters, {len(chars)} distinct; {model.num_parameters() / 1e6:.2f}M parameters"
+             + ("; val_fraction=0: no validation, no best.pt" if val_text is None else ""))
+    val_dataset = None if val_text is None else CharDataset(val_text, tokenizer, config.data.block_size)
+    trainer = Trainer(C, model, CharDataset(train_text, tokenizer, config.data.block_size), val_dataset,
+                      tokenizer=describe_tokenizer(tokenizer))
+    if val_dataset is not None:
+        trainer.add_callback("on_eval_end", keep_best(config, best_path, tokenizer, prompt, log))
     trainer.run()
-    trainer.save_history(os.path.join(config.system.work_dir, "history.csv"))
+    trainer.save_history(os.path.join(work_dir, "history.csv"))
+    if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
+        log.info("continue this run with --trainer.resume=True")
+        return
 
     recent = [h["loss"] for h in trainer.history[-100:]]
-    log.info(f"iter {trainer.iter_num}: train loss (mean of the last {len(recent)} steps) "
-             f"{sum(recent) / len(recent):.4f}, val loss {trainer.evaluate():.4f}")
+    if recent:
+        val = "" if val_dataset is None else f", val loss {trainer.evaluate():.4f}"
+        log.info(f"iter {trainer.iter_num}: train loss (mean of the last {len(recent)} steps) "
+                 f"{sum(recent) / len(recent):.4f}{val}")
 
 
-def keep_best(config, chars, log):
-    """An on_eval_end callback: log the val loss and a sample, save best.pt when the val loss improves."""
-    best_path = os.path.join(config.system.work_dir, "best.pt")
+def keep_best(config, best_path, tokenizer, prompt, log):
+    """An on_eval_end callback: save best.pt when the val loss improves, log a sample."""
     S = config.sample
 
     def on_eval_end(trainer):
         loss = trainer.history[-1]["val_loss"]
         # the history survives a resume, so the best loss so far does too
         earlier = [h["val_loss"] for h in trainer.history[:-1] if "val_loss" in h]
-        is_best = not earlier or loss < min(earlier)
-        if is_best:
+        if not earlier or loss < min(earlier):
             trainer.save_checkpoint(best_path)
-        log.info(f"iter {trainer.iter_num}: val loss {loss:.4f}{' (best so far, saved)' if is_best else ''}")
+            log.info(f"iter {trainer.iter_num}: best val loss so far, saved {best_path}")
         if S.every_eval:
-            log.info(sample(trainer.model, chars, S.prompt, S.every_eval, S.temperature, S.top_k))
+            log.info(sample(trainer.model, tokenizer, prompt, S.every_eval, S.temperature, S.top_k))
     return on_eval_end
 
 
@@ -136,17 +256,21 @@ def sample_from_checkpoint(config):
     work_dir = config.system.work_dir
     path = os.path.join(work_dir, "best.pt")
     if not os.path.exists(path):
-        path = os.path.join(work_dir, "checkpoint.pt")  # a run too short to have evaluated
+        path = os.path.join(work_dir, "checkpoint.pt")  # a run without validation, or too short to have evaluated
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{work_dir} holds no best.pt or checkpoint.pt: train first, or point "
+                                f"--system.work_dir at a run's work dir")
     model = GPT.from_checkpoint(path)
-    with open(os.path.join(work_dir, "vocab.json"), encoding="utf-8") as f:
-        chars = json.load(f)
+    tokenizer = run_tokenizer(path, work_dir)
     S = config.sample
-    print(sample(model, chars, S.prompt, S.length, S.temperature, S.top_k))
+    check_sample_config(S)
+    prompt = sampling_prompt(S.prompt, tokenizer.chars, lambda text: print(text, file=sys.stderr))
+    print(sample(model, tokenizer, prompt, S.length, S.temperature, S.top_k))
 
 
 def main(args):
     config = get_config()
-    config.merge_from_args(args)
+    config.merge_from_args(args, description=__doc__)
     set_seed(config.system.seed)
     if config.system.mode == "train":
         train(config)

@@ -3,16 +3,17 @@ An image GPT (iGPT): images as raster-order sequences of palette indices, modell
 
 The palette comes from k-means over the training pixels (palette.py). A sample starts from a first
 pixel drawn from how often each colour starts a training image, and continues with top-k sampling.
-The run writes samples.png (samples on the left, real test images on the right) and reports the test
-loss per token.
+The run reports the val loss per token and writes samples.png (samples on the left, real val images
+on the right); sample mode draws new samples from a run's checkpoint.
 
     python projects/image-gpt/imagegpt.py                       # scikit-learn's 8x8 digits, offline
+    python projects/image-gpt/imagegpt.py --system.mode=sample --sample.n=64 --sample.file=more.png
     python projects/image-gpt/imagegpt.py --data.dataset=folder --data.folder=photos --data.image_size=16
     python projects/image-gpt/imagegpt.py --data.dataset=cifar10   # 512 colours, 1024 tokens an image: a GPU job
 """
 
-import os
 import math
+import os
 import sys
 
 import numpy as np
@@ -21,14 +22,15 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, load_checkpoint, set_seed, setup_logging
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
+EXPECTED_DURATION = "about 2 minutes on one CPU thread (OMP_NUM_THREADS=1) for the digits"
 
 
 def get_config():
     C = CfgNode()
-    C.system = CfgNode(seed=3407, work_dir="./out/image-gpt")
+    C.system = CfgNode(seed=3407, work_dir="./out/image-gpt", mode="train")  # mode: 'train' or 'sample'
     C.data = CfgNode(dataset="digits", folder=None, image_size=16, n_clusters=None,
                      kmeans_pixels=200_000, kmeans_iters=30)
     C.model = GPT.get_default_config()
@@ -38,9 +40,10 @@ def get_config():
     C.trainer.batch_size = 32
     C.trainer.learning_rate = 1e-3
     C.trainer.eval_interval = 500
-    C.trainer.eval_iters = None  # None: the whole test split
-    C.trainer.ckpt_path = None   # None: checkpoint.pt in the work dir
-    C.sample = CfgNode(n=32, top_k=None, columns=8, scale=4)
+    C.trainer.eval_iters = None     # None: the whole val split
+    C.trainer.ckpt_path = None      # None: checkpoint.pt in the work dir
+    C.trainer.ckpt_interval = 250   # a killed run keeps its work: --trainer.resume=True continues it
+    C.sample = CfgNode(n=32, top_k=None, columns=8, scale=4, file="samples.png")  # file: in the work dir
     return C
 
 
@@ -70,23 +73,29 @@ def load_images(data, seed):
 
 
 def fit_palette(train_images, data, seed):
-    """k-means centres of (a random subset of) the training pixels."""
-    pixels = train_images.reshape(-1, train_images.shape[-1])
+    """The palette record: the k-means centres of (a random subset of) the training pixels, and how often
+    each colour starts a training image (the first pixel, which the GPT never predicts). A plain dict, kept
+    by the Trainer in every checkpoint as the run's tokenizer, so that a checkpoint alone can draw images."""
+    _, height, width, channels = train_images.shape
+    pixels = train_images.reshape(-1, channels)
     if len(pixels) > data.kmeans_pixels:
         pixels = pixels[torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))[:data.kmeans_pixels]]
-    return kmeans(pixels, data.n_clusters or N_CLUSTERS[data.dataset], iters=data.kmeans_iters, seed=seed)
+    palette = kmeans(pixels, data.n_clusters or N_CLUSTERS[data.dataset], iters=data.kmeans_iters, seed=seed)
+    first = quantise(train_images[:, :1, :1], palette)[:, 0]
+    return {"type": "palette", "colours": palette.tolist(), "height": height, "width": width,
+            "first_token_counts": torch.bincount(first, minlength=len(palette)).tolist()}
 
 
 @torch.no_grad()
-def sample_tokens(model, first_token_probs, n, length, top_k=None):
-    """n sequences of `length` tokens: the first drawn from first_token_probs, the rest from the model."""
+def sample_tokens(model, first_token_counts, n, length, top_k=None):
+    """n sequences of `length` tokens: the first drawn in proportion to first_token_counts, the rest from the model."""
     device = next(model.parameters()).device
-    first = torch.multinomial(first_token_probs, n, replacement=True)[:, None].to(device)
+    first = torch.multinomial(first_token_counts, n, replacement=True)[:, None].to(device)
     return model.generate(first, length - 1, do_sample=True, top_k=top_k).cpu()
 
 
 def save_grid(path, samples, reals, columns, scale):
-    """A PNG: the samples in a grid on the left, the real images in a grid on the right, a gap between."""
+    """A PNG: the samples in a grid on the left and, when given, the real images in a grid on the right."""
     Image = images.optional_import("PIL.Image", "pillow")
 
     def grid(batch):
@@ -98,51 +107,116 @@ def save_grid(path, samples, reals, columns, scale):
             canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = im
         return canvas
 
-    left, right = grid(samples), grid(reals)
-    height = max(len(left), len(right))
+    grids = [grid(samples)] + ([] if reals is None else [grid(reals)])
+    height = max(len(g) for g in grids)
     pad = lambda g: np.pad(g, ((0, height - len(g)), (0, 0), (0, 0)), constant_values=1.0)
-    gap = np.ones((height, 2, left.shape[2]), dtype=np.float32)
-    canvas = np.concatenate([pad(left), gap, pad(right)], axis=1)
+    gap = np.ones((height, 2, grids[0].shape[2]), dtype=np.float32)
+    canvas = np.concatenate([pad(grids[0])] + [part for g in grids[1:] for part in (gap, pad(g))], axis=1)
     pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
     Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(path)
 
 
-def main(args):
-    config = get_config()
-    config.merge_from_args(args)
-    set_seed(config.system.seed)
-    work_dir = config.system.work_dir
+def run_palette(ckpt_path):
+    """The palette record of the run that wrote ckpt_path, which the Trainer keeps as its tokenizer."""
+    pixels = load_checkpoint(ckpt_path).get("tokenizer")
+    if not pixels or pixels.get("type") != "palette":
+        raise ValueError(f"{ckpt_path} records no palette: it was not written by image-gpt (or by an image-gpt "
+                         f"older than its sample mode); train a new run")
+    return pixels
 
-    train_images, test_images = load_images(config.data, config.system.seed)
+
+def write_samples(path, model, pixels, S, reals=None):
+    """Draw S.n images from the model and save them (beside reals, when given) as a PNG grid."""
+    palette = torch.tensor(pixels["colours"])
+    h, w = pixels["height"], pixels["width"]
+    tokens = sample_tokens(model, torch.tensor(pixels["first_token_counts"], dtype=torch.float), S.n, h * w, S.top_k)
+    save_grid(path, dequantise(tokens, palette, h, w), reals, S.columns, S.scale)
+
+
+def check_sample_config(S):
+    """Refuse bad sampling options before training, not after it."""
+    for key in ("n", "columns", "scale"):
+        value = getattr(S, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--sample.{key} must be a positive int, got {value!r}")
+    if S.top_k is not None and (isinstance(S.top_k, bool) or not isinstance(S.top_k, int) or S.top_k < 1):
+        raise ValueError(f"--sample.top_k must be None or an int >= 1, got {S.top_k!r}")
+    if not isinstance(S.file, str) or not S.file.lower().endswith(".png"):
+        raise ValueError(f"--sample.file must be a file name ending in .png, got {S.file!r}")
+
+
+def check_rerun(config):
+    """Stop before anything is written when the work dir holds a run that this one would replace unasked."""
+    C = config.trainer
+    if os.path.exists(C.ckpt_path) and not (C.resume or C.overwrite):
+        raise FileExistsError(f"{C.ckpt_path} holds the checkpoint of an earlier run. Continue that run with "
+                              f"--trainer.resume=True, keep it and start anew with --system.work_dir=another/dir, "
+                              f"or replace it with --trainer.overwrite=True")
+
+
+def train(config):
+    work_dir, seed = config.system.work_dir, config.system.seed
+    C = config.trainer
+    C.ckpt_path = C.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
+    check_sample_config(config.sample)
+    check_rerun(config)
+    resuming = C.resume and os.path.exists(C.ckpt_path)
+
+    train_images, val_images = load_images(config.data, seed)
     _, height, width, _ = train_images.shape
-    palette = fit_palette(train_images, config.data, config.system.seed)
-    train_tokens, test_tokens = quantise(train_images, palette), quantise(test_images, palette)
-    first_token_probs = torch.bincount(train_tokens[:, 0], minlength=len(palette)).float()
+    # resuming, the palette the checkpoint was trained with rather than a new fit
+    pixels = run_palette(C.ckpt_path) if resuming else fit_palette(train_images, config.data, seed)
+    palette = torch.tensor(pixels["colours"])
+    train_tokens, val_tokens = quantise(train_images, palette), quantise(val_images, palette)
 
     config.model.vocab_size = len(palette)
     config.model.block_size = height * width - 1
-    config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
-    config.trainer.eval_iters = config.trainer.eval_iters or math.ceil(len(test_tokens) / config.trainer.batch_size)
+    C.eval_iters = C.eval_iters or math.ceil(len(val_tokens) / C.batch_size)
     log = setup_logging(config)
-    error = (dequantise(test_tokens, palette, height, width) - test_images).abs().mean()
-    log.info(f"{len(train_images)} train and {len(test_images)} test images of {height}x{width}, "
+    log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads here: {torch.get_num_threads()}")
+    error = (dequantise(val_tokens, palette, height, width) - val_images).abs().mean()
+    log.info(f"{len(train_images)} train and {len(val_images)} val images of {height}x{width}, "
              f"{len(palette)} colours (mean absolute quantisation error {error:.4f})")
-    torch.save({"palette": palette, "first_token_probs": first_token_probs}, os.path.join(work_dir, "palette.pt"))
 
     model = GPT(config.model)
     log.info(f"{model.num_parameters() / 1e6:.2f}M parameters, sequences of {height * width} tokens")
-    trainer = Trainer(config.trainer, model, ImageTokens(train_tokens), ImageTokens(test_tokens))
+    trainer = Trainer(C, model, ImageTokens(train_tokens), ImageTokens(val_tokens), tokenizer=pixels)
     trainer.run()
     trainer.save_history(os.path.join(work_dir, "history.csv"))
-    log.info(f"test loss per token: {trainer.evaluate():.4f}")
+    if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
+        log.info("continue this run with --trainer.resume=True")
+        return
+    log.info(f"val loss per token: {trainer.evaluate():.4f}")
 
-    S = config.sample
-    tokens = sample_tokens(model, first_token_probs, S.n, height * width, S.top_k)
-    samples = dequantise(tokens, palette, height, width)
-    reals = test_images[:S.n]
-    path = os.path.join(work_dir, "samples.png")
-    save_grid(path, samples, reals, S.columns, S.scale)
-    log.info(f"samples (left) next to real test images (right): {path}")
+    path = os.path.join(work_dir, config.sample.file)
+    write_samples(path, model, pixels, config.sample, reals=val_images[:config.sample.n])
+    log.info(f"samples (left) next to real val images (right): {path}")
+
+
+def sample_from_checkpoint(config):
+    """Write config.sample.n new images from the run's checkpoint to config.sample.file in its work dir."""
+    check_sample_config(config.sample)
+    work_dir = config.system.work_dir
+    path = os.path.join(work_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{work_dir} holds no checkpoint.pt: train first, or point --system.work_dir "
+                                f"at a run's work dir")
+    model = GPT.from_checkpoint(path)
+    out = os.path.join(work_dir, config.sample.file)
+    write_samples(out, model, run_palette(path), config.sample)
+    print(f"{config.sample.n} samples from {path}: {out}")
+
+
+def main(args):
+    config = get_config()
+    config.merge_from_args(args, description=__doc__)
+    set_seed(config.system.seed)
+    if config.system.mode == "train":
+        train(config)
+    elif config.system.mode == "sample":
+        sample_from_checkpoint(config)
+    else:
+        raise ValueError(f"--system.mode must be 'train' or 'sample', got {config.system.mode!r}")
 
 
 if __name__ == "__main__":

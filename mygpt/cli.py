@@ -22,7 +22,9 @@ import sys
 
 import torch
 
+from mygpt.bpe import get_encoder
 from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.data import TokenDataset, prepare_corpus
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT
@@ -244,7 +246,6 @@ def eval_windows(data, tokenizer, block_size):
 
 
 def shard_windows(pattern, tokenizer, block_size):
-    from mygpt.data import TokenDataset
     dataset = TokenDataset(pattern, block_size)
     if dataset.vocab_size is not None and dataset.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the shards {pattern} were prepared with a vocabulary of {dataset.vocab_size} tokens "
@@ -353,7 +354,6 @@ def plot(args):
 # ---------------------------------------------------------------- prepare
 
 def prepare(args):
-    from mygpt.data import prepare_corpus
     meta = prepare_corpus(args.sources, args.out, tokenizer=prepare_tokenizer(args.tokenizer),
                           val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                           num_workers=args.num_workers, text_field=args.text_field, seed=args.seed)
@@ -369,7 +369,6 @@ def prepare_tokenizer(name):
     if name == "gpt2":
         return name
     if os.path.isdir(name):
-        from mygpt.bpe import get_encoder
         return get_encoder(name)
     if name.endswith(".json") and os.path.isfile(name):
         with open(name, encoding="utf-8") as f:
@@ -391,14 +390,15 @@ def build_parser():
                             description="Sample from a checkpoint, printing each token as it comes. Stops at "
                                         "<|endoftext|> when the tokenizer has it.")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--prompt", metavar="TEXT", default="", help="the text to continue (empty: start a new document at "
-                                                "<|endoftext|>)")
-    p.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=200, help="tokens to generate per sample (200)")
+    p.add_argument("--prompt", metavar="TEXT", default="",
+                   help="the text to continue (empty: start a new document at <|endoftext|>)")
+    p.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=200,
+                   help="tokens to generate per sample (200)")
     p.add_argument("--temperature", metavar="T", type=positive_float, default=1.0, help="divides the logits (1.0)")
-    p.add_argument("--top-k", metavar="K", type=positive_int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", metavar="P", type=probability, default=None,
+    p.add_argument("--top-k", metavar="K", type=positive_int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", metavar="P", type=probability,
                    help="sample among the fewest tokens holding this much probability only (nucleus)")
-    p.add_argument("--seed", metavar="S", type=int_arg, default=None, help="seed of the sampling (default: a fresh one per run)")
+    p.add_argument("--seed", metavar="S", type=int_arg, help="seed of the sampling (default: a fresh one per run)")
     p.add_argument("--num-samples", metavar="M", type=positive_int, default=1, help="samples to print (1)")
     p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
     p.add_argument("--no-stop", action="store_true", help="go on past <|endoftext|>")
@@ -415,7 +415,7 @@ def build_parser():
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--data", required=True, metavar="FILE_OR_SHARDS")
     p.add_argument("--batch-size", metavar="B", type=positive_int, default=8, help="windows per forward pass (8)")
-    p.add_argument("--max-batches", metavar="N", type=positive_int, default=None, help="evaluate only this many batches")
+    p.add_argument("--max-batches", metavar="N", type=positive_int, help="evaluate only this many batches")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.set_defaults(run=evaluate)
 
@@ -443,7 +443,7 @@ def build_parser():
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
     p.add_argument("--out", required=True, metavar="PATH", help="the folder (hf) or file (gguf) to write")
-    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default=None, help="GGUF matrices (f16)")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), help="GGUF matrices (f16)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the weights alone (e.g. for a character "
                                                                "vocabulary, which GPT-2's tokenizer cannot hold)")
     p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
@@ -467,9 +467,11 @@ def build_parser():
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and meta.json")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default), a folder holding encoder.json and "
                                                        "vocab.bpe, or a .json file holding a list of characters")
-    p.add_argument("--val-fraction", metavar="F", type=float, default=0.005, help="share of documents for validation (0.005)")
-    p.add_argument("--shard-tokens", metavar="N", type=positive_int, default=100_000_000, help="tokens per shard (100M)")
-    p.add_argument("--num-workers", metavar="N", type=positive_int, default=None, help="encoding processes (all cores)")
+    p.add_argument("--val-fraction", metavar="F", type=float, default=0.005,
+                   help="share of documents for validation (0.005)")
+    p.add_argument("--shard-tokens", metavar="N", type=positive_int, default=100_000_000,
+                   help="tokens per shard (100M)")
+    p.add_argument("--num-workers", metavar="N", type=positive_int, help="encoding processes (all cores)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/datasets rows (text)")
     p.add_argument("--seed", metavar="S", type=int_arg, default=0, help="decides which documents go to validation (0)")
     p.set_defaults(run=prepare)

@@ -1,6 +1,7 @@
 """The `mygpt` command, run in-process through main() on tiny checkpoints that the Trainer writes here."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -22,7 +23,7 @@ from mygpt.cli import main
 from mygpt.data import prepare_corpus
 from mygpt.model import GPT
 from mygpt.quantize import load_quantized
-from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+from mygpt.tokenizer import load_tokenizer
 from mygpt.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,10 @@ def train(path, tokenizer, text, vocab_size, n_embd, iters, eot=None):
     trainer = Trainer(C, model, Windows(ids, 16), Windows(ids, 16), tokenizer=tokenizer)
     trainer.run()
     return trainer
+
+
+def missing(*modules):
+    return any(importlib.util.find_spec(m) is None for m in modules)
 
 
 def is_utf8(data):
@@ -195,7 +200,7 @@ class TestEval(CLITest):
             nats += F.cross_entropy(logits[0], y, reduction="sum").item()
             count += len(y)
             nbytes += len(tok.decode_bytes(y.tolist()))
-        if text is not None and max_windows is None:  # every token but the first was predicted: the whole text but its bytes
+        if text is not None and max_windows is None:  # every token but the first was predicted
             self.assertEqual(nbytes, len(text.encode("utf-8")) - len(tok.decode_bytes(ids[:1])))
         return nats / count, nats / math.log(2) / nbytes
 
@@ -305,11 +310,9 @@ class TestQuantize(CLITest):
 
 class TestExport(CLITest):
     def test_hf_folder_loads_in_transformers_with_the_same_logits(self):
-        try:
-            import transformers
-            import safetensors  # noqa: F401
-        except ImportError:
+        if missing("transformers", "safetensors"):
             self.skipTest("transformers and safetensors are needed (pip install -e '.[test,export]')")
+        import transformers
         status, out, err = run("export", self.gpt2, "--format", "hf", "--out", self.path("hf"))
         self.assertEqual(status, 0, err)
         self.assertIn("wrote", out)
@@ -323,10 +326,9 @@ class TestExport(CLITest):
         self.assertFails(["export", self.gpt2, "--format", "hf", "--out", self.path("hf")], 1, "exists")
 
     def test_gguf_file_reads_back(self):  # weights alone: the hf test covers the tokenizer, GGUF's is slow to read
-        try:
-            import gguf
-        except ImportError:
+        if missing("gguf"):
             self.skipTest("gguf is needed (pip install -e '.[export]')")
+        import gguf
         path = self.path("model.gguf")
         status, out, err = run("export", self.gpt2, "--format", "gguf", "--dtype", "f32", "--no-tokenizer",
                                "--out", path)
@@ -365,9 +367,7 @@ def png_size(path):
 
 class TestPlot(CLITest):
     def test_png_from_a_history_csv_and_from_a_checkpoint(self):
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if missing("matplotlib"):
             self.skipTest("matplotlib is needed (pip install -e '.[plot]')")
         run_dir = self.path("run")
         os.makedirs(run_dir, exist_ok=True)

@@ -28,7 +28,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 import traceback
 
@@ -51,6 +50,8 @@ from mygpt.model import CausalSelfAttention, circulant_time_weighting
 
 START = time.time()
 SMOKE = args.cpu_smoke
+if not SMOKE and not torch.cuda.is_available():
+    parser.error("no CUDA device here; --cpu-smoke runs every code path on the CPU")
 DEVICE = "cpu" if SMOKE else "cuda"
 AMP = None if SMOKE else torch.bfloat16  # the interpreter cannot multiply bf16 (see mygpt/kernels)
 COMPILE_BACKEND = "aot_eager" if SMOKE else "inductor"  # aot_eager: the compile path without building C++
@@ -182,6 +183,16 @@ def small_gpt(time_weighting, attention="auto", block_size=32, vocab_size=100):
 
 
 def cached_equals_uncached():
+    # exact fp32 (no TF32), so that rounding cannot swap two nearly equal logits between the two paths
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return generations()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def generations():
     out = {}
     prompt = torch.randint(0, 100, (2, 10), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     for form in (None, "circulant", "full"):

@@ -258,11 +258,11 @@ def compiled_kernel_report():
         report["cpu_error"] = str(e)
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
     for dtype, triton_dtype, hs, forms in ((torch.bfloat16, "bf16", 64, (0, 1, 2)), (torch.float32, "fp32", 128, (2,))):
-        BLOCK_M, BLOCK_N, num_warps = ta.tiles(dtype, hs, "cuda")
         for mode in forms:
             for kernel in (ta._forward, ta._backward_dk_dv, ta._backward_dq, ta._backward_dw):
                 if kernel is ta._backward_dw and mode == 0:
                     continue  # never launched without time parameters
+                BLOCK_M, BLOCK_N, num_warps = ta.tiles(dtype, hs, "cuda", backward=kernel is not ta._forward)
                 constants = dict(HEAD=hs, HEAD_PAD=hs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MODE=mode, PRECISION="tf32")
                 if kernel is ta._backward_dw:
                     constants["BLOCK_DIAG"] = triton.next_power_of_2(BLOCK_M + BLOCK_N - 1)

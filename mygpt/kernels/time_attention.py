@@ -62,7 +62,7 @@ def _forward(Q, K, V, W1, W2, O, LSE,
              HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              MODE: tl.constexpr, PRECISION: tl.constexpr):
     m_block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // n_head, bh % n_head
+    b, h = tl.cast(bh // n_head, tl.int64), bh % n_head  # 64-bit offsets: B * T * 3C may pass 2**31
     t = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions of this program
     d = tl.arange(0, HEAD_PAD)  # channels, padded to a power of 2
     q = tl.load(Q + b * s_qb + h * s_qh + t[:, None] * s_qt + d[None, :],
@@ -101,7 +101,7 @@ def _backward_dk_dv(Q, K, V, W1, W2, DO, LSE, DELTA, DK, DV,
                     MODE: tl.constexpr, PRECISION: tl.constexpr):
     """dK and dV of one tile of keys, over the query tiles at or after it. Tiles are transposed: (keys, queries)."""
     n_block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // n_head, bh % n_head
+    b, h = tl.cast(bh // n_head, tl.int64), bh % n_head
     u = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_PAD)
     kv_mask = (u[:, None] < T) & (d[None, :] < HEAD)
@@ -137,7 +137,7 @@ def _backward_dq(Q, K, V, W1, W2, DO, LSE, DELTA, DQ,
                  MODE: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one tile of queries, over the key tiles up to it."""
     m_block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // n_head, bh % n_head
+    b, h = tl.cast(bh // n_head, tl.int64), bh % n_head
     t = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_PAD)
     q_mask = (t[:, None] < T) & (d[None, :] < HEAD)
@@ -181,10 +181,11 @@ def _backward_dw(Q, K, V, W1, W2, DO, LSE, DW1, DW2,
     valid = (u[None, :] <= t[:, None]) & (u[None, :] < T) & (t[:, None] < T)
     g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(batch):
-        q = tl.load(Q + b * s_qb + h * s_qh + t[:, None] * s_qt + d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=q_mask, other=0.0)
-        k = tl.load(K + b * s_kb + h * s_kh + u[:, None] * s_kt + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + u[:, None] * s_vt + d[None, :], mask=kv_mask, other=0.0)
+        b64 = tl.cast(b, tl.int64)  # 64-bit offsets
+        q = tl.load(Q + b64 * s_qb + h * s_qh + t[:, None] * s_qt + d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b64 * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=q_mask, other=0.0)
+        k = tl.load(K + b64 * s_kb + h * s_kh + u[:, None] * s_kt + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * s_vb + h * s_vh + u[:, None] * s_vt + d[None, :], mask=kv_mask, other=0.0)
         lse = tl.load(LSE + (b * n_head + h) * T + t, mask=t < T, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
@@ -209,23 +210,24 @@ def _backward_dw(Q, K, V, W1, W2, DO, LSE, DW1, DW2,
                       mask=(c < BLOCK_M + BLOCK_N - 1) & (distance >= 0) & (distance < T))
 
 
-def tiles(dtype, head_size, device_type):
-    """(BLOCK_M, BLOCK_N, num_warps) of the launches for inputs of this dtype and head size.
+def tiles(dtype, head_size, device_type, backward):
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward or the backward launches for such inputs.
 
     The interpreter (CPU) is fastest with small tiles. On a GPU, 16-bit inputs take FlashAttention-2's
-    64 x 64 tiles and fp32 ones 32 x 32 (whose shared memory then stays within a GPU's ~100-227 KB);
-    a wide head needs more warps for its accumulators.
+    64 x 64 tiles and fp32 ones 32 x 32 (whose shared memory then stays within a GPU's ~100-227 KB).
+    The backward kernels and wide heads hold more per tile: with 4 warps ptxas spills their registers
+    (bf16, head size 64, sm_90), with 8 it does not.
     """
     if device_type == "cpu":
         return 16, 16, 1
     tile = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    return tile, tile, 4 if head_size <= 64 else 8
+    return tile, tile, 8 if backward or head_size > 64 else 4
 
 
-def _launch_args(q, w1, w2, mode):
-    """Keyword arguments shared by every launch: tiles, padded head size, weight strides and block size."""
+def _launch_args(q, w1, w2, mode, backward):
+    """Keyword arguments of the forward or the backward launches: tiles, padded head size, weight strides..."""
     hs = q.shape[-1]
-    BLOCK_M, BLOCK_N, num_warps = tiles(q.dtype, hs, q.device.type)
+    BLOCK_M, BLOCK_N, num_warps = tiles(q.dtype, hs, q.device.type, backward)
     # fp32 inputs follow torch's TF32 switch, so that both paths round alike; 16-bit inputs ignore it
     precision = "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
     s_w1h = w1.stride(0) if mode != NONE else 0
@@ -260,7 +262,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Ten
     B, nh, T, hs = q.shape
     o = _empty_bthd(q)
     lse = q.new_empty(B, nh, T, dtype=torch.float32)  # log2-sum-exp2 of each row of scores
-    args = _launch_args(q, w1, w2, mode)
+    args = _launch_args(q, w1, w2, mode, backward=False)
     _forward[(triton.cdiv(T, args["BLOCK_M"]), B * nh)](
         q, k, v, *_pointers(q, w1, w2), o, lse, *_strides(q, k, v, o), n_head=nh, T=T,
         qk_scale=math.log2(math.e) / math.sqrt(hs), **args)
@@ -282,7 +284,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)  # D = rowsum(dO * O), (B, nh, T)
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(v)
-    args = _launch_args(q, w1, w2, mode)
+    args = _launch_args(q, w1, w2, mode, backward=True)
     sm_scale = 1.0 / math.sqrt(hs)
     qk_scale = math.log2(math.e) * sm_scale
     W1, W2 = _pointers(q, w1, w2)

@@ -443,6 +443,8 @@ class TestPrepare(TempDir):
                 ({"num_workers": 0}, ValueError, "num_workers")):
             with self.subTest(kwargs=kwargs), self.assertRaisesRegex(error, message):
                 prepare_corpus(src, out, progress=False, **kwargs)
+        with self.assertRaisesRegex(ValueError, "does not run dataset scripts"):
+            prepare_corpus({"path": "some/dataset", "trust_remote_code": True}, out, progress=False)
         with self.assertRaisesRegex(FileNotFoundError, "nowhere.txt"):
             prepare_corpus(self.dir / "nowhere.txt", out, progress=False)
         (self.dir / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n', encoding="utf-8")

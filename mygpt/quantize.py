@@ -8,11 +8,12 @@ each call quantizes its input to 8 bits with one scale, multiplies in int32 and 
 decoder is limited by reading its weights from memory, and int8 weights are a quarter of fp32's bytes. Elsewhere
 (a GPU, a build without those kernels) the weights are dequantized for an ordinary fp32 matmul.
 
-Why not torch.ao.quantization.quantize_dynamic, which uses the same kernels: its modules keep the weights in an
-opaque packed object that torch.load(weights_only=True) cannot read back, and the API is deprecated. Why not
-torchao: on this CPU its int8 Linear is 2-6x slower than fp32 unless the model is compiled (see README).
-Here the state dict holds plain tensors (int8 weights, fp32 scales, biases), so quantized checkpoints load
-without executing code and stay readable if the kernels change; the packed form is rebuilt at first use.
+Why a module of our own on those kernels: torch.ao.quantization.quantize_dynamic (the same kernels) is deprecated,
+keeps its weights as quantized tensors (also deprecated) that only its own modules read, and gives activations
+7 bits on every x86 CPU; torchao's int8 Linear is 2-6x slower than fp32 on this CPU unless the model is compiled
+(see the README and bench/bench_quantize.py). Here the state dict holds plain tensors (int8 weights, fp32 scales,
+biases) that any reader understands and that stay loadable if the kernels change; the packed form the kernels
+want is rebuilt at first use.
 
 The token embedding is quantized the same way (one scale per token) and, when tied, shares lm_head's int8
 matrix. It is kept dequantized in memory as well, since a lookup is cheap and generation reads the model's

@@ -30,7 +30,7 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.eot_token = len(self.chars) if eot else None
         self.vocab_size = len(self.chars) + bool(eot)
-        self.name = f"characters ({len(self.chars)}{' + <|endoftext|>' if eot else ''})"
+        self.name = "characters + <|endoftext|>" if eot else "characters"
         self.description = {"type": "chars", "chars": self.chars}
         if eot:
             self.description["eot"] = self.eot_token
@@ -140,7 +140,7 @@ def _load_bpe(description):
         raise type(err)(f"tokenizer description of type 'bpe': {err}") from err
     described = {"type": "bpe", "encoder": dict(encoder.encoder), "merges": [list(m) for m in encoder.merges],
                  "pattern": pattern}
-    return BPETextTokenizer(encoder, f"BPE ({encoder.vocab_size} tokens)", described)
+    return BPETextTokenizer(encoder, "trained BPE", described)
 
 
 def _load_chars(description):

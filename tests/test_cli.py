@@ -23,7 +23,8 @@ from mygpt.cli import main
 from mygpt.data import prepare_corpus
 from mygpt.model import GPT
 from mygpt.quantize import load_quantized
-from mygpt.tokenizer import load_tokenizer
+from mygpt.bpe_train import train_bpe
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -430,7 +431,7 @@ class TestInfo(CLITest):
                 size = float(number) * {"KB": 1e3, "MB": 1e6}[unit]
                 self.assertLessEqual(abs(size - os.path.getsize(path)), 0.05 * {"KB": 1e3, "MB": 1e6}[unit])
         self.assertIn("tokenizer: GPT-2 BPE (50,257 tokens, <|endoftext|> = 50256)", run("info", self.gpt2)[1])
-        self.assertIn("tokenizer: characters (5 + <|endoftext|>) (6 tokens, <|endoftext|> = 5)",
+        self.assertIn("tokenizer: characters + <|endoftext|> (6 tokens, <|endoftext|> = 5)",
                       run("info", self.chars)[1])
 
     def test_checkpoints_without_a_text_tokenizer(self):
@@ -444,6 +445,13 @@ class TestInfo(CLITest):
                 self.assertEqual(status, 0, err)
                 self.assertIn(f"tokenizer: {shown}", out)
                 self.assertFails(["sample", self.path("other.pt"), "--prompt", "he"], 1, refusal)
+
+    def test_tokenizer_larger_than_the_model_is_refused(self):
+        encoder = train_bpe("hello world " * 20, 270)
+        bpe = describe_tokenizer(encoder)
+        save_checkpoint(dict(torch.load(self.chars, weights_only=True), tokenizer=bpe), self.path("bpe.pt"))
+        self.assertFails(["info", self.path("bpe.pt")], 1, rf"its tokenizer \(trained BPE\) has {encoder.vocab_size} "
+                                                           rf"tokens, more than the model's vocab_size 6")
 
     def test_errors(self):
         self.assertFails(["info", self.path("missing.pt")], 1, "no checkpoint at")

@@ -25,6 +25,7 @@ import os
 import re
 import tempfile
 import uuid
+import warnings
 from collections import deque, namedtuple
 from pathlib import Path
 
@@ -717,6 +718,11 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
             number = re.fullmatch(rf"{writer.split}_(\d{{6}})\.bin", path.name)
             if number and int(number.group(1)) >= writer.shards:
                 path.unlink()
+    empty = [w.split for w in writers.values() if not w.documents]
+    if empty and (val_fraction > 0 or empty == ["train"]):
+        warnings.warn(f"no document went to the {' and '.join(empty)} split: the split is by document, and "
+                      f"{writers['train'].documents + writers['val'].documents} documents were read; cut the text "
+                      f"into more documents (files, or lines of a .jsonl) or change val_fraction", stacklevel=2)
     magic, version = _format_of(tok.dtype)
     meta = {"vocab_size": tok.vocab_size, "eot": tok.eot, "dtype": tok.dtype.name, "magic": magic,
             "version": version, "text_bytes": nbytes, "settings": settings}

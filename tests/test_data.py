@@ -289,10 +289,12 @@ class TestPrepare(TempDir):
     def test_same_bytes_for_one_and_two_workers(self):
         src, _ = self.make_folder()
         for workers in (1, 2):
-            prepare_corpus(src, self.dir / f"out{workers}", val_fraction=0.3, shard_tokens=64,
+            prepare_corpus(src, self.dir / f"out{workers}", val_fraction=0.3, seed=3, shard_tokens=64,
                            num_workers=workers, progress=False)
         with mock.patch.object(data, "UNIT_CHARS", 100):  # many work units in flight between the processes
-            prepare_corpus(src, self.dir / "out3", val_fraction=0.3, shard_tokens=64, num_workers=2, progress=False)
+            prepare_corpus(src, self.dir / "out3", val_fraction=0.3, seed=3, shard_tokens=64, num_workers=2,
+                           progress=False)
+        self.assertTrue(any((self.dir / "out1").glob("val_*.bin")))
         self.assertEqual(files_of(self.dir / "out1"), files_of(self.dir / "out2"))
         self.assertEqual(files_of(self.dir / "out1"), files_of(self.dir / "out3"))
 
@@ -336,20 +338,27 @@ class TestPrepare(TempDir):
     def test_rerun_of_a_finished_corpus_and_foreign_folders(self):
         src, _ = self.make_folder()
         out = self.dir / "out"
-        meta = prepare_corpus(src, out, shard_tokens=64, num_workers=1, progress=False)
+        args = dict(val_fraction=0.3, seed=3, num_workers=1, progress=False)
+        meta = prepare_corpus(src, out, shard_tokens=64, **args)
         stamp = (out / "train_000000.bin").stat().st_mtime_ns
-        self.assertEqual(prepare_corpus(src, out, shard_tokens=64, num_workers=1, progress=False), meta)
+        self.assertEqual(prepare_corpus(src, out, shard_tokens=64, **args), meta)
         self.assertEqual((out / "train_000000.bin").stat().st_mtime_ns, stamp)  # nothing rewritten
         with self.assertRaisesRegex(ValueError, "other settings"):
-            prepare_corpus(src, out, shard_tokens=32, num_workers=1, progress=False)
+            prepare_corpus(src, out, shard_tokens=32, **args)
         (out / "train_000001.bin").unlink()  # a damaged corpus of the same settings is prepared again
-        self.assertEqual(prepare_corpus(src, out, shard_tokens=64, num_workers=1, progress=False), meta)
+        self.assertEqual(prepare_corpus(src, out, shard_tokens=64, **args), meta)
         self.assertTrue((out / "train_000001.bin").is_file())
         foreign = self.dir / "foreign"
         foreign.mkdir()
         write_shard(foreign / "train_000000.bin", [1, 2, 3])
         with self.assertRaisesRegex(ValueError, "did not record"):
-            prepare_corpus(src, foreign, num_workers=1, progress=False)
+            prepare_corpus(src, foreign, **args)
+
+    def test_warns_when_a_split_gets_no_document(self):
+        (self.dir / "one.txt").write_text("a single document", encoding="utf-8")
+        self.assertFalse(is_val(0, 0, 0.1))
+        with self.assertWarnsRegex(UserWarning, "no document went to the val split.*1 documents were read"):
+            prepare_corpus(self.dir / "one.txt", self.dir / "out", val_fraction=0.1, num_workers=1, progress=False)
 
     def test_character_vocabulary(self):
         docs = ["hello there", "", "the other one\n"]

@@ -16,8 +16,14 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "regex", "requests"],
     extras_require={
-        "hf": ["transformers"],
-        "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow"],
-        "projects": ["scikit-learn", "pillow"],
+        "hf": ["transformers"],                      # GPT.from_pretrained
+        "data": ["datasets", "pyarrow"],             # prepare_corpus from Parquet files or a hub dataset
+        "export": ["safetensors", "gguf"],           # mygpt export --format hf|gguf
+        "plot": ["matplotlib"],                      # loss.png
+        "gpu": ["triton"],                           # the fused time-weighted attention kernel
+        "projects": ["scikit-learn", "pillow"],      # image-gpt
+        "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow",
+                 "datasets", "pyarrow", "safetensors", "gguf", "matplotlib", "triton"],
     },
+    entry_points={"console_scripts": ["mygpt = mygpt.cli:main"]},
 )

@@ -1,11 +1,12 @@
 """Speed of mygpt's GPT-2 BPE against tiktoken, Hugging Face `tokenizers` and the plain algorithm, in one run.
 
-Run it alone on the machine (other benchmarks take the same lock):
+Run it alone on the machine (other benchmarks take the same lock), all sections or the ones named:
 
-    flock /tmp/mygpt-bench.lock python bench/bench_bpe.py
+    flock /tmp/mygpt-bench.lock python bench/bench_bpe.py [encode] [batch] [train] [long-runs] [crossover]
 
 All throughputs are MB of UTF-8 text per second on one thread. "cold" is the first encode by a fresh encoder (an empty
-cache, for those that have one); "warm" is the best of a few repeats of the same text.
+cache, for those that have one); "warm" is the best of a few repeats of the same text. The long-run table gives CPU
+seconds (time.process_time), which other work on a shared machine distorts less than wall time.
 """
 
 import gc
@@ -18,6 +19,8 @@ from pathlib import Path
 # The Rust libraries must not use more threads than the pure-Python code they are compared with.
 os.environ["RAYON_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# tiktoken panics on some long runs (reported in the table); one line on stderr is enough.
+os.environ["RUST_BACKTRACE"] = "0"
 
 import regex  # noqa: E402
 import tiktoken  # noqa: E402
@@ -26,9 +29,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN, Encoder, bytes_to_unicode, get_encoder  # noqa: E402
+from mygpt.bpe import (DATA_DIR, ENDOFTEXT, GPT2_PATTERN, HEAP_FROM_BYTES, Encoder, bytes_to_unicode,  # noqa: E402
+                       get_encoder, merge_in_rank_order)
 from mygpt.bpe_train import train_bpe  # noqa: E402
-from tests.corpus import english_and_code, mixed_text  # noqa: E402
+from tests.corpus import LONG_RUNS, english_and_code, long_run, mixed_text  # noqa: E402
 
 SHARED = ROOT.parent / "shared/data/gpt2"
 VOCAB_DIR = SHARED if (SHARED / "encoder.json").is_file() else DATA_DIR / "gpt2"
@@ -206,12 +210,89 @@ def bench_train(text):
     print(f"\n## train_bpe: {mb:.2f} MB to {enc.vocab_size} tokens in {took:.2f} s")
 
 
+def cpu_seconds(fn, *args):
+    """(CPU seconds of fn(*args), its result or the exception it raised). tiktoken's regex engine panics (a Rust
+    panic, which Python raises as a BaseException) on some long runs; that is reported, not fatal."""
+    gc.collect()
+    start = time.process_time()
+    try:
+        result = fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        result = e
+    return time.process_time() - start, result
+
+
+def bench_long_runs(n_chars=1_000_000, vocab_size=4096):
+    """Text with no spaces for the pre-tokeniser to cut at: pre-tokens up to n_chars long."""
+    print(f"\n## Long runs: {n_chars:,} characters of each kind, one thread, CPU seconds")
+    print(f"{'kind':26}{'MB':>6}{'mygpt':>9}{'tiktoken':>10}{'ratio':>8}  same ids  train_bpe to {vocab_size}")
+    tk = Tiktoken()
+    for kind in LONG_RUNS:
+        text = long_run(kind, n_chars)
+        ours_s, ours = cpu_seconds(fresh_mygpt().encode, text)
+        theirs_s, theirs = cpu_seconds(tk.encode, text)
+        train_s, _ = cpu_seconds(train_bpe, text, vocab_size)
+        if isinstance(theirs, BaseException):  # the ratio column names the failure
+            theirs_text, ratio, same = f"{'failed':>10}", f"  {type(theirs).__name__}", ""
+        else:
+            theirs_text, ratio, same = f"{theirs_s:10.2f}", f"{ours_s / theirs_s:7.1f}x", str(ours == theirs)
+        print(f"{kind:26}{len(text.encode('utf-8')) / 1e6:6.2f}{ours_s:9.2f}{theirs_text}{ratio:>8}  {same:8}"
+              f"  {train_s:.2f}")
+
+
+def bench_crossover(lengths=(3, 4, 6, 8, 10, 12, 16, 24, 32), repeats=5):
+    """Microseconds per pre-token for whole passes and for the rank-ordered merge, by length in bytes: on the
+    distinct words of prose and code, and on random letters. Sets HEAP_FROM_BYTES in mygpt/bpe.py."""
+    enc = get_encoder()
+    words = {}
+    for piece in set(regex.findall(GPT2_PATTERN, english_and_code(1_000_000))):
+        words.setdefault(len(piece.encode("utf-8")), []).append(piece.encode("utf-8"))
+    print(f"\n## Merge path crossover (HEAP_FROM_BYTES = {HEAP_FROM_BYTES}): us per pre-token, CPU time")
+    print(f"{'bytes':>5}{'words':>7}{'passes':>9}{'ranked':>9}   random letters:{'passes':>9}{'ranked':>9}")
+
+    def per_piece(merge, samples):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.process_time()
+            for ids in samples:
+                merge(list(ids))
+            best = min(best, time.process_time() - start)
+        return best / len(samples) * 1e6
+
+    def ranked(ids):
+        return merge_in_rank_order(ids, enc._rank_of, enc._merge_of)
+
+    for n in lengths:
+        real = words.get(n, [])[:300]
+        letters = [long_run("random letters", n, seed=s).encode("ascii") for s in range(300)]
+        cells = []
+        for samples in (real, letters):
+            ids = [[enc._byte_ids[b] for b in data] for data in samples]
+            few = len(ids) < 20  # too few distinct words of this length to time
+            timed = "" if few else f"{per_piece(enc._merge, ids):9.1f}{per_piece(ranked, ids):9.1f}"
+            cells.append(timed or f"{'-':>9}{'-':>9}")
+        print(f"{n:5}{len(real):7}{cells[0]}   {'':15}{cells[1]}")
+
+
+SECTIONS = {
+    "encode": lambda: (bench_encode_decode("English prose + Python code", english_and_code(3_000_000)),
+                       bench_encode_decode("mixed: prose, code, many scripts, emoji, numbers", mixed_text(1_000_000))),
+    "batch": lambda: bench_batch(english_and_code(3_000_000) + mixed_text(2_000_000, seed=1)),
+    "train": lambda: bench_train(english_and_code(1_100_000)),
+    "long-runs": bench_long_runs,
+    "crossover": bench_crossover,
+}
+
+
 def main():
-    text = english_and_code(3_000_000)
-    bench_encode_decode("English prose + Python code", text)
-    bench_encode_decode("mixed: prose, code, many scripts, emoji, numbers", mixed_text(1_000_000))
-    bench_batch(text + mixed_text(2_000_000, seed=1))
-    bench_train(english_and_code(1_100_000))
+    names = sys.argv[1:] or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    for name in names:
+        SECTIONS[name]()
 
 
 if __name__ == "__main__":

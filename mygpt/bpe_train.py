@@ -16,7 +16,7 @@ from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, _compiled, _int_arg, _re
 
 # Pre-tokens of more bytes than this keep their pairs' positions (see _LongWord); a shorter one is merged and
 # recounted whole, which is cheaper for a few bytes.
-LONG_WORD_BYTES = 64
+LONG_WORD_BYTES = 16
 
 
 def train_bpe(text_or_iterator, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):

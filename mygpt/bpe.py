@@ -32,8 +32,8 @@ GPT2_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 _NO_MERGE = (float("inf"), -1, -1, -1)
-# Pre-tokens of at least this many bytes merge through the heap; shorter ones by whole passes, which do fewer steps on a
-# few bytes (the crossover measured in bench/bench_bpe.py, --threshold).
+# Pre-tokens of at least this many bytes merge in rank order (merge_in_rank_order); shorter ones by whole passes, which
+# take fewer steps on a few bytes. Measured crossover: 8 to 12 bytes (`python bench/bench_bpe.py crossover`).
 HEAP_FROM_BYTES = 12
 # Longer pre-tokens are not cached: they rarely repeat, and the cache's memory is bounded by its count of entries.
 CACHE_MAX_CHARS = 256
@@ -280,6 +280,7 @@ class Encoder:
         try:
             return "".join(map(self._decode_table.__getitem__, ids)).encode("latin-1")
         except (IndexError, TypeError):
+            _check_ints(ids, "ids")
             at, bad = next((k, i) for k, i in enumerate(ids) if not self._is_token_id(i))
             raise ValueError(f"ids[{at}] = {bad!r} is not a token id of this vocabulary (ids 0..{self.vocab_size - 1})"
                              ) from None
@@ -507,11 +508,10 @@ def _path_arg(value, name):
 
 
 def _id_list(ids, name):
-    """`ids` as a list of ints (numpy integers allowed), from a list, tuple or 1-D integer array or tensor.
+    """`ids` as a list, from a list, tuple, iterable, or 1-D integer array or tensor; bools refused.
 
-    Bools, floats, strings and nested lists raise TypeError naming the position: a bool would index as 0 or 1 and a
-    nested list means a batch given where one sequence belongs. Checking the types of a million ids costs about a
-    fifth of decoding them.
+    A bool would index as 0 or 1 and decode silently; any other non-int fails the table lookup, and `_check_ints`
+    then names it. Looking for bools costs about a third of decoding a list (arrays and tensors convert to ints).
     """
     if hasattr(ids, "dtype") and hasattr(ids, "ndim"):  # a numpy array or a torch tensor
         if "int" not in str(ids.dtype):
@@ -522,13 +522,17 @@ def _id_list(ids, name):
     if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
         raise TypeError(f"{name} must be a sequence of int token ids, got {type(ids).__name__}")
     ids = ids if isinstance(ids, list) else list(ids)
-    types = set(map(type, ids))
-    if types - {int}:
-        for k, i in enumerate(ids):
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-                nested = "; decode one sequence at a time" if isinstance(i, (list, tuple)) else ""
-                raise TypeError(f"{name}[{k}] is {i!r} ({type(i).__name__}): token ids must be ints{nested}")
+    if bool in map(type, ids):
+        _check_ints(ids, name)
     return ids
+
+
+def _check_ints(ids, name):
+    """TypeError naming the first item of `ids` that is not an int (numpy integers are ints, bools are not)."""
+    for k, i in enumerate(ids):
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            nested = "; decode one sequence at a time" if isinstance(i, (list, tuple)) else ""
+            raise TypeError(f"{name}[{k}] is {i!r} ({type(i).__name__}): token ids must be ints{nested}")
 
 
 _worker_encoder = None

@@ -9,7 +9,7 @@ Sample from the best checkpoint of a run:
 
     python projects/chargpt/chargpt.py --system.mode=sample --sample.prompt="ROMEO:" --sample.length=500
 
-The defaults are nanoGPT's CPU configuration of its shakespeare_char run (about 3 minutes on one CPU thread).
+The defaults are nanoGPT's CPU configuration of its shakespeare_char run (about 2.5 minutes of one CPU thread).
 """
 
 import json
@@ -25,7 +25,7 @@ from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_PROMPT = "\n"
-EXPECTED_DURATION = "about 3 minutes on one CPU thread (OMP_NUM_THREADS=1) for tiny shakespeare"
+EXPECTED_DURATION = "about 2.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for tiny shakespeare"
 
 
 def get_config():

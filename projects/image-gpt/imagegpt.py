@@ -25,7 +25,7 @@ from palette import dequantise, kmeans, quantise
 from mygpt import GPT, CfgNode, Trainer, load_checkpoint, set_seed, setup_logging
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
-EXPECTED_DURATION = "about 2 minutes on one CPU thread (OMP_NUM_THREADS=1) for the digits"
+EXPECTED_DURATION = "about 1.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for the digits"
 
 
 def get_config():
@@ -34,9 +34,9 @@ def get_config():
     C.data = CfgNode(dataset="digits", folder=None, image_size=16, n_clusters=None,
                      kmeans_pixels=200_000, kmeans_iters=30)
     C.model = GPT.get_default_config()
-    C.model.n_layer, C.model.n_head, C.model.n_embd = 4, 4, 128
+    C.model.n_layer, C.model.n_head, C.model.n_embd = 2, 4, 128
     C.trainer = Trainer.get_default_config()
-    C.trainer.max_iters = 1500
+    C.trainer.max_iters = 1000
     C.trainer.batch_size = 32
     C.trainer.learning_rate = 1e-3
     C.trainer.eval_interval = 500

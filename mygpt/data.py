@@ -571,7 +571,7 @@ class _ShardWriter:
     def write(self, tokens):
         while len(tokens):
             if self.file is None:
-                self.file = _ShardFile(self.out_dir / shard_name(self.split, self.shards), self.dtype)
+                self.file = _ShardFile(self.out_dir / _shard_name(self.split, self.shards), self.dtype)
             take = min(len(tokens), self.shard_tokens - self.file.count)
             self.file.append(tokens[:take])
             self.tokens += take
@@ -591,7 +591,32 @@ class _ShardWriter:
             self.file = None
 
 
-def shard_name(split, index):
+class _EncoderPool:
+    """`with _EncoderPool(...) as encoded:` gives encoded(units) -> the results of _encode_unit, in order; in
+    `workers` processes (forked where the platform can, so they start with the tokenizer at no cost) or, for one,
+    in this process."""
+
+    def __init__(self, workers, tok, seed, val_fraction):
+        self.workers, self.args = workers, (tok, seed, val_fraction)
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers == 1:
+            _set_worker(*self.args)
+            return lambda units: map(_encode_unit, units)
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        self.pool = context.Pool(self.workers, initializer=_set_worker, initargs=self.args)
+        return lambda units: _ordered_map(self.pool, _encode_unit, units, ahead=2 * self.workers)
+
+    def __exit__(self, *exc):
+        _set_worker(None, None, None)
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _shard_name(split, index):
     return f"{split}_{index:06d}.bin"
 
 
@@ -615,7 +640,7 @@ def _write_json(path, value):
 def _complete(out_dir, meta):
     """Whether every shard that meta.json lists is on disk, whole."""
     try:
-        return all(sum(read_header(out_dir / shard_name(split, i)).num_tokens for i in range(meta[split]["shards"]))
+        return all(sum(read_header(out_dir / _shard_name(split, i)).num_tokens for i in range(meta[split]["shards"]))
                    == meta[split]["tokens"] for split in SPLITS)
     except (OSError, ShardError):
         return False
@@ -675,7 +700,8 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     tokenizer: "gpt2", a mygpt `Encoder` (it must have <|endoftext|>), or a list of characters, which get ids
     0..len-1 and id len(chars) ends each document. Text is encoded as ordinary text (encode_ordinary); each non-empty
     document is followed by the end-of-text id; empty documents are skipped.
-    Document i goes to validation when a hash of (seed, i) says so, with probability val_fraction.
+    Document i (counting every document read, empty ones too) goes to validation with probability val_fraction,
+    decided by a hash of (seed, i) (see _in_val), so that the split does not depend on the workers.
     num_workers processes encode (None: all cores); the output is byte-identical for any number of them. Shards are
     written under temporary names and renamed when whole; after an interruption, run the same call again: it
     rewrites the corpus and ends byte-identical to an uninterrupted run. Rerunning a finished prepare returns at once.
@@ -697,10 +723,10 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     units = _work_units(_documents(resolved, text_field), tok.cut)
     nbytes = 0
     try:
-        with _encoder_pool(workers, tok, seed, val_fraction) as encoded, \
+        with _EncoderPool(workers, tok, seed, val_fraction) as encoded, \
                 tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
             for tokens, documents, size in encoded(units):
-                for split, writer, part, docs in zip(SPLITS, writers.values(), tokens, documents):
+                for writer, part, docs in zip(writers.values(), tokens, documents):
                     writer.write(part)
                     writer.documents += docs
                 nbytes += size
@@ -713,16 +739,22 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
             writer.discard()
         raise
 
-    for writer in writers.values():  # shards numbered past this run's, left by an earlier run of changed sources
-        for path in out_dir.glob(f"{writer.split}_*.bin"):
-            number = re.fullmatch(rf"{writer.split}_(\d{{6}})\.bin", path.name)
-            if number and int(number.group(1)) >= writer.shards:
-                path.unlink()
     empty = [w.split for w in writers.values() if not w.documents]
     if empty and (val_fraction > 0 or empty == ["train"]):
         warnings.warn(f"no document went to the {' and '.join(empty)} split: the split is by document, and "
                       f"{writers['train'].documents + writers['val'].documents} documents were read; cut the text "
                       f"into more documents (files, or lines of a .jsonl) or change val_fraction", stacklevel=2)
+    return _finish(out_dir, writers, tok, nbytes, settings)
+
+
+def _finish(out_dir, writers, tok, nbytes, settings):
+    """Remove shards numbered past this run's (left by an earlier run of changed sources), then write meta.json,
+    which marks the corpus finished."""
+    for writer in writers.values():
+        for path in out_dir.glob(f"{writer.split}_*.bin"):
+            number = re.fullmatch(rf"{writer.split}_(\d{{6}})\.bin", path.name)
+            if number and int(number.group(1)) >= writer.shards:
+                path.unlink()
     magic, version = _format_of(tok.dtype)
     meta = {"vocab_size": tok.vocab_size, "eot": tok.eot, "dtype": tok.dtype.name, "magic": magic,
             "version": version, "text_bytes": nbytes, "settings": settings}
@@ -731,28 +763,3 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     _write_json(out_dir / "meta.json", meta)
     (out_dir / "prepare.json").unlink()
     return meta
-
-
-class _encoder_pool:
-    """`with _encoder_pool(...) as encoded:` gives encoded(units) -> the results of _encode_unit, in order; in
-    `workers` processes (forked where the platform can, so they start with the tokenizer at no cost) or, for one,
-    in this process."""
-
-    def __init__(self, workers, tok, seed, val_fraction):
-        self.workers, self.args = workers, (tok, seed, val_fraction)
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers == 1:
-            _set_worker(*self.args)
-            return lambda units: map(_encode_unit, units)
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        self.pool = context.Pool(self.workers, initializer=_set_worker, initargs=self.args)
-        return lambda units: _ordered_map(self.pool, _encode_unit, units, ahead=2 * self.workers)
-
-    def __exit__(self, *exc):
-        _set_worker(None, None, None)
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()

@@ -6,6 +6,7 @@ from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.download import DownloadError, download
 from mygpt.generate import stream
 from mygpt.model import GPT, KVCache
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer
 from mygpt.utils import CfgNode, set_seed, setup_logging
 
@@ -15,7 +16,7 @@ __all__ = [
     # training
     "Trainer", "load_checkpoint", "CheckpointError",
     # tokenizers
-    "Encoder", "get_encoder", "BPETokenizer", "train_bpe",
+    "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "describe_tokenizer", "load_tokenizer",
     # helpers
     "download", "DownloadError", "CfgNode", "set_seed", "setup_logging",
 ]

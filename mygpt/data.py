@@ -418,8 +418,9 @@ def _describe(source):
 
 
 def _text_file(path):
-    """A text file as one document, read in blocks (UTF-8, line endings kept as they are)."""
-    with open(path, encoding="utf-8", newline="") as f:
+    """A text file as one document, read in blocks: the text that open(path, encoding="utf-8").read() gives (line
+    endings become \n, as in nanoGPT's prepare scripts and in the texts users compare with)."""
+    with open(path, encoding="utf-8") as f:
         try:
             yield from iter(lambda: f.read(PIECE_CHARS), "")
         except UnicodeDecodeError as e:
@@ -692,7 +693,7 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
                    num_workers=None, text_field="text", seed=0, glob="**/*", progress=True):
     """Tokenise `sources` into train/val shards and meta.json in `out_dir`; returns the meta dict.
 
-    sources: one or a list of: a text file (one document); a .jsonl file (one document per line, in `text_field`); a
+    sources: one or a list of: a text file (one document, line endings read as \n); a .jsonl file (one document per line, in `text_field`); a
     .parquet file (one per row, column `text_field`; needs pyarrow); a folder (every non-hidden file matching `glob`,
     recursively, in sorted order, each read by its suffix as above); a glob pattern; a Hugging Face dataset name or a
     dict of `datasets.load_dataset` arguments, e.g. {"path": "HuggingFaceFW/fineweb", "name": "sample-10BT"}

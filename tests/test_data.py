@@ -249,8 +249,11 @@ class TestPrepare(TempDir):
                 {"text": "x" * 50}]
         (src / "b_sub" / "e.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n"
                                                + "\n".join(json.dumps(r) for r in rows[2:]) + "\n", encoding="utf-8")
-        # sorted paths: a.txt, b_sub/deeper/c.txt, b_sub/e.jsonl, b_sub/empty.txt, d.md
-        documents = [texts["a.txt"], texts["b_sub/deeper/c.txt"], *[r["text"] for r in rows], "", texts["d.md"]]
+        # sorted paths: a.txt, b_sub/deeper/c.txt, b_sub/e.jsonl, b_sub/empty.txt, d.md; text files as open() reads
+        # them, "\r\n" as "\n"
+        read = {name: (src / name).open(encoding="utf-8").read() for name in texts}
+        self.assertEqual(read["a.txt"].count("\r"), 0)
+        documents = [read["a.txt"], read["b_sub/deeper/c.txt"], *[r["text"] for r in rows], "", read["d.md"]]
         return src, documents
 
     def reference(self, documents, seed, fraction, encode=None, eot=EOT):
@@ -303,7 +306,8 @@ class TestPrepare(TempDir):
         (self.dir / "long.txt").write_text(text, encoding="utf-8", newline="")
         with mock.patch.object(data, "PIECE_CHARS", 2000), mock.patch.object(data, "UNIT_CHARS", 3000):
             prepare_corpus(self.dir / "long.txt", self.dir / "out", val_fraction=0, num_workers=2, progress=False)
-        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), self.tk.encode_ordinary(text) + [EOT])
+        read = (self.dir / "long.txt").open(encoding="utf-8").read()  # "\r\n" as "\n", also across blocks
+        self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), self.tk.encode_ordinary(read) + [EOT])
 
     def test_killed_and_rerun_is_byte_identical(self):
         src, _ = self.make_folder()
@@ -386,10 +390,10 @@ class TestPrepare(TempDir):
         self.assertEqual(ds[0][1].tolist(), [chars.index(c) for c in text[1:]] + [len(chars)])
 
     def test_custom_encoder(self):
-        docs = [mixed_text(2000, seed=s) for s in range(3)]
+        docs = [mixed_text(2000, seed=s).replace("\r", "") for s in range(3)]  # as text files read back
         encoder = train_bpe(docs, vocab_size=400)
         for i, doc in enumerate(docs):
-            (self.dir / f"{i}.txt").write_text(doc, encoding="utf-8", newline="")
+            (self.dir / f"{i}.txt").write_text(doc, encoding="utf-8")
         meta = prepare_corpus(str(self.dir / "*.txt"), self.dir / "out", tokenizer=encoder, val_fraction=0,
                               num_workers=1, progress=False)
         eot = encoder.special_tokens[ENDOFTEXT]

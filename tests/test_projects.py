@@ -74,6 +74,32 @@ class TestSetupLogging(unittest.TestCase):
                 self.assertIn("hello", f.read())
 
 
+class TestHelp(unittest.TestCase):
+    def test_help_lists_every_key_with_its_default_and_type(self):
+        def leaves(node, prefix=""):
+            for key, value in vars(node).items():
+                if isinstance(value, CfgNode):
+                    yield from leaves(value, f"{prefix}{key}.")
+                else:
+                    yield f"{prefix}{key}", value
+
+        for script in ("adder/adder.py", "chargpt/chargpt.py", "image-gpt/imagegpt.py"):
+            with self.subTest(script):
+                folder = str(PROJECTS / Path(script).parent)
+                sys.path.insert(0, folder)  # image-gpt imports its neighbours by name
+                try:
+                    config = load_module(PROJECTS / script, f"help_{Path(script).stem}").get_config()
+                finally:
+                    sys.path.remove(folder)
+                lines = run_script(script, "--help").splitlines()
+                for key, default in leaves(config):
+                    entry = f"  --{key}={default!r} "  # then the type its value is read as
+                    kind = "literal or text" if default is None else type(default).__name__
+                    found = [line[len(entry):].strip() for line in lines if line.startswith(entry)]
+                    self.assertEqual(len(found), 1, entry)
+                    self.assertTrue(found[0].startswith(kind), (entry, found[0]))
+
+
 class TestAdder(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -20,10 +20,10 @@ setup(
         "data": ["datasets", "pyarrow"],             # prepare_corpus from Parquet files or a hub dataset
         "export": ["safetensors", "gguf"],           # mygpt export --format hf|gguf
         "plot": ["matplotlib"],                      # loss.png
-        "gpu": ["triton"],                           # the fused time-weighted attention kernel
+        "gpu": ["triton>=3.2; sys_platform == 'linux'"],  # the fused time-weighted attention kernel
         "projects": ["scikit-learn", "pillow"],      # image-gpt
         "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow",
-                 "datasets", "pyarrow", "safetensors", "gguf", "matplotlib", "triton"],
+                 "datasets", "pyarrow", "safetensors", "gguf", "matplotlib", "triton>=3.2; sys_platform == 'linux'"],
     },
     entry_points={"console_scripts": ["mygpt = mygpt.cli:main"]},
 )

@@ -92,7 +92,7 @@ def open_checkpoint(path, device="cpu"):
     ckpt = read_gpt_checkpoint(path)
     if ckpt.get("format") == QUANTIZED:
         return load_quantized(path).to(device), ckpt
-    return GPT.from_checkpoint(path).to(device), ckpt
+    return GPT.from_checkpoint(ckpt).to(device), ckpt  # read once
 
 
 def read_gpt_checkpoint(path):

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mygpt.kernels import time_weighted_attention, triton_available
+from mygpt.checkpoint import load_checkpoint, load_model_state
 from mygpt.utils import CfgNode
 
 TIME_WEIGHTINGS = (None, "full", "circulant")
@@ -368,18 +369,22 @@ class GPT(nn.Module):
         return load_gpt2(cls, name_or_dir, **overrides)
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
-        """The model of a checkpoint written by the Trainer (or mygpt.save_model), its weights loaded, in eval mode."""
-        from mygpt.checkpoint import load_checkpoint
-        ckpt = load_checkpoint(path, map_location=map_location)
+    def from_checkpoint(cls, source, map_location="cpu", **overrides):
+        """The model of a checkpoint written by the Trainer, its weights loaded, in eval mode.
+
+        source is the checkpoint's path, or the dict that load_checkpoint(path) returned (read once);
+        overrides set config fields that leave the weights' shapes alone (e.g. attention='torch', dropout).
+        """
+        ckpt = load_checkpoint(source, map_location=map_location) if not isinstance(source, dict) else source
+        name = source if not isinstance(source, dict) else "the checkpoint"
         if not ckpt.get("model_config"):
-            raise ValueError(f"{path} records no model config (it was written for a model that is not a mygpt GPT); "
+            raise ValueError(f"{name} records no model config (it was written for a model that is not a mygpt GPT); "
                              f"build the model yourself and pass it to load_checkpoint(path, model=...)")
         config = cls.get_default_config()
         config.merge_from_dict(ckpt["model_config"])
+        config.merge_from_dict(overrides)
         model = cls(config)
-        from mygpt.checkpoint import load_model_state
-        load_model_state(model, ckpt["model"], source=path)
+        load_model_state(model, ckpt["model"], source=name)
         return model.eval()
 
 

@@ -218,7 +218,8 @@ class Trainer:
                 device = f"cuda:{local_rank}"
                 torch.cuda.set_device(device)
             if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+                dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                        **_restart_safe_store(self.rank, self.world_size))
                 # leave the group in order before the interpreter tears down: a process that exits
                 # while gloo's threads still run can abort after a run that succeeded
                 atexit.register(_leave_process_group)
@@ -659,3 +660,17 @@ def _leave_process_group():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _restart_safe_store(rank, world_size):
+    """init_process_group arguments that survive torchrun restarting the job (--max-restarts).
+
+    A restarted attempt talks to the same torchrun agent store as the failed one, where the failed
+    processes' addresses are still written; a new process can read one of those before its peer
+    replaces it and then waits on a dead address. Keys under a prefix per attempt cannot be stale.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return {"store": dist.PrefixStore(f"mygpt/attempt_{attempt}", store), "rank": rank, "world_size": world_size}

@@ -272,6 +272,7 @@ class TestConfigRoundTrip(unittest.TestCase):
             self.assertEqual(loaded.config, model.config)
             idx = torch.randint(0, 13, (2, 16))
             torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0], rtol=0, atol=0)
+            self.assertEqual(GPT.from_checkpoint(C.ckpt_path, attn_pdrop=0.2).config.attn_pdrop, 0.2)
             torch.save({"model": {}}, os.path.join(d, "bare.pt"))
             with self.assertRaisesRegex(ValueError, "records no model config"):
                 GPT.from_checkpoint(os.path.join(d, "bare.pt"))

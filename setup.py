@@ -17,13 +17,13 @@ setup(
     install_requires=["torch", "numpy", "tqdm", "regex", "requests"],
     extras_require={
         "hf": ["transformers"],                      # GPT.from_pretrained
-        "data": ["datasets", "pyarrow"],             # prepare_corpus from Parquet files or a hub dataset
+        "data": ["datasets>=4", "pyarrow"],             # prepare_corpus from Parquet files or a hub dataset
         "export": ["safetensors", "gguf"],           # mygpt export --format hf|gguf
         "plot": ["matplotlib"],                      # loss.png
         "gpu": ["triton>=3.2; sys_platform == 'linux'"],  # the fused time-weighted attention kernel
         "projects": ["scikit-learn", "pillow"],      # image-gpt
         "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow",
-                 "datasets", "pyarrow", "safetensors", "gguf", "matplotlib", "triton>=3.2; sys_platform == 'linux'"],
+                 "datasets>=4", "pyarrow", "safetensors", "gguf", "matplotlib", "triton>=3.2; sys_platform == 'linux'"],
     },
     entry_points={"console_scripts": ["mygpt = mygpt.cli:main"]},
 )

@@ -3,6 +3,7 @@
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.download import DownloadError, download
 from mygpt.generate import stream
 from mygpt.model import GPT, KVCache
@@ -15,6 +16,8 @@ __all__ = [
     "GPT", "KVCache", "stream",
     # training
     "Trainer", "load_checkpoint", "CheckpointError",
+    # token corpora on disk
+    "prepare_corpus", "TokenDataset", "write_shard", "read_header", "ShardError",
     # tokenizers
     "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "describe_tokenizer", "load_tokenizer",
     # helpers

@@ -64,8 +64,7 @@ def _checked_special_tokens(special_tokens):
 
 def _count_pretokens(text_or_iterator, pattern, special_tokens):
     """Counter of each distinct pre-token's UTF-8 bytes."""
-    if isinstance(text_or_iterator, (bytes, bytearray)) or not isinstance(text_or_iterator, str) and not hasattr(
-            text_or_iterator, "__iter__"):
+    if isinstance(text_or_iterator, (bytes, bytearray)) or not hasattr(text_or_iterator, "__iter__"):
         raise TypeError(f"text_or_iterator must be a str or an iterable of str, got "
                         f"{type(text_or_iterator).__name__}; decode bytes to text first")
     chunks = [text_or_iterator] if isinstance(text_or_iterator, str) else text_or_iterator

@@ -4,7 +4,7 @@ from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
-from mygpt.download import DownloadError, download
+from mygpt.downloads import DownloadError, download
 from mygpt.generate import stream
 from mygpt.model import GPT, KVCache
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer

@@ -19,7 +19,7 @@ import numpy as np
 import regex
 import torch
 
-from mygpt.download import sha256_file
+from mygpt.downloads import sha256_file
 
 # GPT-2's pre-tokeniser: common English contractions, then runs of letters, of digits or of other symbols (each may
 # take one leading space), then whitespace; `\s+(?!\S)` leaves the last space of a run to start the next word.

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, get_encoder
-from mygpt.download import sha256_file
+from mygpt.downloads import sha256_file
 
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS

@@ -31,7 +31,7 @@ from mygpt.bpe import (
     merge_in_rank_order,
 )
 from mygpt.bpe_train import train_bpe
-from mygpt.download import sha256_file
+from mygpt.downloads import sha256_file
 from tests.corpus import LONG_RUNS, lines_run, long_run, mixed_text
 
 # The CI clone has shared/ beside the checkout; an environment variable can point elsewhere.

@@ -20,7 +20,7 @@ import mygpt.data as data
 from mygpt.bpe import ENDOFTEXT
 from mygpt.bpe_train import train_bpe
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
-from mygpt.download import sha256_file
+from mygpt.downloads import sha256_file
 from tests.corpus import mixed_text
 from tests.test_bpe import tiktoken_gpt2
 

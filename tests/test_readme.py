@@ -3,7 +3,7 @@
 The blocks run in order in one fresh process (later blocks use the names earlier ones define), in an
 empty directory holding a small input.txt, with training shortened through the command-line overrides
 that the training example reads. Blocks that need the network (GPT-2 weights from the hub, a download
-from example.org) are left out: the tests of mygpt/pretrained.py and mygpt/download.py cover them offline.
+from example.org) are left out: the tests of mygpt/pretrained.py and mygpt/downloads.py cover them offline.
 """
 
 import os

@@ -1,7 +1,6 @@
 """download() against a real HTTP server on 127.0.0.1: good, corrupted, dropped and refused transfers."""
 
 import hashlib
-import importlib
 import os
 import socket
 import tempfile
@@ -11,10 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
 
-from mygpt.download import CACHE_ENV, DownloadError, download
-
-# The package exports the function under the module's name, so the module itself is fetched by its full name.
-download_module = importlib.import_module("mygpt.download")
+import mygpt.downloads as download_module
+from mygpt.downloads import CACHE_ENV, DownloadError, download
 
 PAYLOAD = os.urandom(300_000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

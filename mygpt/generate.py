@@ -8,6 +8,8 @@ and every one of them changes position with each new token. Cached keys then no 
 from that point each step re-runs the window: the tokens stay exactly those of uncached generation.
 """
 
+import numbers
+
 import torch
 
 from mygpt.model import KVCache
@@ -39,15 +41,15 @@ def next_token(logits, temperature, do_sample, top_k, top_p, generator):
 
 
 def check_sampling_args(max_new_tokens, temperature, do_sample, top_k, top_p, stop_tokens):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be positive when sampling, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if stop_tokens is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_tokens):
+    if stop_tokens is not None and not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stop_tokens):
         raise TypeError(f"stop_tokens must be a list of token ids, got {stop_tokens!r}")
 
 

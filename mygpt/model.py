@@ -22,6 +22,7 @@ All weights start at 1, so a fresh time-weighted model computes exactly what a v
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -440,8 +441,9 @@ def resolve_config(config):
         raise ValueError("give the model's shape: a model_type (e.g. 'gpt-mini') or all of n_layer, n_head, n_embd")
     for key in shape_keys + ("vocab_size", "block_size"):
         value = getattr(config, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+        setattr(config, key, int(value))  # a numpy integer becomes a plain int, as checkpoints store it
     if config.n_embd % config.n_head != 0:
         raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
                          f"so that every head gets n_embd // n_head channels")

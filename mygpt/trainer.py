@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import math
+import numbers
 import os
 import signal
 import threading
@@ -171,9 +172,10 @@ class Trainer:
             value = getattr(C, key)
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (0 if allow_zero else 1):
                 kind = "an int >= 0" if allow_zero else "a positive int"
                 raise ValueError(f"trainer config {key} must be {kind}{' or None' if allow_none else ''}, got {value!r}")
+            setattr(C, key, int(value))  # a numpy integer becomes a plain int, as checkpoints store it
 
         for key in ("batch_size", "grad_accum_steps", "eval_iters"):
             positive_int(key)

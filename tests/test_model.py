@@ -258,6 +258,13 @@ class TestConfigRoundTrip(unittest.TestCase):
                 for k, v in model.state_dict().items():
                     self.assertTrue(torch.equal(v, again.state_dict()[k]), k)
 
+    def test_numpy_integers_are_taken_as_ints(self):
+        import numpy as np
+        model = GPT(tiny_config(n_layer=np.int64(2), vocab_size=np.int32(13), block_size=np.int64(16)))
+        self.assertEqual([type(model.config.n_layer), type(model.config.vocab_size)], [int, int])
+        out = model.generate(torch.zeros(1, 1, dtype=torch.long), np.int64(3), do_sample=True, top_k=np.int64(2))
+        self.assertEqual(out.shape, (1, 4))
+
     def test_from_checkpoint_rebuilds_the_trainers_model(self):
         from mygpt import Trainer
         from mygpt.checkpoint import CheckpointError

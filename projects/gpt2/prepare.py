@@ -1,0 +1,177 @@
+"""
+Token shards of GPT-2's BPE for projects/gpt2/train.py.
+
+    python projects/gpt2/prepare.py                                 # tiny shakespeare -> out/data/shakespeare
+    python projects/gpt2/prepare.py book.txt --out=out/data/book    # one text: first 90% train, last 10% val
+    python projects/gpt2/prepare.py notes/ chats.jsonl --out=out/data/mine   # many documents: split by document
+    python projects/gpt2/prepare.py openwebtext                     # streamed from the hub: pip install 'mygpt[data]'
+    python projects/gpt2/prepare.py fineweb10B
+    python projects/gpt2/prepare.py path/to/fineweb10B/             # llm.c / modded-nanogpt shards: checked, used as they are
+
+One text file is cut as nanoGPT cuts tiny shakespeare: the first 90% of its characters train, the last 10%
+validate, each part encoded as it is (no <|endoftext|>). Anything else (several files, a folder, .jsonl, .parquet,
+a dataset) goes through mygpt.data.prepare_corpus: every document ends with <|endoftext|>, and a document goes
+to validation with probability --val_fraction. Already tokenised llm.c shards need no preparing.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from mygpt import DownloadError, download, get_encoder
+from mygpt.data import prepare_corpus, read_header, write_shard
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TEXT_SUFFIXES = (".jsonl", ".parquet")  # files that hold many documents; any other file is one text
+# name -> (datasets.load_dataset arguments, share of documents that validate). Both are stored as data files
+# on the hub; prepare_corpus streams them and never runs a dataset script.
+DATASETS = {
+    "openwebtext": ({"path": "Skylion007/openwebtext"}, 0.0005),   # nanoGPT's split: 0.05% of documents
+    "fineweb10B": ({"path": "HuggingFaceFW/fineweb", "name": "sample-10BT"}, 0.01),  # ~100M val tokens, as llm.c
+    "fineweb-edu10B": ({"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT"}, 0.01),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help=f"text files, folders, .jsonl/.parquet files, glob patterns, a dataset name "
+                        f"({', '.join(DATASETS)}) or folders of llm.c shards (default: tiny shakespeare)")
+    p.add_argument("--out", help="folder for the shards and meta.json (default: out/data/NAME)")
+    p.add_argument("--val_fraction", type=float,
+                   help="one text: the share of characters at its end that validates (0.1); otherwise the share of "
+                        "documents that validate (0.005, or the dataset's own: openwebtext 0.0005, fineweb 0.01)")
+    p.add_argument("--num_workers", type=int, help="encoding processes (default: all cores)")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (100M)")
+    p.add_argument("--text_field", default="text", help="the text field of .jsonl/.parquet/dataset rows (text)")
+    return p.parse_args(argv)
+
+
+def is_shards(source):
+    """Whether a source names token shards (.bin files, or a folder holding them) rather than text."""
+    if os.path.isdir(source):
+        return bool(glob.glob(os.path.join(source, "*.bin")))
+    return source.endswith(".bin")
+
+
+def check_shards(sources):
+    """Check the header and size of every shard; print what train.py will read from each folder."""
+    for source in sources:
+        folder = source if os.path.isdir(source) else os.path.dirname(source) or "."
+        paths = sorted(glob.glob(os.path.join(source, "*.bin"))) if os.path.isdir(source) else sorted(glob.glob(source))
+        if not paths:
+            raise FileNotFoundError(f"no shard files match {source!r}")
+        counts = {"train": 0, "val": 0}
+        for path in paths:
+            header = read_header(path)  # a ShardError names a file that is not one whole shard
+            split = "val" if "val_" in os.path.basename(path) else "train"
+            counts[split] += header.num_tokens
+        print(f"{folder}: {len(paths)} shards, {counts['train']:,} train and {counts['val']:,} val tokens, "
+              f"used as they are. Train with --data.dir={folder}")
+
+
+def prepare_text(path, out_dir, val_fraction):
+    """nanoGPT's cut of one text: the first (1 - val_fraction) of its characters train, the rest validate."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()  # line endings as \n, as nanoGPT and prepare_corpus read text
+    settings = {"sources": [os.path.abspath(path)], "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                "split": "characters", "val_fraction": val_fraction, "tokenizer": "gpt2"}
+    if already_prepared(out_dir, settings):
+        return None
+    cut = int(len(text) * (1 - val_fraction))
+    parts = {"train": text[:cut], "val": text[cut:]}
+    if not parts["train"] or not parts["val"]:
+        raise ValueError(f"{path} holds {len(text)} characters: too few for a train and a val part at "
+                         f"val_fraction={val_fraction}")
+    encoder = get_encoder()
+    meta = {"vocab_size": encoder.vocab_size, "eot": encoder.special_tokens["<|endoftext|>"], "dtype": "uint16",
+            "text_bytes": len(text.encode("utf-8")), "settings": settings}
+    for split, part in parts.items():
+        tokens = encoder.encode_ordinary(part)
+        write_shard(out_dir / f"{split}_000000.bin", tokens)
+        meta[split] = {"shards": 1, "tokens": len(tokens), "documents": 1}
+    write_json(out_dir / "meta.json", meta)
+    return meta
+
+
+def already_prepared(out_dir, settings):
+    """True when out_dir holds this very corpus; an error when it holds anything else (never overwritten)."""
+    meta_path = out_dir / "meta.json"
+    if meta_path.is_file():
+        with open(meta_path, encoding="utf-8") as f:
+            if json.load(f).get("settings") == settings:
+                return True
+        raise FileExistsError(f"{out_dir} holds a corpus prepared from other sources or settings; "
+                              f"choose another --out or delete that one")
+    if list(out_dir.glob("*.bin")):
+        raise FileExistsError(f"{out_dir} holds shards that are not this corpus; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def write_json(path, value):
+    """Write JSON atomically: a temporary file of a unique name, flushed to disk, renamed into place."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tiny_shakespeare():
+    try:
+        return download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
+    except DownloadError as err:
+        sys.exit(f"{err}\nOr prepare any UTF-8 text you have: python projects/gpt2/prepare.py book.txt")
+
+
+def default_out(sources):
+    if not sources:
+        return "out/data/shakespeare"
+    if len(sources) == 1:
+        return os.path.join("out", "data", Path(sources[0].rstrip("/")).stem or "corpus")
+    raise ValueError("several sources make one corpus: name its folder with --out=DIR")
+
+
+def main(argv):
+    args = parse_args(argv)
+    sources = args.sources
+    if sources and all(is_shards(s) for s in sources):
+        check_shards(sources)
+        return
+    if any(is_shards(s) for s in sources):
+        raise ValueError("give either token shards (.bin) or text sources, not both")
+    out_dir = Path(args.out or default_out(sources))
+    one_text = not sources or (len(sources) == 1 and os.path.isfile(sources[0])
+                               and not sources[0].endswith(TEXT_SUFFIXES))
+    if one_text:
+        path = sources[0] if sources else tiny_shakespeare()
+        val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
+        meta = prepare_text(path, out_dir, val_fraction)
+    else:
+        named = [DATASETS[s] for s in sources if s in DATASETS]
+        corpus = [DATASETS[s][0] if s in DATASETS else s for s in sources]
+        val_fraction = args.val_fraction if args.val_fraction is not None else (named[0][1] if named else 0.005)
+        meta = prepare_corpus(corpus, out_dir, tokenizer="gpt2", val_fraction=val_fraction,
+                              shard_tokens=args.shard_tokens, num_workers=args.num_workers,
+                              text_field=args.text_field)
+    if meta is None:
+        print(f"{out_dir} already holds this corpus")
+        with open(out_dir / "meta.json", encoding="utf-8") as f:
+            meta = json.load(f)
+    for split in ("train", "val"):
+        print(f"{split}: {meta[split]['tokens']:,} tokens in {meta[split]['shards']} shards")
+    print(f"written to {out_dir}; train with: python projects/gpt2/train.py cpu --data.dir={out_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

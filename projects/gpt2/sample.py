@@ -1,0 +1,115 @@
+"""
+Sample text from a run of projects/gpt2/train.py or from GPT-2's weights, decoded with GPT-2's BPE.
+
+    python projects/gpt2/sample.py --prompt="ROMEO:" --num_samples=3             # the run in ./out/gpt2 (best.pt)
+    python projects/gpt2/sample.py --init_from=gpt2-xl --prompt="What is the answer to life?"
+    python projects/gpt2/sample.py --init_from=path/to/checkpoint.pt --prompt_file=prompts.txt --seed=7
+
+--init_from: resume (the work dir's best.pt, else its checkpoint.pt), a checkpoint file, gpt2, gpt2-medium, gpt2-large,
+gpt2-xl (needs network once) or a folder written by transformers' save_pretrained. --prompt_file: one prompt per
+line, or a .json file holding a list of prompts (for prompts with newlines). An empty prompt starts a new document
+at <|endoftext|>; a sample ends at <|endoftext|> unless --stop=False.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from mygpt import GPT, CfgNode, load_checkpoint
+from mygpt.cli import SEPARATOR, prompt_ids
+from mygpt.tokenizer import load_tokenizer
+from mygpt.trainer import resolve_device
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def get_config():
+    """nanoGPT's sample.py defaults."""
+    return CfgNode(init_from="resume", work_dir="./out/gpt2", prompt="\n", prompt_file=None, num_samples=3,
+                   max_new_tokens=200, temperature=0.8, top_k=200, top_p=None, seed=1337, device="cpu", stop=True)
+
+
+def generate_texts(model, tokenizer, prompt, length, temperature=1.0, top_k=None, top_p=None, num_samples=1,
+                   generator=None, stop=True):
+    """num_samples continuations of prompt by up to length tokens, each as prompt + the decoded new text.
+
+    The samples are drawn together, one row each; a row ends at <|endoftext|> (not shown) when stop is True.
+    """
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt)  # an empty prompt is <|endoftext|>: the start of a document
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    eot = tokenizer.eot_token
+    stops = [eot] if stop and eot is not None else None
+    out = model.generate(idx, length, temperature=temperature, do_sample=True, top_k=top_k, top_p=top_p,
+                         generator=generator, stop_tokens=stops)
+    texts = []
+    for row in out[:, idx.shape[1]:].tolist():
+        if stops and eot in row:
+            row = row[:row.index(eot)]
+        texts.append(prompt + tokenizer.decode(row))
+    return texts
+
+
+def load_model(config):
+    """(model in eval mode, tokenizer) for config.init_from."""
+    source = config.init_from
+    if source in PRETRAINED or os.path.isdir(source):
+        return GPT.from_pretrained(source), load_tokenizer({"type": "gpt2"})
+    if source == "resume":
+        source = os.path.join(config.work_dir, "best.pt")
+        if not os.path.exists(source):
+            source = os.path.join(config.work_dir, "checkpoint.pt")
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"{config.work_dir} holds no best.pt or checkpoint.pt: train first, point "
+                                    f"--work_dir at a run, or give --init_from=gpt2 (or a checkpoint or folder)")
+    elif not os.path.isfile(source):
+        raise FileNotFoundError(f"--init_from={source!r} is not resume, a checkpoint file, one of "
+                                f"{', '.join(PRETRAINED)} or a folder written by save_pretrained")
+    ckpt = load_checkpoint(source)
+    return GPT.from_checkpoint(ckpt), load_tokenizer(ckpt.get("tokenizer") or {"type": "gpt2"})
+
+
+def read_prompts(config):
+    if config.prompt_file is None:
+        return [config.prompt]
+    with open(config.prompt_file, encoding="utf-8") as f:
+        if config.prompt_file.endswith(".json"):
+            prompts = json.load(f)
+            if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+                raise ValueError(f"--prompt_file {config.prompt_file} must hold a JSON list of strings")
+            return prompts
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt_file {config.prompt_file} holds no prompt")
+    return prompts
+
+
+def check_config(C):
+    for key in ("num_samples", "max_new_tokens"):
+        value = getattr(C, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{key} must be a positive int, got {value!r}")
+
+
+def main(args):
+    config = get_config()
+    config.merge_from_args(args, description=__doc__)
+    check_config(config)
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(config)
+    model.to(device)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    first = True
+    for prompt in read_prompts(config):
+        for text in generate_texts(model, tokenizer, prompt, config.max_new_tokens, config.temperature,
+                                   config.top_k, config.top_p, config.num_samples, generator, config.stop):
+            if not first:
+                print(SEPARATOR)
+            print(text)
+            first = False
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

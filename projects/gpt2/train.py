@@ -1,0 +1,280 @@
+"""
+Train a GPT with GPT-2's tokens on a prepared corpus, from scratch or from GPT-2's weights; or evaluate one.
+
+    python projects/gpt2/prepare.py && python projects/gpt2/train.py cpu     # a small GPT, minutes on a CPU
+    python projects/gpt2/train.py finetune_shakespeare                       # GPT-2 XL fine-tuned (nanoGPT's)
+    torchrun --standalone --nproc_per_node=8 projects/gpt2/train.py gpt2_124m_owt
+    python projects/gpt2/train.py eval_gpt2 --init_from=gpt2-medium         # OpenAI's weights on OWT val
+
+Arguments: configuration names or files (projects/gpt2/config/NAME.cfg: one --key=value per line, # comments),
+then --key=value overrides, applied in that order. --init_from=scratch|resume|gpt2|gpt2-medium|gpt2-large|gpt2-xl|DIR
+(DIR: a folder written by transformers' save_pretrained, read offline). --eval_only=True prints the validation loss
+and bits per byte and writes nothing. Every --trainer.eval_interval steps (and before the first) it logs both, with a
+sample, and keeps the best model as best.pt beside the resumable checkpoint.pt in --system.work_dir.
+"""
+
+import logging
+import math
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
+from mygpt.data import TokenDataset
+from mygpt.tokenizer import load_tokenizer
+from mygpt.trainer import PRECISIONS, resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sample.py beside this file, also under importlib
+from sample import generate_texts  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_VOCAB_SIZE = 50257
+DROPOUT_KEYS = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
+
+
+def get_config():
+    """nanoGPT's train.py defaults: GPT-2 124M's shape, batch 12 x 1024 tokens, AdamW at 6e-4, no dropout."""
+    C = CfgNode()
+    C.init_from = "scratch"   # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained DIR
+    C.eval_only = False       # evaluate once and exit
+    C.system = CfgNode(seed=1337, work_dir="./out/gpt2")
+    C.data = CfgNode(dir="./out/data/shakespeare", train_pattern="*train_*.bin", val_pattern="*val_*.bin",
+                     block_size=1024)
+    C.model = GPT.get_default_config()
+    C.model.n_layer, C.model.n_head, C.model.n_embd = 12, 12, 768
+    C.model.embd_pdrop = C.model.resid_pdrop = C.model.attn_pdrop = 0.0
+    C.trainer = Trainer.get_default_config()
+    C.trainer.batch_size = 12
+    C.trainer.max_iters = 600000
+    C.trainer.learning_rate = 6e-4
+    C.trainer.lr_decay = True
+    C.trainer.eval_interval = 2000
+    C.trainer.eval_iters = 200
+    C.trainer.ckpt_interval = 2000
+    C.trainer.log_interval = 10
+    C.trainer.ckpt_path = None    # None: checkpoint.pt in the work dir
+    C.sample = CfgNode(prompt="\n", length=100, temperature=0.8, top_k=200)  # logged at each evaluation
+    return C
+
+
+# ---------------------------------------------------------------- configuration
+
+def configuration_names():
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.cfg"))
+
+
+def read_configuration(name_or_path):
+    """The --key=value lines of a configuration: a .cfg file, or the name of one in projects/gpt2/config."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.cfg"
+    if not path.is_file():
+        raise FileNotFoundError(f"no configuration {name_or_path!r}: give one of {configuration_names()} "
+                                f"or a .cfg file of --key=value lines")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def get_config_from_args(args):
+    """The config after the configurations named in args (in order), then the --key=value overrides."""
+    config = get_config()
+    overrides = [a for a in args if a.startswith("-")]
+    for name in (a for a in args if not a.startswith("-")):
+        config.merge_from_args(read_configuration(name))
+    description = f"{__doc__.strip()}\n\nConfigurations: {', '.join(configuration_names())}"
+    config.merge_from_args(overrides, description=description)
+    return config
+
+
+# ---------------------------------------------------------------- data and model
+
+def open_split(config, split):
+    """The windows of one split of the corpus in config.data.dir (None for a val split that is not there)."""
+    D = config.data
+    pattern = os.path.join(D.dir, D.train_pattern if split == "train" else D.val_pattern)
+    try:
+        return TokenDataset(pattern, D.block_size)
+    except FileNotFoundError:
+        if split == "val":
+            return None
+        raise FileNotFoundError(f"no {split} shards match {pattern}: prepare a corpus first "
+                                f"(python projects/gpt2/prepare.py ...) or point --data.dir at one") from None
+
+
+def check_vocabulary(dataset, model):
+    """This project reads and writes text with GPT-2's BPE: the corpus must hold its ids, the model score them."""
+    if dataset.vocab_size not in (None, GPT2_VOCAB_SIZE):
+        raise ValueError(f"{corpus_dir(dataset)} was prepared with a vocabulary of {dataset.vocab_size} tokens; "
+                         f"this project trains on GPT-2's BPE ({GPT2_VOCAB_SIZE}): prepare it with "
+                         f"projects/gpt2/prepare.py")
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise ValueError(f"the model's vocab_size {model.config.vocab_size} cannot hold GPT-2's {GPT2_VOCAB_SIZE} "
+                         f"tokens; leave --model.vocab_size=None or give at least {GPT2_VOCAB_SIZE} (e.g. 50304)")
+    if dataset.block_size > model.config.block_size:
+        raise ValueError(f"--data.block_size={dataset.block_size} is longer than the model's block_size "
+                         f"{model.config.block_size}; lower --data.block_size")
+
+
+def corpus_dir(dataset):
+    return os.path.dirname(str(dataset.paths[0]))
+
+
+def build_model(config, resuming):
+    """The model to start from: the run's checkpoint, GPT-2's weights, or a fresh one of config.model's shape."""
+    if resuming:
+        return GPT.from_checkpoint(config.trainer.ckpt_path).train()  # the shape it was trained with
+    source = config.init_from
+    if source == "scratch":
+        mc = config.model
+        mc.vocab_size = mc.vocab_size or GPT2_VOCAB_SIZE
+        mc.block_size = mc.block_size or config.data.block_size
+        return GPT(mc)
+    if source == "resume":
+        raise FileNotFoundError(f"--init_from=resume, but there is no checkpoint at {config.trainer.ckpt_path}; "
+                                f"point --system.work_dir at a run, or start one with --init_from=scratch")
+    if source not in PRETRAINED and not os.path.isdir(source):
+        raise ValueError(f"--init_from={source!r}: give scratch, resume, one of {', '.join(PRETRAINED)}, or a "
+                         f"folder written by transformers' save_pretrained")
+    dropout = {key: getattr(config.model, key) for key in DROPOUT_KEYS}
+    return GPT.from_pretrained(source, **dropout).train()  # keeps GPT-2's tied head
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, dataset, tokenizer, batch_size, max_batches=None, device="cpu", precision="fp32"):
+    """(mean loss in nats per target token, bits per byte, target tokens) over the first windows of dataset.
+
+    max_batches batches of batch_size windows per process (all windows when None or when fewer), always the same
+    ones; under torchrun each process scores every world_size-th window and the sums are added up.
+    Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens, as `mygpt eval` computes it: a figure
+    that compares models with different tokenizers.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * world)
+    mine = list(range(rank, n, world))
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # nats, targets, bytes
+    for start in range(0, len(mine), batch_size):
+        x, y = dataset.get_batch(mine[start:start + batch_size])  # (B, T) each
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        count = int((y >= 0).sum())
+        totals += torch.tensor([loss.double().item() * count, count, len(tokenizer.decode_bytes(y[y >= 0].tolist()))])
+    model.train(was_training)
+    if world > 1:
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+    nats, targets, nbytes = totals.tolist()
+    return nats / targets, nats / math.log(2) / nbytes, int(targets)
+
+
+# ---------------------------------------------------------------- training
+
+def check_rerun(config, best_path, resuming):
+    """Stop before anything is written when the work dir holds a run that this one would replace unasked."""
+    C = config.trainer
+    earlier = [p for p in (C.ckpt_path, best_path) if os.path.exists(p)]
+    if earlier and not resuming and not C.overwrite:
+        raise FileExistsError(f"{' and '.join(earlier)} hold an earlier run. Continue that run with "
+                              f"--init_from=resume (or --trainer.resume=True), keep it and start anew with "
+                              f"--system.work_dir=another/dir, or replace it with --trainer.overwrite=True")
+
+
+def train(config):
+    work_dir = config.system.work_dir
+    C = config.trainer
+    C.ckpt_path = C.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
+    C.resume = C.resume or config.init_from == "resume"
+    resuming = C.resume and os.path.exists(C.ckpt_path)
+    best_path = os.path.join(work_dir, "best.pt")
+    tokenizer = load_tokenizer({"type": "gpt2"})
+    if config.eval_only:
+        return evaluate_only(config, tokenizer, resuming)
+    check_rerun(config, best_path, resuming)
+    train_data, val_data = open_split(config, "train"), open_split(config, "val")
+    model = build_model(config, resuming)
+    check_vocabulary(train_data, model)
+
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    log = setup_logging(config) if main_process else logging.getLogger("mygpt")  # rank 0 writes the work dir
+    if C.overwrite and os.path.exists(best_path) and main_process:
+        os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
+        log.info(f"overwrite=True: removed {best_path} of the earlier run")
+    log.info(f"init_from={config.init_from}: {model.num_parameters() / 1e6:.2f}M parameters "
+             f"(head tied to the embedding: {model.config.tie_weights}); train {train_data}; val {val_data}")
+    trainer = Trainer(C, model, train_data, None, tokenizer={"type": "gpt2"})  # evaluations below, with bits per byte
+    if val_data is None:
+        log.info(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}: no evaluations, "
+                 f"no best.pt")
+    else:
+        on_eval = evaluator(config, trainer, val_data, tokenizer, best_path, log)
+        trainer.add_callback("on_batch_end", on_eval)
+        if trainer.iter_num == 0:
+            on_eval(trainer)  # the loss before training
+    trainer.run()
+    if main_process:
+        trainer.save_history(os.path.join(work_dir, "history.csv"))
+    if trainer.interrupted:
+        log.info("continue this run with --init_from=resume")
+    return trainer
+
+
+def evaluator(config, trainer, val_data, tokenizer, best_path, log):
+    """A callback that, every eval_interval steps and at the last, logs the validation loss, bits per byte and a
+    sample, records the loss in the history and copies the checkpoint to best.pt when the loss is the lowest yet."""
+    C, S = config.trainer, config.sample
+
+    def on_eval(trainer):
+        step = trainer.iter_num
+        if step and not (C.eval_interval and step % C.eval_interval == 0) and step != C.max_iters:
+            return
+        loss, bpb, targets = evaluate(trainer.model, val_data, tokenizer, C.batch_size, C.eval_iters,
+                                      trainer.device, C.precision)
+        log.info(f"iter {step}: val loss {loss:.4f}, {bpb:.4f} bits per byte ({targets:,} tokens)")
+        if step == 0:
+            return  # nothing trained yet: no history entry, no best.pt
+        earlier = [h["val_loss"] for h in trainer.history[:-1] if "val_loss" in h]
+        trainer.history[-1]["val_loss"] = loss
+        if not earlier or loss < min(earlier):
+            trainer.save_checkpoint(best_path)  # every process takes part; rank 0 writes
+            log.info(f"iter {step}: best val loss so far, saved {best_path}")
+        if S.length and trainer.is_main:
+            text = generate_texts(trainer.model, tokenizer, S.prompt, S.length, S.temperature, S.top_k)[0]
+            log.info(f"sample at iter {step}:\n{text}")
+    return on_eval
+
+
+def evaluate_only(config, tokenizer, resuming):
+    """Print the validation loss and bits per byte of the model init_from names; nothing is written."""
+    if config.init_from == "resume" and not resuming:
+        raise FileNotFoundError(f"--init_from=resume: no checkpoint at {config.trainer.ckpt_path}")
+    val_data = open_split(config, "val")
+    if val_data is None:
+        raise FileNotFoundError(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}")
+    device = resolve_device(config.trainer.device)
+    model = build_model(config, resuming).to(device)
+    check_vocabulary(val_data, model)
+    C = config.trainer
+    loss, bpb, targets = evaluate(model, val_data, tokenizer, C.batch_size, C.eval_iters, device, C.precision)
+    print(f"{config.init_from} on {corpus_dir(val_data)}: val loss {loss:.6f}, perplexity {math.exp(loss):.3f}, "
+          f"{bpb:.6f} bits per byte ({targets:,} tokens in windows of {val_data.block_size})")
+    return {"val_loss": loss, "bits_per_byte": bpb, "targets": targets}
+
+
+def main(args):
+    config = get_config_from_args(args)
+    set_seed(config.system.seed)
+    return train(config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

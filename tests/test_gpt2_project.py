@@ -1,0 +1,304 @@
+"""projects/gpt2: prepare, train, resume and sample end to end on a small text; GPT-2 weights from a local
+transformers folder scored exactly as transformers scores them; bits per byte by hand; every configuration builds."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mygpt import GPT, get_encoder, load_checkpoint
+from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
+from mygpt.data import HEADER_BYTES, TokenDataset, write_shard
+from mygpt.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ROOT / "projects" / "gpt2"
+TINY = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--data.block_size=16",
+        "--trainer.batch_size=4", "--trainer.quiet=True", "--trainer.log_interval=1", "--trainer.device=cpu"]
+# prose with accents and a dash, so that bytes and characters differ
+TEXT = "".join(f"ROMEO {i}:\nThe café by the river — naïve and fair — holds {i * 7} roses.\n\n" for i in range(60))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"gpt2_{name}", PROJECT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare, train, sample = load("prepare"), load("train"), load("sample")
+
+
+def run_script(name, *args):
+    """Run a project script as a user would; its stdout, or the test fails with its stderr."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, str(PROJECT / f"{name}.py"), *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    if result.returncode != 0:
+        raise AssertionError(f"{name}.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def read_tokens(path):
+    """A shard's tokens read with plain numpy: the 1024-byte header, then uint16."""
+    return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES).astype(np.int64)
+
+
+def prepared_corpus(folder, text=TEXT):
+    path = os.path.join(folder, "text.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    out = os.path.join(folder, "corpus")
+    prepare.prepare_text(path, Path(out), val_fraction=0.2)
+    return out
+
+
+def random_transformers_gpt2(folder, seed=0):
+    """A randomly initialised GPT-2 of GPT-2's vocabulary, tiny otherwise, saved with save_pretrained."""
+    transformers = __import__("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():  # biases and gains too, so that a weight put in the wrong place shows
+            p.normal_(0.0, 0.05)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def needs(module):
+    return unittest.skipUnless(importlib.util.find_spec(module), f"needs {module} (pip install 'mygpt[test]')")
+
+
+class TestPrepare(unittest.TestCase):
+    def test_one_text_is_cut_like_nanogpt(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = prepared_corpus(tmp)
+            enc = get_encoder()
+            cut = int(len(TEXT) * 0.8)
+            self.assertEqual(read_tokens(os.path.join(out, "train_000000.bin")).tolist(),
+                             enc.encode_ordinary(TEXT[:cut]))
+            self.assertEqual(read_tokens(os.path.join(out, "val_000000.bin")).tolist(),
+                             enc.encode_ordinary(TEXT[cut:]))
+            self.assertEqual(TokenDataset(os.path.join(out, "val_*.bin"), 8).vocab_size, 50257)
+            # the same corpus again is left as it is; another one is never written over it
+            self.assertIsNone(prepare.prepare_text(os.path.join(tmp, "text.txt"), Path(out), 0.2))
+            other = os.path.join(tmp, "other.txt")
+            with open(other, "w", encoding="utf-8") as f:
+                f.write(TEXT.upper())
+            with self.assertRaises(FileExistsError):
+                prepare.prepare_text(other, Path(out), 0.2)
+
+    def test_documents_go_through_prepare_corpus_and_llmc_shards_are_used_as_they_are(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            docs = os.path.join(tmp, "docs.jsonl")
+            with open(docs, "w", encoding="utf-8") as f:
+                for i in range(40):
+                    f.write(json.dumps({"text": f"document {i}: {TEXT[:200]}"}) + "\n")
+            out = os.path.join(tmp, "corpus")
+            prepare.main([docs, f"--out={out}", "--val_fraction=0.2", "--num_workers=1"])
+            with open(os.path.join(out, "meta.json")) as f:
+                meta = json.load(f)
+            self.assertEqual(meta["train"]["documents"] + meta["val"]["documents"], 40)
+            self.assertGreater(meta["val"]["documents"], 0)
+            # a document ends with <|endoftext|>
+            self.assertEqual(read_tokens(os.path.join(out, "train_000000.bin"))[-1], 50256)
+
+            # llm.c's names: fineweb_train_000001.bin, fineweb_val_000000.bin
+            llmc = os.path.join(tmp, "fineweb10B")
+            os.makedirs(llmc)
+            tokens = get_encoder().encode_ordinary(TEXT)
+            write_shard(os.path.join(llmc, "fineweb_val_000000.bin"), tokens[:300])
+            write_shard(os.path.join(llmc, "fineweb_train_000001.bin"), tokens[300:])
+            config = train.get_config_from_args([f"--data.dir={llmc}", *TINY])
+            self.assertEqual(train.open_split(config, "train").num_tokens, len(tokens) - 300)
+            self.assertEqual(train.open_split(config, "val").num_tokens, 300)
+
+
+class TestTrainResumeSample(unittest.TestCase):
+    def test_prepare_train_refuse_rerun_resume_and_sample(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            text = os.path.join(tmp, "text.txt")
+            with open(text, "w", encoding="utf-8") as f:
+                f.write(TEXT)
+            data, work = os.path.join(tmp, "data"), os.path.join(tmp, "run")
+            out = run_script("prepare", text, f"--out={data}")
+            self.assertIn("train:", out)
+            common = [f"--data.dir={data}", f"--system.work_dir={work}", *TINY, "--trainer.eval_interval=3",
+                      "--trainer.eval_iters=2", "--sample.length=8", "--sample.prompt=ROMEO"]
+            run_script("train", "cpu", "--trainer.max_iters=6", *common)
+            with open(os.path.join(work, "log.txt"), encoding="utf-8") as f:
+                log = f.read()
+            self.assertEqual(re.findall(r"iter (\d+): val loss \d+\.\d+, \d+\.\d+ bits per byte", log), ["0", "3", "6"])
+            self.assertEqual(re.findall(r"sample at iter (\d+):\nROMEO", log), ["3", "6"])  # none before training
+            ckpt = load_checkpoint(os.path.join(work, "checkpoint.pt"))
+            self.assertEqual(ckpt["tokenizer"], {"type": "gpt2"})
+            self.assertEqual(ckpt["iter_num"], 6)
+            self.assertEqual([h["iter"] for h in ckpt["history"] if "val_loss" in h], [3, 6])
+            best = load_checkpoint(os.path.join(work, "best.pt"))
+            losses = {h["iter"]: h["val_loss"] for h in ckpt["history"] if "val_loss" in h}
+            self.assertEqual(best["iter_num"], min(losses, key=losses.get))
+
+            # a rerun touches nothing and says how to go on
+            before = open(os.path.join(work, "checkpoint.pt"), "rb").read()
+            with self.assertRaises(FileExistsError) as cm:
+                train.main(["cpu", "--trainer.max_iters=8", *common])
+            for way in ("--init_from=resume", "--trainer.overwrite=True", "--system.work_dir"):
+                self.assertIn(way, str(cm.exception))
+            self.assertEqual(open(os.path.join(work, "checkpoint.pt"), "rb").read(), before)
+
+            trainer = train.main(["cpu", "--init_from=resume", "--trainer.max_iters=9", *common])
+            self.assertEqual(trainer.iter_num, 9)
+            self.assertEqual(load_checkpoint(os.path.join(work, "checkpoint.pt"))["iter_num"], 9)
+            self.assertEqual([h["iter"] for h in trainer.history if "val_loss" in h], [3, 6, 9])
+
+            out = run_script("sample", f"--work_dir={work}", "--prompt=ROMEO", "--num_samples=2",
+                             "--max_new_tokens=5", "--seed=3")
+            samples = out.rstrip("\n").split("\n" + "-" * 40 + "\n")
+            self.assertEqual(len(samples), 2)
+            self.assertTrue(all(s.startswith("ROMEO") for s in samples))
+            again = run_script("sample", f"--work_dir={work}", "--prompt=ROMEO", "--num_samples=2",
+                               "--max_new_tokens=5", "--seed=3")
+            self.assertEqual(out, again)
+
+    def test_samples_stop_at_endoftext(self):
+        config = GPT.get_default_config()
+        config.merge_from_dict(dict(n_layer=1, n_head=1, n_embd=8, vocab_size=50257, block_size=16,
+                                    tie_weights=False))
+        model = GPT(config)
+        with torch.no_grad():  # the final LayerNorm outputs its bias alone; only <|endoftext|>'s row scores it
+            model.transformer.ln_f.weight.zero_()
+            model.transformer.ln_f.bias.fill_(1.0)
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[50256] = 10.0
+        tokenizer = load_tokenizer({"type": "gpt2"})
+        self.assertEqual(sample.generate_texts(model, tokenizer, "Hi", 5, num_samples=2), ["Hi", "Hi"])
+        self.assertEqual(sample.generate_texts(model, tokenizer, "Hi", 3, stop=False), ["Hi" + ENDOFTEXT * 3])
+
+
+@needs("transformers")
+class TestGPT2Weights(unittest.TestCase):
+    def test_loss_equals_transformers_and_tying_survives_training(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = prepared_corpus(tmp)
+            hf_dir = os.path.join(tmp, "hf")
+            hf = random_transformers_gpt2(hf_dir)
+            T = 32
+            tokens = torch.from_numpy(read_tokens(os.path.join(data, "val_000000.bin")))
+            n = (len(tokens) - 1) // T
+            windows = torch.stack([tokens[i * T:i * T + T + 1] for i in range(n)])  # (n, T + 1)
+            with torch.no_grad():  # transformers shifts the labels itself: T targets per window
+                reference = hf(input_ids=windows, labels=windows).loss.item()
+
+            common = [f"--init_from={hf_dir}", f"--data.dir={data}", f"--data.block_size={T}",
+                      "--trainer.batch_size=3", "--trainer.eval_iters=1000", "--trainer.device=cpu"]
+            result = train.main([*common, "--eval_only=True"])
+            self.assertEqual(result["targets"], n * T)
+            self.assertLess(abs(result["val_loss"] - reference), 1e-4)
+
+            work = os.path.join(tmp, "run")
+            trainer = train.main([*common, f"--system.work_dir={work}", "--trainer.max_iters=2",
+                                  "--trainer.eval_interval=2", "--trainer.learning_rate=1e-3",
+                                  "--trainer.quiet=True", "--sample.length=4"])
+            with open(os.path.join(work, "log.txt"), encoding="utf-8") as f:
+                before = float(re.search(r"iter 0: val loss (\d+\.\d+)", f.read()).group(1))
+            self.assertLess(abs(before - reference), 1e-4)  # the loss before training, as logged
+            self.assertTrue(trainer.model.config.tie_weights)
+
+            ckpt = load_checkpoint(os.path.join(work, "checkpoint.pt"))
+            self.assertTrue(ckpt["model_config"]["tie_weights"])
+            self.assertTrue(torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"]))
+            self.assertFalse(torch.equal(ckpt["model"]["lm_head.weight"], hf.lm_head.weight))  # it trained
+            model = GPT.from_checkpoint(ckpt)
+            self.assertIs(model.lm_head.weight, model.transformer.wte.weight)
+            self.assertEqual(model.num_parameters(), sum(p.numel() for p in hf.parameters()))
+
+            out = run_script("sample", f"--init_from={hf_dir}", "--prompt=ROMEO", "--num_samples=1",
+                             "--max_new_tokens=4")
+            self.assertTrue(out.startswith("ROMEO"))
+
+
+@needs("tiktoken")
+class TestBitsPerByte(unittest.TestCase):
+    def test_against_a_hand_computation(self):
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        ranks = data_gym_to_mergeable_bpe_ranks(str(DATA_DIR / "gpt2" / "vocab.bpe"),
+                                                str(DATA_DIR / "gpt2" / "encoder.json"))
+        tk = tiktoken.Encoding("gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                               special_tokens={ENDOFTEXT: 50256})
+        torch.manual_seed(0)
+        config = GPT.get_default_config()
+        config.merge_from_dict(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, block_size=16))
+        model = GPT(config).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            data = prepared_corpus(tmp)
+            T = 10
+            dataset = TokenDataset(os.path.join(data, "val_*.bin"), T)
+            loss, bpb, targets = train.evaluate(model, dataset, load_tokenizer({"type": "gpt2"}), batch_size=3)
+            tokens = torch.from_numpy(read_tokens(os.path.join(data, "val_000000.bin")))
+        n = (len(tokens) - 1) // T
+        nats = 0.0
+        with torch.no_grad():
+            for i in range(n):
+                x, y = tokens[i * T:i * T + T], tokens[i * T + 1:i * T + T + 1]
+                logits = model(x[None])[0][0].double()  # (T, vocab)
+                nats += (torch.logsumexp(logits, dim=-1) - logits[torch.arange(T), y]).sum().item()
+        nbytes = len(tk.decode_bytes(tokens[1:n * T + 1].tolist()))  # every token but the first and the tail
+        self.assertEqual(targets, n * T)
+        self.assertLess(nbytes, len(tk.decode_bytes(tokens.tolist())))
+        self.assertAlmostEqual(loss, nats / (n * T), places=5)
+        self.assertAlmostEqual(bpb, nats / math.log(2) / nbytes, places=5)
+
+
+class TestConfigurations(unittest.TestCase):
+    def test_every_configuration_parses_and_builds_its_model(self):
+        names = train.configuration_names()
+        self.assertEqual(names, ["cpu", "eval_gpt2", "finetune_shakespeare", "gpt2_124m_owt"])
+        for name in names:
+            with self.subTest(name):
+                config = train.get_config_from_args([name])
+                if config.init_from == "scratch":
+                    model = train.build_model(config, resuming=False)
+                else:  # OpenAI's weights cannot be fetched here: build their shape, without weights
+                    self.assertIn(config.init_from, train.PRETRAINED)
+                    mc = GPT.get_default_config()
+                    mc.merge_from_dict(dict(model_type=config.init_from, vocab_size=50257, block_size=1024))
+                    with torch.device("meta"):
+                        model = GPT(mc)
+                self.assertLessEqual(config.data.block_size, model.config.block_size)
+                self.assertTrue(model.config.tie_weights)
+                expected = {"cpu": 7_242_624, "gpt2_124m_owt": 124_475_904, "eval_gpt2": 124_439_808,
+                            "finetune_shakespeare": 1_557_611_200}[name]
+                self.assertEqual(model.num_parameters(), expected)
+        owt = train.get_config_from_args(["gpt2_124m_owt"]).trainer
+        tokens_per_step = owt.batch_size * owt.grad_accum_steps * 8 * 1024
+        self.assertEqual(tokens_per_step, 491_520)  # nanoGPT's ~0.5M on 8 GPUs
+        self.assertEqual(owt.warmup_tokens, 2000 * tokens_per_step)
+        self.assertEqual(owt.final_tokens, 600_000 * tokens_per_step)
+        self.assertTrue(train.get_config_from_args(["eval_gpt2"]).eval_only)
+
+    def test_overrides_come_after_configurations_and_unknown_names_are_refused(self):
+        config = train.get_config_from_args(["--trainer.max_iters=7", "cpu"])
+        self.assertEqual(config.trainer.max_iters, 7)
+        self.assertEqual(config.model.n_layer, 4)
+        with self.assertRaises(FileNotFoundError) as cm:
+            train.get_config_from_args(["cpux"])
+        self.assertIn("cpu", str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            train.build_model(train.get_config_from_args(["--init_from=gpt3"]), resuming=False)
+        self.assertIn("scratch", str(cm.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -173,6 +173,8 @@ def kernel_options(compile_torchao):
             quantize_(module, config())
             return torch.compile(module) if compiled else module
         return make
+    if compile_torchao:
+        torch._dynamo.config.recompile_limit = 64  # one compiled graph per Linear shape and option
     for compiled in (False, True) if compile_torchao else (False,):
         suffix = ", torch.compile" if compiled else ""
         options[f"torchao Int8WeightOnly{suffix}"] = torchao(Int8WeightOnlyConfig, compiled)
@@ -193,10 +195,13 @@ def bench_kernels(rounds, repeats, compile_torchao):
                for option, make in kernel_options(compile_torchao).items()}
     inputs = {name: torch.randn(1, 1, linear.in_features) for name, linear in linears.items()}
     samples = {option: {name: [] for name in shapes} for option in modules}
+    warmup = {}
     with torch.inference_mode():
-        for option, row in modules.items():  # warm up (and compile)
+        for option, row in modules.items():  # the first calls pack weights, or compile
+            start = time.perf_counter()
             for name, module in row.items():
                 module(inputs[name])
+            warmup[option] = time.perf_counter() - start
         for _ in range(rounds):
             for option, row in modules.items():
                 for name, module in row.items():
@@ -204,10 +209,14 @@ def bench_kernels(rounds, repeats, compile_torchao):
                     for _ in range(repeats):
                         module(inputs[name])
                     samples[option][name].append((time.perf_counter() - start) / repeats * 1e6)
+        # a fast kernel must also be right: the largest error against fp32 on fresh inputs, relative to the output
+        error = {option: max(float((module(x) - linears[name](x)).abs().max() / linears[name](x).abs().max())
+                             for name, module in row.items() for x in [torch.randn_like(inputs[name])])
+                 for option, row in modules.items()}
     times = {option: {name: statistics.median(v) for name, v in row.items()} for option, row in samples.items()}
     for row in times.values():
         row["per token"] = 12 * sum(row[k] for k in list(shapes)[:4]) + row["lm_head"]
-    return list(shapes) + ["per token"], times
+    return list(shapes) + ["per token"], times, warmup, error
 
 
 # ---------------------------------------------------------------- quality
@@ -304,14 +313,15 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), quantized engine "
           f"{torch.backends.quantized.engine}")
-    columns, times = bench_kernels(3 if args.quick else 7, 10, args.compile_torchao)
+    columns, times, warmup, error = bench_kernels(3 if args.quick else 7, 10, args.compile_torchao)
     print("\nint8 options at batch 1, GPT-2's Linear shapes: microseconds per call, median of interleaved rounds "
           "(per token: 12 blocks + head)")
-    print("| option | " + " | ".join(columns) + " | vs fp32 per token |")
-    print("| --- " * (len(columns) + 2) + "|")
+    print("| option | " + " | ".join(columns) + " | vs fp32 per token | first calls (s) | max error / max output |")
+    print("| --- " * (len(columns) + 4) + "|")
     for option, row in times.items():
         ratio = times["fp32 nn.Linear"]["per token"] / row["per token"]
-        print(f"| {option} | " + " | ".join(f"{row[c]:.0f}" for c in columns) + f" | {ratio:.2f}x |")
+        print(f"| {option} | " + " | ".join(f"{row[c]:.0f}" for c in columns) + f" | {ratio:.2f}x "
+              f"| {warmup[option]:.2f} | {error[option]:.2g} |")
     if args.only_kernels:
         return
 

@@ -5,8 +5,11 @@ from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.downloads import DownloadError, download
+from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT, KVCache
+from mygpt.plot import plot_history
+from mygpt.quantize import Int8Linear, load_quantized, save_quantized
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer
 from mygpt.utils import CfgNode, set_seed, setup_logging
@@ -14,6 +17,8 @@ from mygpt.utils import CfgNode, set_seed, setup_logging
 __all__ = [
     # the model and sampling from it
     "GPT", "KVCache", "stream",
+    # int8 inference (model.quantize()), export, plots
+    "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training
     "Trainer", "load_checkpoint", "CheckpointError",
     # token corpora on disk

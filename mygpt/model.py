@@ -363,6 +363,11 @@ class GPT(nn.Module):
         return generate(self, idx, max_new_tokens, temperature=temperature, do_sample=do_sample,
                         top_k=top_k, top_p=top_p, use_cache=use_cache, generator=generator, stop_tokens=stop_tokens)
 
+    def quantize(self, inplace=False):
+        """An int8 copy of this model for CPU inference (every Linear per output channel); see mygpt.quantize."""
+        from mygpt.quantize import quantize
+        return quantize(self, inplace=inplace)
+
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):
         """A GPT with OpenAI GPT-2 weights, read through Hugging Face transformers, in eval mode; see mygpt.pretrained."""

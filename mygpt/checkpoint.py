@@ -2,8 +2,8 @@
 Checkpoints: written atomically, checked on the way in, never executing code on load.
 
 A checkpoint is a dict saved with torch.save. Writing goes to a temporary file of a name unique to
-the process, is flushed to disk, then renamed over the target, so a kill at any moment leaves the
-previous file whole. A sha256 over every tensor's bytes is stored beside them and verified on load,
+the process, is flushed to disk, then renamed over the target (mygpt.utils.atomic_path), so a kill at
+any moment leaves the previous file whole. A sha256 over every tensor's bytes is stored beside them and verified on load,
 so a file damaged on disk is reported as damaged instead of training on corrupted weights.
 Loading uses torch.load(weights_only=True): only tensors and plain Python values are unpickled.
 """
@@ -16,6 +16,8 @@ import uuid
 
 import numpy as np
 import torch
+
+from mygpt.utils import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -62,22 +64,10 @@ def check_writable(path):
 
 def save_checkpoint(state, path):
     """Write the dict state to path atomically, with a checksum of its tensors."""
-    path = os.fspath(path)
     state = dict(state, checksum=tensor_checksum(state))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # unique per process and call: two runs writing beside each other never share a temporary file
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # the previous checkpoint is untouched; leave no half-written file beside it
-        raise  # the real cause (disk full, permission denied), not a cleanup error
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # two runs never share a temporary file
+        torch.save(state, f)
 
 
 def read_checkpoint(path, map_location="cpu"):

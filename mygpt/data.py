@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import re
 import tempfile
-import uuid
 import warnings
 from collections import deque, namedtuple
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, get_encoder
 from mygpt.downloads import sha256_file
+from mygpt.utils import atomic_path, temporary_name
 
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
@@ -72,7 +72,7 @@ class _ShardFile:
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.magic, self.version = _format_of(self.dtype)
         self.count = 0
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp = temporary_name(self.path)
         self.file = open(self.tmp, "wb")
         self.file.write(bytes(HEADER_BYTES))  # a zero header (magic 0) until the shard is whole
 
@@ -624,18 +624,8 @@ def _shard_name(split, index):
 # ---------------------------------------------------------------------------------------------------- prepare
 
 def _write_json(path, value):
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _complete(out_dir, meta):

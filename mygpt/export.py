@@ -16,17 +16,14 @@ layout, so those weights are transposed on the way out. GGUF stores matrices (ou
 """
 
 import json
-import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN
 from mygpt.pretrained import CONV1D_WEIGHTS
 from mygpt.quantize import is_quantized
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+from mygpt.utils import atomic_path
 
 
 # ---------------------------------------------------------------- what GPT-2 can hold
@@ -69,20 +66,6 @@ def gpt2_encoder(tokenizer, vocab_size, target):
         raise ValueError(f"the tokenizer has {encoder.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
                          f"pass the tokenizer the model was trained with, or tokenizer=None for the weights alone")
     return encoder
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary name beside path; once the body has written it, flush it to disk and rename it to path."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text):

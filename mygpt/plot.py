@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-from mygpt.export import atomic_path
+from mygpt.utils import atomic_path
 
 VAL_KEYS = ("val_loss", "test_loss")  # the trainer's name for the evaluation loss, and its older one
 

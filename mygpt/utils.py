@@ -5,8 +5,11 @@ import difflib
 import json
 import logging
 import numbers
+import os
 import random
 import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +246,29 @@ class ConsoleHandler(logging.Handler):
     def emit(self, record):
         if getattr(record, "console", True):
             tqdm.write(self.format(record), file=sys.stdout)
+
+
+def temporary_name(path):
+    """A name beside path, unique to this process and call, for a file that becomes path once whole."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside path; once the body has written it, flush it to disk and rename it to path.
+
+    A crash or an error at any moment leaves path as it was (the old file or none) and no temporary behind;
+    the error raised is the body's own (disk full says disk full).
+    """
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def setup_logging(config):

@@ -59,3 +59,21 @@ class EpochOrder:
 
     def __len__(self):
         return self.n
+
+
+def epoch_batches(order, start, batch_size, grad_accum_steps=1, world_size=1, rank=0):
+    """Process `rank`'s micro-batches (lists of example indices) for the rest of an epoch, from position start.
+
+    Step s of the epoch takes the next batch_size * grad_accum_steps * world_size positions of the order;
+    micro-batch m of process r is slice m * world_size + r of that chunk. So one process with a k-times
+    larger batch sees exactly the examples that k micro-batches, or k processes, see together, and the
+    processes never share an example within an epoch. The last step is filled up by wrapping to the start
+    of the order, so every process always has full batches. Batches are computed as they are consumed.
+    """
+    n, B, W = len(order), batch_size, world_size
+    global_batch = B * grad_accum_steps * W
+    steps = -(-n // global_batch)  # ceil
+    for step_start in range(start, steps * global_batch, global_batch):
+        for m in range(grad_accum_steps):
+            first = step_start + (m * W + rank) * B
+            yield order[[(first + i) % n for i in range(B)]].tolist()

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, read_checkpoint, rng_state,
                               save_checkpoint, set_rng_state, strip_compile_prefix)
 from mygpt.model import check_ids
-from mygpt.order import EpochOrder
+from mygpt.order import EpochOrder, epoch_batches
 from mygpt.utils import CfgNode, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
@@ -298,22 +298,10 @@ class Trainer:
         return math.ceil(len(self.train_dataset) / self.global_batch)
 
     def _epoch_batches(self, epoch, start):
-        """This process's micro-batches (lists of indices) for the rest of ``epoch``, from example ``start``.
-
-        Step s of the epoch takes the next global_batch positions of the epoch's order; micro-batch m of
-        process r is slice m * world_size + r of that chunk. So one process with a k-times larger batch
-        sees exactly the examples that k micro-batches, or k processes, see together. The last step is
-        filled up by wrapping to the start of the order, so every process always has full batches.
-        The batches are computed one step at a time, as they are consumed.
-        """
-        n = len(self.train_dataset)
-        order = EpochOrder(self.config.seed, epoch, n, tag=TRAIN_ORDER)
-        B, W = self.config.batch_size, self.world_size
-        for step_start in range(start, self.steps_per_epoch() * self.global_batch, self.global_batch):
-            for m in range(self.config.grad_accum_steps):
-                first = step_start + (m * W + self.rank) * B
-                positions = [(first + i) % n for i in range(B)]
-                yield order[positions].tolist()
+        """This process's micro-batches for the rest of ``epoch``, from example ``start`` (see order.epoch_batches)."""
+        C = self.config
+        order = EpochOrder(C.seed, epoch, len(self.train_dataset), tag=TRAIN_ORDER)
+        return epoch_batches(order, start, C.batch_size, C.grad_accum_steps, self.world_size, self.rank)
 
     def _loader(self, dataset, batches):
         # a private generator: creating a DataLoader iterator would otherwise draw from the global RNG,

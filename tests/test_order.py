@@ -3,7 +3,7 @@ import unittest
 
 import numpy as np
 
-from mygpt.order import EpochOrder
+from mygpt.order import EpochOrder, epoch_batches
 
 
 class TestEpochOrder(unittest.TestCase):
@@ -37,6 +37,20 @@ class TestEpochOrder(unittest.TestCase):
         self.assertEqual(len(set(picked.tolist())), len(positions))
         grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         self.assertLess(grown_mib, 100)
+
+    def test_batches_split_steps_between_processes_and_micro_batches(self):
+        order = EpochOrder(7, 0, 100)
+        one = list(epoch_batches(order, 0, batch_size=16))  # 7 steps of 16, the last wrapped
+        self.assertEqual(len(one), 7)
+        self.assertEqual(sorted(sum(one, [])[:100]), list(range(100)))  # every example once, then the wrap
+        ranks = [list(epoch_batches(order, 0, 4, grad_accum_steps=2, world_size=2, rank=r)) for r in (0, 1)]
+        for step in range(7):  # each step: rank 0's and rank 1's micro-batches together are the big batch
+            together = ranks[0][2 * step] + ranks[1][2 * step] + ranks[0][2 * step + 1] + ranks[1][2 * step + 1]
+            self.assertEqual(together, one[step])
+        seen = [set(sum(r[:12], [])) for r in ranks]  # the 6 steps before the wrap
+        self.assertFalse(seen[0] & seen[1])  # disjoint processes
+        resumed = list(epoch_batches(order, 48, batch_size=16))  # from a checkpoint at position 48
+        self.assertEqual(resumed, one[3:])
 
     def test_bad_input(self):
         with self.assertRaisesRegex(ValueError, "empty"):

@@ -373,6 +373,29 @@ class TestKeepsTheUsersWork(TempDirTest):
         self.assertEqual(loss.item(), 0.0)
 
 
+class TestTokenCorpus(TempDirTest):
+    def corpus(self):
+        from mygpt.data import TokenDataset, write_shard
+        g = torch.Generator().manual_seed(0)
+        for i in range(2):  # windows cross from the first shard into the second
+            write_shard(self.path(f"train_{i:06d}.bin"), torch.randint(0, 16, (301,), generator=g).numpy())
+        return TokenDataset(self.path("train_*.bin"), block_size=8)
+
+    def run_for(self, iters, **kw):
+        torch.manual_seed(0)
+        C = config(max_iters=iters, lr_decay=True, final_tokens=2000, warmup_tokens=100,
+                   ckpt_path=self.path("tok.pt"), **kw)
+        return Trainer(C, TinyLM(dropout=0.1), self.corpus()).run()
+
+    def test_resume_on_shards_is_bit_identical(self):
+        straight = self.run_for(20, overwrite=True).model.state_dict()
+        self.run_for(7, overwrite=True)  # stopped mid-epoch (75 windows in steps of 8: 10 steps an epoch)
+        resumed = self.run_for(20, resume=True)
+        self.assertEqual(resumed.iter_num, 20)
+        for k, v in straight.items():
+            self.assertTrue(torch.equal(v, resumed.model.state_dict()[k]), k)
+
+
 class TestResume(TempDirTest):
     def test_sigkill_then_resume_is_bit_identical(self):
         iters = 30

@@ -1,7 +1,9 @@
 """projects/gpt2: prepare, train, resume and sample end to end on a small text; GPT-2 weights from a local
 transformers folder scored exactly as transformers scores them; bits per byte by hand; every configuration builds."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mygpt import GPT, get_encoder, load_checkpoint
+from mygpt import GPT, cli, get_encoder, load_checkpoint
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
 from mygpt.data import HEADER_BYTES, TokenDataset, write_shard
 from mygpt.tokenizer import load_tokenizer
@@ -161,6 +163,15 @@ class TestTrainResumeSample(unittest.TestCase):
             self.assertEqual(trainer.iter_num, 9)
             self.assertEqual(load_checkpoint(os.path.join(work, "checkpoint.pt"))["iter_num"], 9)
             self.assertEqual([h["iter"] for h in trainer.history if "val_loss" in h], [3, 6, 9])
+
+            # --eval_only over the whole val split gives what `mygpt eval` gives on the same checkpoint
+            result = train.main(["cpu", "--init_from=resume", "--eval_only=True", *common, "--trainer.eval_iters=None"])
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                self.assertEqual(cli.main(["eval", os.path.join(work, "checkpoint.pt"), "--data", data]), 0)
+            figures = dict(re.findall(r"^(loss|bits per byte): (\S+)$", printed.getvalue(), flags=re.M))
+            self.assertAlmostEqual(result["val_loss"], float(figures["loss"]), places=5)
+            self.assertAlmostEqual(result["bits_per_byte"], float(figures["bits per byte"]), places=5)
 
             out = run_script("sample", f"--work_dir={work}", "--prompt=ROMEO", "--num_samples=2",
                              "--max_new_tokens=5", "--seed=3")

@@ -20,11 +20,11 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 
 from mygpt import DownloadError, download, get_encoder
 from mygpt.data import prepare_corpus, read_header, write_shard
+from mygpt.utils import atomic_path
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -117,14 +117,8 @@ def already_prepared(out_dir, settings):
 
 
 def write_json(path, value):
-    """Write JSON atomically: a temporary file of a unique name, flushed to disk, renamed into place."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a temporary name, flushed to disk, then renamed into place
+        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def tiny_shakespeare():

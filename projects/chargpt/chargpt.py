@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from mygpt import GPT, CfgNode, DownloadError, Trainer, download, load_checkpoint, set_seed, setup_logging
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+from mygpt.utils import atomic_path
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -206,7 +207,7 @@ def train(config):
     config.model.block_size = config.data.block_size
     log = setup_logging(config)
     prompt = sampling_prompt(config.sample.prompt, chars, log.info)  # now, not at the first evaluation
-    with open(os.path.join(work_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    with atomic_path(os.path.join(work_dir, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(chars, f)
     if C.overwrite and os.path.exists(best_path):
         os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 import images
 from palette import dequantise, kmeans, quantise
 from mygpt import GPT, CfgNode, Trainer, load_checkpoint, set_seed, setup_logging
+from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
 EXPECTED_DURATION = "about 1.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for the digits"
@@ -113,7 +114,8 @@ def save_grid(path, samples, reals, columns, scale):
     gap = np.ones((height, 2, grids[0].shape[2]), dtype=np.float32)
     canvas = np.concatenate([pad(grids[0])] + [part for g in grids[1:] for part in (gap, pad(g))], axis=1)
     pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(path)
+    with atomic_path(path) as tmp:  # a stopped write never leaves half an image where the last one was
+        Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(tmp, format="PNG")
 
 
 def run_palette(ckpt_path):

@@ -27,7 +27,8 @@ PROJECT = ROOT / "projects" / "gpt2"
 TINY = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--data.block_size=16",
         "--trainer.batch_size=4", "--trainer.quiet=True", "--trainer.log_interval=1", "--trainer.device=cpu"]
 # prose with accents and a dash, so that bytes and characters differ
-TEXT = "".join(f"ROMEO {i}:\nThe café by the river — naïve and fair — holds {i * 7} roses.\n\n" for i in range(60))
+TEXT = "".join(f"ROMEO {i}:\nThe café by the river — naïve and fair — holds {i * 7} roses.\n\n"
+               for i in range(60))
 
 
 def load(name):

@@ -6,7 +6,7 @@ Token shards of GPT-2's BPE for projects/gpt2/train.py.
     python projects/gpt2/prepare.py notes/ chats.jsonl --out=out/data/mine   # many documents: split by document
     python projects/gpt2/prepare.py openwebtext                     # streamed from the hub: pip install 'mygpt[data]'
     python projects/gpt2/prepare.py fineweb10B
-    python projects/gpt2/prepare.py path/to/fineweb10B/             # llm.c / modded-nanogpt shards: checked, used as they are
+    python projects/gpt2/prepare.py path/to/fineweb10B/             # llm.c / modded-nanogpt shards: used as they are
 
 One text file is cut as nanoGPT cuts tiny shakespeare: the first 90% of its characters train, the last 10%
 validate, each part encoded as it is (no <|endoftext|>). Anything else (several files, a folder, .jsonl, .parquet,

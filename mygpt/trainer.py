@@ -39,7 +39,7 @@ from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, 
                               save_checkpoint, set_rng_state, strip_compile_prefix)
 from mygpt.model import check_ids
 from mygpt.order import EpochOrder, epoch_batches
-from mygpt.utils import CfgNode, set_seed
+from mygpt.utils import CfgNode, atomic_path, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -199,6 +199,8 @@ class Trainer:
         if C.lr_decay and C.final_tokens is None and C.max_iters is None and C.max_epochs is None:
             raise ValueError("lr_decay=True needs to know where the run ends: set max_iters or max_epochs "
                              "(or final_tokens)")
+        if C.ckpt_path is not None and not isinstance(C.ckpt_path, (str, os.PathLike)):
+            raise TypeError(f"ckpt_path must be a file name (str) or None, got {C.ckpt_path!r}")
         if C.resume and C.overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
 
@@ -634,16 +636,14 @@ class Trainer:
     # ---------------------------------------------------------------- history
 
     def save_history(self, path):
-        """The per-step history as JSON (path ending .json) or CSV (anything else)."""
-        if path.endswith(".json"):
-            with open(path, "w", encoding="utf-8") as f:
+        """The per-step history as JSON (path ending .json) or CSV (anything else), written atomically."""
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            if os.fspath(path).endswith(".json"):
                 json.dump(self.history, f, indent=1)
-            return
-        columns = ["iter", "epoch", "tokens", "lr", "loss", "val_loss"]
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
+            else:
+                writer = csv.DictWriter(f, fieldnames=["iter", "epoch", "tokens", "lr", "loss", "val_loss"])
+                writer.writeheader()
+                writer.writerows(self.history)
 
 
 def _leave_process_group():

@@ -62,6 +62,26 @@ def stream(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
     them repeats it from then on, and the stream ends once every row has. The model runs in eval
     mode (no dropout) and is put back in its previous mode when the stream ends or is closed.
     """
+    for idx in extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
+                      stop_tokens):
+        yield idx[:, -1:].clone()  # a copy made outside inference mode is an ordinary tensor
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
+             use_cache=True, generator=None, stop_tokens=None):
+    """idx (B, T) followed by up to max_new_tokens tokens per row: (B, T + n); see stream for the arguments.
+
+    With stop_tokens, generation ends early once every row has produced one.
+    """
+    out = idx
+    for out in extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
+                      stop_tokens):
+        pass
+    return out.clone()  # an ordinary tensor (not an inference-mode one), usable as input to training
+
+
+def extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator, stop_tokens):
+    """Yield idx with one more token per row, max_new_tokens times (or until every row has stopped)."""
     check_sampling_args(max_new_tokens, temperature, do_sample, top_k, top_p, stop_tokens)
     model.check_input(idx[..., -model.block_size:] if torch.is_tensor(idx) else idx)  # the window it will see
     was_training = model.training
@@ -71,17 +91,6 @@ def stream(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
                                  use_cache, generator, stop_tokens)
     finally:
         model.train(was_training)
-
-
-def generate(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
-             use_cache=True, generator=None, stop_tokens=None):
-    """idx (B, T) followed by up to max_new_tokens tokens per row: (B, T + n); see stream for the arguments.
-
-    With stop_tokens, generation ends early once every row has produced one.
-    """
-    new = list(stream(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache,
-                      generator, stop_tokens))
-    return torch.cat([idx] + new, dim=1)
 
 
 def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
@@ -106,6 +115,6 @@ def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top
                 token = torch.where(stopped, idx[:, -1:], token)  # a stopped row repeats its stop token
                 stopped = stopped | torch.isin(token, stops)
             idx = torch.cat([idx, token], dim=1)
-        yield token.clone()  # a copy made outside inference mode is an ordinary tensor
+        yield idx
         if stops is not None and bool(stopped.all()):
             return

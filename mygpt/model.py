@@ -58,6 +58,11 @@ def gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
+def dropout(x, p, training):
+    """F.dropout, skipped outright in eval mode or at p = 0 (decoding calls it several times per token)."""
+    return F.dropout(x, p, True) if training and p > 0.0 else x
+
+
 def circulant_time_weighting(time_weight, time_bias, T, first_row=0):
     """Rows first_row..T-1 of the (n_head, T, T) matrix of 'circulant' time weighting.
 
@@ -165,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self.attend(q, k, v, self.weights(start + T, first_row=start))  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
-        return F.dropout(self.c_proj(y), self.resid_pdrop, self.training)
+        return dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
 
 class MLP(nn.Module):
@@ -178,7 +183,7 @@ class MLP(nn.Module):
         self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x):
-        return F.dropout(self.c_proj(gelu(self.c_fc(x))), self.resid_pdrop, self.training)
+        return dropout(self.c_proj(gelu(self.c_fc(x))), self.resid_pdrop, self.training)
 
 
 class Block(nn.Module):
@@ -208,15 +213,17 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.layer_keys = [self.keys[i] for i in range(config.n_layer)]  # views, one per layer
+        self.layer_values = [self.values[i] for i in range(config.n_layer)]
         self.last_input = [None] * config.n_layer
         self.length = 0
 
     def append(self, layer, k, v):
         """Store k, v (B, nh, T, hs) after the cached positions; return the keys and values of all of them."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values, T = self.layer_keys[layer], self.layer_values[layer], k.shape[2]
+        keys.narrow(2, self.length, T).copy_(k)  # narrow: the cheapest view, once per layer and token
+        values.narrow(2, self.length, T).copy_(v)
+        return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)
 
     def swap_last_input(self, layer, x):
         """Remember x[:, -1:] (B, 1, C) of this layer's attention input; return the one remembered before."""
@@ -227,7 +234,7 @@ class KVCache:
 class GPT(nn.Module):
     """A GPT language model: token (+ position) embeddings, n_layer blocks, a final LayerNorm and a linear head.
 
-    Dropout is applied with F.dropout rather than nn.Dropout modules: the same operation, without a
+    Dropout is applied by a function rather than nn.Dropout modules: the same operation, without a
     module call per use, which adds up when decoding one token at a time.
     """
 
@@ -329,7 +336,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
-        x = F.dropout(x, self.config.embd_pdrop, self.training)
+        x = dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:

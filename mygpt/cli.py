@@ -25,6 +25,7 @@ import torch
 from mygpt.bpe import get_encoder
 from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.data import TokenDataset, prepare_corpus
+from mygpt.evaluate import score
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT
@@ -203,15 +204,7 @@ def evaluate(args):
         n = min(n, args.max_batches * args.batch_size)
     if n == 0:
         raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
-    nats, targets, nbytes = 0.0, 0, 0
-    with torch.inference_mode():
-        for start in range(0, n, args.batch_size):
-            x, y = windows.get_batch(list(range(start, min(start + args.batch_size, n))))  # (B, T) each
-            _, loss = model(x.to(device), y.to(device))
-            count = int((y >= 0).sum())
-            nats += loss.item() * count  # the model's mean over this batch's targets, back to a sum
-            targets += count
-            nbytes += len(tokenizer.decode_bytes(y[y >= 0].tolist()))
+    nats, targets, nbytes = score(model, windows, tokenizer, range(n), args.batch_size, device)
     loss = nats / targets
     print(f"data: {what}")
     print(f"evaluated: {n:,} windows of up to {model.block_size} tokens, {targets:,} target tokens, "

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
 from mygpt.data import TokenDataset
+from mygpt.evaluate import score
 from mygpt.tokenizer import load_tokenizer
 from mygpt.trainer import PRECISIONS, resolve_device
 
@@ -159,17 +159,8 @@ def evaluate(model, dataset, tokenizer, batch_size, max_batches=None, device="cp
     n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * world)
     mine = list(range(rank, n, world))
     dtype = PRECISIONS[precision]
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # nats, targets, bytes
-    for start in range(0, len(mine), batch_size):
-        x, y = dataset.get_batch(mine[start:start + batch_size])  # (B, T) each
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        count = int((y >= 0).sum())
-        totals += torch.tensor([loss.double().item() * count, count, len(tokenizer.decode_bytes(y[y >= 0].tolist()))])
-    model.train(was_training)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else None
+    totals = torch.tensor(score(model, dataset, tokenizer, mine, batch_size, device, autocast), dtype=torch.float64)
     if world > 1:
         totals = totals.to(device)
         dist.all_reduce(totals)

@@ -11,7 +11,7 @@ from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
 from mygpt.quantize import Int8Linear, load_quantized, save_quantized
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
-from mygpt.trainer import Trainer
+from mygpt.trainer import Trainer, check_new_run
 from mygpt.utils import CfgNode, set_seed, setup_logging
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training
-    "Trainer", "load_checkpoint", "CheckpointError",
+    "Trainer", "check_new_run", "load_checkpoint", "CheckpointError",
     # token corpora on disk
     "prepare_corpus", "TokenDataset", "write_shard", "read_header", "ShardError",
     # tokenizers

@@ -60,6 +60,19 @@ def scheduled_lr(config, tokens):
     return config.learning_rate * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
 
 
+def check_new_run(config, *other_files):
+    """Raise FileExistsError when config.ckpt_path, or another file of the run (a best.pt, say), holds an earlier
+    run that config neither resumes nor overwrites. Scripts call it before they write anything to a work dir."""
+    resuming = config.resume and config.ckpt_path and os.path.exists(config.ckpt_path)
+    earlier = [p for p in (config.ckpt_path, *other_files) if p and os.path.exists(p)]
+    if earlier and not resuming and not config.overwrite:
+        raise FileExistsError(
+            f"{' and '.join(map(str, earlier))} already hold{'s' if len(earlier) == 1 else ''} a checkpoint of an "
+            f"earlier run. To continue that run, set resume=True (--trainer.resume=True); to keep it and start anew, "
+            f"choose another ckpt_path or work dir (--system.work_dir=...); to replace it, set overwrite=True "
+            f"(--trainer.overwrite=True)")
+
+
 def resolve_device(name):
     """'auto' picks CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":
@@ -263,14 +276,9 @@ class Trainer:
             return
         if self.is_main:
             check_writable(C.ckpt_path)
-        exists = os.path.exists(C.ckpt_path)
-        if C.resume and not exists:
+        if C.resume and not os.path.exists(C.ckpt_path):
             self._print(f"resume=True but there is no checkpoint at {C.ckpt_path} yet: starting a new run")
-        if exists and not C.resume and not C.overwrite:
-            raise FileExistsError(
-                f"{C.ckpt_path} already holds a checkpoint of an earlier run. To continue that run, set "
-                f"resume=True (--trainer.resume=True); to keep it and start anew, choose another ckpt_path or "
-                f"work dir; to replace it, set overwrite=True (--trainer.overwrite=True)")
+        check_new_run(C)
 
     # ---------------------------------------------------------------- callbacks
 

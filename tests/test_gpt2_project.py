@@ -156,7 +156,7 @@ class TestTrainResumeSample(unittest.TestCase):
             before = open(os.path.join(work, "checkpoint.pt"), "rb").read()
             with self.assertRaises(FileExistsError) as cm:
                 train.main(["cpu", "--trainer.max_iters=8", *common])
-            for way in ("--init_from=resume", "--trainer.overwrite=True", "--system.work_dir"):
+            for way in ("--trainer.resume=True", "--trainer.overwrite=True", "--system.work_dir"):
                 self.assertIn(way, str(cm.exception))
             self.assertEqual(open(os.path.join(work, "checkpoint.pt"), "rb").read(), before)
 

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, set_seed, setup_logging
 from mygpt.tokenizer import describe_tokenizer
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
@@ -123,15 +123,6 @@ def count_correct(model, dataset, batch_size=2000):
     return correct
 
 
-def check_rerun(config):
-    """Stop before anything is written when the work dir holds a run that this one would replace unasked."""
-    C = config.trainer
-    if os.path.exists(C.ckpt_path) and not (C.resume or C.overwrite):
-        raise FileExistsError(f"{C.ckpt_path} holds the checkpoint of an earlier run. Continue that run with "
-                              f"--trainer.resume=True, keep it and start anew with --system.work_dir=another/dir, "
-                              f"or replace it with --trainer.overwrite=True")
-
-
 def main(args):
     config = get_config()
     config.merge_from_args(args, description=__doc__)
@@ -143,7 +134,7 @@ def main(args):
     config.model.block_size = 3 * config.data.ndigit
     model = GPT(config.model)
     config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
-    check_rerun(config)
+    check_new_run(config.trainer)  # before anything is written to the work dir
     log = setup_logging(config)  # once the config is complete, so the saved one can rebuild the run
     log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
              f"here: {torch.get_num_threads()}")

@@ -19,7 +19,8 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import GPT, CfgNode, DownloadError, Trainer, download, load_checkpoint, set_seed, setup_logging
+from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, load_checkpoint, set_seed,
+                   setup_logging)
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
 
@@ -179,13 +180,8 @@ def check_rerun(config, best_path, chars):
     """Stop before anything is written when the work dir holds a run that this one would replace unasked,
     or would resume on another text's characters."""
     C = config.trainer
-    resuming = C.resume and os.path.exists(C.ckpt_path)
-    earlier = [p for p in (C.ckpt_path, best_path) if os.path.exists(p)]
-    if earlier and not resuming and not C.overwrite:
-        raise FileExistsError(f"{' and '.join(earlier)} hold an earlier run. Continue that run with "
-                              f"--trainer.resume=True, keep it and start anew with --system.work_dir=another/dir, "
-                              f"or replace it with --trainer.overwrite=True")
-    if resuming and run_tokenizer(C.ckpt_path, config.system.work_dir).chars != chars:
+    check_new_run(C, best_path)
+    if C.resume and os.path.exists(C.ckpt_path) and run_tokenizer(C.ckpt_path, config.system.work_dir).chars != chars:
         raise ValueError(f"{C.ckpt_path} was trained on a text with other characters than "
                          f"{config.data.input_file}; resume it on the same text")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mygpt import GPT, CfgNode, Trainer, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, set_seed, setup_logging
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.tokenizer import load_tokenizer
@@ -170,16 +170,6 @@ def evaluate(model, dataset, tokenizer, batch_size, max_batches=None, device="cp
 
 # ---------------------------------------------------------------- training
 
-def check_rerun(config, best_path, resuming):
-    """Stop before anything is written when the work dir holds a run that this one would replace unasked."""
-    C = config.trainer
-    earlier = [p for p in (C.ckpt_path, best_path) if os.path.exists(p)]
-    if earlier and not resuming and not C.overwrite:
-        raise FileExistsError(f"{' and '.join(earlier)} hold an earlier run. Continue that run with "
-                              f"--init_from=resume (or --trainer.resume=True), keep it and start anew with "
-                              f"--system.work_dir=another/dir, or replace it with --trainer.overwrite=True")
-
-
 def train(config):
     work_dir = config.system.work_dir
     C = config.trainer
@@ -190,7 +180,7 @@ def train(config):
     tokenizer = load_tokenizer({"type": "gpt2"})
     if config.eval_only:
         return evaluate_only(config, tokenizer, resuming)
-    check_rerun(config, best_path, resuming)
+    check_new_run(C, best_path)  # before anything is written to the work dir
     train_data, val_data = open_split(config, "train"), open_split(config, "val")
     model = build_model(config, resuming)
     check_vocabulary(train_data, model)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import GPT, CfgNode, Trainer, load_checkpoint, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, load_checkpoint, set_seed, setup_logging
 from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
@@ -147,21 +147,12 @@ def check_sample_config(S):
         raise ValueError(f"--sample.file must be a file name ending in .png, got {S.file!r}")
 
 
-def check_rerun(config):
-    """Stop before anything is written when the work dir holds a run that this one would replace unasked."""
-    C = config.trainer
-    if os.path.exists(C.ckpt_path) and not (C.resume or C.overwrite):
-        raise FileExistsError(f"{C.ckpt_path} holds the checkpoint of an earlier run. Continue that run with "
-                              f"--trainer.resume=True, keep it and start anew with --system.work_dir=another/dir, "
-                              f"or replace it with --trainer.overwrite=True")
-
-
 def train(config):
     work_dir, seed = config.system.work_dir, config.system.seed
     C = config.trainer
     C.ckpt_path = C.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
     check_sample_config(config.sample)
-    check_rerun(config)
+    check_new_run(config.trainer)  # before anything is written to the work dir
     resuming = C.resume and os.path.exists(C.ckpt_path)
 
     train_images, val_images = load_images(config.data, seed)

@@ -70,11 +70,17 @@ def loss_figure(history, width=8.0, height=4.5, dpi=100):
     return fig
 
 
-def plot_history(source, out_png=None, width=8.0, height=4.5, dpi=100):
+def plot_history(source, out_png=None, width=8.0, height=4.5, dpi=100, required=True):
     """Write the loss plot of source (a run dir, a history .csv/.json, or Trainer.history) as a PNG; return its path.
 
     out_png defaults to loss.png beside the history file (in the run dir); the PNG is width*dpi x height*dpi pixels.
+    With required=False a missing matplotlib is not an error: nothing is written and None returned.
     """
+    if not required:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return None
     history = read_history(source)
     if out_png is None:
         if isinstance(source, (list, tuple)):

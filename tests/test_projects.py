@@ -142,6 +142,9 @@ class TestAdder(unittest.TestCase):
                 self.assertEqual(json.load(f)["model"]["n_embd"], 32)
             with open(os.path.join(tmp, "log.txt")) as f:
                 self.assertEqual(len(re.findall(r"epoch \d+ iter \d+: train loss", f.read())), 2)  # steps 10, 20
+            if importlib.util.find_spec("matplotlib"):  # the run's loss curve, beside history.csv
+                with open(os.path.join(tmp, "loss.png"), "rb") as f:
+                    self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
             # a second run in the same work dir stops before it writes anything
             before = file_state(ckpt_path), file_state(os.path.join(tmp, "config.json"))

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import GPT, CfgNode, Trainer, check_new_run, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, plot_history, set_seed, setup_logging
 from mygpt.tokenizer import describe_tokenizer
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
@@ -145,6 +145,7 @@ def main(args):
     started = time.time()
     trainer.run()
     trainer.save_history(os.path.join(config.system.work_dir, "history.csv"))
+    plot_history(os.path.join(config.system.work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
     if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
         log.info("continue this run with --trainer.resume=True")
         return

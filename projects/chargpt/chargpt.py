@@ -19,8 +19,8 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, load_checkpoint, set_seed,
-                   setup_logging)
+from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, load_checkpoint, plot_history,
+                   set_seed, setup_logging)
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
 
@@ -221,6 +221,7 @@ def train(config):
         trainer.add_callback("on_eval_end", keep_best(config, best_path, tokenizer, prompt, log))
     trainer.run()
     trainer.save_history(os.path.join(work_dir, "history.csv"))
+    plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
     if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
         log.info("continue this run with --trainer.resume=True")
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mygpt import GPT, CfgNode, Trainer, check_new_run, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, plot_history, set_seed, setup_logging
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.tokenizer import load_tokenizer
@@ -204,6 +204,7 @@ def train(config):
     trainer.run()
     if main_process:
         trainer.save_history(os.path.join(work_dir, "history.csv"))
+        plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
     if trainer.interrupted:
         log.info("continue this run with --init_from=resume")
     return trainer

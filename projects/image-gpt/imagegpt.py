@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import GPT, CfgNode, Trainer, check_new_run, load_checkpoint, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, load_checkpoint, plot_history, set_seed, setup_logging
 from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
@@ -176,6 +176,7 @@ def train(config):
     trainer = Trainer(C, model, ImageTokens(train_tokens), ImageTokens(val_tokens), tokenizer=pixels)
     trainer.run()
     trainer.save_history(os.path.join(work_dir, "history.csv"))
+    plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
     if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
         log.info("continue this run with --trainer.resume=True")
         return

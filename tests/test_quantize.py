@@ -13,9 +13,8 @@ from mygpt.checkpoint import CheckpointError, save_checkpoint
 from mygpt.model import GPT
 from mygpt.quantize import Int8Embedding, Int8Linear, load_quantized, quantize, save_quantized
 from tests.corpus import english_prose
+from tests.test_model import VARIANTS
 
-VARIANTS = [dict(time_weighting=tw, token_shift=ts, pos_emb=pe)
-            for tw in (None, "full", "circulant") for ts in (False, True) for pe in (True, False)]
 
 
 def config(**kw):

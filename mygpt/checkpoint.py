@@ -96,6 +96,16 @@ def read_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def run_id_of(path):
+    """The run_id a checkpoint file records, read without loading its tensors (None if it records none or is
+    unreadable): enough to tell whether a file belongs to a run, at no cost in the size of the checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return ckpt.get("run_id") if isinstance(ckpt, dict) else None
+
+
 def strip_compile_prefix(state_dict):
     """torch.compile wraps the model and prefixes every key with '_orig_mod.'; the weights are the same."""
     prefix = "_orig_mod."

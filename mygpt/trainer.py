@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, read_checkpoint, rng_state,
-                              save_checkpoint, set_rng_state, strip_compile_prefix)
+from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
+                              run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix)
 from mygpt.model import check_ids
 from mygpt.order import EpochOrder, epoch_batches
 from mygpt.utils import CfgNode, atomic_path, set_seed
@@ -606,8 +606,7 @@ class Trainer:
         if not path:
             raise ValueError("no checkpoint path: set config.ckpt_path or pass one")
         if self.is_main and path != self.config.ckpt_path and os.path.exists(path) and not self.config.overwrite:
-            other = read_checkpoint(path).get("run_id")
-            if other != self.run_id:
+            if run_id_of(path) != self.run_id:
                 raise FileExistsError(f"{path} holds a checkpoint of another run; move it away, write elsewhere, "
                                       f"or set overwrite=True to replace it")
         state = self.state_dict()  # collective: every rank takes part
@@ -622,7 +621,7 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a checkpoint the Trainer wrote (it lacks {missing}); "
                                   f"load its weights with load_checkpoint(path, model) and start a new run")
-        load_checkpoint(path, model=self.model)
+        load_model_state(self.model, ckpt["model"], source=path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, load_checkpoint, plot_history,
                    set_seed, setup_logging)
+from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
 
@@ -148,14 +149,12 @@ def sampling_prompt(prompt, chars, note):
 
 def check_sample_config(S):
     """Refuse bad sampling options now rather than at the first evaluation, minutes into a run."""
-    for key in ("length", "every_eval"):
-        value = getattr(S, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"--sample.{key} must be an int >= 0, got {value!r}")
-    if isinstance(S.temperature, bool) or not isinstance(S.temperature, (int, float)) or not S.temperature > 0:
-        raise ValueError(f"--sample.temperature must be a number > 0, got {S.temperature!r}")
-    if S.top_k is not None and (isinstance(S.top_k, bool) or not isinstance(S.top_k, int) or S.top_k < 1):
-        raise ValueError(f"--sample.top_k must be None or an int >= 1, got {S.top_k!r}")
+    if isinstance(S.every_eval, bool) or not isinstance(S.every_eval, int) or S.every_eval < 0:
+        raise ValueError(f"--sample.every_eval must be an int >= 0, got {S.every_eval!r}")
+    try:
+        check_sampling_args(S.length, S.temperature, True, S.top_k, None, None)  # what generate will check
+    except ValueError as err:
+        raise ValueError(f"--sample.*: {err}") from None
 
 
 def sample(model, tokenizer, prompt, length, temperature=1.0, top_k=None):

@@ -209,18 +209,15 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, device=None, dtype=None):
-        head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
-        self.layer_keys = [self.keys[i] for i in range(config.n_layer)]  # views, one per layer
-        self.layer_values = [self.values[i] for i in range(config.n_layer)]
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)  # (B, nh, T, hs)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.last_input = [None] * config.n_layer
         self.length = 0
 
     def append(self, layer, k, v):
         """Store k, v (B, nh, T, hs) after the cached positions; return the keys and values of all of them."""
-        keys, values, T = self.layer_keys[layer], self.layer_values[layer], k.shape[2]
+        keys, values, T = self.keys[layer], self.values[layer], k.shape[2]
         keys.narrow(2, self.length, T).copy_(k)  # narrow: the cheapest view, once per layer and token
         values.narrow(2, self.length, T).copy_(v)
         return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)

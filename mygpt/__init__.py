@@ -5,11 +5,13 @@ from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, load_checkpoint
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.downloads import DownloadError, download
+from mygpt.evals import Example, score_examples
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
 from mygpt.quantize import Int8Linear, load_quantized, save_quantized
+from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
 from mygpt.utils import CfgNode, set_seed, setup_logging
@@ -21,6 +23,8 @@ __all__ = [
     "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training
     "Trainer", "check_new_run", "load_checkpoint", "CheckpointError",
+    # benchmarks: multiple-choice accuracy as lm-eval scores it
+    "eval_task", "core_score", "TASKS", "TaskDataError", "score_examples", "Example",
     # token corpora on disk
     "prepare_corpus", "TokenDataset", "write_shard", "read_header", "ShardError",
     # tokenizers

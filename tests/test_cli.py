@@ -474,5 +474,64 @@ class TestHelp(CLITest):
             self.assertIn(command, result.stdout)
 
 
+class TestEvalTasks(CLITest):
+    """mygpt eval --task: the figures of mygpt.tasks.eval_task (tested against a plain loop in test_evals)."""
+
+    HELLASWAG = {"activity_label": "Cooking", "ctx_a": "A man cuts an onion.", "ctx_b": "he",
+                 "ctx": "A man cuts an onion. he", "endings": ["cries.", "sings [step] loudly.", "eats it.", "stops."],
+                 "label": "2"}
+    PIQA = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+
+    def rows(self, name, rows):
+        path = self.path(name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        return path
+
+    def test_json_and_several_tasks(self):
+        from mygpt.tasks import core_score, eval_task
+        hellaswag = self.rows("hellaswag.jsonl", [self.HELLASWAG, dict(self.HELLASWAG, label="0")] * 2)
+        piqa = self.rows("piqa.jsonl", [self.PIQA, dict(self.PIQA, label=1)])
+        model, tokenizer = load_model(self.gpt2), load_tokenizer({"type": "gpt2"})
+        for style in ("lm-eval", "llm.c"):
+            with self.subTest(style=style):
+                status, out, err = run("eval", self.gpt2, "--task", "hellaswag", "--data", hellaswag, "--json",
+                                       "--style", style, "--limit", 3, "--batch-size", 5)
+                self.assertEqual(status, 0, err)
+                result = json.loads(out.splitlines()[-1])
+                want = eval_task(model, tokenizer, "hellaswag", hellaswag, limit=3, style=style)
+                self.assertEqual({k: result[k] for k in ("task", "n", "acc", "acc_norm", "style")},
+                                 {k: want[k] for k in ("task", "n", "acc", "acc_norm", "style")})
+        status, out, err = run("eval", self.gpt2, "--task", f"hellaswag={hellaswag}", f"piqa={piqa}", "--json")
+        self.assertEqual(status, 0, err)
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([line["task"] for line in lines], ["hellaswag", "piqa", "core"])
+        core = core_score(lines[:2])
+        self.assertEqual((lines[2]["n"], lines[2]["acc"], lines[2]["acc_norm"]), (6, core["acc"], core["acc_norm"]))
+        status, out, err = run("eval", self.gpt2, "--task", f"hellaswag={hellaswag}", f"piqa={piqa}")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"^hellaswag: acc [0-9.]+  acc_norm [0-9.]+  \(4 examples of .*hellaswag.jsonl, "
+                              r"lm-eval style, [0-9.]+ s\)\npiqa: .*\ncore \(each accuracy centred on chance, "
+                              r"averaged over 2 tasks\): acc -?[0-9.]+  acc_norm -?[0-9.]+\n$")
+
+    def test_errors(self):
+        hellaswag = self.rows("hs.jsonl", [self.HELLASWAG, {"ctx_a": "no label"}])
+        self.assertFails(["eval", self.gpt2, "--task", "hellaswag", "--data", hellaswag, "--limit", 0], 2,
+                         "--limit: must be a positive integer, got 0")
+        self.assertFails(["eval", self.gpt2, "--task", "mmlu"], 2,
+                         "unknown task 'mmlu'; the tasks are hellaswag, arc_easy, arc_challenge, piqa, winogrande")
+        self.assertFails(["eval", self.gpt2, "--task", "hellaswag", "--data", hellaswag], 1,
+                         r"hs.jsonl, row 2: no field 'activity_label', which hellaswag needs")
+        self.assertFails(["eval", self.chars, "--task", "hellaswag", "--data", hellaswag, "--limit", 1], 1,
+                         r"hs.jsonl row 1: the checkpoint's tokenizer \(characters \+ <\|endoftext\|>\) cannot "
+                         r"encode it .*GPT-2's BPE")
+        self.assertFails(["eval", self.gpt2, "--task", "piqa", "--data", self.rows("empty.jsonl", [])], 1,
+                         "empty.jsonl holds no rows")
+        self.assertFails(["eval", self.gpt2, "--task", "piqa", "hellaswag", "--data", hellaswag], 2,
+                         "for several tasks give each its file as NAME=FILE")
+        self.assertFails(["eval", self.gpt2, "--data", hellaswag, "--json"], 2, "--json applies with --task only")
+        self.assertFails(["eval", self.gpt2, "--task", "piqa", "--max-batches", 1], 2, "use --limit")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -152,7 +152,8 @@ class Encoder:
 
     `encoder` maps each token, written in the `bytes_to_unicode` alphabet, to its id; `merges` lists the pairs of
     tokens in rank order. Tokens of `encoder` that are neither a byte nor made by a merge are special tokens, such as
-    GPT-2's `<|endoftext|>`. Both are checked (see `check_vocabulary`); a bad one raises ValueError or TypeError.
+    GPT-2's `<|endoftext|>`, and may not be two other tokens joined (that is the token of a missing merge). Both
+    are checked (see `check_vocabulary`); a bad one raises ValueError or TypeError.
     """
 
     def __init__(self, encoder, merges, pattern=GPT2_PATTERN, cache_size=1 << 18):
@@ -195,10 +196,10 @@ class Encoder:
         """id -> the token's bytes, each byte as one Latin-1 character, in a list.
 
         A list indexes faster than a dict, and joining a million short str is several times faster than joining as
-        many bytes objects (bytes.join allocates a buffer descriptor per item). A second half of None, as long as the
-        first, catches ids in -V..-1, which would otherwise silently index from the end; `decode` reports them.
+        many bytes objects (bytes.join allocates a buffer descriptor per item). A list also takes negative indices,
+        so `decode_bytes` refuses those before the lookup.
         """
-        table = [None] * (2 * self.vocab_size)
+        table = [None] * self.vocab_size
         for i, data in self._token_bytes.items():
             table[i] = data.decode("latin-1")
         return table
@@ -278,15 +279,16 @@ class Encoder:
         """The bytes that `ids` (ints: a list, tuple, 1-D integer array or tensor) stand for."""
         ids = _id_list(ids, "ids")
         try:
+            # a negative id would index the table from its end and decode as another token; min adds about a quarter
+            # to a decode's time (and raises TypeError on a non-number, as the lookup would)
+            if ids and min(ids) < 0:
+                raise IndexError
             return "".join(map(self._decode_table.__getitem__, ids)).encode("latin-1")
         except (IndexError, TypeError):
             _check_ints(ids, "ids")
-            at, bad = next((k, i) for k, i in enumerate(ids) if not self._is_token_id(i))
+            at, bad = next((k, i) for k, i in enumerate(ids) if not 0 <= i < self.vocab_size)
             raise ValueError(f"ids[{at}] = {bad!r} is not a token id of this vocabulary (ids 0..{self.vocab_size - 1})"
                              ) from None
-
-    def _is_token_id(self, i):
-        return 0 <= i < self.vocab_size and self._decode_table[i] is not None
 
     def decode(self, ids):
         """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD, as in GPT-2."""
@@ -362,8 +364,9 @@ class Encoder:
 
 def check_vocabulary(encoder, merges, encoder_name="encoder", merge_name=lambda rank: f"merges[{rank}]"):
     """(encoder as a dict of str -> int, merges as a list of str pairs) after checking that they form a byte-level
-    BPE vocabulary: ids number the tokens 0..N-1 with none shared, all 256 byte tokens are present, and every merge
-    joins two tokens of the encoder into a third, once. Errors name `encoder_name` and `merge_name(rank)`."""
+    BPE vocabulary: ids number the tokens 0..N-1 with none shared, all 256 byte tokens are present, every merge
+    joins two tokens of the encoder into a third, and each token other than the bytes and the special tokens is made
+    by exactly one merge. Errors name `encoder_name` and `merge_name(rank)`."""
     if not isinstance(encoder, Mapping):
         raise TypeError(f"{encoder_name} must map each token (str) to its id (int), got {type(encoder).__name__}")
     checked = {}
@@ -386,7 +389,7 @@ def check_vocabulary(encoder, merges, encoder_name="encoder", merge_name=lambda 
                          "holds all 256 bytes")
     if isinstance(merges, (str, bytes, Mapping)) or not _is_collection(merges):
         raise TypeError(f"merges must be a list of (left, right) token pairs, got {type(merges).__name__}")
-    checked_merges, first = [], {}
+    checked_merges, made_by = [], {}
     for rank, merge in enumerate(merges):
         if isinstance(merge, str) or not _is_collection(merge) or len(merge) != 2:
             raise ValueError(f"{merge_name(rank)}: a merge must be two tokens (left, right), got {merge!r}")
@@ -396,16 +399,47 @@ def check_vocabulary(encoder, merges, encoder_name="encoder", merge_name=lambda 
                 and _byte_alphabet().issuperset(merged)):
             raise ValueError(f"{merge_name(rank)}: merge {' '.join(pair)!r} " + _what_is_wrong(pair, checked,
                                                                                               encoder_name))
-        if pair in first:
-            raise ValueError(f"{merge_name(rank)}: merge {' '.join(pair)!r} repeats {merge_name(first[pair])}")
-        first[pair] = rank
+        if merged in made_by:
+            earlier = made_by[merged]
+            raise ValueError(f"{merge_name(rank)}: merge {' '.join(pair)!r} " + (
+                f"repeats {merge_name(earlier)}" if checked_merges[earlier] == pair
+                else f"makes {merged!r}, which {merge_name(earlier)} already makes") + "; delete one of the two")
+        made_by[merged] = rank
         checked_merges.append(pair)
     n = len(checked)
     outside = next((t for t, i in checked.items() if not 0 <= i < n), None)
     if outside is not None:
         raise ValueError(f"{encoder_name}: token {outside!r} has id {checked[outside]}, outside 0..{n - 1}: the ids "
                          f"of {n} tokens must number them from 0")
+    unmade = _first_unmade_token(checked, made_by)
+    if unmade is not None:
+        token, left, right = unmade
+        # the line where its merge belongs if the merges make tokens in id order, as GPT-2's and train_bpe's do:
+        # the first missing line of a file cut short
+        at = sum(checked[t] < checked[token] for t in made_by)
+        raise ValueError(f"{merge_name(at)}: no merge makes token {token!r} (id {checked[token]}) of {encoder_name}, "
+                         f"though it joins tokens {left!r} and {right!r} and so cannot be a special token: the merges "
+                         f"are cut short or lack this line, where its merge belongs by the order of the ids; use the "
+                         f"merges that came with {encoder_name} (and special tokens that are not two tokens joined)")
     return checked, checked_merges
+
+
+def _first_unmade_token(encoder, made):
+    """(token, left, right) for the lowest-id token that no merge in `made` makes, although it joins two ordinary
+    tokens (bytes or made by merges) `left` and `right`; None if there is none.
+
+    Tokens that no merge makes are taken for special tokens, so without this check merges cut short would turn the
+    tokens of the missing merges into special tokens and encode text into other ids, silently. A real special token
+    such as "<|endoftext|>" is no two ordinary tokens joined ("<|endoftext" and "|>" are not tokens, and so on).
+    """
+    def ordinary(token):
+        return token in made or token in _byte_alphabet()
+
+    for token in sorted(encoder.keys() - made.keys() - _byte_alphabet(), key=encoder.get):
+        k = next((k for k in range(1, len(token)) if ordinary(token[:k]) and ordinary(token[k:])), None)
+        if k is not None:
+            return token, token[:k], token[k:]
+    return None
 
 
 def _what_is_wrong(pair, encoder, encoder_name):
@@ -514,11 +548,14 @@ def _id_list(ids, name):
     then names it. Looking for bools costs about a third of decoding a list (arrays and tensors convert to ints).
     """
     if hasattr(ids, "dtype") and hasattr(ids, "ndim"):  # a numpy array or a torch tensor
-        if "int" not in str(ids.dtype):
+        integers = "int" in str(ids.dtype)
+        if not integers and ids.dtype != object:
             raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
         if ids.ndim != 1:
             raise ValueError(f"{name} must be 1-D (one sequence), got shape {tuple(ids.shape)}")
-        return ids.tolist()
+        if integers:
+            return ids.tolist()
+        ids = ids.tolist()  # numpy holds ints beyond 64 bits as objects: their items are checked as a list's
     if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
         raise TypeError(f"{name} must be a sequence of int token ids, got {type(ids).__name__}")
     ids = ids if isinstance(ids, list) else list(ids)

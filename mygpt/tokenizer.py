@@ -47,9 +47,10 @@ class CharTokenizer:
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the character vocabulary (ids 0..{self.vocab_size - 1})")
+        at = next((k for k, i in enumerate(ids) if not 0 <= i < self.vocab_size), None)
+        if at is not None:
+            raise ValueError(f"ids[{at}] = {ids[at]} is outside the character vocabulary "
+                             f"(ids 0..{self.vocab_size - 1})")
         return "".join(ENDOFTEXT if i == self.eot_token else self.chars[i] for i in ids)
 
     def decode_bytes(self, ids):

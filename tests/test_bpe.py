@@ -196,6 +196,21 @@ class TestErrors(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, pattern):
                 self.enc.decode([5, bad, 6])
 
+    def test_decode_refuses_every_id_outside_the_vocabulary(self):
+        # -100000 once decoded as ' us': a negative id indexed the decode table from its end
+        top = tiktoken_gpt2().n_vocab - 1
+        tok = BPETokenizer()
+        decoders = (self.enc.decode, self.enc.decode_bytes, tok.decode)
+        for bad in (-1, -100000, top + 1, 10 ** 20):
+            # a torch tensor holds 64-bit ids at most: the extremes stand in for 10**20
+            torch_bad = max(min(bad, 2 ** 63 - 1), -2 ** 63)
+            for ids in ([5, bad, 6], np.array([5, bad, 6]), torch.tensor([5, torch_bad, 6])):
+                shown = re.escape(str(int(ids[1])))
+                for decode in decoders:
+                    with self.subTest(bad=bad, ids=type(ids).__name__, decode=decode.__qualname__), \
+                            self.assertRaisesRegex(ValueError, f"ids\\[1\\] = {shown} is not a token id .*0..{top}"):
+                        decode(ids)
+
     def test_decode_refuses_ids_that_are_not_ints(self):
         for bad in ("7", 7.0, True, np.True_, None, [1, 2], (3,)):
             with self.assertRaisesRegex(TypeError, "ids\\[1\\] is .*token ids must be ints"):
@@ -329,7 +344,22 @@ class TestVocabularyFiles(unittest.TestCase):
 
     def test_repeated_merge(self):
         self.edit_merges(lambda text: text + "h e\n")
-        self.assertLoadFails(ValueError, "line 8: merge 'h e' repeats .*vocab.bpe line 3", self.merges_path)
+        self.assertLoadFails(ValueError, "line 8: merge 'h e' repeats .*vocab.bpe line 3; delete one",
+                             self.merges_path)
+
+    def test_token_made_by_two_merges(self):
+        self.edit_merges(lambda text: text + "e l\nh el\nhel l\n")
+        self.edit_encoder(lambda encoder: encoder.update({"el": 263, "hel": 264}))
+        self.assertLoadFails(ValueError, "line 10: merge 'hel l' makes 'hell', which .*vocab.bpe line 6 already makes; "
+                             "delete one", self.merges_path)
+
+    def test_merges_cut_at_a_line(self):
+        # lines 5..7 make 'll', 'hell' and 'hello'; without them those would pass for special tokens
+        self.edit_merges(lambda text: "".join(text.splitlines(keepends=True)[:4]))
+        self.assertLoadFails(ValueError, "line 5: no merge makes token 'll' \\(id 259\\) of .*encoder.json, though it "
+                             "joins tokens 'l' and 'l'.*cut short", self.merges_path)
+        with self.assertRaisesRegex(ValueError, "merges\\[3\\]: no merge makes token 'll'"):
+            Encoder(tiny_vocabulary()[0], tiny_vocabulary()[1][:3])
 
     def test_fewer_tokens_than_the_merges_need(self):
         self.edit_encoder(lambda encoder: [encoder.pop(t) for t in ("hello", ENDOFTEXT)])
@@ -375,6 +405,61 @@ class TestVocabularyFiles(unittest.TestCase):
         self.assertLoadFails(FileNotFoundError, "is missing", self.encoder_path)
         with self.assertRaisesRegex(FileNotFoundError, "is not a directory"):
             Encoder.load(self.dir / "nowhere")
+
+
+class TestGPT2MergesFile(unittest.TestCase):
+    """GPT-2's encoder.json beside a damaged copy of its vocab.bpe is refused, naming the first line that disagrees.
+
+    Expected tokens come from tiktoken's ranks: in GPT-2, the merge on line L makes the token of rank L + 254.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        tmp = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(tmp.cleanup)
+        cls.dir = Path(tmp.name)
+        shutil.copy(DATA_DIR / "gpt2/encoder.json", cls.dir)
+        cls.path = cls.dir / "vocab.bpe"
+        cls.lines = (DATA_DIR / "gpt2/vocab.bpe").read_text(encoding="utf-8").splitlines(keepends=True)
+        alphabet = bytes_to_unicode()
+        cls.token_of_rank = {rank: "".join(alphabet[b] for b in data) for data, rank in tiktoken_ranks().items()}
+
+    def assertRefusedAt(self, lines, line, pattern):
+        self.path.write_text("".join(lines), encoding="utf-8")
+        with self.assertRaisesRegex(ValueError, f"^{re.escape(str(self.path))} line {line}: {pattern}"):
+            Encoder.load(self.dir)
+
+    def test_full_files_load_and_match_tiktoken(self):
+        self.path.write_text("".join(self.lines), encoding="utf-8")
+        enc, tk = Encoder.load(self.dir), tiktoken_gpt2()
+        text = mixed_text(20_000) + ENDOFTEXT
+        self.assertEqual(enc.encode(text, allowed_special="all"), tk.encode(text, allowed_special="all"))
+        self.assertEqual(enc.special_tokens, {ENDOFTEXT: 50256})
+
+    def test_cut_at_a_line_boundary(self):
+        self.assertEqual(len(self.lines), 50_001)
+        for kept in (1, 2, 25_001, 50_000):  # the header alone, one merge, half of them, all but the last
+            with self.subTest(kept=kept):
+                missing = re.escape(repr(self.token_of_rank[kept + 255]))
+                self.assertRefusedAt(self.lines[:kept], kept + 1, f"no merge makes token {missing} \\(id "
+                                     f"{kept + 255}\\) of .*encoder.json, .*cut short")
+
+    def test_line_lost_in_the_middle(self):
+        missing = re.escape(repr(self.token_of_rank[1000 + 254]))
+        self.assertRefusedAt(self.lines[:999] + self.lines[1000:], 1000, f"no merge makes token {missing} ")
+
+    def test_merge_of_a_token_the_encoder_lacks(self):
+        self.assertRefusedAt(self.lines[:9] + ["Ġthe Ġthe\n"] + self.lines[9:], 10,
+                             "merge 'Ġthe Ġthe' needs token 'ĠtheĠthe', which .*encoder.json lacks")
+
+    def test_duplicated_line(self):
+        self.assertRefusedAt(self.lines[:1000] + self.lines[999:], 1001,
+                             f"merge {re.escape(repr(self.lines[999].strip()))} repeats .*vocab.bpe line 1000")
+
+    def test_token_made_by_two_merges(self):
+        made_at = tiktoken_ranks()[b" the"] - 254
+        self.assertRefusedAt(self.lines + ["Ġ the\n"], 50_002,
+                             f"merge 'Ġ the' makes 'Ġthe', which .*vocab.bpe line {made_at} already makes")
 
 
 class TestShippedVocabulary(unittest.TestCase):

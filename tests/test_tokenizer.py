@@ -4,6 +4,7 @@ import os
 import tempfile
 import unittest
 
+import numpy as np
 import torch
 
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
@@ -74,6 +75,22 @@ class TestTrainedBPE(unittest.TestCase):
             load_tokenizer(description)
         with self.assertRaisesRegex(ValueError, "lacks 'merges'"):
             load_tokenizer({"type": "bpe", "encoder": {}})
+
+
+class TestIdsOutsideTheVocabulary(unittest.TestCase):
+    """Every tokenizer refuses an id outside 0..vocab_size-1, naming it, its position and the range."""
+
+    def test_refused_by_every_tokenizer(self):
+        for tok in (load_tokenizer({"type": "gpt2"}), load_tokenizer({"type": "chars", "chars": ["a", "b"], "eot": 2})):
+            top = tok.vocab_size - 1
+            for bad in (-1, -100000, tok.vocab_size, 10 ** 20):
+                torch_bad = max(min(bad, 2 ** 63 - 1), -2 ** 63)  # a tensor holds 64-bit ids at most
+                for ids in ([1, bad], np.array([1, bad]), torch.tensor([1, torch_bad])):
+                    pattern = f"ids\\[1\\] = {int(ids[1])} is .*\\(ids 0..{top}\\)"
+                    for decode in (tok.decode, tok.decode_bytes):
+                        with self.subTest(tok=tok.name, bad=bad, ids=type(ids).__name__, decode=decode.__name__), \
+                                self.assertRaisesRegex(ValueError, pattern):
+                            decode(ids)
 
 
 class TestChars(unittest.TestCase):

@@ -61,19 +61,32 @@ class EpochOrder:
         return self.n
 
 
+def micro_batches_in_step(n, step_start, batch_size, grad_accum_steps=1, world_size=1):
+    """How many micro-batches a process takes in the step that starts at position step_start of an epoch of n.
+
+    Alone, an epoch is each example once: its last step takes only the micro-batches that examples remain
+    for, the last of them short. With several processes every step is whole (see epoch_batches).
+    """
+    if world_size > 1:
+        return grad_accum_steps
+    return min(grad_accum_steps, -(-(n - step_start) // batch_size))
+
+
 def epoch_batches(order, start, batch_size, grad_accum_steps=1, world_size=1, rank=0):
     """Process `rank`'s micro-batches (lists of example indices) for the rest of an epoch, from position start.
 
     Step s of the epoch takes the next batch_size * grad_accum_steps * world_size positions of the order;
     micro-batch m of process r is slice m * world_size + r of that chunk. So one process with a k-times
     larger batch sees exactly the examples that k micro-batches, or k processes, see together, and the
-    processes never share an example within an epoch. The last step is filled up by wrapping to the start
-    of the order, so every process always has full batches. Batches are computed as they are consumed.
+    processes never share an example within an epoch. A single process ends the epoch with a short last
+    batch; several processes fill their last step by wrapping to the start of the order, since DDP needs
+    every process to take part in every step. Batches are computed as they are consumed.
     """
     n, B, W = len(order), batch_size, world_size
     global_batch = B * grad_accum_steps * W
     steps = -(-n // global_batch)  # ceil
     for step_start in range(start, steps * global_batch, global_batch):
-        for m in range(grad_accum_steps):
+        for m in range(micro_batches_in_step(n, step_start, B, grad_accum_steps, W)):
             first = step_start + (m * W + rank) * B
-            yield order[[(first + i) % n for i in range(B)]].tolist()
+            last = first + B if W > 1 else min(first + B, n)
+            yield order[[i % n for i in range(first, last)]].tolist()

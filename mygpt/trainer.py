@@ -39,26 +39,35 @@ from tqdm.auto import tqdm
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix)
 from mygpt.model import check_ids
-from mygpt.order import EpochOrder, epoch_batches
+from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.utils import CfgNode, atomic_path, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
 TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
-MIN_LR_FRACTION = 0.1  # the cosine ends at 10% of learning_rate
+MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
+LR_SCHEDULES = ("mingpt", "nanogpt")
 
 
 def scheduled_lr(config, tokens):
-    """The learning rate after ``tokens`` target tokens: linear warmup, then a cosine that reaches 10% of
-    learning_rate exactly at final_tokens, then flat (nanoGPT's form: min + (max - min) * cosine)."""
+    """The learning rate after ``tokens`` target tokens: linear warmup over warmup_tokens, then a cosine over
+    progress p in [0, 1] up to final_tokens, held at 10% of learning_rate after it. Two cosines:
+
+        'mingpt'  (the default; the seed's log was made with it):  lr · max(0.1, ½(1 + cos πp))
+        'nanogpt' (nanoGPT's get_lr):                             lr · (0.1 + 0.9 · ½(1 + cos πp))
+
+    minGPT's reaches the floor at p ≈ 0.8 and stays there; nanoGPT's reaches it exactly at final_tokens.
+    """
     if not config.lr_decay:
         return config.learning_rate
     if tokens < config.warmup_tokens:
         return config.learning_rate * tokens / max(1, config.warmup_tokens)
     progress = (tokens - config.warmup_tokens) / max(1, config.final_tokens - config.warmup_tokens)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0, then held at 0
-    return config.learning_rate * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
+    if config.lr_schedule == "nanogpt":
+        return config.learning_rate * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
+    return config.learning_rate * max(MIN_LR_FRACTION, cosine)
 
 
 def check_new_run(config, *other_files):
@@ -111,6 +120,7 @@ class Trainer:
         C.weight_decay = 0.1         # read by the model's configure_optimizers, or the plain AdamW
         C.grad_norm_clip = 1.0       # None or 0 turns clipping off
         C.lr_decay = False           # warmup then cosine decay to 10%, counted in target tokens
+        C.lr_schedule = "mingpt"     # which cosine (see scheduled_lr): 'mingpt' (the seed's) or 'nanogpt'
         C.warmup_tokens = None       # None: the first 5% of final_tokens
         C.final_tokens = None        # None: where max_iters / max_epochs ends the run
         C.grad_accum_steps = 1       # micro-batches per optimizer step
@@ -197,6 +207,8 @@ class Trainer:
             positive_int(key, allow_none=True, allow_zero=True)
         for key in ("num_workers", "ckpt_interval", "eval_interval", "log_interval", "seed"):
             positive_int(key, allow_zero=True)
+        if C.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {C.lr_schedule!r}")
         if C.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {C.precision!r}")
         if not (isinstance(C.learning_rate, (int, float)) and C.learning_rate >= 0):
@@ -257,18 +269,18 @@ class Trainer:
 
     def _fill_schedule(self):
         """Complete a schedule left open: final_tokens where max_iters/max_epochs ends the run, warmup over
-        its first 5%. The tokens of a step are estimated from the first example's target count."""
+        its first 5%. The tokens of an example are estimated from the first example's target count."""
         C = self.config
         if C.final_tokens is None:
-            steps = [n for n in (C.max_iters, C.max_epochs and C.max_epochs * self.steps_per_epoch())
-                     if n is not None]
-            if steps:
-                C.final_tokens = min(steps) * self.global_batch * _targets_in(self.train_dataset[0])
+            examples = [n for n in (C.max_iters and C.max_iters * self.global_batch,
+                                    C.max_epochs and C.max_epochs * self.examples_per_epoch()) if n is not None]
+            if examples:
+                C.final_tokens = min(examples) * _targets_in(self.train_dataset[0])
         if C.warmup_tokens is None and C.final_tokens is not None:
             C.warmup_tokens = C.final_tokens // 20
         if C.lr_decay:
-            self._print(f"schedule: warmup over {C.warmup_tokens:,.0f} tokens, cosine to "
-                        f"{MIN_LR_FRACTION * C.learning_rate:g} at {C.final_tokens:,.0f} tokens")
+            self._print(f"schedule: warmup over {C.warmup_tokens:,.0f} tokens, {C.lr_schedule}'s cosine to "
+                        f"{MIN_LR_FRACTION * C.learning_rate:g} by {C.final_tokens:,.0f} tokens")
 
     def _prepare_checkpoint_path(self):
         """Refuse, before the first step, a checkpoint path that cannot be written or holds another run."""
@@ -307,6 +319,11 @@ class Trainer:
 
     def steps_per_epoch(self):
         return math.ceil(len(self.train_dataset) / self.global_batch)
+
+    def examples_per_epoch(self):
+        """Each example once; with several processes the last step is filled up to equal batches."""
+        n = len(self.train_dataset)
+        return n if self.world_size == 1 else self.steps_per_epoch() * self.global_batch
 
     def _epoch_batches(self, epoch, start):
         """This process's micro-batches for the rest of ``epoch``, from example ``start`` (see order.epoch_batches)."""
@@ -361,12 +378,15 @@ class Trainer:
                 or (C.max_epochs is not None and self.epoch >= C.max_epochs))
 
     def _run_epoch(self):
+        C = self.config
         step_in_epoch = self.epoch_samples // self.global_batch
         bar = self._progress_bar(step_in_epoch)
         loader = iter(self._loader(self.train_dataset, self._epoch_batches(self.epoch, self.epoch_samples)))
         try:
             for _ in range(step_in_epoch, self.steps_per_epoch()):
-                step_batches = [self._check_batch(next(loader)) for _ in range(self.config.grad_accum_steps)]
+                count = micro_batches_in_step(len(self.train_dataset), step_in_epoch * self.global_batch,
+                                              C.batch_size, C.grad_accum_steps, self.world_size)
+                step_batches = [self._check_batch(next(loader)) for _ in range(count)]
                 self._step(step_batches)
                 self._after_step(bar, step_in_epoch)
                 step_in_epoch += 1

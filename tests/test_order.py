@@ -3,7 +3,7 @@ import unittest
 
 import numpy as np
 
-from mygpt.order import EpochOrder, epoch_batches
+from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 
 
 class TestEpochOrder(unittest.TestCase):
@@ -40,13 +40,21 @@ class TestEpochOrder(unittest.TestCase):
 
     def test_batches_split_steps_between_processes_and_micro_batches(self):
         order = EpochOrder(7, 0, 100)
-        one = list(epoch_batches(order, 0, batch_size=16))  # 7 steps of 16, the last wrapped
-        self.assertEqual(len(one), 7)
-        self.assertEqual(sorted(sum(one, [])[:100]), list(range(100)))  # every example once, then the wrap
+        one = list(epoch_batches(order, 0, batch_size=16))  # 6 steps of 16 and a last one of 4
+        self.assertEqual([len(b) for b in one], [16] * 6 + [4])
+        self.assertEqual(sorted(sum(one, [])), list(range(100)))  # alone: every example exactly once
+        # one process with 2 micro-batches of 8 takes what one batch of 16 takes, and the last step only
+        # the micro-batches that examples remain for
+        accum = list(epoch_batches(order, 0, 8, grad_accum_steps=2))
+        self.assertEqual([len(b) for b in accum], [8] * 12 + [4])
+        self.assertEqual([a + b for a, b in zip(accum[:12:2], accum[1:12:2])] + [accum[12]], one)
+        self.assertEqual([micro_batches_in_step(100, s, 8, 2) for s in range(0, 112, 16)], [2] * 6 + [1])
         ranks = [list(epoch_batches(order, 0, 4, grad_accum_steps=2, world_size=2, rank=r)) for r in (0, 1)]
+        self.assertEqual([len(r) for r in ranks], [14, 14])  # with DDP every step is whole ...
         for step in range(7):  # each step: rank 0's and rank 1's micro-batches together are the big batch
             together = ranks[0][2 * step] + ranks[1][2 * step] + ranks[0][2 * step + 1] + ranks[1][2 * step + 1]
-            self.assertEqual(together, one[step])
+            self.assertEqual(together[:len(one[step])], one[step])
+        self.assertEqual(together[4:], one[0][:12])  # ... the last one filled up from the start of the order
         seen = [set(sum(r[:12], [])) for r in ranks]  # the 6 steps before the wrap
         self.assertFalse(seen[0] & seen[1])  # disjoint processes
         resumed = list(epoch_batches(order, 48, batch_size=16))  # from a checkpoint at position 48

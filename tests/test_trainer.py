@@ -40,19 +40,60 @@ class TestSchedule(unittest.TestCase):
     def test_formula_at_known_token_counts(self):
         C = config(lr_decay=True, learning_rate=1.0, warmup_tokens=100, final_tokens=1100)
 
-        def cosine(progress):  # nanoGPT's get_lr: min_lr + coeff * (max_lr - min_lr), min_lr = 10%
+        def mingpt(progress):  # minGPT's lr_mult: max(0.1, 0.5 * (1 + cos(pi * progress)))
+            return max(0.1, 0.5 * (1 + math.cos(math.pi * progress)))
+
+        def nanogpt(progress):  # nanoGPT's get_lr: min_lr + coeff * (max_lr - min_lr), min_lr = 10%
             return 0.1 + 0.5 * (1 + math.cos(math.pi * progress)) * 0.9
-        self.assertEqual(scheduled_lr(C, 0), 0.0)
-        self.assertAlmostEqual(scheduled_lr(C, 25), 0.25)
-        self.assertAlmostEqual(scheduled_lr(C, 100), 1.0)
-        self.assertAlmostEqual(scheduled_lr(C, 600), 0.55)     # half way through the cosine
-        self.assertAlmostEqual(scheduled_lr(C, 350), cosine(0.25), places=12)
-        self.assertAlmostEqual(scheduled_lr(C, 1000), cosine(0.9), places=12)  # still above the floor
-        self.assertGreater(scheduled_lr(C, 1099), 0.1)
-        self.assertAlmostEqual(scheduled_lr(C, 1100), 0.1)     # the floor exactly at final_tokens
-        self.assertAlmostEqual(scheduled_lr(C, 10 ** 9), 0.1)  # flat after final_tokens
+        for name, cosine in (("mingpt", mingpt), ("nanogpt", nanogpt)):
+            with self.subTest(lr_schedule=name):
+                C.lr_schedule = name
+                self.assertEqual(scheduled_lr(C, 0), 0.0)
+                self.assertAlmostEqual(scheduled_lr(C, 25), 0.25)
+                self.assertAlmostEqual(scheduled_lr(C, 100), 1.0)
+                for tokens in (350, 600, 850, 1000, 1099, 1100):
+                    self.assertAlmostEqual(scheduled_lr(C, tokens), cosine((tokens - 100) / 1000), places=12)
+                self.assertAlmostEqual(scheduled_lr(C, 10 ** 9), 0.1)  # flat after final_tokens
+        self.assertGreater(scheduled_lr(C, 1099), 0.1)  # nanoGPT's reaches the floor exactly at final_tokens
+        C.lr_schedule = "mingpt"
+        self.assertEqual(scheduled_lr(C, 1000), 0.1)  # minGPT's is on the floor from progress ~0.8
+        self.assertEqual(Trainer.get_default_config().lr_schedule, "mingpt")  # the seed's
         C.lr_decay = False
         self.assertEqual(scheduled_lr(C, 600), 1.0)
+
+    def test_the_seeds_log_is_reproduced(self):
+        # README-seed.txt: max_epochs=150, batch_size=256, learning_rate=6e-4, lr_decay, warmup_tokens=512*20,
+        # final_tokens=150*len(train_dataset)*block_size, block 128, 34 iterations an epoch; it prints the lr
+        # after the last step of these epochs. A train set of 8,640 windows (8,631 to 8,650 all give these).
+        printed = {1: "5.999354e-04", 2: "5.997392e-04", 3: "5.994116e-04", 50: "4.500336e-04",
+                   100: "1.500168e-04", 148: "6.000000e-05", 149: "6.000000e-05", 150: "6.000000e-05"}
+        n, block = 8640, 128
+
+        class Windows(torch.utils.data.Dataset):  # the Trainer only counts targets: no text needed
+            example = (torch.zeros(block, dtype=torch.long), torch.zeros(block, dtype=torch.long))
+
+            def __len__(self):
+                return n
+
+            def __getitem__(self, i):
+                return self.example
+
+        class StandIn(torch.nn.Module):  # a model of one weight: the schedule does not depend on it
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(()))
+
+            def forward(self, x, y):
+                return None, self.w * 0 + 1.0
+        C = config(max_epochs=150, batch_size=256, learning_rate=6e-4, lr_decay=True, warmup_tokens=512 * 20,
+                   final_tokens=150 * n * block, log_interval=0)
+        trainer = Trainer(C, StandIn(), Windows())
+        logged = {}
+        trainer.add_callback("on_epoch_end", lambda t: logged.setdefault(t.epoch, f"{t.lr:e}"))
+        trainer.run()
+        self.assertEqual(trainer.steps_per_epoch(), 34)
+        self.assertEqual(trainer.tokens, 150 * n * block)  # each epoch each example once: the last batch short
+        self.assertEqual({epoch: logged[epoch] for epoch in printed}, printed)
 
     def test_trainer_fills_the_schedule_from_max_iters(self):
         C = config(max_iters=100, batch_size=8, grad_accum_steps=2, lr_decay=True)

@@ -85,7 +85,9 @@ def main(mode, *args):
         C = config(max_iters=iters, batch_size=batch, grad_accum_steps=1 if mode == "single" else 2,
                    ckpt_path=os.path.join(outdir, f"{mode}.ckpt"), resume=True,
                    ckpt_interval=1 if mode == "elastic" else 0)
-        trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(100))
+        # 96 examples are 6 whole steps an epoch: there one process and two take the same examples (with a
+        # remainder, one process ends the epoch with a short batch, DDP fills its last step up)
+        trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(96))
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if mode == "elastic" and rank == 1 and first_attempt:
             kill_at = int(args[2])

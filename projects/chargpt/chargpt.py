@@ -43,6 +43,7 @@ def get_config():
     C.trainer.batch_size = 12
     C.trainer.learning_rate = 1e-3
     C.trainer.lr_decay = True
+    C.trainer.lr_schedule = "nanogpt"  # nanoGPT's recipe, its cosine (the library's default is the seed's)
     C.trainer.eval_interval = 250
     C.trainer.ckpt_path = None      # None: checkpoint.pt in the work dir
     C.trainer.ckpt_interval = 250   # a killed run keeps its work: --trainer.resume=True continues it

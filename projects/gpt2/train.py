@@ -53,6 +53,7 @@ def get_config():
     C.trainer.max_iters = 600000
     C.trainer.learning_rate = 6e-4
     C.trainer.lr_decay = True
+    C.trainer.lr_schedule = "nanogpt"  # nanoGPT's recipe, its cosine (the library's default is the seed's)
     C.trainer.eval_interval = 2000
     C.trainer.eval_iters = 200
     C.trainer.ckpt_interval = 2000

@@ -186,6 +186,24 @@ class TestModel(unittest.TestCase):
         torch.testing.assert_close(low, model(idx)[0], rtol=0.05, atol=0.05)
 
 
+class TestLinear(unittest.TestCase):
+    def test_inference_path_equals_f_linear_and_training_keeps_autograd(self):
+        from mygpt.model import Linear
+        torch.manual_seed(0)
+        for bias in (True, False):
+            layer = Linear(48, 40, bias=bias)
+            for x in (torch.randn(1, 1, 48), torch.randn(3, 7, 48), torch.randn(2, 5, 96)[:, :, ::2]):
+                expected = F.linear(x, layer.weight, layer.bias)
+                with torch.inference_mode():  # oneDNN where PyTorch has it, on x86
+                    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+                with torch.no_grad():
+                    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+            y = layer(torch.randn(2, 3, 48))
+            self.assertTrue(y.requires_grad)
+            y.sum().backward()
+            self.assertEqual(layer.weight.grad.shape, (40, 48))
+
+
 class TestBadInput(unittest.TestCase):
     def test_errors_name_the_problem(self):
         model = tiny_model()

@@ -45,6 +45,7 @@ MAX_SHARD_TOKENS = 2**31 - 1
 SPLITS = ("train", "val")
 PIECE_CHARS = 1 << 20  # documents are encoded in pieces of about this many characters ...
 UNIT_CHARS = 1 << 20   # ... and sent to the workers in units of about this many
+MAX_PIECE_CHARS = 4 << 20  # a pre-token longer than this (a run of letters, say) is cut every this many characters
 DATA_EXTRA = "pip install 'mygpt[data]'"
 
 ShardHeader = namedtuple("ShardHeader", "magic version num_tokens dtype")
@@ -287,27 +288,33 @@ class TokenDataset(Dataset):
 
 class _Tokenizer:
     """What prepare needs of a tokenizer: `encode(text) -> list of ids`, the end-of-document id, the vocabulary size,
-    a description for meta.json, and `cut(text)`: where a long document may be cut into pieces that encode to
-    exactly the tokens of the whole (None: never cut)."""
+    a description for meta.json, and `cut(text, start)`: where a long document may be cut into pieces that encode to
+    exactly the tokens of the whole (None: never cut; see _cut_gpt2)."""
 
     def __init__(self, encode, eot, vocab_size, info, cut):
         self.encode, self.eot, self.vocab_size, self.info, self.cut = encode, eot, vocab_size, info, cut
         self.dtype = np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
 
 
-# With GPT-2's pattern no pre-token spans a space that has a non-space on both sides (only a space's right neighbour
-# can join it), and the pre-token before it ends at its left neighbour, so cutting just before such a space leaves
-# every pre-token, hence every token, as it is.
-_SAFE_SPACE = regex.compile(r"(?<=\S) (?=\S)", flags=regex.REVERSE)
+# A cut at k leaves GPT-2's pre-tokens, hence its tokens, as they are when a pre-token of the whole text ends at k
+# whatever follows and text[k-1] is no whitespace (whose last pre-token would depend on what follows, `\s+(?!\S)`):
+# before whitespace (only its right neighbour can join a space), or where letters, digits and other symbols meet
+# (each class makes its own runs), except between an apostrophe and a letter ('s, 't, 're ... are pre-tokens).
+# The regex has no lookbehind, so the piece after k splits as the whole text does from k on.
+_BOUNDARY = (r"(?<=\S)(?=\s)|(?<=\p{L})(?=[^\s\p{L}])|(?<=\p{N})(?=[^\s\p{N}])"
+             r"|(?<=[^\s\p{L}\p{N}'])(?=[\p{L}\p{N}])|(?<=')(?=\p{N})")
+_LAST_BOUNDARY, _NEXT_BOUNDARY = regex.compile(_BOUNDARY, flags=regex.REVERSE), regex.compile(_BOUNDARY)
 
 
-def _cut_before_space(text):
-    """The last safe cut in the second half of the first PIECE_CHARS characters; a hard cut where text has none."""
-    match = _SAFE_SPACE.search(text, PIECE_CHARS // 2, PIECE_CHARS)
-    return match.start() if match else PIECE_CHARS
+def _cut_gpt2(text, start):
+    """The last pre-token boundary before PIECE_CHARS, else the first one after it (a piece holds a long pre-token
+    whole), or None where text has none; `start` > 0: a search of text[:start] found none, go on from there."""
+    match = None if start else _LAST_BOUNDARY.search(text, 1, PIECE_CHARS)
+    match = match or _NEXT_BOUNDARY.search(text, max(start, PIECE_CHARS))
+    return match.start() if match else None
 
 
-def _cut_anywhere(text):
+def _cut_anywhere(text, start):
     return PIECE_CHARS  # characters encode one by one, so any cut is exact
 
 
@@ -347,7 +354,7 @@ def _resolve_tokenizer(tokenizer):
             info = {"name": "gpt2", "sha256": GPT2_SHA256}
         else:
             info = {"name": "bpe", "sha256": _hash_encoder_files(tokenizer)}
-        cut = _cut_before_space if tokenizer.pattern == GPT2_PATTERN else None
+        cut = _cut_gpt2 if tokenizer.pattern == GPT2_PATTERN else None
         return _Tokenizer(tokenizer.encode_ordinary, eot, tokenizer.vocab_size, info, cut)
     if isinstance(tokenizer, (list, tuple)):
         chars = list(tokenizer)
@@ -482,17 +489,26 @@ def _documents(sources, text_field):
             yield _text_file(source)
 
 
-def _pieces(blocks, cut):
-    """A document's text as (piece, is_last) pairs of at most about PIECE_CHARS characters each, cut where `cut`
-    says (never, if cut is None). An empty document gives nothing."""
-    pending, text = None, ""
+def _pieces(blocks, cut, index):
+    """Document `index`'s text as (piece, is_last) pairs of about PIECE_CHARS characters (more where a pre-token is
+    longer, up to MAX_PIECE_CHARS), cut where `cut` says (never, if cut is None). An empty document gives nothing."""
+    pending, text, searched = None, "", 0
     for block in blocks:
         text += block
         while cut and len(text) > PIECE_CHARS:
+            k = cut(text, searched)
+            if k is None and len(text) < MAX_PIECE_CHARS:
+                searched = len(text)  # one pre-token so far: read on to its end
+                break
+            if k is None:  # memory stays bounded: such a pre-token is encoded in pieces
+                k = MAX_PIECE_CHARS
+                warnings.warn(f"document {index} holds a pre-token (a run of letters, digits or symbols without a "
+                              f"space) of over {MAX_PIECE_CHARS:,} characters: it is encoded in pieces of "
+                              f"{MAX_PIECE_CHARS:,} characters, so its ids may differ from those of the whole run at "
+                              f"each cut", stacklevel=2)
             if pending:
                 yield pending, False
-            k = cut(text)
-            pending, text = text[:k], text[k:]
+            pending, text, searched = text[:k], text[k:], 0
     if text:
         if pending:
             yield pending, False
@@ -505,7 +521,7 @@ def _work_units(documents, cut):
     """Lists of (document index, piece, is_last) holding about UNIT_CHARS characters each."""
     unit, size = [], 0
     for index, blocks in enumerate(documents):
-        for piece, last in _pieces(blocks, cut):
+        for piece, last in _pieces(blocks, cut, index):
             unit.append((index, piece, last))
             size += len(piece)
             if size >= UNIT_CHARS:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 import tempfile
@@ -308,6 +309,36 @@ class TestPrepare(TempDir):
             prepare_corpus(self.dir / "long.txt", self.dir / "out", val_fraction=0, num_workers=2, progress=False)
         read = (self.dir / "long.txt").open(encoding="utf-8").read()  # "\r\n" as "\n", also across blocks
         self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), self.tk.encode_ordinary(read) + [EOT])
+
+    def test_cuts_keep_tiktoken_ids_wherever_they_fall(self):
+        # every kind of neighbour a cut may have: letters (contractions' too), digits, symbols, apostrophes, spaces
+        alphabet = [*"abstrvmldSé", *"019٣", *"'-!.", " ", "\n", "\t", "\u00a0", "\u3000"]
+        text = "".join(random.Random(0).choices(alphabet, k=20_000))
+        blocks = (text[i:i + 1000] for i in range(0, len(text), 1000))
+        with mock.patch.object(data, "PIECE_CHARS", 40):
+            pieces = [piece for piece, _ in data._pieces(blocks, data._cut_gpt2, 0)]
+        self.assertGreater(len(pieces), 500)
+        self.assertEqual("".join(pieces), text)
+        self.assertEqual([i for p in pieces for i in self.tk.encode_ordinary(p)], self.tk.encode_ordinary(text))
+
+    def test_documents_without_spaces_equal_tiktoken_and_overlong_runs_are_named(self):
+        rng = random.Random(1)
+        letters = "".join(rng.choices("ACGT", k=7000))  # one pre-token longer than a piece
+        base64 = "".join(rng.choices("abcXYZ0189+/=", k=9000))  # no space, but letters, digits and symbols meet
+        for name, text in (("letters", letters), ("base64", base64), ("both", letters + "7" + base64)):
+            (self.dir / f"{name}.txt").write_text(text, encoding="utf-8")
+            with self.subTest(name), mock.patch.object(data, "PIECE_CHARS", 2000), \
+                    mock.patch.object(data, "MAX_PIECE_CHARS", 8000):
+                prepare_corpus(self.dir / f"{name}.txt", self.dir / name, val_fraction=0, num_workers=1,
+                               progress=False)
+                self.assertEqual(tokens_of(self.dir / name, "train").tolist(), self.tk.encode_ordinary(text) + [EOT])
+        run = letters + letters  # 14,000 letters: over MAX_PIECE_CHARS, encoded as the warning says
+        (self.dir / "run.txt").write_text(run, encoding="utf-8")
+        with mock.patch.object(data, "PIECE_CHARS", 2000), mock.patch.object(data, "MAX_PIECE_CHARS", 8000), \
+                self.assertWarnsRegex(UserWarning, "document 0 holds a pre-token .* over 8,000 characters"):
+            prepare_corpus(self.dir / "run.txt", self.dir / "run", val_fraction=0, num_workers=1, progress=False)
+        expected = self.tk.encode_ordinary(run[:8000]) + self.tk.encode_ordinary(run[8000:]) + [EOT]
+        self.assertEqual(tokens_of(self.dir / "run", "train").tolist(), expected)
 
     def test_killed_and_rerun_is_byte_identical(self):
         src, _ = self.make_folder()

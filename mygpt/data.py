@@ -23,9 +23,12 @@ import mmap
 import multiprocessing
 import os
 import re
+import signal
 import tempfile
+import threading
 import warnings
 from collections import deque, namedtuple
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -549,6 +552,14 @@ def _set_worker(tokenizer, seed, val_fraction):
     _worker = tokenizer, seed, val_fraction
 
 
+def _start_worker(tokenizer, seed, val_fraction):
+    # Ctrl-C and SIGTERM are the main process's to handle: it then ends the pool with SIGTERM, which ends a worker
+    # at once and quietly (not with a KeyboardInterrupt or BrokenPipeError traceback from each)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _set_worker(tokenizer, seed, val_fraction)
+
+
 def _encode_unit(unit):
     """A unit's pieces -> ([train tokens, val tokens] as arrays, [train documents, val documents], UTF-8 bytes)."""
     tokenizer, seed, val_fraction = _worker
@@ -566,16 +577,51 @@ def _encode_unit(unit):
     return [np.array(x, dtype=tokenizer.dtype) for x in ids], documents, nbytes
 
 
-def _ordered_map(pool, function, items, ahead):
+def _ordered_map(pool, workers, function, items, ahead):
     """`function` over `items` in `pool`, results in order, at most `ahead` items in flight (bounded memory:
     Pool.imap would read all of `items` in advance)."""
     pending = deque()
     for item in items:
         pending.append(pool.apply_async(function, (item,)))
         if len(pending) >= ahead:
-            yield pending.popleft().get()
+            yield _result(pending.popleft(), workers)
     while pending:
-        yield pending.popleft().get()
+        yield _result(pending.popleft(), workers)
+
+
+def _result(pending, workers):
+    """An AsyncResult's value; ChildProcessError once one of `workers` has died (a Pool replaces a killed worker
+    but waits forever for the unit it held)."""
+    while not pending.ready():
+        pending.wait(0.2)
+        dead = next((w for w in workers if w.exitcode is not None), None)
+        if dead is not None:
+            code = dead.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            raise ChildProcessError(f"encoding process {dead.pid} {how} (out of memory?) before prepare finished; "
+                                    f"run the same prepare again to finish it (fewer num_workers take less memory)")
+    return pending.get()
+
+
+@contextmanager
+def _sigterm_raises():
+    """Within: SIGTERM raises InterruptedError, so that prepare cleans up and says one line, as on Ctrl-C (left to
+    the default, the process dies and each worker prints a BrokenPipeError traceback). A handler set by the caller,
+    or a thread other than the main one, is left alone."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise InterruptedError("prepare was stopped by SIGTERM before the corpus was finished; run the same "
+                               "prepare again to finish it")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _ShardWriter:
@@ -623,8 +669,10 @@ class _EncoderPool:
             return lambda units: map(_encode_unit, units)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        self.pool = context.Pool(self.workers, initializer=_set_worker, initargs=self.args)
-        return lambda units: _ordered_map(self.pool, _encode_unit, units, ahead=2 * self.workers)
+        others = set(multiprocessing.active_children())
+        self.pool = context.Pool(self.workers, initializer=_start_worker, initargs=self.args)
+        workers = [p for p in multiprocessing.active_children() if p not in others]
+        return lambda units: _ordered_map(self.pool, workers, _encode_unit, units, ahead=2 * self.workers)
 
     def __exit__(self, *exc):
         _set_worker(None, None, None)
@@ -730,7 +778,7 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     units = _work_units(_documents(resolved, text_field), tok.cut)
     nbytes = 0
     try:
-        with _EncoderPool(workers, tok, seed, val_fraction) as encoded, \
+        with _sigterm_raises(), _EncoderPool(workers, tok, seed, val_fraction) as encoded, \
                 tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
             for tokens, documents, size in encoded(units):
                 for writer, part, docs in zip(writers.values(), tokens, documents):

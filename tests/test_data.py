@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -369,6 +370,47 @@ class TestPrepare(TempDir):
                 read_header(self.dir / "killed" / name)
         prepare_corpus(src, self.dir / "killed", num_workers=2, **args)
         self.assertEqual(files_of(self.dir / "killed"), files_of(self.dir / "clean"))
+
+    def run_prepare_that(self, action, out, args):
+        """Run `mygpt prepare` in a new process whose worker encoding document 2 first does `action` (code using
+        os and signal); returns the CompletedProcess, the time it took and whether it came back in 60 s."""
+        script = textwrap.dedent(f"""
+            import os, signal, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            import mygpt.data as data
+            from mygpt.cli import main
+            encode_unit = data._encode_unit
+            def encode_or_act(unit):
+                if any(index == 2 for index, _, _ in unit):
+                    {action}
+                return encode_unit(unit)
+            data._encode_unit, data.UNIT_CHARS = encode_or_act, 10  # a unit per document
+            sys.exit(main(["prepare", *{args!r}, "--out", {str(out)!r}]))
+        """)
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        return result, time.monotonic() - start
+
+    def test_a_killed_worker_or_sigterm_ends_prepare_in_one_line(self):
+        src, _ = self.make_folder()
+        args = [str(src), "--val-fraction", "0.3", "--shard-tokens", "50", "--seed", "1", "--num-workers", "2"]
+        prepare_corpus(src, self.dir / "clean", val_fraction=0.3, shard_tokens=50, seed=1, num_workers=1,
+                       progress=False)
+        for action, message in (("os.kill(os.getpid(), signal.SIGKILL)",  # as the OOM killer does
+                                 r"encoding process \d+ was killed by SIGKILL .*run the same prepare again"),
+                                ("os.kill(os.getppid(), signal.SIGTERM); import time; time.sleep(1)",
+                                 "prepare was stopped by SIGTERM .*run the same prepare again")):
+            out = self.dir / f"out-{len(message)}"
+            with self.subTest(action):
+                result, seconds = self.run_prepare_that(action, out, args)  # a hang raises TimeoutExpired
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertLess(seconds, 30)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertRegex(result.stderr.splitlines()[-1], "^mygpt: error: " + message)
+                self.assertNotIn("meta.json", os.listdir(out))
+                self.assertFalse([name for name in os.listdir(out) if ".tmp-" in name])
+                prepare_corpus(src, out, val_fraction=0.3, shard_tokens=50, seed=1, num_workers=2, progress=False)
+                self.assertEqual(files_of(out), files_of(self.dir / "clean"))
 
     def test_rerun_of_a_finished_corpus_and_foreign_folders(self):
         src, _ = self.make_folder()

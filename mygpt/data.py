@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, get_encoder
 from mygpt.downloads import sha256_file
+from mygpt.tokenizer import CharTokenizer, describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path, temporary_name
 
 HEADER_INTS = 256
@@ -172,17 +173,27 @@ def _expand(pattern_or_paths):
     return paths
 
 
-def _vocab_size_from_meta(paths):
-    """`vocab_size` from the meta.json beside the shards, if there is one (None otherwise)."""
-    sizes = {}
-    for folder in {p.parent for p in paths}:
+def _read_meta(paths):
+    """The meta.json beside the shards, as a dict (None where there is none: llm.c's shards come without).
+
+    A folder without meta.json but with prepare.json or a temporary shard holds a prepare_corpus run that was
+    interrupted (or is running): its shards are a part of the corpus, so it is refused.
+    """
+    metas = {}
+    for folder in sorted({p.parent for p in paths}):
         meta = folder / "meta.json"
         if meta.is_file():
             with open(meta, encoding="utf-8") as f:
-                sizes[meta] = json.load(f).get("vocab_size")
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"the shards come from corpora with different vocabularies: {sizes}")
-    return next(iter(sizes.values()), None)
+                metas[meta] = json.load(f)
+            continue
+        unfinished = [*folder.glob("prepare.json"), *folder.glob("train_*.bin.tmp-*"), *folder.glob("val_*.bin.tmp-*")]
+        if unfinished:
+            raise ValueError(f"{folder} holds an unfinished corpus: prepare_corpus was interrupted there or is still "
+                             f"running ({unfinished[0].name}, no meta.json); run the same prepare again to finish it")
+    tokenizers = {m: (meta.get("vocab_size"), meta.get("settings", {}).get("tokenizer")) for m, meta in metas.items()}
+    if len(set(map(json.dumps, tokenizers.values()))) > 1:
+        raise ValueError(f"the shards come from corpora of different tokenizers: {', '.join(map(str, metas))}")
+    return next(iter(metas.values()), None)
 
 
 class TokenDataset(Dataset):
@@ -217,8 +228,25 @@ class TokenDataset(Dataset):
             names = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
             raise ValueError(f"block_size {block_size} needs at least {block_size + 1} tokens, but {names} "
                              f"hold {self.num_tokens:,}; use a smaller block_size or more text")
-        self.vocab_size = _vocab_size_from_meta(paths)
+        meta = _read_meta(paths) or {}
+        self.vocab_size = meta.get("vocab_size")
+        # how meta.json records the tokenizer: {"name": "gpt2" | "bpe" | "chars", "sha256": ...}; see check_tokenizer
+        self.tokenizer = meta.get("settings", {}).get("tokenizer")
         self._maps = [None] * len(self.paths)
+
+    def check_tokenizer(self, tokenizer, owner="the checkpoint"):
+        """Raise ValueError unless `tokenizer` (a checkpoint's tokenizer description, "gpt2", an Encoder, a list of
+        characters: what describe_tokenizer accepts) is the one meta.json records, by the sha256 of its files and
+        its vocabulary size; shards without meta.json record none, so they pass."""
+        if not (isinstance(self.tokenizer, dict) and "sha256" in self.tokenizer) or tokenizer is None:
+            return  # nothing recorded the way prepare_corpus records it
+        loaded = load_tokenizer(describe_tokenizer(tokenizer))
+        info = _chars_info(loaded.chars) if isinstance(loaded, CharTokenizer) else _bpe_info(loaded.encoder)
+        if info["sha256"] != self.tokenizer["sha256"] or loaded.vocab_size != self.vocab_size:
+            raise ValueError(f"the shards {self.paths[0].parent} were prepared with another tokenizer than "
+                             f"{owner}'s ({_tokenizer_name(self.tokenizer, self.vocab_size)} in meta.json, "
+                             f"{_tokenizer_name(info, loaded.vocab_size)}); use the tokenizer the corpus was "
+                             f"prepared with, or prepare it again with this one")
 
     def _shard_info(self, path):
         """(byte offset of the tokens, token count, dtype) of one file."""
@@ -342,6 +370,23 @@ def _hash_encoder_files(encoder):
         return {name: sha256_file(Path(folder) / name) for name in ("encoder.json", "vocab.bpe")}
 
 
+def _bpe_info(encoder):
+    if encoder is get_encoder():
+        return {"name": "gpt2", "sha256": GPT2_SHA256}  # Encoder.save writes exactly the shipped files
+    return {"name": "bpe", "sha256": _hash_encoder_files(encoder)}
+
+
+def _chars_info(chars):
+    text = "".join(chars)
+    return {"name": "chars", "chars": text, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def _tokenizer_name(info, vocab_size):
+    """'gpt2', 'bpe 1a2b3c4d...' or 'chars 5f6e...', with the vocabulary size, for error messages."""
+    sha256 = info["sha256"] if isinstance(info["sha256"], str) else info["sha256"]["encoder.json"]
+    return f"{info['name']} (sha256 {sha256[:12]}..., {vocab_size} tokens)"
+
+
 def _resolve_tokenizer(tokenizer):
     if isinstance(tokenizer, str):
         if tokenizer != "gpt2":
@@ -353,10 +398,7 @@ def _resolve_tokenizer(tokenizer):
         if eot is None:
             raise ValueError(f"the encoder has no {ENDOFTEXT} token to end documents with; "
                              f"train it with special_tokens=({ENDOFTEXT!r},)")
-        if tokenizer is get_encoder():
-            info = {"name": "gpt2", "sha256": GPT2_SHA256}
-        else:
-            info = {"name": "bpe", "sha256": _hash_encoder_files(tokenizer)}
+        info = _bpe_info(tokenizer)
         cut = _cut_gpt2 if tokenizer.pattern == GPT2_PATTERN else None
         return _Tokenizer(tokenizer.encode_ordinary, eot, tokenizer.vocab_size, info, cut)
     if isinstance(tokenizer, (list, tuple)):
@@ -366,8 +408,7 @@ def _resolve_tokenizer(tokenizer):
             raise ValueError(f"a character vocabulary is a non-empty list of single characters; found {bad!r}")
         if len(set(chars)) != len(chars):
             raise ValueError("the character vocabulary lists a character twice")
-        text = "".join(chars)
-        info = {"name": "chars", "chars": text, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+        info = _chars_info(chars)
         # one id past the characters ends each document, as <|endoftext|> does for BPE
         return _Tokenizer(_Chars(chars).encode, len(chars), len(chars) + 1, info, _cut_anywhere)
     raise TypeError(f"tokenizer must be 'gpt2', an Encoder or a list of characters, got {type(tokenizer).__name__}")
@@ -701,8 +742,21 @@ def _complete(out_dir, meta):
         return False
 
 
-def _claim(out_dir, settings):
-    """Make out_dir ours for these settings. Returns the meta of a finished run with the same settings, else None.
+def _source_files(resolved):
+    """What the source files are now, as make judges them: their count, total size and a sha256 of each one's path,
+    size and modification time. Datasets from the hub are known by their arguments only (in the settings)."""
+    digest, files, size = hashlib.sha256(), 0, 0
+    for kind, source in resolved:
+        if kind == "file":
+            stat = source.stat()
+            digest.update(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            files, size = files + 1, size + stat.st_size
+    return {"files": files, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def _claim(out_dir, settings, sources):
+    """Make out_dir ours for these settings. Returns the meta of a finished run with the same settings and source
+    files, else None (a finished corpus whose source files have changed since is prepared again).
 
     prepare.json records the settings of a run in progress, so that a rerun after an interruption knows the files
     it finds are its own; a folder holding another corpus, or shards nobody recorded, is refused.
@@ -718,8 +772,13 @@ def _claim(out_dir, settings):
                 raise ValueError(f"{out_dir} holds a corpus prepared with other settings ({path.name}); "
                                  f"choose another out_dir or delete that one")
     if meta_path in recorded and _complete(out_dir, recorded[meta_path]):
-        plan_path.unlink(missing_ok=True)
-        return recorded[meta_path]
+        before = recorded[meta_path].get("source_files")
+        if before == sources:
+            plan_path.unlink(missing_ok=True)
+            return recorded[meta_path]
+        was = f"{before['files']} files, {before['bytes']:,} bytes" if before else "not recorded"
+        warnings.warn(f"the source files of {out_dir} have changed since it was prepared ({was}; now "
+                      f"{sources['files']} files, {sources['bytes']:,} bytes): preparing it again", stacklevel=3)
     if not recorded and (any(out_dir.glob("train_*.bin")) or any(out_dir.glob("val_*.bin"))):
         raise ValueError(f"{out_dir} already holds shards that prepare_corpus did not record; choose an empty out_dir")
     if plan_path not in recorded:
@@ -759,7 +818,9 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     decided by a hash of (seed, i) (see _in_val), so that the split does not depend on the workers.
     num_workers processes encode (None: all cores); the output is byte-identical for any number of them. Shards are
     written under temporary names and renamed when whole; after an interruption, run the same call again: it
-    rewrites the corpus and ends byte-identical to an uninterrupted run. Rerunning a finished prepare returns at once.
+    rewrites the corpus and ends byte-identical to an uninterrupted run (TokenDataset refuses the shards of an
+    unfinished run). Rerunning a finished prepare returns at once, unless a source file was added, removed or
+    changed (its size or modification time, recorded in meta.json): then it prepares the corpus again.
     """
     _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field)
     tok = _resolve_tokenizer(tokenizer)
@@ -769,7 +830,8 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     settings = json.loads(json.dumps({  # as JSON gives it back, so that a rerun compares equal
         "sources": [_describe(s) for s in sources], "glob": glob, "text_field": text_field, "tokenizer": tok.info,
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}))
-    finished = _claim(out_dir, settings)
+    sources = _source_files(resolved)  # before reading them: a file changed during the run counts as changed
+    finished = _claim(out_dir, settings, sources)
     if finished is not None:
         return finished
 
@@ -799,10 +861,10 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
         warnings.warn(f"no document went to the {' and '.join(empty)} split: the split is by document, and "
                       f"{writers['train'].documents + writers['val'].documents} documents were read; cut the text "
                       f"into more documents (files, or lines of a .jsonl) or change val_fraction", stacklevel=2)
-    return _finish(out_dir, writers, tok, nbytes, settings)
+    return _finish(out_dir, writers, tok, nbytes, settings, sources)
 
 
-def _finish(out_dir, writers, tok, nbytes, settings):
+def _finish(out_dir, writers, tok, nbytes, settings, sources):
     """Remove shards numbered past this run's (left by an earlier run of changed sources), then write meta.json,
     which marks the corpus finished."""
     for writer in writers.values():
@@ -812,7 +874,7 @@ def _finish(out_dir, writers, tok, nbytes, settings):
                 path.unlink()
     magic, version = _format_of(tok.dtype)
     meta = {"vocab_size": tok.vocab_size, "eot": tok.eot, "dtype": tok.dtype.name, "magic": magic,
-            "version": version, "text_bytes": nbytes, "settings": settings}
+            "version": version, "text_bytes": nbytes, "settings": settings, "source_files": sources}
     meta.update({w.split: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
                  for w in writers.values()})
     _write_json(out_dir / "meta.json", meta)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import mygpt.data as data
-from mygpt.bpe import ENDOFTEXT
+from mygpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.downloads import sha256_file
@@ -430,6 +430,76 @@ class TestPrepare(TempDir):
         write_shard(foreign / "train_000000.bin", [1, 2, 3])
         with self.assertRaisesRegex(ValueError, "did not record"):
             prepare_corpus(src, foreign, **args)
+
+    def test_changed_added_or_removed_sources_are_prepared_again(self):
+        src, documents = self.make_folder()
+        out = self.dir / "out"
+        args = dict(val_fraction=0.3, seed=3, num_workers=1, progress=False)
+        prepare_corpus(src, out, **args)
+        (src / "a.txt").write_text("changed", encoding="utf-8")
+        os.utime(src / "a.txt", ns=(1, 10**18))  # another size and time
+        (src / "f.txt").write_text("added", encoding="utf-8")  # sorted last: document 8
+        expected = self.reference(["changed", *documents[1:], "added"], 3, 0.3)
+        with self.assertWarnsRegex(UserWarning, r"source files of .*out have changed .*\(5 files, .*now 6 files"):
+            meta = prepare_corpus(src, out, **args)
+        self.assertEqual(meta["source_files"]["files"], 6)
+        for split in ("train", "val"):
+            self.assertEqual(tokens_of(out, split).tolist(), expected[split])
+        stamp = (out / "train_000000.bin").stat().st_mtime_ns
+        self.assertEqual(prepare_corpus(src, out, **args), meta)  # nothing changed since: nothing rewritten
+        self.assertEqual((out / "train_000000.bin").stat().st_mtime_ns, stamp)
+        (src / "f.txt").unlink()
+        with self.assertWarnsRegex(UserWarning, "now 5 files"):
+            prepare_corpus(src, out, **args)
+        self.assertEqual(tokens_of(out, "train").tolist(), self.reference(["changed", *documents[1:]], 3, 0.3)["train"])
+
+    def test_readers_refuse_an_unfinished_corpus(self):
+        (self.dir / "one.txt").write_text("a single document of some words", encoding="utf-8")
+        out = self.dir / "out"
+        prepare_corpus(self.dir / "one.txt", out, val_fraction=0, num_workers=1, progress=False)
+        meta = (out / "meta.json").read_bytes()
+        (out / "meta.json").rename(out / "prepare.json")  # as a rerun leaves it until it ends
+        for evidence in ("prepare.json", "train_000001.bin.tmp-123-abcdef01"):  # or a killed run's temporary shard
+            (out / "prepare.json").rename(out / evidence)
+            with self.subTest(evidence), self.assertRaisesRegex(ValueError, f"{out} holds an unfinished corpus.*"
+                                                                f"{evidence}.*run the same prepare again"):
+                TokenDataset(str(out / "train_*.bin"), 4)
+            (out / evidence).rename(out / "prepare.json")
+        (out / "prepare.json").rename(out / "train_000001.bin.tmp-123-abcdef01")
+        (out / "meta.json").write_bytes(meta)  # finished: the temporary file no longer says anything
+        self.assertEqual(TokenDataset(str(out / "train_*.bin"), 4).vocab_size, 50257)
+
+    def test_the_recorded_tokenizer_is_compared(self):
+        docs = ["hello there", "the other one"]
+        for i, doc in enumerate(docs):
+            (self.dir / f"{i}.txt").write_text(doc, encoding="utf-8")
+        chars = sorted(set("".join(docs)))
+        prepare_corpus(str(self.dir / "*.txt"), self.dir / "chars", tokenizer=chars, val_fraction=0, num_workers=1,
+                       progress=False)
+        ds = TokenDataset(str(self.dir / "chars" / "train_*.bin"), 4)
+        self.assertEqual(ds.tokenizer["chars"], "".join(chars))
+        ds.check_tokenizer({"type": "chars", "chars": chars, "eot": len(chars)})  # a checkpoint's record
+        same_size = chars[:-1] + ["z"]
+        for other in (same_size, {"type": "chars", "chars": chars}, "gpt2"):  # no eot: one token fewer
+            with self.subTest(other), self.assertRaisesRegex(ValueError, f"shards {self.dir / 'chars'} were prepared "
+                                                                         f"with another tokenizer .*chars .*meta.json"):
+                ds.check_tokenizer(other)
+        texts = [mixed_text(2000, seed=s).replace("\r", "") for s in range(2)]
+        first, second = train_bpe(texts[:1], vocab_size=300), train_bpe(texts[1:], vocab_size=300)
+        prepare_corpus(str(self.dir / "*.txt"), self.dir / "bpe", tokenizer=first, val_fraction=0, num_workers=1,
+                       progress=False)
+        ds = TokenDataset(str(self.dir / "bpe" / "train_*.bin"), 4)
+        ds.check_tokenizer(first)
+        with self.assertRaisesRegex(ValueError, "another tokenizer .*bpe .*300 tokens.*bpe .*300 tokens"):
+            ds.check_tokenizer(second)  # the same size: only the recorded sha256 tells them apart
+        prepare_corpus(str(self.dir / "*.txt"), self.dir / "gpt2", val_fraction=0, num_workers=1, progress=False)
+        ds = TokenDataset(str(self.dir / "gpt2" / "train_*.bin"), 4)
+        ds.check_tokenizer({"type": "gpt2"})
+        ds.check_tokenizer(Encoder(get_encoder().encoder, get_encoder().merges))  # a copy of GPT-2's vocabulary
+        with self.assertRaisesRegex(ValueError, "another tokenizer"):
+            ds.check_tokenizer(first)
+        numpy_shard(self.dir / "llmc.bin", np.arange(10))  # shards without meta.json record nothing to compare
+        TokenDataset(self.dir / "llmc.bin", 4).check_tokenizer(first)
 
     def test_warns_when_a_split_gets_no_document(self):
         (self.dir / "one.txt").write_text("a single document", encoding="utf-8")

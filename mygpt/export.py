@@ -16,8 +16,8 @@ layout, so those weights are transposed on the way out. GGUF stores matrices (ou
 """
 
 import json
+import re
 from pathlib import Path
-
 
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN
 from mygpt.pretrained import CONV1D_WEIGHTS
@@ -68,6 +68,35 @@ def gpt2_encoder(tokenizer, vocab_size, target):
     return encoder
 
 
+# What transformers reads from a model folder and save_pretrained writes there (and a killed export's temporary
+# files): an export into an earlier one replaces these names, and no other file is ever deleted.
+HF_FOLDER_FILES = re.compile(
+    r"((config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|chat_template)\.json"
+    r"|merges\.txt|chat_template\.jinja"
+    r"|(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?)"
+    r"(\.tmp-\d+-[0-9a-f]{8})?")
+
+
+def empty_export_folder(out_dir, overwrite):
+    """Make out_dir an empty folder for an export, so that it holds exactly what the export writes (an old
+    tokenizer.json would otherwise be what AutoTokenizer loads). A new or empty folder is used as it is; one holding
+    an earlier export or save_pretrained (only HF_FOLDER_FILES) is emptied with overwrite=True and refused without;
+    one holding any other file is refused either way, and nothing in it is touched."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    present = sorted(out_dir.iterdir())
+    others = [p.name for p in present if not (p.is_file() and HF_FOLDER_FILES.fullmatch(p.name))]
+    if others:
+        raise FileExistsError(f"{out_dir} holds files that are not a transformers model's ({', '.join(others[:5])}"
+                              f"{', ...' if len(others) > 5 else ''}); export to a new or empty folder")
+    if present and not overwrite:
+        raise FileExistsError(f"{out_dir} holds an earlier export ({', '.join(p.name for p in present[:5])}"
+                              f"{', ...' if len(present) > 5 else ''}); pass overwrite=True (mygpt export "
+                              f"--overwrite) to replace it")
+    # config.json first: a folder left half emptied by a crash is then no model that transformers would load
+    for path in sorted(present, key=lambda p: p.name != "config.json"):
+        path.unlink()
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -75,13 +104,14 @@ def write_text(path, text):
 
 # ---------------------------------------------------------------- Hugging Face transformers
 
-def export_hf(model, out_dir, tokenizer="gpt2"):
+def export_hf(model, out_dir, tokenizer="gpt2", overwrite=False):
     """Write model (and its tokenizer) as a transformers GPT-2 directory; returns out_dir as a Path.
 
     Files: config.json, model.safetensors and, unless tokenizer=None, vocab.json, merges.txt and
-    tokenizer_config.json. tokenizer is anything mygpt.tokenizer.describe_tokenizer accepts ("gpt2", an
-    Encoder, a checkpoint's tokenizer record). A tied head is left out (transformers ties it again);
-    an untied one is written with tie_word_embeddings=false.
+    tokenizer_config.json; the folder holds nothing else (see empty_export_folder: an earlier export is replaced
+    only with overwrite=True, a folder with other files is refused). tokenizer is anything
+    mygpt.tokenizer.describe_tokenizer accepts ("gpt2", an Encoder, a checkpoint's tokenizer record). A tied head is
+    left out (transformers ties it again); an untied one is written with tie_word_embeddings=false.
     """
     try:
         from safetensors.torch import save_file
@@ -92,7 +122,7 @@ def export_hf(model, out_dir, tokenizer="gpt2"):
     encoder = gpt2_encoder(tokenizer, c.vocab_size, "Hugging Face transformers")
     eot = None if encoder is None else encoder.special_tokens.get(ENDOFTEXT)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    empty_export_folder(out_dir, overwrite)
 
     tensors = {}
     for name, value in model.state_dict().items():
@@ -112,9 +142,9 @@ def export_hf(model, out_dir, tokenizer="gpt2"):
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
         "tie_word_embeddings": is_tied(model), "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
     }
-    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     if encoder is not None:
         write_hf_tokenizer(out_dir, encoder, c.block_size)
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")  # last: the folder is whole
     return out_dir
 
 

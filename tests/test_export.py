@@ -111,6 +111,29 @@ class TestExportHF(unittest.TestCase):
         with torch.no_grad():
             self.assertLess(float((model(x)[0] - loaded(x).logits).abs().max()), 1e-5)
 
+    def test_a_folder_holds_exactly_one_export(self):
+        out = os.path.join(self.dir, "hf")
+        export_hf(small_model(), out)
+        transformers.GPT2LMHeadModel.from_pretrained(out).save_pretrained(out)  # + generation_config.json
+        transformers.AutoTokenizer.from_pretrained(out).save_pretrained(out)  # + tokenizer.json, special_tokens_map
+        earlier = sorted(os.listdir(out))
+        self.assertIn("tokenizer.json", earlier)
+        encoder = train_bpe("the quick brown fox jumps over the lazy dog; " * 50, vocab_size=300)
+        model = small_model(vocab_size=encoder.vocab_size)
+        with self.assertRaisesRegex(FileExistsError, "hf holds an earlier export .*overwrite=True"):
+            export_hf(model, out, tokenizer=encoder)
+        self.assertEqual(sorted(os.listdir(out)), earlier)
+        export_hf(model, out, tokenizer=encoder, overwrite=True)
+        self.assertEqual(sorted(os.listdir(out)), ["config.json", "merges.txt", "model.safetensors",
+                                                   "tokenizer_config.json", "vocab.json"])
+        self.assertEqual(len(transformers.AutoTokenizer.from_pretrained(out)), encoder.vocab_size)  # not 50,257
+        with open(os.path.join(out, "notes.txt"), "w") as f:  # the user's: never deleted, even with overwrite
+            f.write("mine")
+        os.mkdir(os.path.join(out, "runs"))
+        with self.assertRaisesRegex(FileExistsError, r"not a transformers model's \(notes.txt, runs\)"):
+            export_hf(model, out, tokenizer=None, overwrite=True)
+        self.assertEqual(len(os.listdir(out)), 7)
+
     def test_refusals_say_why(self):
         for kw, reason in REFUSED:
             with self.subTest(**kw), self.assertRaisesRegex(ValueError, f"cannot export.*{reason}"):

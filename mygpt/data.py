@@ -749,7 +749,8 @@ def _source_files(resolved):
     for kind, source in resolved:
         if kind == "file":
             stat = source.stat()
-            digest.update(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            line = f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            digest.update(line.encode("utf-8", "surrogateescape"))
             files, size = files + 1, size + stat.st_size
     return {"files": files, "bytes": size, "sha256": digest.hexdigest()}
 

@@ -57,6 +57,7 @@ MODEL_SHAPES = {
 # oneDNN's linear op, for products that need no gradient on x86 CPUs (see Linear); None where PyTorch lacks it
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") else None)
+ONEDNN_LINEAR = getattr(ONEDNN_LINEAR, "default", None)  # the overload itself: no overload lookup per call
 
 
 class Linear(nn.Linear):
@@ -183,8 +184,9 @@ class CausalSelfAttention(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length  # absolute position of x[:, 0]
         if self.token_shift:
             x = self.shift(x, None if kv_cache is None else kv_cache.swap_last_input(self.layer_idx, x))
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # one view and one permute give the three (B, nh, T, hs) views that split + 3 views + 3 transposes would
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = qkv.unbind(0)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, start + T, hs)
         if start == 0 and self.fused(q):  # without the (B, nh, T, T) probabilities
@@ -355,7 +357,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
+            x = x + self.transformer.wpe.weight[start:start + T]  # + (T, C): the rows of positions start..start+T-1
         x = dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             x = block(x, kv_cache)

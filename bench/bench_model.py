@@ -4,6 +4,7 @@ Training and generation speed of mygpt against Hugging Face transformers' GPT-2,
     python bench/bench_model.py              # everything, ~5 minutes on 2 cores
     python bench/bench_model.py --quick      # fewer repeats
     python bench/bench_model.py --dropout=0.1
+    python bench/bench_model.py --generation-only   # just the generation table, ~1 minute
 
 Training: the seed's shape (n_layer 3, n_head 8, n_embd 512, block 128, vocab 65, batch 16),
 forward + backward + AdamW, rounds interleaved across models so machine noise hits all alike.
@@ -14,6 +15,7 @@ Peak memory: the maximum resident set of a fresh process doing training steps, p
 """
 
 import argparse
+import platform
 import statistics
 import subprocess
 import sys
@@ -123,13 +125,12 @@ def bench_training(rounds, steps_per_round):
         print(f"{name:<18}{rate:>10.0f}{rate * flops / peak:>8.3f}{rate / base:>10.3f}")
 
 
-def time_generation(generate, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate()
-        times.append(time.perf_counter() - t0)
-    return 200 / statistics.median(times)
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def bench_generation(repeats):
@@ -143,18 +144,26 @@ def bench_generation(repeats):
         "mygpt uncached": lambda: ours.generate(prompt, 200, use_cache=False),
         "transformers": lambda: theirs.generate(prompt, max_new_tokens=200, min_new_tokens=200, do_sample=False,
                                                 attention_mask=mask, pad_token_id=0),
+        "Linear layers only": lambda: linears_only(ours),
     }
+    rates = {name: [] for name in runs}
     with torch.no_grad():
         for run in runs.values():  # warm up
             run()
-        rates = {name: time_generation(run, repeats) for name, run in runs.items()}
-        floor = time_generation(lambda: linears_only(ours), repeats)
-    print("\ngeneration, 200 new tokens, batch 1, greedy (block_size 256)")
-    print(f"{'model':<18}{'tokens/s':>10}{'cached mygpt is':>18}")
-    for name, rate in rates.items():
-        print(f"{name:<18}{rate:>10.0f}{rates['mygpt cached'] / rate:>17.2f}x")
-    print(f"{'Linear layers only':<18}{floor:>10.0f}{rates['mygpt cached'] / floor:>17.2f}x"
-          "   (reading every weight once per token: the ceiling of any fp32 decoder of this shape)")
+        for _ in range(repeats):  # rounds interleaved across the runs, so machine noise hits all alike
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                rates[name].append(200 / (time.perf_counter() - t0))
+    print(f"\ngeneration, 200 new tokens, batch 1, greedy (block_size 256), {cpu_name()}, "
+          f"{torch.get_num_threads()} threads, median (min-max) of {repeats} interleaved rounds")
+    print(f"{'model':<20}{'tokens/s':>10}{'range':>12}{'cached mygpt is':>18}")
+    cached = statistics.median(rates["mygpt cached"])
+    for name, r in rates.items():
+        rate = statistics.median(r)
+        note = "   (reading every weight once per token: the ceiling of any fp32 decoder of this shape)" \
+            if name == "Linear layers only" else ""
+        print(f"{name:<20}{rate:>10.0f}{f'{min(r):.0f}-{max(r):.0f}':>12}{cached / rate:>17.2f}x{note}")
 
 
 def linears_only(model):
@@ -191,6 +200,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", type=float, default=DROPOUT)
+    parser.add_argument("--generation-only", action="store_true", help="only the generation table")
     parser.add_argument("--memory-probe")
     args = parser.parse_args()
     DROPOUT = args.dropout
@@ -199,8 +209,11 @@ def main():
         peak_memory_probe(args.memory_probe)
         return
     print(f"torch {torch.__version__}, dropout {DROPOUT}")
+    if args.generation_only:
+        bench_generation(repeats=3 if args.quick else 7)
+        return
     bench_training(rounds=2 if args.quick else 5, steps_per_round=3 if args.quick else 5)
-    bench_generation(repeats=1 if args.quick else 3)
+    bench_generation(repeats=3 if args.quick else 7)
     bench_memory()
 
 

@@ -156,48 +156,48 @@ def score_rows(model, examples, p, device):
     share their first p input tokens."""
     rows = [row for rows in examples for row in rows]
     owner = [i for i, rows in enumerate(examples) for _ in rows]  # row -> its example here
-    starts = [len(r.ids) - len(r.targets) for r in rows]  # the first position whose prediction is read
     width = max(len(r.ids) for r in rows) - p  # the rows' padded length after the shared prefix
-    passes = []  # per forward pass: its logits, and which of them are read (see `read`)
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
     cache = None
     if p:
         prefixes = torch.tensor([rows[0].ids[:p] for rows in examples], device=device)  # (examples, p)
         cache = new_cache(model, len(examples), p + width, device)
-        first = min(min(starts), p - 1)
-        with head_from(model, first):
-            logits = model(prefixes, kv_cache=cache)[0]  # (examples, p - first, vocab_size)
-        passes.append((logits, read(rows, starts, first, p, owner)))
+        add_logprobs(sums, model, prefixes, cache, read(rows, 0, p, owner), device)
         expand(cache, torch.tensor(owner, device=device))
     if width > 0:
         suffixes = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right-padded: causal attention
         for r, row in enumerate(rows):                                             # keeps the padding out of view
             suffixes[r, :len(row.ids) - p] = torch.tensor(row.ids[p:])
-        first = p + max(0, min(starts) - p)  # in the rows' positions
-        with head_from(model, first - p):
-            logits = model(suffixes, kv_cache=cache)[0]  # (rows, p + width - first, vocab_size)
-        passes.append((logits, read(rows, starts, first, None, range(len(rows)))))
-    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
-    for logits, (row, batch_row, at, token) in passes:
-        if row:
-            row, batch_row, at, token = (torch.tensor(x, device=device) for x in (row, batch_row, at, token))
-            lp = logits[batch_row, at, token].float() - logits[batch_row, at].float().logsumexp(-1)  # log p(token)
-            sums.index_add_(0, row, lp.double())
+        add_logprobs(sums, model, suffixes, cache, read(rows, p, None, range(len(rows))), device)
     return sums.tolist()
 
 
-def read(rows, starts, first, end, batch_rows):
-    """Where a forward pass's logits, which begin at position `first` of the rows and end before `end` (None: at
-    each row's end), hold the predictions of targets, as four lists: the row, its row in the logits, the position
-    there and the target token."""
+def read(rows, first, end, batch_rows):
+    """Which predictions of a forward pass over positions [first, end) of the rows (end None: to each row's end) are
+    read, as four lists: the row, its row in the pass's input, the position there, and the token to predict."""
     row_ids, batch_row, at, token = [], [], [], []
-    for r, (row, start) in enumerate(zip(rows, starts)):
+    for r, row in enumerate(rows):
         following = row.ids[1:] + row.targets[-1:]  # the token each input position predicts
+        start = len(row.ids) - len(row.targets)  # the first position whose prediction is read
         for j in range(max(start, first), len(row.ids) if end is None else min(len(row.ids), end)):
             row_ids.append(r)
             batch_row.append(batch_rows[r])
             at.append(j - first)
             token.append(following[j])
     return row_ids, batch_row, at, token
+
+
+def add_logprobs(sums, model, idx, cache, reading, device):
+    """Run idx (B, T) through the model (after the cache's positions) and add the log-probability of each read token
+    to its row's sum."""
+    row, batch_row, at, token = (torch.tensor(x, dtype=torch.long, device=device) for x in reading)
+    if not len(row):  # nothing read in this pass: it only fills the cache
+        batch_row, at = batch_row.new_zeros(1), at.new_zeros(1)
+    with head_at(model, batch_row, at):
+        logits = model(idx, kv_cache=cache)[0].float()  # (read, vocab_size)
+    if len(row):
+        logprobs = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)  # (read,)
+        sums.index_add_(0, row, logprobs.double())
 
 
 def new_cache(model, batch, length, device):
@@ -216,10 +216,11 @@ def expand(cache, owner):
 
 
 @contextmanager
-def head_from(model, first):
-    """Let the model's head score positions first.. of its input only: GPT.forward computes the logits of every
-    position, and those of a context are never read (with GPT-2's vocabulary the head costs more than the blocks)."""
-    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, first:],))
+def head_at(model, rows, positions):
+    """Let the model's head score the positions (rows[i], positions[i]) of its input only, giving logits (N,
+    vocab_size): GPT.forward scores every position, while only the continuations' predictions are read, and with
+    GPT-2's vocabulary the head costs more than the blocks of a small model."""
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][rows, positions],))
     try:
         yield
     finally:

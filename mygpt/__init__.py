@@ -14,7 +14,7 @@ from mygpt.quantize import Int8Linear, load_quantized, save_quantized
 from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
-from mygpt.utils import CfgNode, set_seed, setup_logging
+from mygpt.utils import CfgNode, InUseError, exclusive, set_seed, setup_logging
 
 __all__ = [
     # the model and sampling from it
@@ -22,7 +22,7 @@ __all__ = [
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training
-    "Trainer", "check_new_run", "load_checkpoint", "CheckpointError",
+    "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "CheckpointError",
     # benchmarks: multiple-choice accuracy as lm-eval scores it
     "eval_task", "core_score", "TASKS", "TaskDataError", "score_examples", "Example",
     # token corpora on disk

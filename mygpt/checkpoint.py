@@ -3,8 +3,9 @@ Checkpoints: written atomically, checked on the way in, never executing code on 
 
 A checkpoint is a dict saved with torch.save. Writing goes to a temporary file of a name unique to
 the process, is flushed to disk, then renamed over the target (mygpt.utils.atomic_path), so a kill at
-any moment leaves the previous file whole. A sha256 over every tensor's bytes is stored beside them and verified on load,
-so a file damaged on disk is reported as damaged instead of training on corrupted weights.
+any moment leaves the previous file whole. A sha256 over every tensor's bytes and every value (the configs, the
+counters) is stored beside them and verified on load, so a file damaged on disk is reported as damaged instead of
+training on corrupted weights or reading them as another model.
 Loading uses torch.load(weights_only=True): only tensors and plain Python values are unpickled.
 """
 
@@ -17,15 +18,20 @@ import uuid
 import numpy as np
 import torch
 
-from mygpt.utils import atomic_path
+from mygpt.utils import atomic_path, check_output_file
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read, is damaged, or does not fit the model it is loaded into."""
 
 
-def tensor_checksum(state):
-    """sha256 over the names, dtypes, shapes and bytes of every tensor in a nested dict/list of values."""
+ALL_VALUES = "all:"  # how a checksum over every value starts; older files checksummed only their tensors
+
+
+def checksum(state, values=True):
+    """sha256 over every entry of a nested dict/list: names, and each tensor's dtype, shape and bytes, and with
+    values=True each plain value (the config, the history, the counters: what gives the tensors their meaning)
+    by type and repr, which is exact for the ints, floats, strings, bools and None a checkpoint holds."""
     digest = hashlib.sha256()
 
     def visit(prefix, value):
@@ -40,9 +46,11 @@ def tensor_checksum(state):
         elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
                 visit(f"{prefix}/{i}", v)
+        elif values:
+            digest.update(f"{prefix}={type(value).__name__}:{value!r};".encode())
 
     visit("", state)
-    return digest.hexdigest()
+    return (ALL_VALUES if values else "") + digest.hexdigest()
 
 
 def check_writable(path):
@@ -50,6 +58,7 @@ def check_writable(path):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"checkpoint path {path} is a directory; give a file name such as {os.path.join(path, 'ckpt.pt')}")
+    check_output_file(path)
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -63,8 +72,8 @@ def check_writable(path):
 
 
 def save_checkpoint(state, path):
-    """Write the dict state to path atomically, with a checksum of its tensors."""
-    state = dict(state, checksum=tensor_checksum(state))
+    """Write the dict state to path atomically, with a checksum of everything in it."""
+    state = dict(state, checksum=checksum(state))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # two runs never share a temporary file
         torch.save(state, f)
@@ -90,8 +99,8 @@ def read_checkpoint(path, map_location="cpu"):
                               f"format): {type(err).__name__}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a mygpt checkpoint: it holds no model weights")
-    if "checksum" in ckpt and ckpt["checksum"] != tensor_checksum(ckpt):
-        raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum written with them "
+    if "checksum" in ckpt and ckpt["checksum"] != checksum(ckpt, values=str(ckpt["checksum"]).startswith(ALL_VALUES)):
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with them "
                               f"(bit rot or a partial copy); use an earlier checkpoint or a backup")
     return ckpt
 

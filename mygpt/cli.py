@@ -35,6 +35,7 @@ from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_q
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
+from mygpt.utils import check_output_file
 
 SEPARATOR = "-" * 40  # between samples, as nanoGPT's sample.py prints them
 
@@ -250,6 +251,7 @@ def eval_windows(data, tokenizer, block_size):
 
 def shard_windows(pattern, tokenizer, block_size):
     dataset = TokenDataset(pattern, block_size)
+    dataset.check_tokenizer(tokenizer)  # the one meta.json records, when it records one
     if dataset.vocab_size is not None and dataset.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the shards {pattern} were prepared with a vocabulary of {dataset.vocab_size} tokens "
                          f"(meta.json), the checkpoint's tokenizer ({tokenizer.name}) has {tokenizer.vocab_size}")
@@ -352,7 +354,7 @@ def human_bytes(n):
 # ---------------------------------------------------------------- quantize
 
 def quantize_checkpoint(args):
-    refuse_overwrite(args.out, args.checkpoint, args.overwrite)
+    refuse_overwrite(args.out, args.overwrite, args.checkpoint)
     model, ckpt = open_checkpoint(args.checkpoint)
     if ckpt.get("format") == QUANTIZED:
         raise ValueError(f"{args.checkpoint} is quantized already")
@@ -362,10 +364,16 @@ def quantize_checkpoint(args):
     return 0
 
 
-def refuse_overwrite(out, source, overwrite):
-    """Never replace the source, nor an existing file unless told to."""
-    if os.path.exists(out) and os.path.samefile(out, source):
-        raise ValueError(f"--out {out} is the checkpoint being read; write elsewhere")
+def refuse_overwrite(out, overwrite, *inputs, folder=False):
+    """Never replace an input, nor anything but a file (a folder where one is meant), nor an existing output
+    unless told to."""
+    if folder:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out} is not a folder: give a folder to write into")
+        if os.path.exists(out) and any(os.path.exists(i) and os.path.samefile(out, i) for i in inputs):
+            raise ValueError(f"--out {out} is also what this command reads; write elsewhere")
+    else:
+        check_output_file(out, *inputs)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
@@ -375,14 +383,14 @@ def refuse_overwrite(out, source, overwrite):
 def export(args):
     if args.dtype is not None and args.format != "gguf":
         raise UsageError("--dtype applies to --format gguf only (see 'mygpt export --help')")
-    refuse_overwrite(args.out, args.checkpoint, args.overwrite)
+    refuse_overwrite(args.out, args.overwrite, args.checkpoint, folder=args.format == "hf")
     model, ckpt = open_checkpoint(args.checkpoint)
     tokenizer = None if args.no_tokenizer else ckpt.get("tokenizer")
     if isinstance(tokenizer, dict) and tokenizer.get("type") == "chars":
         raise ValueError(f"{args.checkpoint} records a character vocabulary, which GPT-2's BPE tokenizer cannot "
                          f"hold; pass --no-tokenizer to export the weights alone")
     if args.format == "hf":
-        export_hf(model, args.out, tokenizer=tokenizer)
+        export_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     else:
         export_gguf(model, args.out, tokenizer=tokenizer, dtype=args.dtype or "f16")
     print(f"wrote {args.out} ({'transformers GPT-2' if args.format == 'hf' else 'GGUF, gpt2 architecture'}"
@@ -394,9 +402,12 @@ def export(args):
 
 def plot(args):
     source, out = args.source, args.out
+    inputs = [source, os.path.join(source, "history.csv")]  # a file, or a run dir and the history it holds
+    out = out or os.path.join(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)),
+                              "loss.png")
+    refuse_overwrite(out, args.overwrite, *inputs)
     if source.endswith(".pt") and os.path.isfile(source):  # a checkpoint carries its run's history
         source = load_checkpoint(source).get("history") or []
-        out = out or os.path.join(os.path.dirname(os.path.abspath(args.source)), "loss.png")
     print(f"wrote {plot_history(source, out, width=args.width, height=args.height, dpi=args.dpi)}")
     return 0
 
@@ -522,6 +533,7 @@ def build_parser():
     p.add_argument("--width", type=positive_float, default=8.0, help="inches (8)")
     p.add_argument("--height", type=positive_float, default=4.5, help="inches (4.5)")
     p.add_argument("--dpi", type=positive_int, default=100, help="pixels per inch (100)")
+    p.add_argument("--overwrite", action="store_true", help="replace PNG if it exists")
     p.set_defaults(run=plot)
 
     p = commands.add_parser("prepare", help="tokenise a corpus into train/val shards",

@@ -20,6 +20,7 @@ What it guarantees, and how:
 import atexit
 import csv
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -48,6 +49,8 @@ TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders 
 TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
 MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
 LR_SCHEDULES = ("mingpt", "nanogpt")
+# model config fields that choose how the same function is computed: they may change when a run resumes
+RESUMABLE_MODEL_FIELDS = ("attention",)
 
 
 def scheduled_lr(config, tokens):
@@ -99,6 +102,20 @@ def _plain_config(config):
     return json.loads(config.to_json())
 
 
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _fingerprint(dataset):
+    """Length and a hash of the first and last examples: enough to tell two datasets apart cheaply."""
+    digest = hashlib.sha256()
+    for i in {0, len(dataset) - 1}:
+        for t in dataset[i]:
+            digest.update(torch.as_tensor(t).cpu().contiguous().numpy().tobytes())
+    return f"{len(dataset):,} examples, sha256 {digest.hexdigest()[:16]}"
+
+
 def _targets_in(example):
     """The number of targets (y >= 0) in one (x, y) example."""
     return int((example[1] >= 0).sum())
@@ -130,7 +147,7 @@ class Trainer:
         C.ckpt_interval = 0          # also every this many steps (0: only at the end and on Ctrl-C/SIGTERM)
         C.resume = False             # continue from ckpt_path when it exists
         C.overwrite = False          # replace a checkpoint at ckpt_path that this run did not resume
-        C.eval_interval = 500        # validation loss every this many steps, when there is a val set (0: never)
+        C.eval_interval = 500        # validation loss every this many steps and at the last, with a val set (0: never)
         C.eval_iters = 20            # batches per process in one evaluation
         C.seed = 1337                # decides the RNGs at the start and the data order of every epoch
         C.quiet = False              # no progress bar: a plain line every log_interval steps, for log files
@@ -152,6 +169,7 @@ class Trainer:
             self._check_dataset(val_dataset, "val_dataset")
 
         self._setup_distributed()
+        self._check_ranks_agree(model)
         self.model = model.to(self.device)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=config.precision == "fp16")
@@ -160,6 +178,7 @@ class Trainer:
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device_type == "cuda" else None
             self._forward_model = DistributedDataParallel(self._forward_model, device_ids=device_ids)
+        self._check_batch_size()
         self._fill_schedule()
 
         self.iter_num = 0            # optimizer steps done
@@ -230,6 +249,19 @@ class Trainer:
         if C.resume and C.overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
 
+    def _check_batch_size(self):
+        """A step never takes an example twice: alone, a batch beyond the dataset is the whole dataset (said once);
+        with several processes, whose steps are filled up to equal batches, it is refused."""
+        n, wanted = len(self.train_dataset), self.global_batch
+        if wanted <= n:
+            return
+        if self.world_size > 1:
+            raise ValueError(f"a step of batch_size x grad_accum_steps x {self.world_size} processes = {wanted:,} "
+                             f"examples is more than the {n:,} of train_dataset; lower batch_size to at most "
+                             f"{n // (self.config.grad_accum_steps * self.world_size):,}")
+        self._print(f"batch_size x grad_accum_steps = {wanted:,} is more than the {n:,} examples of train_dataset: "
+                    f"each step takes the whole dataset once")
+
     @staticmethod
     def _check_dataset(dataset, name):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
@@ -260,6 +292,31 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy for training, 2-8x faster
             torch.backends.cudnn.allow_tf32 = True
 
+    def _check_ranks_agree(self, model):
+        """Under torchrun, refuse before anything runs when the processes were given different configs, models,
+        data or checkpoints to resume: they would train apart in silence, or wait on each other forever."""
+        if self.world_size == 1:
+            return
+        C = self.config
+        resume_from = C.ckpt_path if C.resume and C.ckpt_path and os.path.exists(C.ckpt_path) else None
+        record = {f"trainer.{k}": v for k, v in _plain_config(C).items() if k != "device"}
+        model_config = getattr(model, "config", None)
+        if hasattr(model_config, "to_json"):
+            record.update({f"model.{k}": v for k, v in _plain_config(model_config).items()})
+        record.update({"train_dataset": _fingerprint(self.train_dataset),
+                       "val_dataset": None if self.val_dataset is None else _fingerprint(self.val_dataset),
+                       "tokenizer": self.tokenizer,
+                       "resumes from": resume_from and f"{resume_from} (run {run_id_of(resume_from)})"})
+        records = [None] * self.world_size
+        dist.all_gather_object(records, record)  # every process gets every record: all refuse alike
+        for rank, other in enumerate(records):
+            differing = [k for k in sorted(set(records[0]) | set(other)) if records[0].get(k) != other.get(k)]
+            if differing:
+                k = differing[0]
+                raise ValueError(f"processes 0 and {rank} differ in {', '.join(differing)} ({k}: "
+                                 f"{records[0].get(k)!r} vs {other.get(k)!r}); every process of a run needs the "
+                                 f"same config, data and checkpoint")
+
     def _make_optimizer(self):
         if hasattr(self.model, "configure_optimizers"):
             return self.model.configure_optimizers(self.config)
@@ -272,10 +329,10 @@ class Trainer:
         its first 5%. The tokens of an example are estimated from the first example's target count."""
         C = self.config
         if C.final_tokens is None:
-            examples = [n for n in (C.max_iters and C.max_iters * self.global_batch,
-                                    C.max_epochs and C.max_epochs * self.examples_per_epoch()) if n is not None]
-            if examples:
-                C.final_tokens = min(examples) * _targets_in(self.train_dataset[0])
+            steps = [n for n in (C.max_iters, C.max_epochs and C.max_epochs * self.steps_per_epoch())
+                     if n is not None]
+            if steps:
+                C.final_tokens = self.examples_in_steps(min(steps)) * _targets_in(self.train_dataset[0])
         if C.warmup_tokens is None and C.final_tokens is not None:
             C.warmup_tokens = C.final_tokens // 20
         if C.lr_decay:
@@ -320,10 +377,13 @@ class Trainer:
     def steps_per_epoch(self):
         return math.ceil(len(self.train_dataset) / self.global_batch)
 
-    def examples_per_epoch(self):
-        """Each example once; with several processes the last step is filled up to equal batches."""
-        n = len(self.train_dataset)
-        return n if self.world_size == 1 else self.steps_per_epoch() * self.global_batch
+    def examples_in_steps(self, steps):
+        """Examples that the first `steps` optimizer steps of a run take: each example once an epoch, a short
+        last batch ending it when alone; with several processes every step is whole (order.epoch_batches)."""
+        if self.world_size > 1:
+            return steps * self.global_batch
+        epochs, rest = divmod(steps, self.steps_per_epoch())
+        return epochs * len(self.train_dataset) + min(rest * self.global_batch, len(self.train_dataset))
 
     def _epoch_batches(self, epoch, start):
         """This process's micro-batches for the rest of ``epoch``, from example ``start`` (see order.epoch_batches)."""
@@ -371,6 +431,12 @@ class Trainer:
         finally:
             restore_handlers()
         return self
+
+    def _last_step(self, step_in_epoch):
+        """Whether the step just taken (step_in_epoch of this epoch) ends the run at max_iters or max_epochs."""
+        end_of_epoch = step_in_epoch + 1 == self.steps_per_epoch()
+        max_epochs = self.config.max_epochs
+        return self._finished() or (end_of_epoch and max_epochs is not None and self.epoch + 1 >= max_epochs)
 
     def _finished(self):
         C = self.config
@@ -493,7 +559,8 @@ class Trainer:
         if bar is not None:
             bar.update(1)
         self.trigger_callbacks("on_batch_end")
-        if self.val_dataset is not None and C.eval_interval and self.iter_num % C.eval_interval == 0:
+        if self.val_dataset is not None and C.eval_interval and (self.iter_num % C.eval_interval == 0
+                                                                 or self._last_step(step_in_epoch)):
             self.history[-1]["val_loss"] = self.evaluate()
             self._print(f"iter {self.iter_num}: val loss {self.history[-1]['val_loss']:.5f}", bar)
             self.trigger_callbacks("on_eval_end")
@@ -625,10 +692,10 @@ class Trainer:
         path = path or self.config.ckpt_path
         if not path:
             raise ValueError("no checkpoint path: set config.ckpt_path or pass one")
-        if self.is_main and path != self.config.ckpt_path and os.path.exists(path) and not self.config.overwrite:
-            if run_id_of(path) != self.run_id:
-                raise FileExistsError(f"{path} holds a checkpoint of another run; move it away, write elsewhere, "
-                                      f"or set overwrite=True to replace it")
+        # ckpt_path too: a run started beside this one may have written it since this one checked it
+        if self.is_main and os.path.exists(path) and not self.config.overwrite and run_id_of(path) != self.run_id:
+            raise FileExistsError(f"{path} holds a checkpoint of another run; move it away, write elsewhere, "
+                                  f"or set overwrite=True to replace it")
         state = self.state_dict()  # collective: every rank takes part
         if path == self.config.ckpt_path:  # a copy elsewhere does not make the run's checkpoint current
             self._saved_iter = self.iter_num
@@ -641,6 +708,7 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a checkpoint the Trainer wrote (it lacks {missing}); "
                                   f"load its weights with load_checkpoint(path, model) and start a new run")
+        self._check_same_model(path, ckpt)
         load_model_state(self.model, ckpt["model"], source=path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -660,6 +728,30 @@ class Trainer:
             # another number of processes than when saved: data order still resumes exactly, dropout cannot
             set_seed(self.config.seed + self.rank + self.iter_num)
         self._print(f"resumed from {path} at iteration {self.iter_num} (epoch {self.epoch + 1})")
+
+    def _check_same_model(self, path, ckpt):
+        """Refuse to resume into another architecture or tokenizer, even one whose weights have the same shapes
+        (2 heads read as 4, token shift switched on): the run would go on training something else."""
+        config, saved = getattr(self.model, "config", None), ckpt.get("model_config")
+        if saved and hasattr(config, "to_json"):
+            current = _plain_config(config)
+            # a field the checkpoint predates has its default value there
+            defaults = _plain_config(type(self.model).get_default_config()) if hasattr(
+                type(self.model), "get_default_config") else {}
+            saved = {**defaults, **saved}
+            for key in sorted(set(saved) | set(current)):
+                if key not in RESUMABLE_MODEL_FIELDS and saved.get(key) != current.get(key):
+                    raise CheckpointError(
+                        f"{path} was trained with model.{key}={saved.get(key)!r}, but this run's model has "
+                        f"{key}={current.get(key)!r}; resume with the checkpoint's model config (drop the "
+                        f"override), or start a new run with another ckpt_path or work dir")
+        for dataset in (self.train_dataset, self.val_dataset):  # a corpus that records its tokenizer (meta.json)
+            if hasattr(dataset, "check_tokenizer") and ckpt.get("tokenizer") is not None:
+                dataset.check_tokenizer(ckpt["tokenizer"])
+        if self.tokenizer is not None and ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != self.tokenizer:
+            raise CheckpointError(f"{path} was trained with another tokenizer than this run's data "
+                                  f"({_short(ckpt['tokenizer'])} vs {_short(self.tokenizer)}); resume on data "
+                                  f"tokenized as the checkpoint's, or start a new run elsewhere")
 
     # ---------------------------------------------------------------- history
 

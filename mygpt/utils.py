@@ -254,13 +254,27 @@ def temporary_name(path):
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def check_output_file(path, *inputs):
+    """Refuse, before anything is written, an output path that is not a regular file (a folder, a device such as
+    /dev/null, a pipe: renaming over it would replace it) or that is one of the command's inputs."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise ValueError(f"{path} is {kind}: give the name of a file to write")
+    for source in inputs:
+        if source is not None and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+            raise ValueError(f"{path} is also an input of this command ({source}): writing it would destroy what it "
+                             f"reads; give another output name")
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary name beside path; once the body has written it, flush it to disk and rename it to path.
 
     A crash or an error at any moment leaves path as it was (the old file or none) and no temporary behind;
-    the error raised is the body's own (disk full says disk full).
+    the error raised is the body's own (disk full says disk full). A path that is not a regular file is refused.
     """
+    check_output_file(path)
     tmp = temporary_name(path)
     try:
         yield tmp
@@ -269,6 +283,58 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class InUseError(RuntimeError):
+    """A folder that another running process is writing to (a run's work dir, a corpus being prepared)."""
+
+
+_locks = {}  # folder -> [open descriptor, depth]: this process's locks (it may take one again inside itself)
+
+
+def _lock_holder(fd):
+    """'process PID (its command line)' holding a flock on the open file fd, read from /proc/locks (Linux)."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            pids = [line.split()[4] for line in f if "FLOCK" in line and line.split()[5] == device]
+        with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        return f"process {pids[0]} ({command})"
+    except (OSError, IndexError):
+        return "another process"
+
+
+@contextmanager
+def exclusive(folder):
+    """Hold folder for this process while the body runs: a second process asking for it is refused at once,
+    naming the process that holds it. The lock is the kernel's flock on the folder itself, so nothing is
+    written into it, and the lock ends with its process however that dies. Where flock is missing
+    (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = os.path.realpath(folder)
+    os.makedirs(folder, exist_ok=True)
+    if folder not in _locks:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise InUseError(f"{folder} is in use by {holder}; wait for it to end, or use another folder") from None
+        _locks[folder] = [fd, 0]
+    _locks[folder][1] += 1
+    try:
+        yield
+    finally:
+        _locks[folder][1] -= 1
+        if not _locks[folder][1]:
+            os.close(_locks.pop(folder)[0])  # closing the descriptor releases the lock
 
 
 def setup_logging(config):

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import stat
 import re
 import shutil
 import subprocess
@@ -245,7 +246,7 @@ class TestEval(CLITest):
         self.assertAlmostEqual(loss, ref_loss, places=5)
         self.assertAlmostEqual(bpb, ref_bpb, places=5)
         self.assertFails(["eval", self.gpt2, "--data", documents], 1,
-                         "prepared with a vocabulary of 6 tokens .*GPT-2 BPE\\) has 50257")
+                         "prepared with another tokenizer than the checkpoint's .*6 tokens.*50257 tokens")
 
     def prepare_hello(self):
         """A character corpus (the checkpoint's vocabulary) prepared by mygpt prepare; returns its folder."""
@@ -305,7 +306,7 @@ class TestQuantize(CLITest):
 
         self.assertFails(["quantize", quantized, "--out", self.path("again.pt")], 1, "quantized already")
         self.assertFails(["quantize", self.gpt2, "--out", quantized], 1, "exists; .* --overwrite")
-        self.assertFails(["quantize", self.gpt2, "--out", self.gpt2, "--overwrite"], 1, "is the checkpoint being read")
+        self.assertFails(["quantize", self.gpt2, "--out", self.gpt2, "--overwrite"], 1, "is also an input of this command")
         self.assertEqual(run("quantize", self.gpt2, "--out", quantized, "--overwrite")[0], 0)
 
 
@@ -382,6 +383,19 @@ class TestPlot(CLITest):
         self.assertEqual(png_size(self.path("from-ckpt.png")), (800, 450))
         self.assertFails(["plot", self.path("no-run")], 1, "no history at")
         self.assertFails(["plot", run_dir, "--dpi", 0], 2, "--dpi: must be a positive integer")
+        # the overwrite rule of the other writers; never an input, never something other than a file
+        self.assertFails(["plot", run_dir], 1, "loss.png exists; choose another --out or pass --overwrite")
+        self.assertEqual(run("plot", run_dir, "--overwrite", "--dpi", 20)[0], 0)
+        self.assertEqual(png_size(os.path.join(run_dir, "loss.png")), (160, 90))
+        history = os.path.join(run_dir, "history.csv")
+        before = open(history, "rb").read()
+        self.assertFails(["plot", run_dir, "--out", history, "--overwrite"], 1, "also an input of this command")
+        self.assertFails(["plot", self.chars, "--out", self.chars, "--overwrite"], 1, "also an input")
+        os.mkfifo(self.path("fifo"))  # like a copy of /dev/null: renaming over it would replace it
+        self.assertFails(["plot", run_dir, "--out", self.path("fifo"), "--overwrite"], 1, "not a regular file")
+        self.assertFails(["quantize", self.chars, "--out", self.path("fifo"), "--overwrite"], 1, "not a regular file")
+        self.assertTrue(stat.S_ISFIFO(os.stat(self.path("fifo")).st_mode))
+        self.assertEqual(open(history, "rb").read(), before)
 
 
 class TestPrepare(CLITest):

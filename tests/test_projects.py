@@ -154,6 +154,20 @@ class TestAdder(unittest.TestCase):
                 self.assertIn(way, str(cm.exception))
             self.assertEqual((file_state(ckpt_path), file_state(os.path.join(tmp, "config.json"))), before)
 
+    def test_a_second_run_in_a_work_dir_that_is_running_is_refused(self):
+        from mygpt import InUseError
+        hold = "import sys, time; from mygpt import exclusive\nwith exclusive(sys.argv[1]):\n print(1, flush=True); time.sleep(60)"
+        with tempfile.TemporaryDirectory() as tmp:
+            running = subprocess.Popen([sys.executable, "-c", hold, tmp], stdout=subprocess.PIPE, text=True)
+            try:
+                running.stdout.readline()
+                with self.assertRaisesRegex(InUseError, f"in use by process {running.pid} "):
+                    self.adder.main([f"--system.work_dir={tmp}", "--trainer.max_iters=1"])
+                self.assertEqual(os.listdir(tmp), [])  # refused before anything was written
+            finally:
+                running.kill()
+                running.wait()
+
     def test_values_it_cannot_represent_are_refused(self):
         cases = [("--data.ndigit=0", "ndigit"), ("--data.ndigit=4", "ndigit"), ("--data.ndigit=-2", "ndigit"),
                  ("--data.ndigit=None", "ndigit"), ("--data.test_fraction=0", "test_fraction"),

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mygpt.model import GPT
-from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.checkpoint import CheckpointError, checksum, load_checkpoint
 from mygpt.trainer import Trainer, scheduled_lr
 from tests.trainer_run import CountingData, TinyLM, config
 
@@ -346,6 +346,63 @@ class TestKeepsTheUsersWork(TempDirTest):
             again.run()
         self.assertIn("nothing to do", out.getvalue())
 
+    def test_resume_refuses_another_architecture_or_tokenizer(self):
+        def gpt(**kw):
+            mc = GPT.get_default_config()
+            mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, 16, 8
+            mc.merge_from_dict(kw)
+            return GPT(mc)
+        chars = {"type": "chars", "chars": "abcdefghijklmnop"}
+        C = config(max_iters=2, ckpt_path=self.path("r.pt"), resume=True)
+        Trainer(C, gpt(), CountingData(64), tokenizer=chars).run()
+        with open(self.path("r.pt"), "rb") as f:
+            before = f.read()
+        # the same weight shapes, another function: 4 heads of 4 instead of 2 of 8, token shift switched on
+        for kw, field in ((dict(n_head=4), "n_head=2"), (dict(token_shift=True), "token_shift=False")):
+            with self.subTest(**kw), self.assertRaisesRegex(CheckpointError, f"model.{field}, but .*drop the override"):
+                Trainer(config(max_iters=4, ckpt_path=self.path("r.pt"), resume=True), gpt(**kw), CountingData(64),
+                        tokenizer=chars)
+        with self.assertRaisesRegex(CheckpointError, "another tokenizer"):
+            Trainer(config(max_iters=4, ckpt_path=self.path("r.pt"), resume=True), gpt(), CountingData(64),
+                    tokenizer={"type": "chars", "chars": "ponmlkjihgfedcba"})
+        with open(self.path("r.pt"), "rb") as f:
+            self.assertEqual(f.read(), before)  # nothing was written
+        # how attention is computed may change: the function is the same
+        resumed = Trainer(config(max_iters=4, ckpt_path=self.path("r.pt"), resume=True), gpt(attention="torch"),
+                          CountingData(64), tokenizer=chars)
+        self.assertEqual(resumed.iter_num, 2)
+
+    def test_a_run_started_beside_another_does_not_replace_its_checkpoint(self):
+        # the Trainer holds no folder (runs with other checkpoint files may share one): each save checks
+        C = config(max_iters=1, ckpt_path=self.path("c.pt"))
+        late, early = Trainer(C, TinyLM(), CountingData(16)), Trainer(C, TinyLM(), CountingData(16))
+        early.run()
+        with self.assertRaisesRegex(FileExistsError, "holds a checkpoint of another run"):
+            late.run()
+        self.assertEqual(load_checkpoint(self.path("c.pt"))["run_id"], early.run_id)
+
+    def test_the_last_step_evaluates_and_counts(self):
+        for limits, evaluated in ((dict(max_iters=7), [5, 7]), (dict(max_epochs=2), [5, 8]), (dict(max_iters=5), [5])):
+            with self.subTest(**limits):
+                C = config(batch_size=16, eval_interval=5, eval_iters=1, **limits)  # 4 steps an epoch
+                trainer = Trainer(C, TinyLM(), CountingData(64), val_dataset=CountingData(16))
+                evals = []
+                trainer.add_callback("on_eval_end", lambda t: evals.append(t.iter_num))
+                trainer.run()
+                self.assertEqual(evals, evaluated)
+                self.assertEqual([h["iter"] for h in trainer.history if "val_loss" in h], evaluated)
+
+    def test_a_batch_beyond_the_dataset_takes_it_once(self):
+        from contextlib import redirect_stdout
+        from io import StringIO
+        out = StringIO()
+        with redirect_stdout(out):
+            trainer = Trainer(config(max_iters=3, batch_size=10 ** 9), TinyLM(), CountingData(40))
+            trainer.run()
+        self.assertIn("each step takes the whole dataset once", out.getvalue())
+        per_step = sum(int((CountingData(40)[i][1] >= 0).sum()) for i in range(40))
+        self.assertEqual([h["tokens"] for h in trainer.history], [per_step, 2 * per_step, 3 * per_step])
+
     def test_a_bad_checkpoint_path_is_refused_before_training(self):
         with self.assertRaisesRegex(ValueError, "is a directory"):
             Trainer(config(max_iters=1, ckpt_path=self.dir), TinyLM(), CountingData(64))
@@ -372,6 +429,31 @@ class TestKeepsTheUsersWork(TempDirTest):
         with self.assertRaisesRegex(CheckpointError, "damaged") as caught:
             load_checkpoint(self.path("rotten.pt"))
         self.assertNotIn("weights_only=False", str(caught.exception))
+
+    def test_a_flipped_bit_in_the_config_is_damage_too(self):
+        mc = GPT.get_default_config()
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, 16, 8
+        C = config(max_iters=1, ckpt_path=self.path("c.pt"))
+        Trainer(C, GPT(mc), CountingData(64)).run()
+        with open(C.ckpt_path, "rb") as f:
+            data = bytearray(f.read())
+        at = data.find(b"token_shift")
+        self.assertGreater(at, 0)
+        flag = data.index(0x89, at)  # pickle's NEWFALSE after the key: make it NEWTRUE
+        data[flag] = 0x88
+        with open(self.path("flipped.pt"), "wb") as f:
+            f.write(data)
+        self.assertTrue(torch.load(self.path("flipped.pt"), weights_only=True)["model_config"]["token_shift"])
+        with self.assertRaisesRegex(CheckpointError, "damaged"):
+            load_checkpoint(self.path("flipped.pt"))
+        # a file of an earlier version, whose checksum covers its tensors only, still loads
+        old = torch.load(C.ckpt_path, weights_only=True)
+        old["checksum"] = checksum(old, values=False)
+        torch.save(old, self.path("old.pt"))
+        self.assertEqual(load_checkpoint(self.path("old.pt"))["iter_num"], 1)
+        old["iter_num"] = 2  # what it does not cover, it cannot vouch for
+        torch.save(old, self.path("old.pt"))
+        self.assertEqual(load_checkpoint(self.path("old.pt"))["iter_num"], 2)
 
     def test_failed_write_reports_the_real_cause_and_leaves_no_temporary(self):
         C = config(max_iters=1, ckpt_path=self.path("w.pt"))
@@ -486,6 +568,17 @@ class TestDistributed(TempDirTest):
             torch.testing.assert_close(v, alone[k], rtol=1e-5, atol=1e-6)
         with open(self.path("ddp.json")) as f, open(self.path("single.json")) as g:
             self.assertEqual([h["tokens"] for h in json.load(f)], [h["tokens"] for h in json.load(g)])
+
+    def test_processes_given_different_settings_refuse_to_start(self):
+        # rank 1 with another learning rate would train apart silently; rank 1 not seeing the checkpoint
+        # that rank 0 resumes would wait forever
+        for case, fields in (("lr", "trainer.learning_rate ("), ("resume", "resumes from, trainer.ckpt_path (")):
+            with self.subTest(case):
+                ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      "--nproc_per_node=2", SCRIPT, "disagree", self.dir, case],
+                                     capture_output=True, text=True, timeout=120)
+                self.assertNotEqual(ddp.returncode, 0)
+                self.assertIn(f"processes 0 and 1 differ in {fields}", ddp.stdout + ddp.stderr)
 
     def test_a_killed_rank_restarts_and_resumes_to_the_same_weights(self):
         ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

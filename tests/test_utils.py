@@ -1,8 +1,12 @@
 import contextlib
 import importlib.util
 import io
+import os
 import re
+import signal
+import subprocess
 import sys
+import tempfile
 import unittest
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mygpt.utils import CfgNode, set_seed
+from mygpt.utils import CfgNode, InUseError, atomic_path, exclusive, set_seed
 
 PROJECTS = Path(__file__).resolve().parent.parent / "projects"
 
@@ -257,6 +261,36 @@ def _leaf_keys(node, prefix=""):
             yield from _leaf_keys(value, prefix + key + ".")
         else:
             yield prefix + key
+
+
+class TestExclusive(unittest.TestCase):
+    HOLD = "import sys, time; from mygpt.utils import exclusive\nwith exclusive(sys.argv[1]):\n print('held', flush=True); time.sleep(60)"
+
+    def test_a_second_process_is_refused_until_the_first_dies(self):
+        with tempfile.TemporaryDirectory() as folder:
+            holder = subprocess.Popen([sys.executable, "-c", self.HOLD, folder], stdout=subprocess.PIPE, text=True)
+            try:
+                self.assertEqual(holder.stdout.readline(), "held\n")
+                with self.assertRaisesRegex(InUseError, f"in use by process {holder.pid} "):
+                    with exclusive(folder):
+                        pass
+            finally:
+                holder.send_signal(signal.SIGKILL)  # as the OOM killer would: no cleanup runs
+                holder.wait()
+            with exclusive(folder):  # the dead process's lock is gone with it
+                with exclusive(folder):  # and this process may take it again inside itself
+                    pass
+
+
+class TestAtomicPath(unittest.TestCase):
+    def test_refuses_what_is_not_a_regular_file(self):
+        with tempfile.TemporaryDirectory() as folder:
+            fifo = os.path.join(folder, "fifo")
+            os.mkfifo(fifo)
+            for target, kind in ((fifo, "not a regular file"), (folder, "a folder")):
+                with self.assertRaisesRegex(ValueError, kind), atomic_path(target) as tmp:
+                    open(tmp, "w").close()
+            self.assertEqual(sorted(os.listdir(folder)), ["fifo"])
 
 
 class TestSetSeed(unittest.TestCase):

@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=2 --max-restarts=1 tests/trainer_run.py elastic OUTDIR ITERS KILL_AT
         the DDP run, in which rank 1 kills itself at step KILL_AT on the first attempt; torchrun restarts it
     python tests/trainer_run.py single OUTDIR ITERS       the DDP run's global batches in one process
+    torchrun --standalone --nproc_per_node=2 tests/trainer_run.py disagree OUTDIR lr|resume   must refuse to start
 """
 
 import os
@@ -97,6 +98,16 @@ def main(mode, *args):
         torch.save(trainer.model.state_dict(), os.path.join(outdir, f"{mode}{rank}.pt"))
         if rank == 0:
             trainer.save_history(os.path.join(outdir, f"{mode}.json"))
+    elif mode == "disagree":  # rank 1 is given another learning rate, or a checkpoint that rank 0 lacks
+        outdir, case = args
+        rank = int(os.environ.get("RANK", "0"))
+        # on one machine, a checkpoint only rank 1 sees takes another path
+        ckpt = os.path.join(outdir, f"disagree{rank if case == 'resume' else ''}.pt")
+        if case == "resume" and rank == 1:
+            torch.save({}, ckpt)
+        C = config(max_iters=2, ckpt_path=ckpt, resume=True,
+                   learning_rate=2e-2 if case == "lr" and rank == 1 else 1e-2)
+        Trainer(C, TinyLM(), CountingData(96)).run()
 
 
 if __name__ == "__main__":

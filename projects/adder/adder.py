@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import GPT, CfgNode, Trainer, check_new_run, plot_history, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, exclusive, plot_history, set_seed, setup_logging
 from mygpt.tokenizer import describe_tokenizer
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
@@ -126,6 +126,10 @@ def count_correct(model, dataset, batch_size=2000):
 def main(args):
     config = get_config()
     config.merge_from_args(args, description=__doc__)
+    train(config)
+
+
+def train(config):
     set_seed(config.system.seed)
 
     train_dataset = AdditionDataset(config.data, "train", seed=config.system.seed)
@@ -134,25 +138,26 @@ def main(args):
     config.model.block_size = 3 * config.data.ndigit
     model = GPT(config.model)
     config.trainer.ckpt_path = config.trainer.ckpt_path or os.path.join(config.system.work_dir, "checkpoint.pt")
-    check_new_run(config.trainer)  # before anything is written to the work dir
-    log = setup_logging(config)  # once the config is complete, so the saved one can rebuild the run
-    log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
-             f"here: {torch.get_num_threads()}")
-    log.info(f"{len(train_dataset)} train and {len(test_dataset)} test problems, "
-             f"{model.num_parameters() / 1e6:.2f}M parameters")
+    with exclusive(config.system.work_dir):  # one run at a time in a work dir, before anything is written
+        check_new_run(config.trainer)  # before anything is written to the work dir
+        log = setup_logging(config)  # once the config is complete, so the saved one can rebuild the run
+        log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
+                 f"here: {torch.get_num_threads()}")
+        log.info(f"{len(train_dataset)} train and {len(test_dataset)} test problems, "
+                 f"{model.num_parameters() / 1e6:.2f}M parameters")
 
-    trainer = Trainer(config.trainer, model, train_dataset, tokenizer=TOKENIZER)
-    started = time.time()
-    trainer.run()
-    trainer.save_history(os.path.join(config.system.work_dir, "history.csv"))
-    plot_history(os.path.join(config.system.work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
-    if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
-        log.info("continue this run with --trainer.resume=True")
-        return
-    log.info(f"trained to iteration {trainer.iter_num} in {time.time() - started:.0f}s, final train loss {trainer.loss:.4f}")
+        trainer = Trainer(config.trainer, model, train_dataset, tokenizer=TOKENIZER)
+        started = time.time()
+        trainer.run()
+        trainer.save_history(os.path.join(config.system.work_dir, "history.csv"))
+        plot_history(os.path.join(config.system.work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
+            log.info("continue this run with --trainer.resume=True")
+            return
+        log.info(f"trained to iteration {trainer.iter_num} in {time.time() - started:.0f}s, final train loss {trainer.loss:.4f}")
 
-    correct = count_correct(model, test_dataset)
-    log.info(f"test accuracy: {correct}/{len(test_dataset)} = {100 * correct / len(test_dataset):.2f}%")
+        correct = count_correct(model, test_dataset)
+        log.info(f"test accuracy: {correct}/{len(test_dataset)} = {100 * correct / len(test_dataset):.2f}%")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, load_checkpoint, plot_history,
-                   set_seed, setup_logging)
+from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, exclusive, load_checkpoint,
+                   plot_history, set_seed, setup_logging)
 from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
@@ -197,40 +197,42 @@ def train(config):
     C = config.trainer
     C.ckpt_path = C.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
     best_path = os.path.join(work_dir, "best.pt")
-    check_rerun(config, best_path, chars)
+    with exclusive(work_dir):  # one run at a time in a work dir, before anything is written
+        check_rerun(config, best_path, chars)
 
-    config.model.vocab_size = len(chars)
-    config.model.block_size = config.data.block_size
-    log = setup_logging(config)
-    prompt = sampling_prompt(config.sample.prompt, chars, log.info)  # now, not at the first evaluation
-    with atomic_path(os.path.join(work_dir, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(chars, f)
-    if C.overwrite and os.path.exists(best_path):
-        os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
-        log.info(f"overwrite=True: removed {best_path} of the earlier run")
+        config.model.vocab_size = len(chars)
+        config.model.block_size = config.data.block_size
+        log = setup_logging(config)
+        prompt = sampling_prompt(config.sample.prompt, chars, log.info)  # now, not at the first evaluation
+        with atomic_path(os.path.join(work_dir, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(chars, f)
+        if C.overwrite and os.path.exists(best_path):
+            os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
+            log.info(f"overwrite=True: removed {best_path} of the earlier run")
 
-    model = GPT(config.model)
-    log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
-             f"here: {torch.get_num_threads()}")
-    log.info(f"{path}: {len(text)} characters, {len(chars)} distinct; {model.num_parameters() / 1e6:.2f}M parameters"
-             + ("; val_fraction=0: no validation, no best.pt" if val_text is None else ""))
-    val_dataset = None if val_text is None else CharDataset(val_text, tokenizer, config.data.block_size)
-    trainer = Trainer(C, model, CharDataset(train_text, tokenizer, config.data.block_size), val_dataset,
-                      tokenizer=describe_tokenizer(tokenizer))
-    if val_dataset is not None:
-        trainer.add_callback("on_eval_end", keep_best(config, best_path, tokenizer, prompt, log))
-    trainer.run()
-    trainer.save_history(os.path.join(work_dir, "history.csv"))
-    plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
-    if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
-        log.info("continue this run with --trainer.resume=True")
-        return
+        model = GPT(config.model)
+        log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads "
+                 f"here: {torch.get_num_threads()}")
+        log.info(f"{path}: {len(text)} characters, {len(chars)} distinct; {model.num_parameters() / 1e6:.2f}M parameters"
+                 + ("; val_fraction=0: no validation, no best.pt" if val_text is None else ""))
+        val_dataset = None if val_text is None else CharDataset(val_text, tokenizer, config.data.block_size)
+        trainer = Trainer(C, model, CharDataset(train_text, tokenizer, config.data.block_size), val_dataset,
+                          tokenizer=describe_tokenizer(tokenizer))
+        if val_dataset is not None:
+            trainer.add_callback("on_eval_end", keep_best(config, best_path, tokenizer, prompt, log))
+        trainer.run()
+        trainer.save_history(os.path.join(work_dir, "history.csv"))
+        plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
+            log.info("continue this run with --trainer.resume=True")
+            return
 
-    recent = [h["loss"] for h in trainer.history[-100:]]
-    if recent:
-        val = "" if val_dataset is None else f", val loss {trainer.evaluate():.4f}"
-        log.info(f"iter {trainer.iter_num}: train loss (mean of the last {len(recent)} steps) "
-                 f"{sum(recent) / len(recent):.4f}{val}")
+        recent = [h["loss"] for h in trainer.history[-100:]]
+        if recent:
+            last_val = trainer.history[-1].get("val_loss")  # the Trainer evaluates at the last step too
+            val = "" if last_val is None else f", val loss {last_val:.4f}"
+            log.info(f"iter {trainer.iter_num}: train loss (mean of the last {len(recent)} steps) "
+                     f"{sum(recent) / len(recent):.4f}{val}")
 
 
 def keep_best(config, best_path, tokenizer, prompt, log):

@@ -17,12 +17,13 @@ import logging
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from mygpt import GPT, CfgNode, Trainer, check_new_run, plot_history, set_seed, setup_logging
+from mygpt import GPT, CfgNode, Trainer, check_new_run, exclusive, plot_history, set_seed, setup_logging
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.tokenizer import load_tokenizer
@@ -181,34 +182,36 @@ def train(config):
     tokenizer = load_tokenizer({"type": "gpt2"})
     if config.eval_only:
         return evaluate_only(config, tokenizer, resuming)
-    check_new_run(C, best_path)  # before anything is written to the work dir
-    train_data, val_data = open_split(config, "train"), open_split(config, "val")
-    model = build_model(config, resuming)
-    check_vocabulary(train_data, model)
-
     main_process = int(os.environ.get("RANK", "0")) == 0
-    log = setup_logging(config) if main_process else logging.getLogger("mygpt")  # rank 0 writes the work dir
-    if C.overwrite and os.path.exists(best_path) and main_process:
-        os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
-        log.info(f"overwrite=True: removed {best_path} of the earlier run")
-    log.info(f"init_from={config.init_from}: {model.num_parameters() / 1e6:.2f}M parameters "
-             f"(head tied to the embedding: {model.config.tie_weights}); train {train_data}; val {val_data}")
-    trainer = Trainer(C, model, train_data, None, tokenizer={"type": "gpt2"})  # evaluations below, with bits per byte
-    if val_data is None:
-        log.info(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}: no evaluations, "
-                 f"no best.pt")
-    else:
-        on_eval = evaluator(config, trainer, val_data, tokenizer, best_path, log)
-        trainer.add_callback("on_batch_end", on_eval)
-        if trainer.iter_num == 0:
-            on_eval(trainer)  # the loss before training
-    trainer.run()
-    if main_process:
-        trainer.save_history(os.path.join(work_dir, "history.csv"))
-        plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
-    if trainer.interrupted:
-        log.info("continue this run with --init_from=resume")
-    return trainer
+    # one run at a time in a work dir, held before anything is written (by rank 0, which alone writes it)
+    with exclusive(work_dir) if main_process else nullcontext():
+        check_new_run(C, best_path)  # before anything is written to the work dir
+        train_data, val_data = open_split(config, "train"), open_split(config, "val")
+        model = build_model(config, resuming)
+        check_vocabulary(train_data, model)
+
+        log = setup_logging(config) if main_process else logging.getLogger("mygpt")  # rank 0 writes the work dir
+        if C.overwrite and os.path.exists(best_path) and main_process:
+            os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
+            log.info(f"overwrite=True: removed {best_path} of the earlier run")
+        log.info(f"init_from={config.init_from}: {model.num_parameters() / 1e6:.2f}M parameters "
+                 f"(head tied to the embedding: {model.config.tie_weights}); train {train_data}; val {val_data}")
+        trainer = Trainer(C, model, train_data, None, tokenizer={"type": "gpt2"})  # evaluations below, with bits per byte
+        if val_data is None:
+            log.info(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}: no evaluations, "
+                     f"no best.pt")
+        else:
+            on_eval = evaluator(config, trainer, val_data, tokenizer, best_path, log)
+            trainer.add_callback("on_batch_end", on_eval)
+            if trainer.iter_num == 0:
+                on_eval(trainer)  # the loss before training
+        trainer.run()
+        if main_process:
+            trainer.save_history(os.path.join(work_dir, "history.csv"))
+            plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        if trainer.interrupted:
+            log.info("continue this run with --init_from=resume")
+        return trainer
 
 
 def evaluator(config, trainer, val_data, tokenizer, best_path, log):

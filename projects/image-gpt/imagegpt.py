@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import GPT, CfgNode, Trainer, check_new_run, load_checkpoint, plot_history, set_seed, setup_logging
+from mygpt import (GPT, CfgNode, Trainer, check_new_run, exclusive, load_checkpoint, plot_history, set_seed,
+                   setup_logging)
 from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
@@ -152,39 +153,41 @@ def train(config):
     C = config.trainer
     C.ckpt_path = C.ckpt_path or os.path.join(work_dir, "checkpoint.pt")
     check_sample_config(config.sample)
-    check_new_run(config.trainer)  # before anything is written to the work dir
-    resuming = C.resume and os.path.exists(C.ckpt_path)
+    with exclusive(config.system.work_dir):  # one run at a time in a work dir, before anything is written
+        check_new_run(config.trainer)  # before anything is written to the work dir
+        resuming = C.resume and os.path.exists(C.ckpt_path)
 
-    train_images, val_images = load_images(config.data, seed)
-    _, height, width, _ = train_images.shape
-    # resuming, the palette the checkpoint was trained with rather than a new fit
-    pixels = run_palette(C.ckpt_path) if resuming else fit_palette(train_images, config.data, seed)
-    palette = torch.tensor(pixels["colours"])
-    train_tokens, val_tokens = quantise(train_images, palette), quantise(val_images, palette)
+        train_images, val_images = load_images(config.data, seed)
+        _, height, width, _ = train_images.shape
+        # resuming, the palette the checkpoint was trained with rather than a new fit
+        pixels = run_palette(C.ckpt_path) if resuming else fit_palette(train_images, config.data, seed)
+        palette = torch.tensor(pixels["colours"])
+        train_tokens, val_tokens = quantise(train_images, palette), quantise(val_images, palette)
 
-    config.model.vocab_size = len(palette)
-    config.model.block_size = height * width - 1
-    C.eval_iters = C.eval_iters or math.ceil(len(val_tokens) / C.batch_size)
-    log = setup_logging(config)
-    log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads here: {torch.get_num_threads()}")
-    error = (dequantise(val_tokens, palette, height, width) - val_images).abs().mean()
-    log.info(f"{len(train_images)} train and {len(val_images)} val images of {height}x{width}, "
-             f"{len(palette)} colours (mean absolute quantisation error {error:.4f})")
+        config.model.vocab_size = len(palette)
+        config.model.block_size = height * width - 1
+        C.eval_iters = C.eval_iters or math.ceil(len(val_tokens) / C.batch_size)
+        log = setup_logging(config)
+        log.info(f"expected duration of the default run: {EXPECTED_DURATION}; torch threads here: {torch.get_num_threads()}")
+        error = (dequantise(val_tokens, palette, height, width) - val_images).abs().mean()
+        log.info(f"{len(train_images)} train and {len(val_images)} val images of {height}x{width}, "
+                 f"{len(palette)} colours (mean absolute quantisation error {error:.4f})")
 
-    model = GPT(config.model)
-    log.info(f"{model.num_parameters() / 1e6:.2f}M parameters, sequences of {height * width} tokens")
-    trainer = Trainer(C, model, ImageTokens(train_tokens), ImageTokens(val_tokens), tokenizer=pixels)
-    trainer.run()
-    trainer.save_history(os.path.join(work_dir, "history.csv"))
-    plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
-    if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
-        log.info("continue this run with --trainer.resume=True")
-        return
-    log.info(f"val loss per token: {trainer.evaluate():.4f}")
+        model = GPT(config.model)
+        log.info(f"{model.num_parameters() / 1e6:.2f}M parameters, sequences of {height * width} tokens")
+        trainer = Trainer(C, model, ImageTokens(train_tokens), ImageTokens(val_tokens), tokenizer=pixels)
+        trainer.run()
+        trainer.save_history(os.path.join(work_dir, "history.csv"))
+        plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
+            log.info("continue this run with --trainer.resume=True")
+            return
+        last_val = trainer.history[-1].get("val_loss") if trainer.history else None  # evaluated at the last step
+        log.info(f"val loss per token: {trainer.evaluate() if last_val is None else last_val:.4f}")
 
-    path = os.path.join(work_dir, config.sample.file)
-    write_samples(path, model, pixels, config.sample, reals=val_images[:config.sample.n])
-    log.info(f"samples (left) next to real val images (right): {path}")
+        path = os.path.join(work_dir, config.sample.file)
+        write_samples(path, model, pixels, config.sample, reals=val_images[:config.sample.n])
+        log.info(f"samples (left) next to real val images (right): {path}")
 
 
 def sample_from_checkpoint(config):

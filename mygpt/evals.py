@@ -94,10 +94,13 @@ def check_style(style):
 # ---------------------------------------------------------------- log-likelihoods
 
 @torch.inference_mode()
-def loglikelihoods(model, encoded, batch_size=32, device="cpu", progress=False):
+def loglikelihoods(model, encoded, batch_size=32, device="cpu", progress=False, where=None):
     """Per example, per choice: the summed log-probability (nats, float) of the continuation's tokens after its
-    context. encoded is what encode_examples returns; batch_size counts choices (rows) per forward pass."""
-    examples = [[to_row(e, ctx, cont, model.block_size) for ctx, cont in pairs] for e, pairs in enumerate(encoded)]
+    context. encoded is what encode_examples returns; batch_size counts choices (rows) per forward pass; where(i)
+    names example i in errors."""
+    where = where or (lambda i: f"example {i}")
+    examples = [[to_row(e, ctx, cont, model.block_size, where) for ctx, cont in pairs]
+                for e, pairs in enumerate(encoded)]
     shared = [common_prefix([r.ids for r in rows]) for rows in examples]
     sums = [None] * len(examples)
     was_training = model.training
@@ -114,13 +117,13 @@ def loglikelihoods(model, encoded, batch_size=32, device="cpu", progress=False):
     return sums
 
 
-def to_row(example, context, continuation, block_size):
-    if len(continuation) > block_size:
-        raise ValueError(f"example {example}: a continuation of {len(continuation)} tokens does not fit the "
-                         f"model's block_size {block_size}")
+def to_row(example, context, continuation, block_size, where):
+    if len(continuation) > block_size:  # lm-eval asserts the same
+        raise ValueError(f"{where(example)}: a continuation of {len(continuation)} tokens does not fit the model's "
+                         f"block_size {block_size}; leave the row out or use a model with a longer block_size")
     whole = (context + continuation)[-(block_size + 1):]  # lm-eval's cut: the continuation is always kept whole
     if len(whole) < 2:
-        raise ValueError(f"example {example}: its context encodes to no tokens, so nothing predicts the "
+        raise ValueError(f"{where(example)}: its context encodes to no tokens, so nothing predicts the "
                          f"continuation's first one")
     return Row(example, whole[:-1], continuation)
 

@@ -236,8 +236,12 @@ def eval_task(model, tokenizer, task, data=None, limit=None, style="lm-eval", ba
     task = get_task(task) if isinstance(task, str) else task
     started = time.perf_counter()
     examples, data = load_examples(task, data, limit, style)
-    encoded = encode_examples(tokenizer, examples, style, lambda i: f"{task.name}, {data} row {i + 1}")
-    sums = loglikelihoods(model, encoded, batch_size, device, progress)
+
+    def where(i):
+        return f"{task.name}, {data} row {i + 1}"
+
+    encoded = encode_examples(tokenizer, examples, style, where)
+    sums = loglikelihoods(model, encoded, batch_size, device, progress, where)
     return {"task": task.name, "style": style, **accuracy(examples, encoded, sums, style), "data": str(data),
             "seconds": time.perf_counter() - started}
 

@@ -127,7 +127,8 @@ class TestScoring(unittest.TestCase):
             accuracy([], [], [])
 
     def test_bad_input(self):
-        with self.assertRaisesRegex(ValueError, "does not fit the model's block_size 8"):
+        with self.assertRaisesRegex(ValueError, "example 0: a continuation of 9 tokens does not fit the model's "
+                                                "block_size 8; leave the row out"):
             loglikelihoods(tiny_gpt(8), encode_examples(GPT2, [EXAMPLES[6]._replace(continuations=(" a" * 9,) * 4)]))
         with self.assertRaisesRegex(ValueError, "unknown scoring style 'harness'; choose one of lm-eval, llm.c"):
             score_examples(tiny_gpt(), GPT2, EXAMPLES, style="harness")

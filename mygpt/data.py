@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, get_encoder
 from mygpt.downloads import sha256_file
 from mygpt.tokenizer import CharTokenizer, describe_tokenizer, load_tokenizer
-from mygpt.utils import atomic_path, temporary_name
+from mygpt.utils import atomic_path, exclusive, temporary_name
 
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
@@ -832,37 +832,38 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
         "sources": [_describe(s) for s in sources], "glob": glob, "text_field": text_field, "tokenizer": tok.info,
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}))
     sources = _source_files(resolved)  # before reading them: a file changed during the run counts as changed
-    finished = _claim(out_dir, settings, sources)
-    if finished is not None:
-        return finished
+    with exclusive(out_dir):  # one prepare at a time in a folder: a second is refused, naming the first
+        finished = _claim(out_dir, settings, sources)
+        if finished is not None:
+            return finished
 
-    workers = num_workers or os.cpu_count() or 1
-    writers = {split: _ShardWriter(out_dir, split, shard_tokens, tok.dtype) for split in SPLITS}
-    units = _work_units(_documents(resolved, text_field), tok.cut)
-    nbytes = 0
-    try:
-        with _sigterm_raises(), _EncoderPool(workers, tok, seed, val_fraction) as encoded, \
-                tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
-            for tokens, documents, size in encoded(units):
-                for writer, part, docs in zip(writers.values(), tokens, documents):
-                    writer.write(part)
-                    writer.documents += docs
-                nbytes += size
-                bar.update(size)
-                bar.set_postfix_str(f"{writers['train'].tokens + writers['val'].tokens:,} tokens", refresh=False)
-        for writer in writers.values():
-            writer.close()
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
-        raise
+        workers = num_workers or os.cpu_count() or 1
+        writers = {split: _ShardWriter(out_dir, split, shard_tokens, tok.dtype) for split in SPLITS}
+        units = _work_units(_documents(resolved, text_field), tok.cut)
+        nbytes = 0
+        try:
+            with _sigterm_raises(), _EncoderPool(workers, tok, seed, val_fraction) as encoded, \
+                    tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
+                for tokens, documents, size in encoded(units):
+                    for writer, part, docs in zip(writers.values(), tokens, documents):
+                        writer.write(part)
+                        writer.documents += docs
+                    nbytes += size
+                    bar.update(size)
+                    bar.set_postfix_str(f"{writers['train'].tokens + writers['val'].tokens:,} tokens", refresh=False)
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.discard()
+            raise
 
-    empty = [w.split for w in writers.values() if not w.documents]
-    if empty and (val_fraction > 0 or empty == ["train"]):
-        warnings.warn(f"no document went to the {' and '.join(empty)} split: the split is by document, and "
-                      f"{writers['train'].documents + writers['val'].documents} documents were read; cut the text "
-                      f"into more documents (files, or lines of a .jsonl) or change val_fraction", stacklevel=2)
-    return _finish(out_dir, writers, tok, nbytes, settings, sources)
+        empty = [w.split for w in writers.values() if not w.documents]
+        if empty and (val_fraction > 0 or empty == ["train"]):
+            warnings.warn(f"no document went to the {' and '.join(empty)} split: the split is by document, and "
+                          f"{writers['train'].documents + writers['val'].documents} documents were read; cut the text "
+                          f"into more documents (files, or lines of a .jsonl) or change val_fraction", stacklevel=2)
+        return _finish(out_dir, writers, tok, nbytes, settings, sources)
 
 
 def _finish(out_dir, writers, tok, nbytes, settings, sources):

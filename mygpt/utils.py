@@ -285,7 +285,7 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-class InUseError(RuntimeError):
+class InUseError(OSError):
     """A folder that another running process is writing to (a run's work dir, a corpus being prepared)."""
 
 

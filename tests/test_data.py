@@ -23,6 +23,7 @@ from mygpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.downloads import sha256_file
+from mygpt.utils import InUseError
 from tests.corpus import mixed_text
 from tests.test_bpe import tiktoken_gpt2
 
@@ -430,6 +431,21 @@ class TestPrepare(TempDir):
         write_shard(foreign / "train_000000.bin", [1, 2, 3])
         with self.assertRaisesRegex(ValueError, "did not record"):
             prepare_corpus(src, foreign, **args)
+
+    def test_a_second_prepare_into_a_folder_in_use_is_refused(self):
+        src, _ = self.make_folder()
+        out = self.dir / "out"
+        hold = "import sys, time; from mygpt import exclusive\nwith exclusive(sys.argv[1]):\n print(1, flush=True); time.sleep(60)"
+        running = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+        try:
+            running.stdout.readline()
+            with self.assertRaisesRegex(InUseError, f"in use by process {running.pid} "):
+                prepare_corpus(src, out, num_workers=1, progress=False)
+            self.assertEqual(os.listdir(out), [])
+        finally:
+            running.kill()
+            running.wait()
+        prepare_corpus(src, out, num_workers=1, progress=False)  # once it has ended
 
     def test_changed_added_or_removed_sources_are_prepared_again(self):
         src, documents = self.make_folder()

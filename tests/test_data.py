@@ -445,6 +445,7 @@ class TestPrepare(TempDir):
         finally:
             running.kill()
             running.wait()
+            running.stdout.close()
         prepare_corpus(src, out, num_workers=1, progress=False)  # once it has ended
 
     def test_changed_added_or_removed_sources_are_prepared_again(self):

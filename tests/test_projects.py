@@ -167,6 +167,7 @@ class TestAdder(unittest.TestCase):
             finally:
                 running.kill()
                 running.wait()
+                running.stdout.close()
 
     def test_values_it_cannot_represent_are_refused(self):
         cases = [("--data.ndigit=0", "ndigit"), ("--data.ndigit=4", "ndigit"), ("--data.ndigit=-2", "ndigit"),

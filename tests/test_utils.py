@@ -277,6 +277,7 @@ class TestExclusive(unittest.TestCase):
             finally:
                 holder.send_signal(signal.SIGKILL)  # as the OOM killer would: no cleanup runs
                 holder.wait()
+                holder.stdout.close()
             with exclusive(folder):  # the dead process's lock is gone with it
                 with exclusive(folder):  # and this process may take it again inside itself
                     pass

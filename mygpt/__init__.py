@@ -14,7 +14,7 @@ from mygpt.quantize import Int8Linear, load_quantized, save_quantized
 from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
-from mygpt.utils import CfgNode, InUseError, exclusive, set_seed, setup_logging
+from mygpt.utils import CfgNode, InUseError, UsageError, check_device, exclusive, run_main, set_seed, setup_logging
 
 __all__ = [
     # the model and sampling from it
@@ -31,4 +31,6 @@ __all__ = [
     "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "describe_tokenizer", "load_tokenizer",
     # helpers
     "download", "DownloadError", "CfgNode", "set_seed", "setup_logging",
+    # scripts: errors as one line and an exit status, as the mygpt command gives them
+    "run_main", "UsageError", "check_device",
 ]

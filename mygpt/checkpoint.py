@@ -18,7 +18,7 @@ import uuid
 import numpy as np
 import torch
 
-from mygpt.utils import atomic_path, check_output_file
+from mygpt.utils import atomic_path, check_output_file, remove_stale_temporaries
 
 
 class CheckpointError(RuntimeError):
@@ -66,6 +66,7 @@ def check_writable(path):
         with open(probe, "wb"):
             pass
         os.remove(probe)
+        remove_stale_temporaries(directory, os.path.basename(path))  # left by a run killed while saving
     except OSError as err:
         raise ValueError(f"cannot write checkpoints to {path}: {err.strerror or err} ({directory}); "
                          f"choose another ckpt_path") from err

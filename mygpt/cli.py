@@ -15,33 +15,31 @@ Text goes in and out through the tokenizer the checkpoint records (mygpt/tokeniz
 
 import argparse
 import codecs
+import csv
 import glob
 import json
 import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 from mygpt.bpe import get_encoder
 from mygpt.checkpoint import CheckpointError, load_checkpoint
-from mygpt.data import TokenDataset, prepare_corpus
+from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, read_header
 from mygpt.evaluate import score
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT
-from mygpt.plot import plot_history
+from mygpt.plot import plot_history, read_history
 from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
-from mygpt.utils import check_output_file
+from mygpt.utils import UsageError, check_device, check_output_file, run_main
 
 SEPARATOR = "-" * 40  # between samples, as nanoGPT's sample.py prints them
-
-
-class UsageError(Exception):
-    """A command line argparse cannot accept: exit status 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -79,6 +77,24 @@ def positive_float(text):
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+MIN_TEMPERATURE = 1e-6  # logits over 1e-6 stay far inside float32; below, softmax turns to inf and nan
+
+
+def temperature(text):
+    value = positive_float(text)
+    if value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_TEMPERATURE:g}, got {text} (dividing the logits by "
+                                         f"less overflows); for the most likely token at each step use --greedy")
+    return value
+
+
+def seed_arg(text):
+    value = int_arg(text)
+    if not 0 <= value < 2**64:  # what torch.Generator.manual_seed takes
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text}")
     return value
 
 
@@ -126,6 +142,7 @@ def text_tokenizer(ckpt, path):
 # ---------------------------------------------------------------- sample
 
 def sample(args):
+    check_device(args.device)
     device = resolve_device(args.device)
     model, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
@@ -206,6 +223,7 @@ def evaluate(args):
     if args.data is None:
         raise UsageError("the following arguments are required: --data (a text or token shards), or --task "
                          "(see 'mygpt eval --help')")
+    check_device(args.device)
     device = resolve_device(args.device)
     model, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
@@ -255,6 +273,14 @@ def shard_windows(pattern, tokenizer, block_size):
     if dataset.vocab_size is not None and dataset.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the shards {pattern} were prepared with a vocabulary of {dataset.vocab_size} tokens "
                          f"(meta.json), the checkpoint's tokenizer ({tokenizer.name}) has {tokenizer.vocab_size}")
+    for path in dataset.paths:  # an id beyond the vocabulary would fail mid-way naming no file
+        header = read_header(path)
+        ids = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.num_tokens,))
+        if header.num_tokens and int(ids.max()) >= tokenizer.vocab_size:
+            raise ValueError(f"{path} holds token id {int(ids.max())}, outside the vocabulary of the checkpoint's "
+                             f"tokenizer ({tokenizer.name}, {tokenizer.vocab_size} tokens): it was prepared with "
+                             f"another tokenizer, or is damaged")
+        del ids
     return dataset, f"{pattern} ({len(dataset.paths)} shards, {dataset.num_tokens:,} tokens)"
 
 
@@ -405,16 +431,51 @@ def plot(args):
     inputs = [source, os.path.join(source, "history.csv")]  # a file, or a run dir and the history it holds
     out = out or os.path.join(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)),
                               "loss.png")
+    for option, inches in (("--width", args.width), ("--height", args.height)):
+        if inches * args.dpi > MAX_PIXELS:  # matplotlib's limit; its renderer dies of bad_alloc near it
+            raise UsageError(f"{option} {inches:g} x --dpi {args.dpi} is {inches * args.dpi:,.0f} pixels; a side of "
+                             f"the PNG can have at most {MAX_PIXELS:,}")
     refuse_overwrite(out, args.overwrite, *inputs)
     if source.endswith(".pt") and os.path.isfile(source):  # a checkpoint carries its run's history
-        source = load_checkpoint(source).get("history") or []
-    print(f"wrote {plot_history(source, out, width=args.width, height=args.height, dpi=args.dpi)}")
+        history = load_checkpoint(source).get("history") or []
+    else:
+        history = checked_history(source)
+    print(f"wrote {plot_history(history, out, width=args.width, height=args.height, dpi=args.dpi)}")
     return 0
+
+
+MAX_PIXELS = 2**15
+
+
+def checked_history(source):
+    """The rows of a history file (read_history), each a mapping whose numbers read as numbers, or a ValueError
+    naming the file and the row."""
+    path = os.path.join(source, "history.csv") if os.path.isdir(source) else source
+    try:
+        history = read_history(path)
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a history .csv or .json file ({err})") from None
+    if not isinstance(history, list):
+        raise ValueError(f"{path} holds a JSON {type(history).__name__}, not a list of rows (Trainer.save_history)")
+    for number, row in enumerate(history, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, row {number}: {row!r} is not a row of named values (Trainer.save_history)")
+        for key in ("iter", "tokens", "loss", "lr", "val_loss", "test_loss"):
+            value = row.get(key)
+            try:
+                if value not in (None, ""):
+                    float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, row {number}: {key} is {value!r}, not a number") from None
+    return history
 
 
 # ---------------------------------------------------------------- prepare
 
 def prepare(args):
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a folder for the shards (a new one, or the folder of an "
+                         f"earlier prepare of the same sources)")
     meta = prepare_corpus(args.sources, args.out, tokenizer=prepare_tokenizer(args.tokenizer),
                           val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                           num_workers=args.num_workers, text_field=args.text_field, seed=args.seed)
@@ -433,7 +494,11 @@ def prepare_tokenizer(name):
         return get_encoder(name)
     if name.endswith(".json") and os.path.isfile(name):
         with open(name, encoding="utf-8") as f:
-            chars = json.load(f)
+            try:
+                chars = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"--tokenizer {name} is not JSON ({err}); it must hold a list of characters, "
+                                 f"e.g. [\"a\", \"b\"]") from None
         if not isinstance(chars, list):
             raise ValueError(f"--tokenizer {name} must hold a JSON list of characters, e.g. [\"a\", \"b\"]")
         return chars
@@ -455,11 +520,11 @@ def build_parser():
                    help="the text to continue (empty: start a new document at <|endoftext|>)")
     p.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=200,
                    help="tokens to generate per sample (200)")
-    p.add_argument("--temperature", metavar="T", type=positive_float, default=1.0, help="divides the logits (1.0)")
+    p.add_argument("--temperature", metavar="T", type=temperature, default=1.0, help="divides the logits (1.0)")
     p.add_argument("--top-k", metavar="K", type=positive_int, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", metavar="P", type=probability,
                    help="sample among the fewest tokens holding this much probability only (nucleus)")
-    p.add_argument("--seed", metavar="S", type=int_arg, help="seed of the sampling (default: a fresh one per run)")
+    p.add_argument("--seed", metavar="S", type=seed_arg, help="seed of the sampling (default: a fresh one per run)")
     p.add_argument("--num-samples", metavar="M", type=positive_int, default=1, help="samples to print (1)")
     p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
     p.add_argument("--no-stop", action="store_true", help="go on past <|endoftext|>")
@@ -549,37 +614,25 @@ def build_parser():
                    help="tokens per shard (100M)")
     p.add_argument("--num-workers", metavar="N", type=positive_int, help="encoding processes (all cores)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/datasets rows (text)")
-    p.add_argument("--seed", metavar="S", type=int_arg, default=0, help="decides which documents go to validation (0)")
+    p.add_argument("--seed", metavar="S", type=seed_arg, default=0, help="decides which documents go to validation (0)")
     p.set_defaults(run=prepare)
     return parser
 
 
 def main(argv=None):
-    """Run the command line argv (sys.argv[1:] by default); returns the exit status."""
+    """Run the command line argv (sys.argv[1:] by default); returns the exit status (mygpt.utils.run_main)."""
+    return run_main(run_command, argv, prog="mygpt")
+
+
+def run_command(argv):
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if args.command is None:
-            parser.print_help(sys.stderr)
-            return 2
-        if extra:
-            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see 'mygpt {args.command} --help')")
-        return args.run(args)
     except SystemExit as done:  # --help
         return done.code
-    except BrokenPipeError:  # the reader went away (mygpt sample ... | head): stop quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        return 1
-    except UsageError as err:
-        return fail(err, 2)
-    except (OSError, ValueError, TypeError, ImportError, CheckpointError) as err:
-        return fail(err, 1)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-
-
-def fail(err, status):
-    message = " ".join(str(err).split("\n"))
-    print(f"mygpt: error: {message}", file=sys.stderr)
-    return status
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see 'mygpt {args.command} --help')")
+    return args.run(args)

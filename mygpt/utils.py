@@ -7,7 +7,9 @@ import logging
 import numbers
 import os
 import random
+import re
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 
-def set_seed(seed):
-    """Seed python, numpy and torch (all devices) so a run can be repeated."""
+def set_seed(seed, option="seed"):
+    """Seed python, numpy and torch (all devices) so a run can be repeated; option names the seed in an error."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        # numpy's legacy generator takes no other seed; refused here, before anything is seeded
+        raise ValueError(f"{option} must be an int from 0 to 2**32 - 1 (numpy's range), got {seed!r}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -41,11 +46,21 @@ def _type_name(default):
     return type(default).__name__
 
 
+class UsageError(ValueError):
+    """A command line that cannot be accepted (a wrong option, key or value): run_main exits with status 2 for
+    it, as argparse does, and 1 for what fails after the command line was read."""
+
+
+class UnknownKeyError(UsageError, KeyError):
+    """A config key that does not exist (a KeyError, as a missing key is)."""
+    __str__ = Exception.__str__  # the message as written, not quoted as KeyError quotes a key
+
+
 def _wants(key, default, got):
     """The ValueError for a value of the wrong type: 'trainer.batch_size wants an int, got 'abc''."""
     name = _type_name(default)
     article = "an" if name[0] in "aeiou" else "a"
-    return ValueError(f"{key} wants {article} {name}, got {got!r}")
+    return UsageError(f"{key} wants {article} {name}, got {got!r}")
 
 
 def _coerce(value, default, key):
@@ -98,7 +113,7 @@ def _parse_value(text, default, key):
         word = text.strip().lower()
         if word in TRUE_WORDS or word in FALSE_WORDS:
             return word in TRUE_WORDS
-        raise ValueError(f"{key} wants a bool (true/false, 1/0, yes/no), got {text!r}")
+        raise UsageError(f"{key} wants a bool (true/false, 1/0, yes/no), got {text!r}")
     if isinstance(default, float):
         try:
             return float(text)  # also 'inf', which is no Python literal
@@ -129,8 +144,8 @@ def _unknown_key(root, dotted, hint):
     same_leaf = [path for path in known if path.rsplit(".", 1)[-1] == leaf]  # the right key in the wrong group
     close = same_leaf + [p for p in difflib.get_close_matches(dotted, known, n=3, cutoff=0.8) if p not in same_leaf]
     if close:
-        return KeyError(f"unknown config key {dotted!r}; did you mean {' or '.join(map(repr, close))}? {hint}")
-    return KeyError(f"unknown config key {dotted!r} {hint}")
+        return UnknownKeyError(f"unknown config key {dotted!r}; did you mean {' or '.join(map(repr, close))}? {hint}")
+    return UnknownKeyError(f"unknown config key {dotted!r} {hint}")
 
 
 class CfgNode:
@@ -203,7 +218,7 @@ class CfgNode:
             sys.exit(0)
         for arg in args:
             if not arg.startswith("--") or "=" not in arg:
-                raise ValueError(f"expected an override like --trainer.batch_size=32, got {arg!r} "
+                raise UsageError(f"expected an override like --trainer.batch_size=32, got {arg!r} "
                                  f"(--help lists every key)")
             dotted, text = arg[2:].split("=", 1)
             node, leaf = self._find(dotted)
@@ -218,11 +233,11 @@ class CfgNode:
                 raise _unknown_key(self, dotted, "(--help lists every key)")
             node = node.__dict__[key]
             if not isinstance(node, CfgNode):
-                raise KeyError(f"{'.'.join(path[:i + 1])!r} is a value, not a config group, so there is no {dotted!r}")
+                raise UnknownKeyError(f"{'.'.join(path[:i + 1])!r} is a value, not a config group, so there is no {dotted!r}")
         if leaf not in node.__dict__:
             raise _unknown_key(self, dotted, "(--help lists every key)")
         if isinstance(node.__dict__[leaf], CfgNode):
-            raise KeyError(f"{dotted!r} is a config group, not a value; set one of its keys (--help lists them)")
+            raise UnknownKeyError(f"{dotted!r} is a config group, not a value; set one of its keys (--help lists them)")
         return node, leaf
 
     def format_help(self, description=None):
@@ -235,6 +250,57 @@ class CfgNode:
         lines.append("Every key with its default and the type its value is read as (any key also takes None):")
         lines += [f"  {left.ljust(width)}  {kind}" for left, kind in leaves]
         return "\n".join(lines)
+
+
+def check_device(name, option="--device"):
+    """Refuse, naming the option, a device this PyTorch cannot use (cuda on a CPU build, a GPU index beyond the
+    machine's, a misspelt name), before a run starts rather than at its first tensor with an AssertionError."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option}={name!r} is not a device: give cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"{option}={name}: this PyTorch ({torch.__version__}) was built without CUDA; use cpu, "
+                             f"or install a CUDA build of PyTorch")
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{option}={name}: this machine has {count} CUDA GPU(s) that PyTorch can see; use cpu or "
+                             f"auto" + (f", or cuda:0 to cuda:{count - 1}" if count else ""))
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option}={name}: Apple's MPS is not available here; use cpu or auto")
+
+
+def error_message(err):
+    """An error as one line: a KeyError's message unquoted, lines joined."""
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    return " ".join(str(text).split("\n"))
+
+
+def run_main(main, argv=None, prog=None):
+    """Run main(argv) (sys.argv[1:] by default) as a command and return its exit status, for
+    ``sys.exit(run_main(main))`` at the end of a script. What a user can fix (a missing or bad file, a wrong
+    option, a folder in use: OSError, ValueError, TypeError, KeyError, ImportError, CheckpointError) is one line,
+    ``prog: error: ...`` on stderr, with status 2 for a UsageError and 1 otherwise, as the mygpt command does;
+    Ctrl-C is status 130 without a traceback, a reader that went away (``| head``) ends it quietly. Anything
+    else is a bug and keeps its traceback."""
+    from mygpt.checkpoint import CheckpointError  # mygpt.checkpoint imports this module
+
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        status = main(sys.argv[1:] if argv is None else argv)
+        return status if isinstance(status, int) else 0
+    except BrokenPipeError:  # the reader went away: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
+    except (OSError, ValueError, TypeError, KeyError, ImportError, CheckpointError) as err:
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 class ConsoleHandler(logging.Handler):
@@ -252,6 +318,39 @@ def temporary_name(path):
     """A name beside path, unique to this process and call, for a file that becomes path once whole."""
     path = Path(path)
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+TEMPORARY = re.compile(r"(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}")  # what temporary_name makes
+STALE_SECONDS = 60  # a temporary untouched this long, of a process gone, was left by a kill
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, name=None):
+    """Remove what a process killed while writing left in folder: the temporaries of name (of every file when
+    None) whose process is gone and that were not changed for STALE_SECONDS (a kill during a checkpoint write
+    leaves checkpoint.pt.tmp-PID-HEX, as large as the checkpoint). A live writer's temporary is never touched;
+    nor is a fresh one, which could be another machine's on a shared disk, where its PID means nothing here."""
+    if os.name != "posix" or not os.path.isdir(folder):
+        return
+    for entry in os.scandir(folder):
+        match = TEMPORARY.fullmatch(entry.name)
+        if not match or (name is not None and match["name"] != name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if _process_alive(int(match["pid"])) or time.time() - entry.stat().st_mtime < STALE_SECONDS:
+            continue
+        try:
+            os.remove(entry.path)
+        except FileNotFoundError:  # another run cleaned it first
+            pass
 
 
 def check_output_file(path, *inputs):
@@ -276,6 +375,7 @@ def atomic_path(path):
     """
     check_output_file(path)
     tmp = temporary_name(path)
+    remove_stale_temporaries(tmp.parent, Path(path).name)  # a killed writer's, of this very file
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -344,6 +444,7 @@ def setup_logging(config):
     """
     work_dir = Path(config.system.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir)  # what a run killed while saving left behind
     (work_dir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
     logger = logging.getLogger("mygpt")
     logger.setLevel(logging.INFO)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from mygpt.checkpoint import save_checkpoint
 from mygpt.cli import main
-from mygpt.data import prepare_corpus
+from mygpt.data import prepare_corpus, write_shard
 from mygpt.model import GPT
 from mygpt.quantize import load_quantized
 from mygpt.bpe_train import train_bpe
@@ -184,6 +185,19 @@ class TestSample(CLITest):
         self.assertFails(["sample"], 2, "required: CKPT")
         self.assertFails(["frobnicate"], 2, "invalid choice: 'frobnicate'")
 
+    def test_values_torch_cannot_take_are_refused_as_usage_errors(self):
+        # each was a traceback from inside torch: softmax of inf, a seed beyond 64 bits, cuda on a CPU build
+        self.assertFails(["sample", self.chars, "--temperature", "1e-45"], 2, "--temperature: must be at least 1e-06.*"
+                                                                              "--greedy")
+        self.assertFails(["sample", self.chars, "--seed", "99999999999999999999999"], 2,
+                         r"--seed: must be an integer from 0 to 2\*\*64 - 1")
+        self.assertFails(["sample", self.chars, "--seed", "-1"], 2, "--seed: must be an integer from 0")
+        self.assertFails(["sample", self.chars, "--device", "gpu"], 1, "--device='gpu' is not a device")
+        if not torch.cuda.is_available():
+            self.assertFails(["sample", self.chars, "--device", "cuda"], 1, "--device=cuda: this .*(without CUDA|GPU)")
+        status, out, err = run("sample", self.chars, "--prompt", "he", "--temperature", "1e-6", "--max-new-tokens", 3)
+        self.assertEqual(status, 0, err)
+
 
 class TestEval(CLITest):
     def reference(self, path, text=None, max_windows=None, ids=None):
@@ -271,6 +285,12 @@ class TestEval(CLITest):
         self.assertFails(["eval", self.chars, "--data", self.path("latin1.txt")], 1, "is not UTF-8 text")
         self.assertFails(["eval", self.chars, "--data", self.path("nothing.txt")], 1, "No such file")
         self.assertFails(["eval", self.chars], 2, "required: --data")
+        shards = self.path("beyond")  # ids beyond the tokenizer's, without a meta.json that would say so
+        os.makedirs(shards)
+        write_shard(os.path.join(shards, "val_000000.bin"), [1, 2, 3] * 10)
+        write_shard(os.path.join(shards, "val_000001.bin"), [1, 2, 300] * 10)
+        self.assertFails(["eval", self.chars, "--data", shards], 1,
+                         "val_000001.bin holds token id 300, outside the vocabulary .* 6 tokens")
 
 
 class TestQuantize(CLITest):
@@ -382,20 +402,32 @@ class TestPlot(CLITest):
         self.assertEqual(status, 0, err)
         self.assertEqual(png_size(self.path("from-ckpt.png")), (800, 450))
         self.assertFails(["plot", self.path("no-run")], 1, "no history at")
+        self.assertFails(["plot", run_dir, "--dpi", 100000], 2, "--width 8 x --dpi 100000 is 800,000 pixels")
+        malformed = {"letters.csv": ("iter,tokens,loss\n1,8,0.5\n2,16,x\n", "row 2: loss is 'x', not a number"),
+                     "dict.json": ('{"loss": 1}', "holds a JSON dict, not a list of rows"),
+                     "strings.json": ('["a"]', "row 1: 'a' is not a row of named values"),
+                     "binary.csv": ("\x89PNG\x00\xff", "is not a history .csv or .json file"),
+                     "broken.json": ("[{", "is not a history .csv or .json file")}
+        for name, (content, message) in malformed.items():
+            with self.subTest(name):
+                with open(self.path(name), "wb") as f:
+                    f.write(content.encode("latin-1"))
+                self.assertFails(["plot", self.path(name), "--out", self.path("x.png")], 1,
+                                 re.escape(self.path(name)) + ".*" + re.escape(message))
         self.assertFails(["plot", run_dir, "--dpi", 0], 2, "--dpi: must be a positive integer")
         # the overwrite rule of the other writers; never an input, never something other than a file
         self.assertFails(["plot", run_dir], 1, "loss.png exists; choose another --out or pass --overwrite")
         self.assertEqual(run("plot", run_dir, "--overwrite", "--dpi", 20)[0], 0)
         self.assertEqual(png_size(os.path.join(run_dir, "loss.png")), (160, 90))
         history = os.path.join(run_dir, "history.csv")
-        before = open(history, "rb").read()
+        before = Path(history).read_bytes()
         self.assertFails(["plot", run_dir, "--out", history, "--overwrite"], 1, "also an input of this command")
         self.assertFails(["plot", self.chars, "--out", self.chars, "--overwrite"], 1, "also an input")
         os.mkfifo(self.path("fifo"))  # like a copy of /dev/null: renaming over it would replace it
         self.assertFails(["plot", run_dir, "--out", self.path("fifo"), "--overwrite"], 1, "not a regular file")
         self.assertFails(["quantize", self.chars, "--out", self.path("fifo"), "--overwrite"], 1, "not a regular file")
         self.assertTrue(stat.S_ISFIFO(os.stat(self.path("fifo")).st_mode))
-        self.assertEqual(open(history, "rb").read(), before)
+        self.assertEqual(Path(history).read_bytes(), before)
 
 
 class TestPrepare(CLITest):
@@ -426,6 +458,15 @@ class TestPrepare(CLITest):
         self.assertFails(["prepare", self.path("missing.txt"), "--out", self.path("x")], 1, "missing.txt")
         self.assertFails(["prepare", self.path("missing.txt"), "--out", self.path("x"), "--tokenizer", "llama"], 1,
                          "--tokenizer 'llama': give 'gpt2'")
+        with open(self.path("text.txt"), "w", encoding="utf-8") as f:
+            f.write("hello world\n")
+        with open(self.path("chars.json"), "w", encoding="utf-8") as f:
+            f.write("[bad")
+        self.assertFails(["prepare", self.path("text.txt"), "--out", self.path("text.txt")], 1,
+                         "--out .*text.txt is a file; give a folder")
+        self.assertFails(["prepare", self.path("text.txt"), "--out", self.path("y"), "--tokenizer",
+                          self.path("chars.json")], 1, "--tokenizer .*chars.json is not JSON")
+        self.assertFalse(os.path.exists(self.path("y")))
 
 
 class TestInfo(CLITest):

@@ -62,6 +62,52 @@ def file_state(path):
 RERUN_WAYS = ("--trainer.resume=True", "--trainer.overwrite=True", "--system.work_dir")
 
 
+class TestErrorsAreOneLine(unittest.TestCase):
+    """Every project script ends a user's mistake as the mygpt command does: one line `NAME: error: ...` naming
+    the file or option at fault, status 2 for a wrong command line and 1 otherwise, no traceback."""
+
+    def test_each_script(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            earlier = os.path.join(tmp, "earlier")
+            os.makedirs(earlier)
+            write_text(earlier, "checkpoint.pt", "an earlier run's checkpoint")
+            short = write_text(tmp, "short.txt", "hello world\n")
+            binary = os.path.join(tmp, "binary.cfg")
+            with open(binary, "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n\x00\xff")
+            cases = [
+                ("adder/adder.py", [f"--system.work_dir={earlier}"], 1, "checkpoint.pt already holds a checkpoint of an "
+                                                                      "earlier run.*--trainer.resume=True"),
+                ("adder/adder.py", ["--data.ndigit=4"], 1, "--data.ndigit must be an int from 1 to 3"),
+                ("chargpt/chargpt.py", [f"--data.input_file={tmp}/missing.txt"], 1,
+                 "--data.input_file .*missing.txt does not exist"),
+                ("chargpt/chargpt.py", [f"--data.input_file={short}", f"--system.work_dir={tmp}/c"], 1,
+                 "short.txt holds 12 characters; with block_size=64"),
+                ("chargpt/chargpt.py", ["--trainer.device=gpu"], 1, "--trainer.device='gpu' is not a device"),
+                ("chargpt/chargpt.py", ["--system.seed=99999999999"], 1, r"--system.seed must be an int from 0 to 2\*\*32"),
+                ("chargpt/chargpt.py", ["--trainer.batchsize=3"], 2, "unknown config key 'trainer.batchsize'; did you "
+                                                                     "mean 'trainer.batch_size'"),
+                ("chargpt/chargpt.py", ["--trainer.batch_size=x"], 2, "trainer.batch_size wants an int, got 'x'"),
+                ("gpt2/train.py", [binary], 1, "configuration .*binary.cfg is not UTF-8 text"),
+                ("gpt2/train.py", ["no_such_config"], 1, "no configuration 'no_such_config'"),
+                ("gpt2/prepare.py", [binary, f"--out={tmp}/p"], 1, "binary.cfg is not UTF-8 text"),
+                ("gpt2/sample.py", [f"--work_dir={tmp}/nothing"], 1, "nothing holds no best.pt or checkpoint.pt"),
+                ("gpt2/sample.py", ["--seed=-1"], 1, r"--seed must be an int from 0 to 2\*\*64 - 1"),
+                ("image-gpt/imagegpt.py", ["--system.mode=x"], 1, "--system.mode must be 'train' or 'sample'"),
+            ]
+            if not torch.cuda.is_available():
+                cases.append(("chargpt/chargpt.py", ["--trainer.device=cuda"], 1, "--trainer.device=cuda: this "))
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            for script, args, status, message in cases:
+                with self.subTest(script=script, args=args):
+                    result = subprocess.run([sys.executable, str(PROJECTS / script), *args], capture_output=True,
+                                            text=True, env=env, timeout=300, cwd=tmp)
+                    self.assertEqual(result.returncode, status, result.stderr)
+                    self.assertRegex(result.stderr, f"^{os.path.basename(script)}: error: .*{message}")
+                    self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+            self.assertEqual(os.listdir(earlier), ["checkpoint.pt"])
+
+
 class TestSetupLogging(unittest.TestCase):
     def test_writes_config_and_log(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,14 @@
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mygpt.utils import CfgNode, InUseError, atomic_path, exclusive, set_seed
+from mygpt.checkpoint import CheckpointError, save_checkpoint
+from mygpt.utils import (STALE_SECONDS, CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive,
+                         run_main, set_seed, setup_logging, temporary_name)
 
 PROJECTS = Path(__file__).resolve().parent.parent / "projects"
 
@@ -293,6 +297,38 @@ class TestAtomicPath(unittest.TestCase):
                     open(tmp, "w").close()
             self.assertEqual(sorted(os.listdir(folder)), ["fifo"])
 
+    def test_a_killed_writers_temporary_is_removed_by_the_next_save_and_the_next_run(self):
+        write = ("import sys, time; from mygpt.utils import atomic_path\n"
+                 "with atomic_path(sys.argv[1]) as tmp:\n tmp.write_bytes(b'half a checkpoint'); print(1, flush=True);"
+                 " time.sleep(60)")
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "checkpoint.pt")
+            killed = subprocess.Popen([sys.executable, "-c", write, path], stdout=subprocess.PIPE, text=True)
+            with killed.stdout:
+                killed.stdout.readline()
+                killed.send_signal(signal.SIGKILL)  # as the OOM killer or a lost node would: no cleanup runs
+                killed.wait()
+            left = os.listdir(folder)
+            self.assertEqual(len(left), 1)
+            self.assertRegex(left[0], rf"^checkpoint\.pt\.tmp-{killed.pid}-[0-9a-f]{{8}}$")
+            # beside it: a temporary of a live process (this one), and another file's of the dead one
+            mine = Path(temporary_name(path))
+            other = Path(folder, f"best.pt.tmp-{killed.pid}-0123abcd")
+            for tmp in (mine, other):
+                tmp.write_bytes(b"in progress")
+            save_checkpoint({"a": 1}, path)
+            self.assertEqual(sorted(os.listdir(folder)), sorted([left[0], mine.name, other.name, "checkpoint.pt"]),
+                             "a temporary changed within the last minute may be another machine's: kept")
+            old = time.time() - 2 * STALE_SECONDS
+            for name in (left[0], mine.name, other.name):
+                os.utime(os.path.join(folder, name), (old, old))
+            save_checkpoint({"a": 2}, path)  # removes the dead writer's temporary of this file only
+            self.assertEqual(sorted(os.listdir(folder)), sorted([mine.name, other.name, "checkpoint.pt"]))
+            setup_logging(CfgNode(system=CfgNode(work_dir=folder)))  # a new run in the folder: every dead one's
+            self.assertEqual(sorted(os.listdir(folder)), sorted([mine.name, "checkpoint.pt", "config.json", "log.txt"]))
+            logging.getLogger("mygpt").handlers[-1].close()
+            os.remove(mine)
+
 
 class TestSetSeed(unittest.TestCase):
     def test_repeatable(self):
@@ -306,3 +342,56 @@ class TestSetSeed(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestRunMain(unittest.TestCase):
+    """run_main, the shared end of every project script and of the mygpt command."""
+
+    def run_main(self, error):
+        def main(argv):
+            self.assertEqual(argv, ["--x=1"])
+            raise error
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            status = run_main(main, ["--x=1"], prog="tool.py")
+        return status, stderr.getvalue()
+
+    def test_user_errors_are_one_line_with_the_cli_status(self):
+        cases = [(FileExistsError("out/run/checkpoint.pt exists"), 1, "out/run/checkpoint.pt exists"),
+                 (ValueError("--data.input_file a.txt is empty\nsecond line"), 1,
+                  "--data.input_file a.txt is empty second line"),
+                 (UsageError("--x wants an int, got 'a'"), 2, "--x wants an int, got 'a'"),
+                 (KeyError("unknown config key 'x.y'"), 1, "unknown config key 'x.y'"),  # not quoted twice
+                 (CheckpointError("ckpt.pt is damaged"), 1, "ckpt.pt is damaged"),
+                 (InUseError("out is in use by process 7"), 1, "out is in use by process 7")]
+        for error, status, message in cases:
+            with self.subTest(error=repr(error)):
+                self.assertEqual(self.run_main(error), (status, f"tool.py: error: {message}\n"))
+        self.assertEqual(self.run_main(KeyboardInterrupt()), (130, "\n"))
+
+    def test_config_errors_are_usage_errors(self):
+        config = CfgNode(trainer=CfgNode(batch_size=4))
+        for args in (["--trainer.batch_size=x"], ["--trainer.bach_size=3"], ["trainer.batch_size=3"]):
+            with self.subTest(args), self.assertRaises(UsageError):
+                config.merge_from_args(args)
+
+    def test_bugs_keep_their_traceback(self):
+        with self.assertRaises(AttributeError):
+            self.run_main(AttributeError("'NoneType' object has no attribute 'x'"))
+
+    def test_what_main_returns_is_the_status(self):
+        self.assertEqual(run_main(lambda argv: 3, []), 3)
+        self.assertEqual(run_main(lambda argv: {"val_loss": 1.0}, []), 0)  # gpt2/train.py --eval_only returns a dict
+
+
+class TestCheckDevice(unittest.TestCase):
+    def test_devices_this_machine_lacks_are_refused_naming_the_option(self):
+        check_device("cpu")
+        check_device("auto")
+        with self.assertRaisesRegex(ValueError, r"--trainer.device='gpu' is not a device: give cpu, cuda"):
+            check_device("gpu", "--trainer.device")
+        count = torch.cuda.device_count()
+        with self.assertRaisesRegex(ValueError, "--trainer.device=cuda:.*(without CUDA|GPU)"):
+            check_device(f"cuda:{count}", "--trainer.device")  # one beyond the last GPU, also where there are some
+        with self.assertRaisesRegex(ValueError, r"--system.seed must be an int from 0 to 2\*\*32 - 1"):
+            set_seed(2**32, "--system.seed")

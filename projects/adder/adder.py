@@ -20,7 +20,8 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import GPT, CfgNode, Trainer, check_new_run, exclusive, plot_history, set_seed, setup_logging
+from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, plot_history, run_main, set_seed,
+                   setup_logging)
 from mygpt.tokenizer import describe_tokenizer
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
@@ -126,11 +127,12 @@ def count_correct(model, dataset, batch_size=2000):
 def main(args):
     config = get_config()
     config.merge_from_args(args, description=__doc__)
+    check_device(config.trainer.device, "--trainer.device")
     train(config)
 
 
 def train(config):
-    set_seed(config.system.seed)
+    set_seed(config.system.seed, "--system.seed")
 
     train_dataset = AdditionDataset(config.data, "train", seed=config.system.seed)
     test_dataset = AdditionDataset(config.data, "test", seed=config.system.seed)
@@ -161,4 +163,4 @@ def train(config):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))  # the library's errors as one line, `NAME: error: ...`, as the mygpt command prints them

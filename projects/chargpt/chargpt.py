@@ -19,8 +19,8 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_new_run, download, exclusive, load_checkpoint,
-                   plot_history, set_seed, setup_logging)
+from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_device, check_new_run, download, exclusive,
+                   load_checkpoint, plot_history, run_main, set_seed, setup_logging)
 from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
@@ -75,8 +75,12 @@ def read_text(path):
         try:
             path = download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
         except DownloadError as err:
-            sys.exit(f"{err}\nOr train on any UTF-8 text file you have: --data.input_file=path/to/file.txt")
+            raise DownloadError(f"{err}; or train on any UTF-8 text file you have: "
+                                f"--data.input_file=path/to/file.txt") from None
     path = str(path)  # --data.input_file=2024 names a file, not file descriptor 2024
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"--data.input_file {path} {what}; give a UTF-8 text file")
     with open(path, "rb") as f:
         data = f.read()
     if not data:
@@ -271,7 +275,8 @@ def sample_from_checkpoint(config):
 def main(args):
     config = get_config()
     config.merge_from_args(args, description=__doc__)
-    set_seed(config.system.seed)
+    check_device(config.trainer.device, "--trainer.device")
+    set_seed(config.system.seed, "--system.seed")
     if config.system.mode == "train":
         train(config)
     elif config.system.mode == "sample":
@@ -281,4 +286,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))  # the library's errors as one line, `NAME: error: ...`, as the mygpt command prints them

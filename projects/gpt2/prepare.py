@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from mygpt import DownloadError, download, get_encoder
+from mygpt import DownloadError, download, get_encoder, run_main
 from mygpt.data import prepare_corpus, read_header, write_shard
 from mygpt.utils import atomic_path
 
@@ -79,8 +79,12 @@ def check_shards(sources):
 
 def prepare_text(path, out_dir, val_fraction):
     """nanoGPT's cut of one text: the first (1 - val_fraction) of its characters train, the rest validate."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()  # line endings as \n, as nanoGPT and prepare_corpus read text
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()  # line endings as \n, as nanoGPT and prepare_corpus read text
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         f"convert it to UTF-8 or give another file") from None
     settings = {"sources": [os.path.abspath(path)], "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                 "split": "characters", "val_fraction": val_fraction, "tokenizer": "gpt2"}
     if already_prepared(out_dir, settings):
@@ -125,7 +129,8 @@ def tiny_shakespeare():
     try:
         return download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
     except DownloadError as err:
-        sys.exit(f"{err}\nOr prepare any UTF-8 text you have: python projects/gpt2/prepare.py book.txt")
+        raise DownloadError(f"{err}; or prepare any UTF-8 text you have: python projects/gpt2/prepare.py "
+                            f"book.txt") from None
 
 
 def default_out(sources):
@@ -168,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))  # the library's errors as one line, `NAME: error: ...`, as the mygpt command prints them

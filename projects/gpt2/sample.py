@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from mygpt import GPT, CfgNode, load_checkpoint
+from mygpt import GPT, CfgNode, check_device, load_checkpoint, run_main
 from mygpt.cli import SEPARATOR, prompt_ids
 from mygpt.tokenizer import load_tokenizer
 from mygpt.trainer import resolve_device
@@ -91,12 +91,15 @@ def check_config(C):
         value = getattr(C, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{key} must be a positive int, got {value!r}")
+    if isinstance(C.seed, bool) or not isinstance(C.seed, int) or not 0 <= C.seed < 2**64:
+        raise ValueError(f"--seed must be an int from 0 to 2**64 - 1, got {C.seed!r}")  # what torch's generator takes
 
 
 def main(args):
     config = get_config()
     config.merge_from_args(args, description=__doc__)
     check_config(config)
+    check_device(config.device)
     device = resolve_device(config.device)
     model, tokenizer = load_model(config)
     model.to(device)
@@ -112,4 +115,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))  # the library's errors as one line, `NAME: error: ...`, as the mygpt command prints them

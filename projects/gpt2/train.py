@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mygpt import GPT, CfgNode, Trainer, check_new_run, exclusive, plot_history, set_seed, setup_logging
+from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, plot_history, run_main, set_seed,
+                   setup_logging)
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.tokenizer import load_tokenizer
@@ -78,7 +79,12 @@ def read_configuration(name_or_path):
     if not path.is_file():
         raise FileNotFoundError(f"no configuration {name_or_path!r}: give one of {configuration_names()} "
                                 f"or a .cfg file of --key=value lines")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"configuration {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start}): a .cfg file holds one --key=value per line") from None
+    lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -258,9 +264,10 @@ def evaluate_only(config, tokenizer, resuming):
 
 def main(args):
     config = get_config_from_args(args)
-    set_seed(config.system.seed)
+    check_device(config.trainer.device, "--trainer.device")
+    set_seed(config.system.seed, "--system.seed")
     return train(config)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))  # the library's errors as one line, `NAME: error: ...`, as the mygpt command prints them

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import (GPT, CfgNode, Trainer, check_new_run, exclusive, load_checkpoint, plot_history, set_seed,
-                   setup_logging)
+from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
+                   run_main, set_seed, setup_logging)
 from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
@@ -207,7 +207,8 @@ def sample_from_checkpoint(config):
 def main(args):
     config = get_config()
     config.merge_from_args(args, description=__doc__)
-    set_seed(config.system.seed)
+    check_device(config.trainer.device, "--trainer.device")
+    set_seed(config.system.seed, "--system.seed")
     if config.system.mode == "train":
         train(config)
     elif config.system.mode == "sample":
@@ -217,4 +218,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))  # the library's errors as one line, `NAME: error: ...`, as the mygpt command prints them

@@ -206,7 +206,8 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
     """Write model (and its tokenizer) as a GGUF file of llama.cpp's gpt2 architecture; returns path as a Path.
 
     dtype: "f32", "f16" or "q8_0" for the matrices. The output head is always written as `output.weight`,
-    also when tied to the token embedding, so every llama.cpp version finds it.
+    also when tied to the token embedding, so every llama.cpp version finds it. With tokenizer=None (a character
+    model, say) the file says tokenizer.ggml.model = "none": llama.cpp loads it and runs on token ids.
     """
     try:
         import gguf
@@ -231,8 +232,11 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
         writer.add_head_count(c.n_head)
         writer.add_layer_norm_eps(1e-5)
         writer.add_file_type(file_type)
+        writer.add_vocab_size(c.vocab_size)  # what llama.cpp reads for a model without a token list
         if encoder is not None:
             add_gguf_tokenizer(gguf, writer, encoder, c.vocab_size)
+        else:  # llama.cpp refuses a file without this key; "none" loads the weights to run on token ids
+            writer.add_tokenizer_model("none")
         for name, value in model.state_dict().items():
             name = gguf_name(name)
             data, raw_dtype = gguf_tensor(gguf, name, value, dtype)

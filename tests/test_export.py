@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import tempfile
@@ -232,6 +233,29 @@ class TestExportGGUF(unittest.TestCase):
         _, _, meta = read_gguf(export_gguf(small_model(vocab_size=50304), self.path))
         tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
         self.assertEqual((len(tokens), tokens[50257], tokens[-1], types[50257]), (50304, "[PAD50257]", "[PAD50303]", 4))
+
+    def test_weights_alone_say_tokenizer_none_with_the_vocabulary_size(self):
+        # llama.cpp refused a file without tokenizer.ggml.model ("key not found"); "none" loads on token ids
+        model = small_model(vocab_size=65)  # a character vocabulary's size
+        _, tensors, meta = read_gguf(export_gguf(model, self.path, tokenizer=None, dtype="f32"))
+        self.assertEqual((meta["tokenizer.ggml.model"], meta["gpt2.vocab_size"]), ("none", 65))
+        self.assertNotIn("tokenizer.ggml.tokens", meta)
+        self.assertEqual(list(tensors["token_embd.weight"].shape), [32, 65])
+        _, _, meta = read_gguf(export_gguf(small_model(), self.path))
+        self.assertEqual((meta["tokenizer.ggml.model"], meta["gpt2.vocab_size"]), ("gpt2", 50257))
+
+    @unittest.skipIf(importlib.util.find_spec("llama_cpp") is None, "needs llama-cpp-python")
+    def test_character_model_runs_in_llama_cpp_with_the_same_logits(self):
+        import llama_cpp
+        model = small_model(vocab_size=65)
+        export_gguf(model, self.path, tokenizer=None, dtype="f32")
+        ids = [5, 17, 3, 64, 0, 42, 8]
+        llm = llama_cpp.Llama(model_path=self.path, n_ctx=64, logits_all=True, verbose=False)
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
+        with torch.no_grad():
+            ours, _ = model(torch.tensor([ids]))
+        np.testing.assert_allclose(theirs, ours[0].numpy(), atol=1e-3, rtol=0)
 
     def test_refusals_say_why(self):
         for kw, reason in REFUSED:

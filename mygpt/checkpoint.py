@@ -135,8 +135,9 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     return ckpt
 
 
-def load_model_state(model, state_dict, source="checkpoint"):
-    """``model.load_state_dict`` with an error that lists the missing, unexpected and reshaped keys."""
+def load_model_state(model, state_dict, source="checkpoint", load=True):
+    """``model.load_state_dict`` with an error that lists the missing, unexpected and reshaped keys (with
+    load=False, only the check: a sharded model loads through mygpt.parallel)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -148,7 +149,8 @@ def load_model_state(model, state_dict, source="checkpoint"):
         raise CheckpointError(
             f"{source} is from a different model: missing keys: {show(missing)}; "
             f"unexpected keys: {show(unexpected)}; shape (checkpoint vs model): {show(reshaped)}")
-    model.load_state_dict(state_dict)
+    if load:
+        model.load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------- random number generators

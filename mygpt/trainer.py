@@ -41,6 +41,7 @@ from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, 
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix)
 from mygpt.model import check_ids
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
+from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
 from mygpt.utils import CfgNode, atomic_path, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
@@ -143,6 +144,7 @@ class Trainer:
         C.grad_accum_steps = 1       # micro-batches per optimizer step
         C.precision = "fp32"         # 'fp32', 'bf16' or 'fp16' (autocast; fp16 adds a grad scaler)
         C.compile = False            # torch.compile the model
+        C.parallel = "ddp"           # under torchrun: 'ddp' (whole model per process) or 'fsdp' (mygpt/parallel.py)
         C.ckpt_path = None           # where checkpoints go; None writes none
         C.ckpt_interval = 0          # also every this many steps (0: only at the end and on Ctrl-C/SIGTERM)
         C.resume = False             # continue from ckpt_path when it exists
@@ -171,13 +173,22 @@ class Trainer:
         self._setup_distributed()
         self._check_ranks_agree(model)
         self.model = model.to(self.device)
+        self.sharded = self.world_size > 1 and config.parallel == "fsdp"
+        if self.sharded:
+            shard(self.model)  # before the optimizer, which must hold the sharded parameters
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=config.precision == "fp16")
         self._autocast_dtype = PRECISIONS[config.precision]
         self._forward_model = torch.compile(self.model) if config.compile else self.model
-        if self.world_size > 1:
+        self._no_sync = nullcontext  # how a micro-batch before the step's last keeps its gradient local
+        if self.sharded:
+            self._no_sync = lambda: no_gradient_sync(self.model)
+        elif self.world_size > 1:
             device_ids = [self.device.index] if self.device_type == "cuda" else None
             self._forward_model = DistributedDataParallel(self._forward_model, device_ids=device_ids)
+            self._no_sync = self._forward_model.no_sync
+        if config.parallel == "fsdp" and self.world_size == 1:
+            self._print("parallel='fsdp' with one process: nothing to shard, training as a single process")
         self._check_batch_size()
         self._fill_schedule()
 
@@ -228,6 +239,11 @@ class Trainer:
             positive_int(key, allow_zero=True)
         if C.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {C.lr_schedule!r}")
+        if C.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {list(PARALLEL)}, got {C.parallel!r}")
+        if C.parallel == "fsdp" and C.precision == "fp16":
+            raise ValueError("parallel='fsdp' takes precision 'fp32' or 'bf16' (fp16's grad scaler is not sharded); "
+                             "use precision='bf16'")
         if C.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {C.precision!r}")
         if not (isinstance(C.learning_rate, (int, float)) and C.learning_rate >= 0):
@@ -475,8 +491,7 @@ class Trainer:
             x, y = self._to_device(x, y)
             # gradients travel between processes only once, after the last micro-batch
             last = m == len(batches) - 1
-            no_sync = self._forward_model.no_sync if self.world_size > 1 and not last else nullcontext
-            with no_sync():
+            with (nullcontext() if last else self._no_sync()):
                 with self._autocast():
                     _, loss = self._forward_model(x, y)
                 if loss is None:
@@ -496,8 +511,14 @@ class Trainer:
             stop = self._stop_requested
         else:
             self._loss = step_loss.item()
-            # one exchange tells every process whether any of them saw a bad loss or a stop signal
-            bad, stop = self._all_reduce([not math.isfinite(self._loss), self._stop_requested])
+            # one exchange tells every process whether any of them saw a bad loss or a stop signal, and
+            # gives the step's loss over all processes' targets (each holds its own share)
+            if self.world_size > 1:
+                bad, stop, everyone = self._all_reduce([not math.isfinite(self._loss), self._stop_requested,
+                                                        self._loss * sum(counts)])
+                self._loss = everyone / max(total, 1)
+            else:
+                bad, stop = not math.isfinite(self._loss), self._stop_requested
             if bad:
                 self._raise_non_finite(self.iter_num, self._loss)
         self._stop_agreed = bool(stop)
@@ -657,10 +678,15 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self):
+        """Everything a checkpoint holds; under torchrun every process must call it (whole tensors reach rank 0)."""
         model_config = getattr(self.model, "config", None)
+        if self.sharded:
+            weights, optimizer = full_state(self.model, self.optimizer)
+        else:
+            weights, optimizer = strip_compile_prefix(self.model.state_dict()), self.optimizer.state_dict()
         return {
-            "model": strip_compile_prefix(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
             "tokens": self.tokens,
@@ -709,8 +735,11 @@ class Trainer:
             raise CheckpointError(f"{path} is not a checkpoint the Trainer wrote (it lacks {missing}); "
                                   f"load its weights with load_checkpoint(path, model) and start a new run")
         self._check_same_model(path, ckpt)
-        load_model_state(self.model, ckpt["model"], source=path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_model_state(self.model, ckpt["model"], source=path, load=not self.sharded)
+        if self.sharded:
+            load_full_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.tokens = ckpt["iter_num"], ckpt["tokens"]

@@ -580,6 +580,49 @@ class TestDistributed(TempDirTest):
                 self.assertNotEqual(ddp.returncode, 0)
                 self.assertIn(f"processes 0 and 1 differ in {fields}", ddp.stdout + ddp.stderr)
 
+    def test_fsdp_matches_one_process_holds_half_and_resumes_exactly(self):
+        for iters in (5, 12):  # the second launch resumes from the first one's checkpoint
+            fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node=2", SCRIPT, "fsdp", self.dir, str(iters)],
+                                  capture_output=True, text=True, timeout=240)
+            self.assertEqual(fsdp.returncode, 0, fsdp.stdout[-2000:] + fsdp.stderr[-3000:])
+        self.assertIn("resumed from", fsdp.stdout)
+        single = run_script("single_gpt", self.dir, 12)
+        self.assertEqual(single.returncode, 0, single.stderr)
+        sharded, alone = (torch.load(self.path(f), weights_only=True) for f in ("fsdp0.pt", "single_gpt0.pt"))
+        self.assertEqual(sharded.keys(), alone.keys())
+        for k, v in sharded.items():
+            # sums in another order: AdamW divides by sqrt(v), which enlarges the rounding of near-zero gradients
+            # into a few % of one step (lr 1e-2) at most
+            torch.testing.assert_close(v, alone[k], rtol=1e-4, atol=5e-4)
+        with open(self.path("fsdp.json")) as f, open(self.path("single_gpt.json")) as g:
+            ours, theirs = json.load(f), json.load(g)
+        self.assertEqual([h["tokens"] for h in ours], [h["tokens"] for h in theirs])
+        for a, b in zip(ours, theirs):
+            self.assertLess(abs(a["loss"] - b["loss"]), 1e-4 * abs(b["loss"]))
+        for rank in (0, 1):  # each process stores about half of the weights and of AdamW's two moments
+            with open(self.path(f"fsdp{rank}.json")) as f:
+                stored = json.load(f)
+            self.assertLess(abs(stored["params"] / stored["whole"] - 0.5), 0.05)
+            self.assertLess(abs(stored["optimizer"] / (2 * stored["whole"]) - 0.5), 0.05)
+        # the checkpoint is the one a single process writes: it resumes without torchrun
+        ckpt = load_checkpoint(self.path("fsdp.ckpt"))
+        self.assertEqual(set(ckpt["optimizer"]["state"]), set(range(len(ckpt["optimizer"]["state"]))))
+        GPT.from_checkpoint(ckpt)
+
+    def test_a_killed_fsdp_rank_restarts_and_resumes_to_the_same_weights(self):
+        fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "--max-restarts=1", SCRIPT, "fsdp_elastic", self.dir, "10", "4"],
+                              capture_output=True, text=True, timeout=300)
+        self.assertEqual(fsdp.returncode, 0, fsdp.stdout[-2000:] + fsdp.stderr[-3000:])
+        self.assertIn("resumed from", fsdp.stdout)
+        fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               SCRIPT, "fsdp", self.dir, "10"], capture_output=True, text=True, timeout=240)
+        self.assertEqual(fsdp.returncode, 0, fsdp.stderr[-3000:])
+        killed, straight = (torch.load(self.path(f), weights_only=True) for f in ("fsdp_elastic0.pt", "fsdp0.pt"))
+        for k, v in straight.items():
+            self.assertTrue(torch.equal(v, killed[k]), k)
+
     def test_a_killed_rank_restarts_and_resumes_to_the_same_weights(self):
         ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "--max-restarts=1", SCRIPT, "elastic", self.dir, "10", "4"],

@@ -6,8 +6,10 @@
         the DDP run, in which rank 1 kills itself at step KILL_AT on the first attempt; torchrun restarts it
     python tests/trainer_run.py single OUTDIR ITERS       the DDP run's global batches in one process
     torchrun --standalone --nproc_per_node=2 tests/trainer_run.py disagree OUTDIR lr|resume   must refuse to start
+    torchrun ... tests/trainer_run.py fsdp|fsdp_elastic OUTDIR ITERS [KILL_AT]   as ddp|elastic, sharded (FSDP2)
 """
 
+import json
 import os
 import signal
 import sys
@@ -18,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mygpt.parallel import local_numel  # noqa: E402
 from mygpt.trainer import Trainer  # noqa: E402
 
 VOCAB, T = 16, 8
@@ -68,6 +71,15 @@ def config(**overrides):
     return C
 
 
+def tiny_gpt():
+    from mygpt.model import GPT
+    C = GPT.get_default_config()
+    C.n_layer, C.n_head, C.n_embd, C.vocab_size, C.block_size = 2, 2, 32, VOCAB, T
+    C.embd_pdrop = C.resid_pdrop = C.attn_pdrop = 0.0
+    C.time_weighting, C.token_shift = "circulant", True
+    return GPT(C)
+
+
 def main(mode, *args):
     torch.set_num_threads(1)
     if mode == "resume":
@@ -78,26 +90,37 @@ def main(mode, *args):
         trainer = Trainer(C, TinyLM(dropout=0.1), CountingData(100))
         trainer.add_callback("on_batch_end", lambda t: time.sleep(sleep))
         trainer.run()
-    elif mode in ("ddp", "single", "elastic"):
+    elif mode in ("ddp", "single", "elastic", "fsdp", "fsdp_elastic", "single_gpt"):
         outdir, iters = args[0], int(args[1])
         rank = int(os.environ.get("RANK", "0"))
         torch.manual_seed(100 + rank)  # the ranks start from different weights; DDP must align them
-        batch = 16 if mode == "single" else 4  # 4 per micro-batch x 2 micro-batches x 2 processes
-        C = config(max_iters=iters, batch_size=batch, grad_accum_steps=1 if mode == "single" else 2,
+        single = mode.startswith("single")
+        batch = 16 if single else 4  # 4 per micro-batch x 2 micro-batches x 2 processes
+        C = config(max_iters=iters, batch_size=batch, grad_accum_steps=1 if single else 2,
                    ckpt_path=os.path.join(outdir, f"{mode}.ckpt"), resume=True,
-                   ckpt_interval=1 if mode == "elastic" else 0)
+                   ckpt_interval=1 if mode.endswith("elastic") else 0, parallel="fsdp" if "fsdp" in mode else "ddp")
         # 96 examples are 6 whole steps an epoch: there one process and two take the same examples (with a
         # remainder, one process ends the epoch with a short batch, DDP fills its last step up)
-        trainer = Trainer(C, TinyLM(dropout=0.0), CountingData(96))
+        # the sharded runs train a GPT (blocks in a ModuleList, a tied head, time weighting and token shift)
+        model = tiny_gpt() if "fsdp" in mode or mode == "single_gpt" else TinyLM(dropout=0.0)
+        trainer = Trainer(C, model, CountingData(96))
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if mode == "elastic" and rank == 1 and first_attempt:
+        if mode.endswith("elastic") and rank == 1 and first_attempt:
             kill_at = int(args[2])
             trainer.add_callback("on_batch_end",
                                  lambda t: os.kill(os.getpid(), signal.SIGKILL) if t.iter_num == kill_at else None)
         trainer.run()
-        torch.save(trainer.model.state_dict(), os.path.join(outdir, f"{mode}{rank}.pt"))
+        weights = trainer.state_dict()["model"]  # whole tensors (on rank 0 alone when sharded)
+        if weights:
+            torch.save(weights, os.path.join(outdir, f"{mode}{rank}.pt"))
         if rank == 0:
             trainer.save_history(os.path.join(outdir, f"{mode}.json"))
+        if "fsdp" in mode:  # what this process stores: a shard of the weights and of the optimizer state
+            state = [t for s in trainer.optimizer.state.values() for t in s.values()]
+            stored = {"params": local_numel(trainer.model.parameters()), "optimizer": local_numel(state),
+                      "whole": sum(p.numel() for p in trainer.model.parameters())}
+            with open(os.path.join(outdir, f"{mode}{rank}.json"), "w") as f:
+                json.dump(stored, f)
     elif mode == "disagree":  # rank 1 is given another learning rate, or a checkpoint that rank 0 lacks
         outdir, case = args
         rank = int(os.environ.get("RANK", "0"))

@@ -146,7 +146,9 @@ def sample(args):
     device = resolve_device(args.device)
     model, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
-    idx = torch.tensor([prompt_ids(tokenizer, args.prompt)], dtype=torch.long, device=device)  # (1, T)
+    ids, shown = (prompt_ids(tokenizer, args.prompt), args.prompt) if args.prompt else \
+        document_start(tokenizer, note=lambda text: print(f"mygpt: {text}", file=sys.stderr))
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device)
     if args.seed is None:
         generator.seed()  # a fresh seed each run: torch's default generator starts from the same one every time
@@ -156,7 +158,7 @@ def sample(args):
     for i in range(args.num_samples):
         if i:
             print(SEPARATOR)
-        write(args.prompt)
+        write(shown)
         # a BPE token may end inside a character: the decoder holds such bytes until the character is whole
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, do_sample=not args.greedy,
@@ -169,13 +171,24 @@ def sample(args):
     return 0
 
 
+def document_start(tokenizer, note=print):
+    """(ids, text) where a sample starts without a prompt, the one rule of `mygpt sample` and the projects: a new
+    document, at <|endoftext|> where the tokenizer has it (as GPT-2's samples start; its text is empty), else at a
+    newline (as nanoGPT's character samples do), else at the vocabulary's first character, with a note."""
+    if tokenizer.eot_token is not None:
+        return [tokenizer.eot_token], ""
+    try:
+        return tokenizer.encode("\n"), "\n"
+    except ValueError:  # a character vocabulary without a newline
+        text = tokenizer.decode([0])
+        note(f"the vocabulary has no newline to start a sample from: samples start from {text!r} instead")
+        return [0], text
+
+
 def prompt_ids(tokenizer, prompt):
-    """The prompt's token ids; an empty prompt starts a new document at <|endoftext|>, as GPT-2 samples do."""
+    """The prompt's token ids; an empty prompt starts a new document (document_start)."""
     if not prompt:
-        if tokenizer.eot_token is None:
-            raise ValueError(f"--prompt is empty and the tokenizer ({tokenizer.name}) has no <|endoftext|> "
-                             f"to start from; give a prompt")
-        return [tokenizer.eot_token]
+        return document_start(tokenizer)[0]
     try:
         return tokenizer.encode(prompt)
     except ValueError as err:
@@ -517,7 +530,7 @@ def build_parser():
                                         "<|endoftext|> when the tokenizer has it.")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--prompt", metavar="TEXT", default="",
-                   help="the text to continue (empty: start a new document at <|endoftext|>)")
+                   help="the text to continue (empty: start a new document, at <|endoftext|> or else a newline)")
     p.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=200,
                    help="tokens to generate per sample (200)")
     p.add_argument("--temperature", metavar="T", type=temperature, default=1.0, help="divides the logits (1.0)")

@@ -343,15 +343,34 @@ class TestCharGPT(unittest.TestCase):
 
     def test_sampling_prompt(self):
         notes = []
-        chars = sorted(set("hello world"))
-        self.assertEqual(self.chargpt.sampling_prompt("\n", chars, notes.append), " ")
+        tokenizer = self.chargpt.load_tokenizer({"type": "chars", "chars": sorted(set("hello world"))})
+        self.assertEqual(self.chargpt.sampling_prompt("", tokenizer, notes.append), " ")  # no newline to start at
         self.assertEqual(len(notes), 1)
-        self.assertEqual(self.chargpt.sampling_prompt("hello", chars, notes.append), "hello")
+        self.assertEqual(self.chargpt.sampling_prompt("hello", tokenizer, notes.append), "hello")
         with self.assertRaisesRegex(ValueError, r"\['H', 'é'\]"):
-            self.chargpt.sampling_prompt("Hé llo", chars, notes.append)
-        with self.assertRaisesRegex(ValueError, "non-empty"):
-            self.chargpt.sampling_prompt("", chars, notes.append)
+            self.chargpt.sampling_prompt("Hé llo", tokenizer, notes.append)
+        with self.assertRaisesRegex(ValueError, r"\['\\n'\]"):  # a newline the user asks for must be in the text
+            self.chargpt.sampling_prompt("\n", tokenizer, notes.append)
         self.assertEqual(len(notes), 1)
+        lines = self.chargpt.load_tokenizer({"type": "chars", "chars": sorted(set("hello\nworld"))})
+        self.assertEqual(self.chargpt.sampling_prompt("", lines, notes.append), "\n")
+
+    def test_default_prompt_is_the_one_of_mygpt_sample(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            work_dir = os.path.join(tmp, "run")
+            run_script("chargpt/chargpt.py", "--trainer.max_iters=2", "--data.val_fraction=0",
+                       *self.common(write_text(tmp, "numbers.txt", self.TEXT), work_dir))
+            ckpt = os.path.join(work_dir, "checkpoint.pt")
+            ours = run_script("chargpt/chargpt.py", "--system.mode=sample", f"--system.work_dir={work_dir}",
+                              "--sample.length=40", "--system.seed=5")
+            theirs = subprocess.run([sys.executable, "-m", "mygpt", "sample", ckpt, "--max-new-tokens", "40",
+                                     "--greedy"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+            self.assertEqual(theirs.returncode, 0, theirs.stderr)
+            self.assertTrue(ours.startswith("\n") and theirs.stdout.startswith("\n"), (ours, theirs.stdout))
+            model = self.chargpt.GPT.from_checkpoint(ckpt)
+            tokenizer = self.chargpt.load_tokenizer(load_checkpoint(ckpt)["tokenizer"])
+            greedy = model.generate(torch.tensor([tokenizer.encode("\n")]), 40, do_sample=False)[0].tolist()
+            self.assertEqual(theirs.stdout, tokenizer.decode(greedy) + "\n")
 
 
 class TestImageGPT(unittest.TestCase):

@@ -21,13 +21,13 @@ from torch.utils.data import Dataset
 
 from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_device, check_new_run, download, exclusive,
                    load_checkpoint, plot_history, run_main, set_seed, setup_logging)
+from mygpt.cli import document_start
 from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DEFAULT_PROMPT = "\n"
 EXPECTED_DURATION = "about 2.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for tiny shakespeare"
 
 
@@ -47,7 +47,8 @@ def get_config():
     C.trainer.eval_interval = 250
     C.trainer.ckpt_path = None      # None: checkpoint.pt in the work dir
     C.trainer.ckpt_interval = 250   # a killed run keeps its work: --trainer.resume=True continues it
-    C.sample = CfgNode(prompt=DEFAULT_PROMPT, length=500, temperature=1.0, top_k=None, every_eval=200)
+    # prompt "": a new document, as `mygpt sample` starts one: at a newline (else the first character)
+    C.sample = CfgNode(prompt="", length=500, temperature=1.0, top_k=None, every_eval=200)
     return C
 
 
@@ -137,15 +138,14 @@ def split_text(text, data, path):
     return text[:cut], (text[cut:] if vf else None)
 
 
-def sampling_prompt(prompt, chars, note):
-    """The prompt samples continue. The default, a newline, becomes the vocabulary's first character (with
-    a note) when the text has no newline; a prompt the user gave must use the text's characters."""
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"--sample.prompt must be a non-empty string, got {prompt!r}")
-    unknown = sorted(set(prompt) - set(chars))
-    if unknown and prompt == DEFAULT_PROMPT:
-        note(f"the text has no newline, the default prompt: samples start from {chars[0]!r} instead")
-        return chars[0]
+def sampling_prompt(prompt, tokenizer, note):
+    """The prompt samples continue. The default, "", starts a new document as `mygpt sample` does (a newline,
+    else the vocabulary's first character, with a note); a prompt the user gave must use the text's characters."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"--sample.prompt must be a string, got {prompt!r}")
+    if not prompt:
+        return document_start(tokenizer, note)[1]
+    unknown = sorted(set(prompt) - set(tokenizer.chars))
     if unknown:
         raise ValueError(f"--sample.prompt holds characters the model never saw in training: {unknown!r}; "
                          f"use characters of its text")
@@ -207,7 +207,7 @@ def train(config):
         config.model.vocab_size = len(chars)
         config.model.block_size = config.data.block_size
         log = setup_logging(config)
-        prompt = sampling_prompt(config.sample.prompt, chars, log.info)  # now, not at the first evaluation
+        prompt = sampling_prompt(config.sample.prompt, tokenizer, log.info)  # now, not at the first evaluation
         with atomic_path(os.path.join(work_dir, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(chars, f)
         if C.overwrite and os.path.exists(best_path):
@@ -268,7 +268,7 @@ def sample_from_checkpoint(config):
     tokenizer = run_tokenizer(path, work_dir)
     S = config.sample
     check_sample_config(S)
-    prompt = sampling_prompt(S.prompt, tokenizer.chars, lambda text: print(text, file=sys.stderr))
+    prompt = sampling_prompt(S.prompt, tokenizer, lambda text: print(text, file=sys.stderr))
     print(sample(model, tokenizer, prompt, S.length, S.temperature, S.top_k))
 
 

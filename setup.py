@@ -24,7 +24,7 @@ setup(
         "gpu": ["triton>=3.2; sys_platform == 'linux'"],  # the fused time-weighted attention kernel
         "projects": ["scikit-learn", "pillow"],      # image-gpt
         "test": ["transformers", "tiktoken", "tokenizers", "hypothesis", "scikit-learn", "pillow",
-                 "datasets>=4", "pyarrow", "safetensors", "gguf", "matplotlib", "triton>=3.2; sys_platform == 'linux'"],
+                 "datasets>=4", "pyarrow", "safetensors", "gguf", "matplotlib"],  # the kernel's tests: [gpu] too
     },
     entry_points={"console_scripts": ["mygpt = mygpt.cli:main"]},
 )

@@ -108,6 +108,17 @@ class TestErrorsAreOneLine(unittest.TestCase):
             self.assertEqual(os.listdir(earlier), ["checkpoint.pt"])
 
 
+class TestPackaging(unittest.TestCase):
+    def test_the_test_extra_leaves_triton_to_the_gpu_extra_and_ci_installs_both(self):
+        import ast
+        setup = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+        extras = next(ast.literal_eval(k.value) for node in ast.walk(setup) if isinstance(node, ast.Call)
+                      for k in node.keywords if k.arg == "extras_require")
+        self.assertFalse([r for r in extras["test"] if r.startswith("triton")])  # 1 GB a CPU user does not need
+        self.assertTrue([r for r in extras["gpu"] if r.startswith("triton")])
+        self.assertIn('-e ".[test,gpu]"', (ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+
+
 class TestSetupLogging(unittest.TestCase):
     def test_writes_config_and_log(self):
         with tempfile.TemporaryDirectory() as tmp:

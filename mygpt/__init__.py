@@ -11,7 +11,7 @@ from mygpt.generate import stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
 from mygpt.quantize import Int8Linear, load_quantized, save_quantized
-from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task
+from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
 from mygpt.utils import CfgNode, InUseError, UsageError, check_device, exclusive, run_main, set_seed, setup_logging
@@ -24,7 +24,7 @@ __all__ = [
     # training
     "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "CheckpointError",
     # benchmarks: multiple-choice accuracy as lm-eval scores it
-    "eval_task", "core_score", "TASKS", "TaskDataError", "score_examples", "Example",
+    "eval_task", "core_score", "TASKS", "TaskDataError", "TaskCallback", "score_examples", "Example",
     # token corpora on disk
     "prepare_corpus", "TokenDataset", "write_shard", "read_header", "ShardError",
     # tokenizers

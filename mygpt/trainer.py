@@ -789,8 +789,10 @@ class Trainer:
         with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             if os.fspath(path).endswith(".json"):
                 json.dump(self.history, f, indent=1)
-            else:
-                writer = csv.DictWriter(f, fieldnames=["iter", "epoch", "tokens", "lr", "loss", "val_loss"])
+            else:  # the usual columns, then any a callback added (a benchmark's accuracy, say) as they first appear
+                columns = ["iter", "epoch", "tokens", "lr", "loss", "val_loss"]
+                columns += [k for k in dict.fromkeys(k for h in self.history for k in h) if k not in columns]
+                writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(self.history)
 

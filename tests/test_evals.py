@@ -2,6 +2,7 @@
 text as lm-eval 0.4's task files make it, the files they read and the errors they give."""
 
 import contextlib
+import csv
 import importlib.util
 import io
 import json
@@ -265,6 +266,15 @@ class TestTaskCallback(unittest.TestCase):
             self.assertEqual((callback.results[-1]["piqa_acc"], callback.results[-1]["piqa_acc_norm"]),
                              (final["acc"], final["acc_norm"]))
             self.assertTrue(model.training)  # scoring gave the model back in training mode
+            # the figures are in the history and in history.csv, beside the validation loss
+            scored = [h for h in trainer.history if "piqa_acc" in h]
+            self.assertEqual([(h["iter"], "val_loss" in h) for h in scored], [(2, True), (4, True)])
+            trainer.save_history(os.path.join(tmp, "history.csv"))
+            with open(os.path.join(tmp, "history.csv")) as f:
+                rows = list(csv.DictReader(f))
+            self.assertEqual(list(rows[0])[-3:], ["val_loss", "piqa_acc", "piqa_acc_norm"])
+            self.assertEqual(float(rows[3]["piqa_acc_norm"]), final["acc_norm"])
+            self.assertEqual(rows[0]["piqa_acc"], "")
 
 
 if __name__ == "__main__":

@@ -621,8 +621,9 @@ def build_parser():
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and meta.json")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default), a folder holding encoder.json and "
                                                        "vocab.bpe, or a .json file holding a list of characters")
-    p.add_argument("--val-fraction", metavar="F", type=float, default=0.005,
-                   help="share of documents for validation (0.005)")
+    p.add_argument("--val-fraction", metavar="F", type=float,
+                   help="share of documents for validation (0.005); of one text file, the share of its characters "
+                        "at its end (0.1, as nanoGPT cuts tiny shakespeare)")
     p.add_argument("--shard-tokens", metavar="N", type=positive_int, default=100_000_000,
                    help="tokens per shard (100M)")
     p.add_argument("--num-workers", metavar="N", type=positive_int, help="encoding processes (all cores)")

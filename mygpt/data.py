@@ -28,7 +28,7 @@ import tempfile
 import threading
 import warnings
 from collections import deque, namedtuple
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -453,10 +453,13 @@ def _resolve_sources(sources, glob):
             if not files:
                 raise FileNotFoundError(f"no files match {str(source)!r}")
             resolved += [("file", f) for f in files]
-        elif _HF_NAME.fullmatch(str(source)) and path.suffix not in (".txt", ".jsonl", ".json", ".parquet", ".md"):
-            resolved.append(("hf", {"path": str(source)}))
+        elif _HF_NAME.fullmatch(str(source)) and not (path.suffix or str(source).startswith((".", "~"))
+                                                       or Path(path.parts[0]).is_dir()):
+            resolved.append(("hf", {"path": str(source)}))  # never a mistyped path: no suffix, no local folder
         else:
-            raise FileNotFoundError(f"source {str(source)!r} is not a file or folder")
+            raise FileNotFoundError(f"source {str(source)!r} is not a file or folder (a Hugging Face dataset is "
+                                    f"named NAME or OWNER/NAME without a file suffix; pass other names as "
+                                    f"{{'path': NAME}})")
     return resolved
 
 
@@ -477,6 +480,30 @@ def _text_file(path):
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason}); leave it out of the sources "
                              f"or pass a glob that does") from None
+
+
+def _cut_text(path, val_fraction):
+    """One text file as nanoGPT cuts tiny shakespeare: two documents, its first (1 - val_fraction) of characters
+    (train) and the rest (val), each read in blocks as _text_file reads the whole."""
+    total = sum(len(block) for block in _text_file(path))
+    cut = int(total * (1 - val_fraction))
+
+    def part(start, stop):
+        seen = 0
+        with closing(_text_file(path)) as blocks:  # the file closes when the part is read, not at garbage collection
+            for block in blocks:
+                if seen >= stop:
+                    break
+                lo, hi = max(start - seen, 0), min(stop - seen, len(block))
+                if lo < hi:
+                    yield block[lo:hi]
+                seen += len(block)
+    return [part(0, cut), part(cut, total)]
+
+
+def _one_text(resolved):
+    """Whether the sources are one text file (not .jsonl or .parquet), which is cut by characters."""
+    return len(resolved) == 1 and resolved[0][0] == "file" and resolved[0][1].suffix not in (".jsonl", ".parquet")
 
 
 def _jsonl_file(path, text_field):
@@ -520,8 +547,12 @@ def _hf_dataset(spec, text_field):
         yield [_field(row, text_field, f"dataset {spec.get('path')!r}")]
 
 
-def _documents(sources, text_field):
-    """Every document of every source, in order, each as an iterable of text blocks."""
+def _documents(sources, text_field, cut=None):
+    """Every document of every source, in order, each as an iterable of text blocks (with cut, the val_fraction
+    of one text: its two parts, _cut_text)."""
+    if cut is not None:
+        yield from _cut_text(sources[0][1], cut)
+        return
     for kind, source in sources:
         if kind == "hf":
             yield from _hf_dataset(source, text_field)
@@ -606,7 +637,8 @@ def _encode_unit(unit):
     tokenizer, seed, val_fraction = _worker
     ids, documents, nbytes = ([], []), [0, 0], 0
     for index, piece, last in unit:
-        split = int(_in_val(index, seed, val_fraction))
+        # None: one text cut in two (_cut_text), document 0 trains and document 1 validates
+        split = index if val_fraction is None else int(_in_val(index, seed, val_fraction))
         try:
             ids[split].extend(tokenizer.encode(piece))
         except ValueError as e:
@@ -803,7 +835,10 @@ def _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field):
         raise TypeError(f"text_field must be a str, got {type(text_field).__name__}")
 
 
-def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard_tokens=100_000_000,
+ONE_TEXT_VAL_FRACTION, DOCUMENTS_VAL_FRACTION = 0.1, 0.005  # val_fraction=None: nanoGPT's 10% of one text
+
+
+def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_tokens=100_000_000,
                    num_workers=None, text_field="text", seed=0, glob="**/*", progress=True):
     """Tokenise `sources` into train/val shards and meta.json in `out_dir`; returns the meta dict.
 
@@ -815,22 +850,29 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
     tokenizer: "gpt2", a mygpt `Encoder` (it must have <|endoftext|>), or a list of characters, which get ids
     0..len-1 and id len(chars) ends each document. Text is encoded as ordinary text (encode_ordinary); each non-empty
     document is followed by the end-of-text id; empty documents are skipped.
-    Document i (counting every document read, empty ones too) goes to validation with probability val_fraction,
-    decided by a hash of (seed, i) (see _in_val), so that the split does not depend on the workers.
+    Document i (counting every document read, empty ones too) goes to validation with probability val_fraction
+    (None: 0.005), decided by a hash of (seed, i) (see _in_val), so that the split does not depend on the workers.
+    One text file is cut as nanoGPT cuts tiny shakespeare instead: its first 1 - val_fraction (None: 0.9) of
+    characters train and the rest validates, each part a document (ending with the end-of-text id).
+    Sources without any text are an error.
     num_workers processes encode (None: all cores); the output is byte-identical for any number of them. Shards are
     written under temporary names and renamed when whole; after an interruption, run the same call again: it
     rewrites the corpus and ends byte-identical to an uninterrupted run (TokenDataset refuses the shards of an
     unfinished run). Rerunning a finished prepare returns at once, unless a source file was added, removed or
     changed (its size or modification time, recorded in meta.json): then it prepares the corpus again.
     """
-    _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field)
-    tok = _resolve_tokenizer(tokenizer)
     sources = [sources] if isinstance(sources, (str, os.PathLike, dict)) else list(sources)
     resolved = _resolve_sources(sources, glob)
+    one_text = _one_text(resolved)
+    if val_fraction is None:
+        val_fraction = ONE_TEXT_VAL_FRACTION if one_text else DOCUMENTS_VAL_FRACTION
+    _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field)
+    tok = _resolve_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     settings = json.loads(json.dumps({  # as JSON gives it back, so that a rerun compares equal
         "sources": [_describe(s) for s in sources], "glob": glob, "text_field": text_field, "tokenizer": tok.info,
-        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}))
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+        **({"split": "characters"} if one_text else {})}))
     sources = _source_files(resolved)  # before reading them: a file changed during the run counts as changed
     with exclusive(out_dir):  # one prepare at a time in a folder: a second is refused, naming the first
         finished = _claim(out_dir, settings, sources)
@@ -839,10 +881,10 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
 
         workers = num_workers or os.cpu_count() or 1
         writers = {split: _ShardWriter(out_dir, split, shard_tokens, tok.dtype) for split in SPLITS}
-        units = _work_units(_documents(resolved, text_field), tok.cut)
+        units = _work_units(_documents(resolved, text_field, val_fraction if one_text else None), tok.cut)
         nbytes = 0
         try:
-            with _sigterm_raises(), _EncoderPool(workers, tok, seed, val_fraction) as encoded, \
+            with _sigterm_raises(), _EncoderPool(workers, tok, seed, None if one_text else val_fraction) as encoded, \
                     tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
                 for tokens, documents, size in encoded(units):
                     for writer, part, docs in zip(writers.values(), tokens, documents):
@@ -857,6 +899,12 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=0.005, shard
             for writer in writers.values():
                 writer.discard()
             raise
+        if not writers["train"].tokens + writers["val"].tokens:  # no shard was written: leave no trace
+            (out_dir / "prepare.json").unlink()
+            with suppress(OSError):
+                out_dir.rmdir()  # when this prepare made it
+            raise ValueError(f"{', '.join(map(str, settings['sources']))}: no text to prepare (empty files or "
+                             f"documents); give sources that hold text")
 
         empty = [w.split for w in writers.values() if not w.documents]
         if empty and (val_fraction > 0 or empty == ["train"]):

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -254,7 +255,7 @@ class TestPrepare(TempDir):
                                                + "\n".join(json.dumps(r) for r in rows[2:]) + "\n", encoding="utf-8")
         # sorted paths: a.txt, b_sub/deeper/c.txt, b_sub/e.jsonl, b_sub/empty.txt, d.md; text files as open() reads
         # them, "\r\n" as "\n"
-        read = {name: (src / name).open(encoding="utf-8").read() for name in texts}
+        read = {name: (src / name).read_text(encoding="utf-8") for name in texts}
         self.assertEqual(read["a.txt"].count("\r"), 0)
         documents = [read["a.txt"], read["b_sub/deeper/c.txt"], *[r["text"] for r in rows], "", read["d.md"]]
         return src, documents
@@ -519,10 +520,36 @@ class TestPrepare(TempDir):
         TokenDataset(self.dir / "llmc.bin", 4).check_tokenizer(first)
 
     def test_warns_when_a_split_gets_no_document(self):
-        (self.dir / "one.txt").write_text("a single document", encoding="utf-8")
+        (self.dir / "one.jsonl").write_text('{"text": "a single document"}\n', encoding="utf-8")
         self.assertFalse(is_val(0, 0, 0.1))
         with self.assertWarnsRegex(UserWarning, "no document went to the val split.*1 documents were read"):
-            prepare_corpus(self.dir / "one.txt", self.dir / "out", val_fraction=0.1, num_workers=1, progress=False)
+            prepare_corpus(self.dir / "one.jsonl", self.dir / "out", val_fraction=0.1, num_workers=1, progress=False)
+
+    def test_one_text_file_is_cut_by_characters_as_nanogpt_cuts_it(self):
+        text = "".join(f"line {i}: to be or not to be\n" for i in range(300))
+        (self.dir / "book.txt").write_text(text, encoding="utf-8")
+        enc = get_encoder()
+        for val_fraction, workers in ((None, 1), (0.25, 2)):
+            with self.subTest(val_fraction=val_fraction):
+                out = self.dir / f"out{workers}"
+                meta = prepare_corpus(self.dir / "book.txt", out, val_fraction=val_fraction, num_workers=workers,
+                                      progress=False)
+                cut = int(len(text) * (1 - (val_fraction or 0.1)))  # nanoGPT's 90/10 by default
+                self.assertEqual(tokens_of(out, "train").tolist(), enc.encode_ordinary(text[:cut]) + [50256])
+                self.assertEqual(tokens_of(out, "val").tolist(), enc.encode_ordinary(text[cut:]) + [50256])
+                self.assertEqual((meta["train"]["documents"], meta["val"]["documents"]), (1, 1))
+                self.assertEqual(meta["settings"]["split"], "characters")
+
+    def test_no_text_is_an_error_and_a_mistyped_path_no_dataset_name(self):
+        (self.dir / "empty.txt").write_text("", encoding="utf-8")
+        with self.assertRaisesRegex(ValueError, "empty.txt: no text to prepare"):
+            prepare_corpus(self.dir / "empty.txt", self.dir / "out", num_workers=1, progress=False)
+        self.assertFalse((self.dir / "out").exists())  # nothing left behind
+        (self.dir / "data").mkdir()
+        for typo in ("data/book.txtt", str(self.dir / "data" / "book"), "notes.md", "./book", "~/book"):
+            with self.subTest(typo), self.assertRaisesRegex(FileNotFoundError, f"source '{re.escape(typo)}' is not "
+                                                                              f"a file or folder"):
+                prepare_corpus(typo, self.dir / "out", num_workers=1, progress=False)
 
     def test_character_vocabulary(self):
         docs = ["hello there", "", "the other one\n"]

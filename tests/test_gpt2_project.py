@@ -61,7 +61,8 @@ def prepared_corpus(folder, text=TEXT):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     out = os.path.join(folder, "corpus")
-    prepare.prepare_text(path, Path(out), val_fraction=0.2)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare.main([path, f"--out={out}", "--val_fraction=0.2", "--num_workers=1"])
     return out
 
 
@@ -89,18 +90,24 @@ class TestPrepare(unittest.TestCase):
             out = prepared_corpus(tmp)
             enc = get_encoder()
             cut = int(len(TEXT) * 0.8)
+            # nanoGPT's ids, each part a document of prepare_corpus: it ends with <|endoftext|>
             self.assertEqual(read_tokens(os.path.join(out, "train_000000.bin")).tolist(),
-                             enc.encode_ordinary(TEXT[:cut]))
+                             enc.encode_ordinary(TEXT[:cut]) + [50256])
             self.assertEqual(read_tokens(os.path.join(out, "val_000000.bin")).tolist(),
-                             enc.encode_ordinary(TEXT[cut:]))
+                             enc.encode_ordinary(TEXT[cut:]) + [50256])
             self.assertEqual(TokenDataset(os.path.join(out, "val_*.bin"), 8).vocab_size, 50257)
-            # the same corpus again is left as it is; another one is never written over it
-            self.assertIsNone(prepare.prepare_text(os.path.join(tmp, "text.txt"), Path(out), 0.2))
+            # `mygpt prepare` cuts it the same way (its default val_fraction for one text is nanoGPT's 0.1)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                self.assertEqual(cli.main(["prepare", os.path.join(tmp, "text.txt"), "--out", f"{tmp}/cli",
+                                           "--num-workers", "1"]), 0)
+            self.assertEqual(read_tokens(f"{tmp}/cli/val_000000.bin").tolist(),
+                             enc.encode_ordinary(TEXT[int(len(TEXT) * 0.9):]) + [50256])
+            # another corpus is never written over this one
             other = os.path.join(tmp, "other.txt")
             with open(other, "w", encoding="utf-8") as f:
                 f.write(TEXT.upper())
-            with self.assertRaises(FileExistsError):
-                prepare.prepare_text(other, Path(out), 0.2)
+            with self.assertRaisesRegex(ValueError, "holds a corpus prepared with other settings"):
+                prepare.main([other, f"--out={out}", "--val_fraction=0.2"])
 
     def test_documents_go_through_prepare_corpus_and_llmc_shards_are_used_as_they_are(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,27 +8,23 @@ Token shards of GPT-2's BPE for projects/gpt2/train.py.
     python projects/gpt2/prepare.py fineweb10B
     python projects/gpt2/prepare.py path/to/fineweb10B/             # llm.c / modded-nanogpt shards: used as they are
 
-One text file is cut as nanoGPT cuts tiny shakespeare: the first 90% of its characters train, the last 10%
-validate, each part encoded as it is (no <|endoftext|>). Anything else (several files, a folder, .jsonl, .parquet,
-a dataset) goes through mygpt.data.prepare_corpus: every document ends with <|endoftext|>, and a document goes
-to validation with probability --val_fraction. Already tokenised llm.c shards need no preparing.
+Everything goes through mygpt.data.prepare_corpus, as `mygpt prepare` does: one text file is cut as nanoGPT cuts
+tiny shakespeare, the first 90% of its characters train and the last 10% validate; anything else (several files,
+a folder, .jsonl, .parquet, a dataset) is split by document, a document going to validation with probability
+--val_fraction. Each document, and each part of one text, ends with <|endoftext|>. Already tokenised llm.c shards need no preparing.
 """
 
 import argparse
 import glob
-import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 
-from mygpt import DownloadError, download, get_encoder, run_main
-from mygpt.data import prepare_corpus, read_header, write_shard
-from mygpt.utils import atomic_path
+from mygpt import DownloadError, download, run_main
+from mygpt.data import prepare_corpus, read_header
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TEXT_SUFFIXES = (".jsonl", ".parquet")  # files that hold many documents; any other file is one text
 # name -> (datasets.load_dataset arguments, share of documents that validate). Both are stored as data files
 # on the hub; prepare_corpus streams them and never runs a dataset script.
 DATASETS = {
@@ -77,54 +73,6 @@ def check_shards(sources):
               f"used as they are. Train with --data.dir={folder}")
 
 
-def prepare_text(path, out_dir, val_fraction):
-    """nanoGPT's cut of one text: the first (1 - val_fraction) of its characters train, the rest validate."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()  # line endings as \n, as nanoGPT and prepare_corpus read text
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-                         f"convert it to UTF-8 or give another file") from None
-    settings = {"sources": [os.path.abspath(path)], "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                "split": "characters", "val_fraction": val_fraction, "tokenizer": "gpt2"}
-    if already_prepared(out_dir, settings):
-        return None
-    cut = int(len(text) * (1 - val_fraction))
-    parts = {"train": text[:cut], "val": text[cut:]}
-    if not parts["train"] or not parts["val"]:
-        raise ValueError(f"{path} holds {len(text)} characters: too few for a train and a val part at "
-                         f"val_fraction={val_fraction}")
-    encoder = get_encoder()
-    meta = {"vocab_size": encoder.vocab_size, "eot": encoder.special_tokens["<|endoftext|>"], "dtype": "uint16",
-            "text_bytes": len(text.encode("utf-8")), "settings": settings}
-    for split, part in parts.items():
-        tokens = encoder.encode_ordinary(part)
-        write_shard(out_dir / f"{split}_000000.bin", tokens)
-        meta[split] = {"shards": 1, "tokens": len(tokens), "documents": 1}
-    write_json(out_dir / "meta.json", meta)
-    return meta
-
-
-def already_prepared(out_dir, settings):
-    """True when out_dir holds this very corpus; an error when it holds anything else (never overwritten)."""
-    meta_path = out_dir / "meta.json"
-    if meta_path.is_file():
-        with open(meta_path, encoding="utf-8") as f:
-            if json.load(f).get("settings") == settings:
-                return True
-        raise FileExistsError(f"{out_dir} holds a corpus prepared from other sources or settings; "
-                              f"choose another --out or delete that one")
-    if list(out_dir.glob("*.bin")):
-        raise FileExistsError(f"{out_dir} holds shards that are not this corpus; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def write_json(path, value):
-    with atomic_path(path) as tmp:  # a temporary name, flushed to disk, then renamed into place
-        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-
 def tiny_shakespeare():
     try:
         return download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
@@ -150,23 +98,12 @@ def main(argv):
     if any(is_shards(s) for s in sources):
         raise ValueError("give either token shards (.bin) or text sources, not both")
     out_dir = Path(args.out or default_out(sources))
-    one_text = not sources or (len(sources) == 1 and os.path.isfile(sources[0])
-                               and not sources[0].endswith(TEXT_SUFFIXES))
-    if one_text:
-        path = sources[0] if sources else tiny_shakespeare()
-        val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
-        meta = prepare_text(path, out_dir, val_fraction)
-    else:
-        named = [DATASETS[s] for s in sources if s in DATASETS]
-        corpus = [DATASETS[s][0] if s in DATASETS else s for s in sources]
-        val_fraction = args.val_fraction if args.val_fraction is not None else (named[0][1] if named else 0.005)
-        meta = prepare_corpus(corpus, out_dir, tokenizer="gpt2", val_fraction=val_fraction,
-                              shard_tokens=args.shard_tokens, num_workers=args.num_workers,
-                              text_field=args.text_field)
-    if meta is None:
-        print(f"{out_dir} already holds this corpus")
-        with open(out_dir / "meta.json", encoding="utf-8") as f:
-            meta = json.load(f)
+    named = [DATASETS[s] for s in sources if s in DATASETS]
+    corpus = [DATASETS[s][0] if s in DATASETS else s for s in sources] or [tiny_shakespeare()]
+    val_fraction = args.val_fraction if args.val_fraction is not None else (named[0][1] if named else None)
+    # one text is cut 90/10 by characters, anything else split by document: prepare_corpus's rule, as `mygpt prepare`'s
+    meta = prepare_corpus(corpus, out_dir, tokenizer="gpt2", val_fraction=val_fraction,
+                          shard_tokens=args.shard_tokens, num_workers=args.num_workers, text_field=args.text_field)
     for split in ("train", "val"):
         print(f"{split}: {meta[split]['tokens']:,} tokens in {meta[split]['shards']} shards")
     print(f"written to {out_dir}; train with: python projects/gpt2/train.py cpu --data.dir={out_dir}")

@@ -106,14 +106,24 @@ def read_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def run_id_of(path):
-    """The run_id a checkpoint file records, read without loading its tensors (None if it records none or is
-    unreadable): enough to tell whether a file belongs to a run, at no cost in the size of the checkpoint."""
+def _peek(path, key):
+    """The value of a checkpoint file's top-level key, read without loading its tensors (None if it has none or
+    is unreadable): memory-mapped, at no cost in the size of the checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    return ckpt.get("run_id") if isinstance(ckpt, dict) else None
+    return ckpt.get(key) if isinstance(ckpt, dict) else None
+
+
+def run_id_of(path):
+    """The run_id a checkpoint file records: enough to tell whether a file belongs to a run."""
+    return _peek(path, "run_id")
+
+
+def train_config_of(path):
+    """The trainer config a checkpoint file records (a plain dict), or None."""
+    return _peek(path, "train_config")
 
 
 def strip_compile_prefix(state_dict):

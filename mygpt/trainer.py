@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mygpt import precision
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
-                              run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix)
+                              run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix, train_config_of)
 from mygpt.model import check_ids
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
@@ -142,7 +143,8 @@ class Trainer:
         C.warmup_tokens = None       # None: the first 5% of final_tokens
         C.final_tokens = None        # None: where max_iters / max_epochs ends the run
         C.grad_accum_steps = 1       # micro-batches per optimizer step
-        C.precision = "fp32"         # 'fp32', 'bf16' or 'fp16' (autocast; fp16 adds a grad scaler)
+        C.precision = "fp32"         # 'fp32', 'bf16', 'fp16' (autocast; fp16 adds a grad scaler) or 'auto' (see
+                                     # mygpt/precision.py: bf16 where native and faster on this model, else fp32)
         C.compile = False            # torch.compile the model
         C.parallel = "ddp"           # under torchrun: 'ddp' (whole model per process) or 'fsdp' (mygpt/parallel.py)
         C.ckpt_path = None           # where checkpoints go; None writes none
@@ -177,6 +179,7 @@ class Trainer:
         if self.sharded:
             shard(self.model)  # before the optimizer, which must hold the sharded parameters
         self.optimizer = self._make_optimizer()
+        self._resolve_precision()
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=config.precision == "fp16")
         self._autocast_dtype = PRECISIONS[config.precision]
         self._forward_model = torch.compile(self.model) if config.compile else self.model
@@ -244,8 +247,8 @@ class Trainer:
         if C.parallel == "fsdp" and C.precision == "fp16":
             raise ValueError("parallel='fsdp' takes precision 'fp32' or 'bf16' (fp16's grad scaler is not sharded); "
                              "use precision='bf16'")
-        if C.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {C.precision!r}")
+        if C.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"precision must be one of {[*PRECISIONS, 'auto']}, got {C.precision!r}")
         if not (isinstance(C.learning_rate, (int, float)) and C.learning_rate >= 0):
             raise ValueError(f"learning_rate must be a number >= 0, got {C.learning_rate!r}")
         if C.grad_norm_clip is not None and not (isinstance(C.grad_norm_clip, (int, float)) and C.grad_norm_clip >= 0):
@@ -332,6 +335,37 @@ class Trainer:
                 raise ValueError(f"processes 0 and {rank} differ in {', '.join(differing)} ({k}: "
                                  f"{records[0].get(k)!r} vs {other.get(k)!r}); every process of a run needs the "
                                  f"same config, data and checkpoint")
+
+    def _resolve_precision(self):
+        """Turn precision='auto' into 'fp32' or 'bf16' (said once, and kept in the checkpoints, so a resumed run
+        computes as it did); warn once about a low precision this device only emulates."""
+        C = self.config
+        if C.precision != "auto":
+            dtype = PRECISIONS[C.precision]
+            if dtype is not None and not precision.native(self.device_type, dtype):
+                self._print(f"warning: precision={C.precision!r}, but this {self.device_type} has no native "
+                            f"{C.precision}: it is emulated and can be many times slower than fp32; "
+                            f"precision='auto' uses it only where it pays")
+            return
+        resumed = None
+        if C.resume and C.ckpt_path and os.path.exists(C.ckpt_path):
+            resumed = (train_config_of(C.ckpt_path) or {}).get("precision")
+        if resumed in PRECISIONS:
+            choice, why = resumed, "as the run it resumes"
+        else:
+            n = len(self.train_dataset)
+            x, y = self._to_device(*next(iter(self._loader(self.train_dataset, [list(range(min(C.batch_size, n)))]))))
+
+            def step(dtype):
+                with torch.autocast(self.device_type, dtype=dtype) if dtype else nullcontext():
+                    _, loss = self.model(x, y)
+                loss.float().backward()
+                self.model.zero_grad(set_to_none=True)
+            choice, why = precision.choose(self.device_type, step)
+            # every process computes as rank 0 chose
+            choice = "bf16" if self._all_reduce([choice == "bf16" and self.is_main])[0] else "fp32"
+        C.precision = choice
+        self._print(f"precision='auto': {choice} ({why})")
 
     def _make_optimizer(self):
         if hasattr(self.model, "configure_optimizers"):

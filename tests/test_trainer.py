@@ -188,6 +188,45 @@ class TestTraining(TempDirTest):
             ckpt = load_checkpoint(C.ckpt_path)
             self.assertEqual(bool(ckpt["scaler"]), precision == "fp16")
 
+    def test_precision_auto(self):
+        from contextlib import redirect_stdout
+        from io import StringIO
+        from unittest import mock
+        import mygpt.precision as precision
+
+        def auto(native, times, **kw):
+            out = StringIO()
+            with mock.patch.object(precision, "native", lambda device, dtype: native), \
+                    mock.patch.object(precision, "probe", lambda step: times), redirect_stdout(out):
+                trainer = Trainer(config(**{"precision": "auto", "max_iters": 2, **kw}), TinyLM(), CountingData(64))
+            return trainer, out.getvalue()
+        trainer, said = auto(False, None)  # no native bf16: no probe at all
+        self.assertEqual(trainer.config.precision, "fp32")
+        self.assertIn("precision='auto': fp32 (this cpu has no native bf16)", said)
+        self.assertEqual(auto(True, (2.0, 1.0))[0].config.precision, "bf16")
+        self.assertEqual(auto(True, (1.05, 1.0))[0].config.precision, "fp32")  # within the margin: not worth it
+        # the choice is kept in the checkpoint: a resumed run computes as it did, without probing
+        trainer, _ = auto(True, (2.0, 1.0), ckpt_path=self.path("a.pt"), resume=True)
+        trainer.run()
+        self.assertEqual(load_checkpoint(self.path("a.pt"))["train_config"]["precision"], "bf16")
+        resumed, said = auto(True, (1.0, 2.0), ckpt_path=self.path("a.pt"), resume=True, max_iters=3)
+        self.assertEqual(resumed.config.precision, "bf16")
+        self.assertIn("as the run it resumes", said)
+        # the probe itself: real passes that leave the weights and gradients as they were
+        model = TinyLM()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with mock.patch.object(precision, "native", lambda device, dtype: True), redirect_stdout(StringIO()):
+            trainer = Trainer(config(precision="auto", max_iters=1), model, CountingData(64))
+        self.assertIn(trainer.config.precision, ("fp32", "bf16"))
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.equal(v, before[k]), k)
+        self.assertTrue(all(p.grad is None for p in model.parameters()))
+        # a precision this device only emulates is run, with a warning
+        out = StringIO()
+        with mock.patch.object(precision, "native", lambda device, dtype: False), redirect_stdout(out):
+            Trainer(config(precision="bf16", max_iters=1), TinyLM(), CountingData(64))
+        self.assertIn("warning: precision='bf16', but this cpu has no native bf16", out.getvalue())
+
     def test_ctrl_c_saves_and_returns(self):
         C = config(max_iters=50, ckpt_path=self.path("c.pt"))
         trainer = Trainer(C, TinyLM(), CountingData(64))

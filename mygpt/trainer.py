@@ -43,7 +43,7 @@ from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, 
 from mygpt.model import check_ids
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
-from mygpt.utils import CfgNode, atomic_path, set_seed
+from mygpt.utils import CfgNode, atomic_path, check_device, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,6 +265,7 @@ class Trainer:
                              "(or final_tokens)")
         if C.ckpt_path is not None and not isinstance(C.ckpt_path, (str, os.PathLike)):
             raise TypeError(f"ckpt_path must be a file name (str) or None, got {C.ckpt_path!r}")
+        check_device(C.device, "trainer config device")  # before a run starts, not at its first tensor
         if C.resume and C.overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
 

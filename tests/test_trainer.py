@@ -344,6 +344,13 @@ class TestFailures(TempDirTest):
             Trainer(config(), TinyLM(), CountingData(0))
         with self.assertRaisesRegex(ValueError, "precision"):
             Trainer(config(precision="fp8"), TinyLM(), CountingData(8))
+        with self.assertRaisesRegex(ValueError, "trainer config device='gpu' is not a device"):
+            Trainer(config(device="gpu"), TinyLM(), CountingData(8))
+        if not torch.cuda.is_available():
+            with self.assertRaisesRegex(ValueError, "trainer config device=cuda"):
+                Trainer(config(device="cuda"), TinyLM(), CountingData(8))
+        with self.assertRaisesRegex(ValueError, "parallel must be one of"):
+            Trainer(config(parallel="zero3"), TinyLM(), CountingData(8))
 
         class XOnly(CountingData):
             def __getitem__(self, i):

@@ -2,7 +2,7 @@
 
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
-from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.checkpoint import CheckpointError, load_checkpoint, open_checkpoint
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.downloads import DownloadError, download
 from mygpt.evals import Example, score_examples
@@ -22,7 +22,7 @@ __all__ = [
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training
-    "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "CheckpointError",
+    "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "open_checkpoint", "CheckpointError",
     # benchmarks: multiple-choice accuracy as lm-eval scores it
     "eval_task", "core_score", "TASKS", "TaskDataError", "TaskCallback", "score_examples", "Example",
     # token corpora on disk

@@ -145,6 +145,41 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     return ckpt
 
 
+RUN_FILES = ("best.pt", "checkpoint.pt")  # what a run folder's model is: its best, else its last
+
+
+def checkpoint_file(source):
+    """source itself, or for a run's work dir the checkpoint of its model: best.pt, else checkpoint.pt."""
+    if not os.path.isdir(source):
+        return source
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            return os.path.join(source, name)
+    raise FileNotFoundError(f"{source} holds no {' or '.join(RUN_FILES)}: train first, or give a checkpoint file")
+
+
+def open_checkpoint(source, device="cpu"):
+    """The one door from a checkpoint to what it holds: (model in eval mode on device, its text tokenizer or None,
+    the checkpoint dict), read once, from a Trainer's checkpoint, a quantized one (mygpt.quantize) or a run's work
+    dir (its best.pt, else checkpoint.pt).
+
+        model, tokenizer, ckpt = mygpt.open_checkpoint("out/chargpt")
+        print(tokenizer.decode(model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 50)[0].tolist()))
+    """
+    from mygpt.model import GPT
+    from mygpt.quantize import FORMAT, load_quantized
+    from mygpt.tokenizer import TYPES, load_tokenizer
+    path = checkpoint_file(source)
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("model_config"):
+        raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT; build it "
+                              f"yourself and load_checkpoint(path, model=...)")
+    model = load_quantized(ckpt) if ckpt.get("format") == FORMAT else GPT.from_checkpoint(ckpt)
+    description = ckpt.get("tokenizer")
+    text = isinstance(description, dict) and description.get("type") in TYPES
+    return model.to(device), load_tokenizer(description) if text else None, ckpt
+
+
 def load_model_state(model, state_dict, source="checkpoint", load=True):
     """``model.load_state_dict`` with an error that lists the missing, unexpected and reshaped keys (with
     load=False, only the check: a sharded model loads through mygpt.parallel)."""

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from mygpt.bpe import get_encoder
-from mygpt.checkpoint import CheckpointError, load_checkpoint
+from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, read_header
 from mygpt.evaluate import score
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import stream
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
-from mygpt.quantize import FORMAT as QUANTIZED, load_quantized, quantize, save_quantized
+from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.trainer import resolve_device
@@ -107,14 +107,6 @@ def probability(text):
 
 # ---------------------------------------------------------------- checkpoints
 
-def open_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, the checkpoint dict), for a Trainer's checkpoint or a quantized one."""
-    ckpt = read_gpt_checkpoint(path)
-    if ckpt.get("format") == QUANTIZED:
-        return load_quantized(path).to(device), ckpt
-    return GPT.from_checkpoint(ckpt).to(device), ckpt  # read once
-
-
 def read_gpt_checkpoint(path):
     ckpt = load_checkpoint(path)
     if not ckpt.get("model_config"):
@@ -144,7 +136,7 @@ def text_tokenizer(ckpt, path):
 def sample(args):
     check_device(args.device)
     device = resolve_device(args.device)
-    model, ckpt = open_checkpoint(args.checkpoint, device)
+    model, _, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
     ids, shown = (prompt_ids(tokenizer, args.prompt), args.prompt) if args.prompt else \
         document_start(tokenizer, note=lambda text: print(f"mygpt: {text}", file=sys.stderr))
@@ -238,7 +230,7 @@ def evaluate(args):
                          "(see 'mygpt eval --help')")
     check_device(args.device)
     device = resolve_device(args.device)
-    model, ckpt = open_checkpoint(args.checkpoint, device)
+    model, _, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
     windows, what = eval_windows(args.data, tokenizer, model.block_size)
     n = len(windows)
@@ -333,7 +325,7 @@ def open_model(name, device):
     """(model, tokenizer) of a checkpoint, or of OpenAI's GPT-2 by its hub name."""
     if name in GPT2_NAMES and not os.path.exists(name):
         return GPT.from_pretrained(name).to(device), load_tokenizer({"type": "gpt2"})
-    model, ckpt = open_checkpoint(name, device)
+    model, _, ckpt = open_checkpoint(name, device)
     return model, text_tokenizer(ckpt, name)
 
 
@@ -347,7 +339,7 @@ def task_arg(text):
 # ---------------------------------------------------------------- info
 
 def info(args):
-    ckpt = read_gpt_checkpoint(args.checkpoint)  # the weights need no model: info stays fast on a large one
+    ckpt = read_gpt_checkpoint(checkpoint_file(args.checkpoint))  # weights only: fast on a large one
     config = GPT.get_default_config()
     config.merge_from_dict(ckpt["model_config"])
     print(f"checkpoint: {args.checkpoint} ({human_bytes(os.path.getsize(args.checkpoint))})")
@@ -394,7 +386,7 @@ def human_bytes(n):
 
 def quantize_checkpoint(args):
     refuse_overwrite(args.out, args.overwrite, args.checkpoint)
-    model, ckpt = open_checkpoint(args.checkpoint)
+    model, _, ckpt = open_checkpoint(args.checkpoint)
     if ckpt.get("format") == QUANTIZED:
         raise ValueError(f"{args.checkpoint} is quantized already")
     save_quantized(quantize(model, inplace=True), args.out, tokenizer=ckpt.get("tokenizer"))
@@ -423,7 +415,7 @@ def export(args):
     if args.dtype is not None and args.format != "gguf":
         raise UsageError("--dtype applies to --format gguf only (see 'mygpt export --help')")
     refuse_overwrite(args.out, args.overwrite, args.checkpoint, folder=args.format == "hf")
-    model, ckpt = open_checkpoint(args.checkpoint)
+    model, _, ckpt = open_checkpoint(args.checkpoint)
     tokenizer = None if args.no_tokenizer else ckpt.get("tokenizer")
     if isinstance(tokenizer, dict) and tokenizer.get("type") == "chars":
         raise ValueError(f"{args.checkpoint} records a character vocabulary, which GPT-2's BPE tokenizer cannot "

@@ -186,13 +186,14 @@ def meta_skeleton():
 
 
 def load_quantized(path, map_location="cpu"):
-    """The quantized GPT saved at path by save_quantized, in eval mode. Loading never executes code.
+    """The quantized GPT saved at path by save_quantized (or the dict read from it), in eval mode. Loading never
+    executes code.
 
     The model is built on the meta device and takes the saved tensors as they are, so no fp32 copy of
     the Linear weights is ever made.
     """
     from mygpt.model import GPT
-    ckpt = read_checkpoint(path, map_location)
+    ckpt, path = (path, "the checkpoint") if isinstance(path, dict) else (read_checkpoint(path, map_location), path)
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a quantized mygpt checkpoint (no format {FORMAT!r}); load an fp32 "
                               f"checkpoint with GPT.from_checkpoint(path) and quantize it with mygpt.quantize")

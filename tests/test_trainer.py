@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mygpt.model import GPT
+from mygpt.quantize import Int8Linear, save_quantized
 from mygpt.checkpoint import CheckpointError, checksum, load_checkpoint
 from mygpt.trainer import Trainer, scheduled_lr
 from tests.trainer_run import CountingData, TinyLM, config
@@ -475,6 +476,37 @@ class TestKeepsTheUsersWork(TempDirTest):
         with self.assertRaisesRegex(CheckpointError, "damaged") as caught:
             load_checkpoint(self.path("rotten.pt"))
         self.assertNotIn("weights_only=False", str(caught.exception))
+
+    def test_open_checkpoint_is_the_one_door(self):
+        from mygpt import open_checkpoint
+        from mygpt.tokenizer import CharTokenizer
+        mc = GPT.get_default_config()
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, 16, 8
+        chars = {"type": "chars", "chars": list("abcdefghijklmnop")}
+        run = self.path("run")
+        with self.assertRaisesRegex(FileNotFoundError, "holds no best.pt or checkpoint.pt"):
+            os.makedirs(run)
+            open_checkpoint(run)
+        trainer = Trainer(config(max_iters=1, ckpt_path=os.path.join(run, "checkpoint.pt")), GPT(mc),
+                          CountingData(64), tokenizer=chars).run()
+        model, tokenizer, ckpt = open_checkpoint(run)  # a run's work dir: its last checkpoint ...
+        self.assertFalse(model.training)
+        self.assertIsInstance(tokenizer, CharTokenizer)
+        self.assertEqual(ckpt["run_id"], trainer.run_id)
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.equal(v, trainer.model.state_dict()[k]), k)
+        trainer.config.max_iters = 2
+        trainer.run()
+        trainer.save_checkpoint(os.path.join(run, "best.pt"))
+        self.assertEqual(open_checkpoint(run)[2]["iter_num"], 2)  # ... or its best
+        quantized = self.path("int8.pt")
+        save_quantized(model.quantize(), quantized, tokenizer=chars)
+        self.assertIsInstance(open_checkpoint(quantized)[0].lm_head, Int8Linear)
+        Trainer(config(max_iters=1, ckpt_path=self.path("bare.pt")), GPT(mc), CountingData(64)).run()
+        self.assertIsNone(open_checkpoint(self.path("bare.pt"))[1])  # no tokenizer recorded
+        torch.save({"model": {}}, self.path("foreign.pt"))
+        with self.assertRaisesRegex(CheckpointError, "records no model config"):
+            open_checkpoint(self.path("foreign.pt"))
 
     def test_a_flipped_bit_in_the_config_is_damage_too(self):
         mc = GPT.get_default_config()

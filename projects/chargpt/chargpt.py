@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_device, check_new_run, download, exclusive,
-                   load_checkpoint, plot_history, run_main, set_seed, setup_logging)
+                   load_checkpoint, open_checkpoint, plot_history, run_main, set_seed, setup_logging)
 from mygpt.cli import document_start
 from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
@@ -170,10 +170,9 @@ def sample(model, tokenizer, prompt, length, temperature=1.0, top_k=None):
     return tokenizer.decode(out[0].tolist())
 
 
-def run_tokenizer(ckpt_path, work_dir):
-    """The characters of the run that wrote ckpt_path: its tokenizer entry, else the work dir's vocab.json
+def run_tokenizer(description, work_dir):
+    """The characters of a run: the tokenizer its checkpoint records (description), else the work dir's vocab.json
     (runs from before checkpoints recorded it)."""
-    description = load_checkpoint(ckpt_path).get("tokenizer")
     if description is None:
         with open(os.path.join(work_dir, "vocab.json"), encoding="utf-8") as f:
             description = describe_tokenizer(json.load(f))
@@ -185,7 +184,9 @@ def check_rerun(config, best_path, chars):
     or would resume on another text's characters."""
     C = config.trainer
     check_new_run(C, best_path)
-    if C.resume and os.path.exists(C.ckpt_path) and run_tokenizer(C.ckpt_path, config.system.work_dir).chars != chars:
+    if not (C.resume and os.path.exists(C.ckpt_path)):
+        return
+    if run_tokenizer(load_checkpoint(C.ckpt_path).get("tokenizer"), config.system.work_dir).chars != chars:
         raise ValueError(f"{C.ckpt_path} was trained on a text with other characters than "
                          f"{config.data.input_file}; resume it on the same text")
 
@@ -258,14 +259,11 @@ def keep_best(config, best_path, tokenizer, prompt, log):
 def sample_from_checkpoint(config):
     """Print config.sample.length characters continuing config.sample.prompt, from the run's best checkpoint."""
     work_dir = config.system.work_dir
-    path = os.path.join(work_dir, "best.pt")
-    if not os.path.exists(path):
-        path = os.path.join(work_dir, "checkpoint.pt")  # a run without validation, or too short to have evaluated
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{work_dir} holds no best.pt or checkpoint.pt: train first, or point "
-                                f"--system.work_dir at a run's work dir")
-    model = GPT.from_checkpoint(path)
-    tokenizer = run_tokenizer(path, work_dir)
+    if not os.path.isdir(work_dir):
+        raise FileNotFoundError(f"{work_dir} is not a run's work dir: train first, or point --system.work_dir at one")
+    # its best.pt, else checkpoint.pt (a run without validation, or too short to have evaluated)
+    model, _, ckpt = open_checkpoint(work_dir)
+    tokenizer = run_tokenizer(ckpt.get("tokenizer"), work_dir)
     S = config.sample
     check_sample_config(S)
     prompt = sampling_prompt(S.prompt, tokenizer, lambda text: print(text, file=sys.stderr))

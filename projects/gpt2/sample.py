@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from mygpt import GPT, CfgNode, check_device, load_checkpoint, run_main
+from mygpt import GPT, CfgNode, check_device, open_checkpoint, run_main
 from mygpt.cli import SEPARATOR, prompt_ids
 from mygpt.tokenizer import load_tokenizer
 from mygpt.trainer import resolve_device
@@ -58,17 +58,15 @@ def load_model(config):
     if source in PRETRAINED or os.path.isdir(source):
         return GPT.from_pretrained(source), load_tokenizer({"type": "gpt2"})
     if source == "resume":
-        source = os.path.join(config.work_dir, "best.pt")
-        if not os.path.exists(source):
-            source = os.path.join(config.work_dir, "checkpoint.pt")
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"{config.work_dir} holds no best.pt or checkpoint.pt: train first, point "
-                                    f"--work_dir at a run, or give --init_from=gpt2 (or a checkpoint or folder)")
+        source = config.work_dir  # its best.pt, else checkpoint.pt
+        if not os.path.isdir(source):
+            raise FileNotFoundError(f"{source} holds no best.pt or checkpoint.pt: train first, point --work_dir at "
+                                    f"a run, or give --init_from=gpt2 (or a checkpoint or folder)")
     elif not os.path.isfile(source):
         raise FileNotFoundError(f"--init_from={source!r} is not resume, a checkpoint file, one of "
                                 f"{', '.join(PRETRAINED)} or a folder written by save_pretrained")
-    ckpt = load_checkpoint(source)
-    return GPT.from_checkpoint(ckpt), load_tokenizer(ckpt.get("tokenizer") or {"type": "gpt2"})
+    model, tokenizer, _ = open_checkpoint(source)
+    return model, tokenizer or load_tokenizer({"type": "gpt2"})
 
 
 def read_prompts(config):

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 import images
 from palette import dequantise, kmeans, quantise
 from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
-                   run_main, set_seed, setup_logging)
+                   open_checkpoint, run_main, set_seed, setup_logging)
 from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
@@ -119,9 +119,9 @@ def save_grid(path, samples, reals, columns, scale):
         Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(tmp, format="PNG")
 
 
-def run_palette(ckpt_path):
-    """The palette record of the run that wrote ckpt_path, which the Trainer keeps as its tokenizer."""
-    pixels = load_checkpoint(ckpt_path).get("tokenizer")
+def run_palette(ckpt, ckpt_path):
+    """The palette record of a run's checkpoint (read from ckpt_path), which the Trainer keeps as its tokenizer."""
+    pixels = ckpt.get("tokenizer")
     if not pixels or pixels.get("type") != "palette":
         raise ValueError(f"{ckpt_path} records no palette: it was not written by image-gpt (or by an image-gpt "
                          f"older than its sample mode); train a new run")
@@ -160,7 +160,10 @@ def train(config):
         train_images, val_images = load_images(config.data, seed)
         _, height, width, _ = train_images.shape
         # resuming, the palette the checkpoint was trained with rather than a new fit
-        pixels = run_palette(C.ckpt_path) if resuming else fit_palette(train_images, config.data, seed)
+        if resuming:
+            pixels = run_palette(load_checkpoint(C.ckpt_path), C.ckpt_path)
+        else:
+            pixels = fit_palette(train_images, config.data, seed)
         palette = torch.tensor(pixels["colours"])
         train_tokens, val_tokens = quantise(train_images, palette), quantise(val_images, palette)
 
@@ -198,9 +201,9 @@ def sample_from_checkpoint(config):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{work_dir} holds no checkpoint.pt: train first, or point --system.work_dir "
                                 f"at a run's work dir")
-    model = GPT.from_checkpoint(path)
+    model, _, ckpt = open_checkpoint(path)
     out = os.path.join(work_dir, config.sample.file)
-    write_samples(out, model, run_palette(path), config.sample)
+    write_samples(out, model, run_palette(ckpt, path), config.sample)
     print(f"{config.sample.n} samples from {path}: {out}")
 
 

@@ -5,7 +5,8 @@ Export a GPT to the formats other tools run: a Hugging Face `transformers` direc
     export_hf(model, "out/hf")                          # GPT2LMHeadModel / AutoTokenizer .from_pretrained("out/hf")
     export_gguf(model, "out/model.gguf", dtype="q8_0")  # llama.cpp's gpt2 architecture; "f32", "f16" or "q8_0"
 
-Refused, with the reason: time weighting, token shift, no position embedding, no biases (GPT-2 has none of
+Refused, with the reason: time weighting, token shift, positions other than learned ones, no biases, any of the
+modern switches (RMSNorm, QK-norm, ReLU²/SwiGLU, grouped-query attention, a logit cap; GPT-2 has none of
 those differences), an int8 model from mygpt.quantize (export the fp32 one), and a tokenizer GPT-2's cannot
 stand for (a character vocabulary, another split pattern, more tokens than the model has). tokenizer=None
 writes the weights alone: transformers then loads the model but AutoTokenizer has nothing to load, and
@@ -38,8 +39,13 @@ def check_gpt2(model, target):
         reasons.append(f"time_weighting={c.time_weighting!r} (GPT-2 does not reweight attention probabilities)")
     if c.token_shift:
         reasons.append("token_shift=True (GPT-2 takes no channels from the previous position)")
-    if not c.pos_emb:
-        reasons.append("pos_emb=False (GPT-2 adds learned position embeddings)")
+    if c.pos_emb != "learned":
+        reasons.append(f"pos_emb={c.pos_emb!r} (GPT-2 adds learned position embeddings)")
+    # today's switches (mygpt.model): GPT-2 holds none of them
+    for key, gpt2 in (("norm", "layernorm"), ("embd_norm", False), ("qk_norm", False), ("mlp", "gelu"),
+                      ("mlp_hidden", None), ("n_kv_head", None), ("logit_softcap", None)):
+        if getattr(c, key) != gpt2 and not (key == "n_kv_head" and c.n_kv_head == c.n_head):
+            reasons.append(f"{key}={getattr(c, key)!r} (GPT-2 has {key}={gpt2!r})")
     if not c.bias:
         reasons.append("bias=False (GPT-2 has biases in every Linear and LayerNorm)")
     if reasons:

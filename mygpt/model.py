@@ -19,6 +19,21 @@ mostly on the distance t - u, with a per-key correction for early tokens:
     W[h, t, u] = 0                                                                for u >  t
 
 All weights start at 1, so a fresh time-weighted model computes exactly what a vanilla one does.
+
+Today's small-model recipe (nanochat, modded-nanogpt) is a set of switches, each off by default so that
+GPT-2 loads and computes exactly as it always did (mygpt.recipes names the set that turns them on):
+
+    pos_emb='rope'      q and k rotated by their absolute position (mygpt/rotary.py) instead of adding
+                        learned position embeddings ('learned'), or no positions at all (None)
+    norm='rmsnorm'      x / sqrt(mean_c(x²) + 1e-6), no gain and no bias, instead of LayerNorm; for the
+                        blocks, the final norm and, with embd_norm, right after the embedding
+    qk_norm             q and k RMS-normalised per head (before the rotation): bounded attention logits
+    mlp                 'gelu': W2 gelu(W1 x); 'relu2': W2 relu(W1 x)²; 'swiglu': W2 (silu(W1g x) * W1u x)
+    n_kv_head           grouped-query attention: n_kv_head key/value heads, each shared by n_head / n_kv_head
+                        query heads (the KV cache holds n_kv_head heads)
+    logit_softcap       logits = cap · tanh(logits / cap): no logit grows past ±cap
+    zero_init           every residual branch's output projection and the head start at 0, so a fresh
+                        model is the identity on its residual stream and predicts the uniform distribution
 """
 
 import math
@@ -30,11 +45,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mygpt.kernels import time_weighted_attention, triton_available
+from mygpt.recipes import PRESETS
+from mygpt.rotary import apply_rotary, rotary_angles
 from mygpt.checkpoint import load_checkpoint, load_model_state
 from mygpt.utils import CfgNode
 
 TIME_WEIGHTINGS = (None, "full", "circulant")
 ATTENTIONS = ("auto", "torch", "triton")
+POS_EMBS = ("learned", "rope", None)
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
+RMS_EPS = 1e-6  # the eps of every RMSNorm: that of Llama and Qwen
 
 # (n_layer, n_head, n_embd) of the named model shapes
 MODEL_SHAPES = {
@@ -82,6 +103,25 @@ def gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
+def rms_norm(x):
+    """x / sqrt(mean(x²) + eps) over the last dimension, parameter-free (no gain)."""
+    return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
+
+
+class RMSNorm(nn.Module):
+    """The norm='rmsnorm' module: LayerNorm without the mean, the gain or the bias, hence no parameters."""
+
+    def forward(self, x):
+        return rms_norm(x)
+
+
+def make_norm(config):
+    """The normalisation config.norm names, over n_embd channels."""
+    if config.norm == "rmsnorm":
+        return RMSNorm()
+    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+
+
 def dropout(x, p, training):
     """F.dropout, skipped outright in eval mode or at p = 0 (decoding calls it several times per token)."""
     return F.dropout(x, p, True) if training and p > 0.0 else x
@@ -110,8 +150,13 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of a KVCache holds this layer's keys and values
         self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head  # grouped-query attention below n_head
         self.n_embd = config.n_embd
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.head_size = config.n_embd // config.n_head
+        self.qk_norm = config.qk_norm
+        self.rope_base = config.rope_base if config.pos_emb == "rope" else None
+        # q (n_head heads), then k and v (n_kv_head heads each): 3 n_embd outputs without GQA
+        self.c_attn = Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_pdrop = config.attn_pdrop
         self.resid_pdrop = config.resid_pdrop
@@ -184,11 +229,24 @@ class CausalSelfAttention(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length  # absolute position of x[:, 0]
         if self.token_shift:
             x = self.shift(x, None if kv_cache is None else kv_cache.swap_last_input(self.layer_idx, x))
-        # one view and one permute give the three (B, nh, T, hs) views that split + 3 views + 3 transposes would
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        q, k, v = qkv.unbind(0)
+        hs, n_kv = self.head_size, self.n_kv_head
+        if n_kv == self.n_head:
+            # one view and one permute give the three (B, nh, T, hs) views that split + 3 views + 3 transposes would
+            qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+            q, k, v = qkv.unbind(0)
+        else:  # grouped-query attention: n_kv_head heads of k and of v after the n_head heads of q
+            q, k, v = self.c_attn(x).split([C, n_kv * hs, n_kv * hs], dim=2)
+            q = q.view(B, T, self.n_head, hs).transpose(1, 2)                          # (B, nh, T, hs)
+            k, v = (t.view(B, T, n_kv, hs).transpose(1, 2) for t in (k, v))             # (B, n_kv, T, hs)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if self.rope_base is not None:  # at absolute positions start..start+T-1, so cached keys stay valid
+            cos, sin = rotary_angles(hs, torch.arange(start, start + T, device=x.device), self.rope_base)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, start + T, hs)
+            k, v = kv_cache.append(self.layer_idx, k, v)  # (B, n_kv, start + T, hs)
+        if n_kv != self.n_head:  # query head h reads key/value head h // (n_head / n_kv)
+            k, v = (t.repeat_interleave(self.n_head // n_kv, dim=1) for t in (k, v))  # (B, nh, start + T, hs)
         if start == 0 and self.fused(q):  # without the (B, nh, T, T) probabilities
             y = time_weighted_attention(q, k, v, getattr(self, "time_weighting", None),
                                         getattr(self, "time_weight", None), getattr(self, "time_bias", None))
@@ -198,27 +256,51 @@ class CausalSelfAttention(nn.Module):
         return dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
 
+def mlp_hidden_size(config):
+    """4 n_embd, or for SwiGLU (two input matrices) 8/3 n_embd rounded up to a multiple of 8: the same parameters."""
+    if config.mlp_hidden is not None:
+        return config.mlp_hidden
+    if config.mlp == "swiglu":
+        return -(-8 * config.n_embd // 3 // 8) * 8
+    return 4 * config.n_embd
+
+
 class MLP(nn.Module):
-    """The position-wise feed-forward network: n_embd -> 4 n_embd -> GELU -> n_embd."""
+    """The position-wise feed-forward network: n_embd -> hidden -> activation -> n_embd.
+
+    'gelu' (GPT-2): c_proj(gelu(c_fc x)). 'relu2' (Primer, So et al. 2021): c_proj(relu(c_fc x)²).
+    'swiglu' (Shazeer 2020, Llama): c_fc makes a gate g and a value u, c_proj(silu(g) * u).
+    """
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = mlp_hidden_size(config)
+        self.kind = config.mlp
+        fan_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: the gate's rows, then the value's
+        self.c_fc = Linear(config.n_embd, fan_out, bias=config.bias)
+        self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x):
-        return dropout(self.c_proj(gelu(self.c_fc(x))), self.resid_pdrop, self.training)
+        h = self.c_fc(x)                       # (B, T, hidden) or (B, T, 2 hidden)
+        if self.kind == "relu2":
+            h = F.relu(h).square()
+        elif self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = gelu(h)
+        return dropout(self.c_proj(h), self.resid_pdrop, self.training)
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """A pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None):
@@ -229,12 +311,14 @@ class Block(nn.Module):
 class KVCache:
     """What a model must remember of the positions it has seen, to process only new ones.
 
-    Per layer: keys and values (preallocated for block_size positions) and, for token shift, the
-    attention input of the last position. `length` counts the positions held; GPT.forward advances it.
+    Per layer: keys and values (preallocated for block_size positions; n_kv_head heads, after qk_norm
+    and the rotation) and, for token shift, the attention input of the last position. `length` counts
+    the positions held; GPT.forward advances it.
     """
 
     def __init__(self, config, batch_size, device=None, dtype=None):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)  # (B, nh, T, hs)
+        n_kv_head = getattr(config, "n_kv_head", None) or config.n_head
+        shape = (batch_size, n_kv_head, config.block_size, config.n_embd // config.n_head)  # (B, n_kv, T, hs)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.last_input = [None] * config.n_layer
@@ -254,7 +338,7 @@ class KVCache:
 
 
 class GPT(nn.Module):
-    """A GPT language model: token (+ position) embeddings, n_layer blocks, a final LayerNorm and a linear head.
+    """A GPT language model: token (+ position) embeddings, n_layer blocks, a final norm and a linear head.
 
     Dropout is applied by a function rather than nn.Dropout modules: the same operation, without a
     module call per use, which adds up when decoding one token at a time.
@@ -280,7 +364,18 @@ class GPT(nn.Module):
         C.tie_weights = True         # lm_head shares the token embedding matrix, as GPT-2
         C.time_weighting = None      # None, 'full' or 'circulant'
         C.token_shift = False        # the seed's companion trick to time weighting
-        C.pos_emb = True             # learned absolute positions; time weighting can replace them
+        C.pos_emb = "learned"        # 'learned' absolute positions, 'rope' (rotary q, k) or None (time weighting
+                                     # can replace them); the True/False of older configs mean 'learned'/None
+        C.rope_base = 10000.0        # RoPE's base: θ_j = base^(-2j/head_size)
+        C.norm = "layernorm"         # 'layernorm' (GPT-2) or 'rmsnorm' (parameter-free)
+        C.embd_norm = False          # normalise the embedding before the first block
+        C.qk_norm = False            # RMS-normalise q and k per head before attention
+        C.mlp = "gelu"               # 'gelu' (GPT-2), 'relu2' or 'swiglu'
+        C.mlp_hidden = None          # None: 4 n_embd (8/3 n_embd for swiglu)
+        C.n_kv_head = None           # key/value heads for grouped-query attention; None: n_head
+        C.logit_softcap = None       # None, or cap: logits = cap * tanh(logits / cap)
+        C.zero_init = False          # output projections and head start at zero (needs tie_weights=False)
+        C.preset = None              # the recipe these settings started from (mygpt.recipes), a record only
         # 'auto': time-weighted attention in mygpt.kernels' Triton kernel on CUDA when Triton is installed and
         # there is no attention dropout, PyTorch otherwise; 'torch'; 'triton': always the kernel (CPU tensors
         # need TRITON_INTERPRET=1). Decoding with a KVCache past the prompt always takes PyTorch.
@@ -295,10 +390,12 @@ class GPT(nn.Module):
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            ln_f=make_norm(config),
         )
-        if config.pos_emb:
+        if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.embd_norm:
+            modules["ln_e"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -310,6 +407,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init:  # each block starts as the identity, the head as the uniform distribution
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or name == "lm_head.weight":
+                    torch.nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module):
@@ -356,14 +457,19 @@ class GPT(nn.Module):
         self.check_input(idx, start)
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.pos_emb:
+        if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe.weight[start:start + T]  # + (T, C): the rows of positions start..start+T-1
+        if self.config.embd_norm:
+            x = self.transformer.ln_e(x)
         x = dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = cross_entropy(logits, targets)
@@ -454,6 +560,14 @@ def check_ids(ids, vocab_size, what, ignore_index=None):
         raise ValueError(f"{what} {lo if lo < lowest else hi} is outside the vocabulary [0, {vocab_size}){extra}")
 
 
+def upgraded_pos_emb(value):
+    """pos_emb as today's configs spell it: an older config's boolean (or its command-line spelling) means
+    learned positions or none; any other value is returned as it is."""
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return "learned" if str(value).lower() == "true" else None
+    return value
+
+
 def resolve_config(config):
     """The config with n_layer/n_head/n_embd filled from model_type, checked, with errors that say what to fix.
 
@@ -485,9 +599,41 @@ def resolve_config(config):
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"config.{key} is a dropout probability and must be in [0, 1), got {value!r}")
-    for key in ("bias", "tie_weights", "token_shift", "pos_emb"):
+    config.pos_emb = upgraded_pos_emb(config.pos_emb)
+    for key in ("bias", "tie_weights", "token_shift", "embd_norm", "qk_norm", "zero_init"):
         if not isinstance(getattr(config, key), bool):
             raise TypeError(f"config.{key} must be True or False, got {getattr(config, key)!r}")
+    for key, choices in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+        if getattr(config, key) not in choices:
+            raise ValueError(f"unknown {key} {getattr(config, key)!r}; choose one of {list(choices)}")
+    head_size = config.n_embd // config.n_head
+    if config.pos_emb == "rope":
+        if head_size % 2:
+            raise ValueError(f"pos_emb='rope' rotates channel pairs, but the head size n_embd // n_head = {head_size} "
+                             f"is odd: choose n_embd and n_head with an even quotient, or pos_emb='learned'")
+        if isinstance(config.rope_base, bool) or not isinstance(config.rope_base, (int, float)) or config.rope_base <= 1:
+            raise ValueError(f"config.rope_base must be a number > 1, got {config.rope_base!r}")
+    if config.n_kv_head is not None:
+        n_kv = config.n_kv_head
+        if isinstance(n_kv, bool) or not isinstance(n_kv, numbers.Integral) or n_kv <= 0:
+            raise ValueError(f"config.n_kv_head must be a positive integer or None (= n_head), got {n_kv!r}")
+        config.n_kv_head = int(n_kv)
+        if config.n_head % n_kv:
+            divisors = [d for d in range(1, config.n_head + 1) if config.n_head % d == 0]
+            raise ValueError(f"n_kv_head ({n_kv}) must divide n_head ({config.n_head}) so that each key/value head "
+                             f"serves the same number of query heads; choose one of {divisors}")
+    if config.mlp_hidden is not None and (isinstance(config.mlp_hidden, bool)
+                                          or not isinstance(config.mlp_hidden, numbers.Integral)
+                                          or config.mlp_hidden <= 0):
+        raise ValueError(f"config.mlp_hidden must be a positive integer or None, got {config.mlp_hidden!r}")
+    cap = config.logit_softcap
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+        raise ValueError(f"config.logit_softcap must be None (off) or a positive number, got {cap!r}")
+    if config.preset not in PRESETS:
+        raise ValueError(f"unknown preset {config.preset!r}; choose one of {[None, *PRESETS[1:]]} (see mygpt.recipes)")
+    if config.zero_init and config.tie_weights:
+        raise ValueError("zero_init=True starts the head at zero, and with tie_weights=True the head is the token "
+                         "embedding, which would start at zero too: set tie_weights=False")
     if config.time_weighting not in TIME_WEIGHTINGS:
         raise ValueError(f"unknown time_weighting {config.time_weighting!r}; choose None, 'full' or 'circulant'")
     if config.attention not in ATTENTIONS:

@@ -48,9 +48,13 @@ def load_gpt2(gpt_class, name_or_dir, **overrides):
     config.vocab_size, config.block_size = hf_config.vocab_size, hf_config.n_positions
     config.tie_weights = bool(getattr(hf_config, "tie_word_embeddings", True))
     config.merge_from_dict(overrides)
-    if config.time_weighting is not None or config.token_shift or not config.pos_emb:
+    if (config.time_weighting is not None or config.token_shift or config.pos_emb not in (True, "learned")
+            or config.norm != "layernorm" or config.embd_norm or config.qk_norm or config.mlp != "gelu"
+            or config.mlp_hidden is not None or config.n_kv_head not in (None, config.n_head)
+            or config.logit_softcap is not None or config.zero_init):
         raise ValueError("GPT-2 weights need the vanilla architecture: time_weighting=None, token_shift=False, "
-                         "pos_emb=True")
+                         "pos_emb='learned', norm='layernorm', embd_norm=False, qk_norm=False, mlp='gelu', "
+                         "mlp_hidden=None, n_kv_head=None, logit_softcap=None, zero_init=False")
     model = gpt_class(config)
     copy_gpt2_weights(hf_model.state_dict(), model)
     return model.eval()  # as transformers returns it: no dropout until the caller asks for training

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from mygpt import precision
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix, train_config_of)
-from mygpt.model import check_ids
+from mygpt.model import GPT, check_ids, upgraded_pos_emb
+from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
 from mygpt.utils import CfgNode, atomic_path, check_device, set_seed
@@ -50,12 +51,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
 TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
 MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
-LR_SCHEDULES = ("mingpt", "nanogpt")
+LR_SCHEDULES = ("mingpt", "nanogpt", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 # model config fields that choose how the same function is computed: they may change when a run resumes
 RESUMABLE_MODEL_FIELDS = ("attention",)
 
 
-def scheduled_lr(config, tokens):
+def scheduled_lr(config, tokens, peak=None):
     """The learning rate after ``tokens`` target tokens: linear warmup over warmup_tokens, then a cosine over
     progress p in [0, 1] up to final_tokens, held at 10% of learning_rate after it. Two cosines:
 
@@ -63,16 +65,28 @@ def scheduled_lr(config, tokens):
         'nanogpt' (nanoGPT's get_lr):                             lr · (0.1 + 0.9 · ½(1 + cos πp))
 
     minGPT's reaches the floor at p ≈ 0.8 and stays there; nanoGPT's reaches it exactly at final_tokens.
+    'wsd' (warmup-stable-decay, Hu et al. 2024 "MiniCPM"; nanochat, modded-nanogpt) holds lr flat after the
+    warmup, then cools down linearly over the last cooldown_fraction of the tokens after it, to
+    cooldown_floor · lr at final_tokens (and stays there):
+
+        'wsd':  lr · (1 - (1 - cooldown_floor) · c),   c = cooldown progress in [0, 1]
+
+    peak replaces learning_rate for an optimizer group with a learning rate of its own (optimizer='muon').
     """
+    peak = config.learning_rate if peak is None else peak
     if not config.lr_decay:
-        return config.learning_rate
+        return peak
     if tokens < config.warmup_tokens:
-        return config.learning_rate * tokens / max(1, config.warmup_tokens)
+        return peak * tokens / max(1, config.warmup_tokens)
+    if config.lr_schedule == "wsd":
+        cooldown = config.cooldown_fraction * (config.final_tokens - config.warmup_tokens)  # tokens
+        progress = (tokens - (config.final_tokens - cooldown)) / max(1, cooldown)
+        return peak * (1.0 - (1.0 - config.cooldown_floor) * min(max(progress, 0.0), 1.0))
     progress = (tokens - config.warmup_tokens) / max(1, config.final_tokens - config.warmup_tokens)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0, then held at 0
     if config.lr_schedule == "nanogpt":
-        return config.learning_rate * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
-    return config.learning_rate * max(MIN_LR_FRACTION, cosine)
+        return peak * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
+    return peak * max(MIN_LR_FRACTION, cosine)
 
 
 def check_new_run(config, *other_files):
@@ -139,7 +153,14 @@ class Trainer:
         C.weight_decay = 0.1         # read by the model's configure_optimizers, or the plain AdamW
         C.grad_norm_clip = 1.0       # None or 0 turns clipping off
         C.lr_decay = False           # warmup then cosine decay to 10%, counted in target tokens
-        C.lr_schedule = "mingpt"     # which cosine (see scheduled_lr): 'mingpt' (the seed's) or 'nanogpt'
+        C.lr_schedule = "mingpt"     # see scheduled_lr: 'mingpt' (the seed's cosine), 'nanogpt' or 'wsd'
+        C.cooldown_fraction = 0.4    # 'wsd': the last fraction of the run (after warmup) that cools down ...
+        C.cooldown_floor = 0.0       # ... linearly to this fraction of each learning rate
+        C.optimizer = "adamw"        # 'adamw', or 'muon': Muon for hidden matrices, AdamW for the rest (mygpt/muon.py)
+        C.muon_lr = 0.02             # Muon's learning rate (modded-nanogpt's, nanochat's); AdamW's is learning_rate
+        C.muon_momentum = 0.95       # Muon's momentum, reached after ...
+        C.muon_momentum_warmup = 300  # ... this many steps, linearly from 0.85 (modded-nanogpt); 0: from the start
+        C.muon_weight_decay = 0.0    # Muon's decoupled weight decay (AdamW's is weight_decay)
         C.warmup_tokens = None       # None: the first 5% of final_tokens
         C.final_tokens = None        # None: where max_iters / max_epochs ends the run
         C.grad_accum_steps = 1       # micro-batches per optimizer step
@@ -249,6 +270,23 @@ class Trainer:
                              "use precision='bf16'")
         if C.precision not in (*PRECISIONS, "auto"):
             raise ValueError(f"precision must be one of {[*PRECISIONS, 'auto']}, got {C.precision!r}")
+        if C.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {C.optimizer!r}")
+        if C.optimizer == "muon" and C.parallel == "fsdp":
+            raise ValueError("optimizer='muon' orthogonalises whole matrices, and parallel='fsdp' shards them across "
+                             "processes: use parallel='ddp' with Muon, or optimizer='adamw' with FSDP")
+        for key in ("cooldown_fraction", "cooldown_floor"):
+            value = getattr(C, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
+        for key in ("muon_lr", "muon_weight_decay"):
+            value = getattr(C, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+        if isinstance(C.muon_momentum, bool) or not (isinstance(C.muon_momentum, (int, float))
+                                                     and 0 <= C.muon_momentum < 1):
+            raise ValueError(f"muon_momentum must be a number in [0, 1), got {C.muon_momentum!r}")
+        positive_int("muon_momentum_warmup", allow_zero=True)
         if not (isinstance(C.learning_rate, (int, float)) and C.learning_rate >= 0):
             raise ValueError(f"learning_rate must be a number >= 0, got {C.learning_rate!r}")
         if C.grad_norm_clip is not None and not (isinstance(C.grad_norm_clip, (int, float)) and C.grad_norm_clip >= 0):
@@ -369,6 +407,8 @@ class Trainer:
         self._print(f"precision='auto': {choice} ({why})")
 
     def _make_optimizer(self):
+        if self.config.optimizer == "muon":
+            return configure_muon(self.model, self.config)
         if hasattr(self.model, "configure_optimizers"):
             return self.model.configure_optimizers(self.config)
         C = self.config
@@ -386,7 +426,11 @@ class Trainer:
                 C.final_tokens = self.examples_in_steps(min(steps)) * _targets_in(self.train_dataset[0])
         if C.warmup_tokens is None and C.final_tokens is not None:
             C.warmup_tokens = C.final_tokens // 20
-        if C.lr_decay:
+        if C.lr_decay and C.lr_schedule == "wsd":
+            self._print(f"schedule: warmup over {C.warmup_tokens:,.0f} tokens, flat, then a linear cooldown over the "
+                        f"last {C.cooldown_fraction:g} to {C.cooldown_floor:g} of each learning rate by "
+                        f"{C.final_tokens:,.0f} tokens")
+        elif C.lr_decay:
             self._print(f"schedule: warmup over {C.warmup_tokens:,.0f} tokens, {C.lr_schedule}'s cosine to "
                         f"{MIN_LR_FRACTION * C.learning_rate:g} by {C.final_tokens:,.0f} tokens")
 
@@ -560,8 +604,10 @@ class Trainer:
 
         self.tokens += int(total)
         self.lr = scheduled_lr(self.config, self.tokens)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        for group in self.optimizer.param_groups:  # a group with its own learning rate follows the same schedule
+            group["lr"] = self.lr if "peak_lr" not in group else scheduled_lr(self.config, self.tokens, group["peak_lr"])
+        if isinstance(self.optimizer, MuonAdamW):
+            self.optimizer.set_momentum(muon_momentum(self.config, self.iter_num))
         if self.config.grad_norm_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_norm_clip)
@@ -803,6 +849,8 @@ class Trainer:
             defaults = _plain_config(type(self.model).get_default_config()) if hasattr(
                 type(self.model), "get_default_config") else {}
             saved = {**defaults, **saved}
+            if isinstance(self.model, GPT) and "pos_emb" in saved:  # pos_emb=True of older checkpoints is 'learned'
+                saved["pos_emb"] = upgraded_pos_emb(saved["pos_emb"])
             for key in sorted(set(saved) | set(current)):
                 if key not in RESUMABLE_MODEL_FIELDS and saved.get(key) != current.get(key):
                     raise CheckpointError(

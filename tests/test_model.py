@@ -239,8 +239,8 @@ class TestBadInput(unittest.TestCase):
             GPT(tiny_config(attn_pdrop=1.0))
         with self.assertRaisesRegex(ValueError, "resid_pdrop"):
             GPT(tiny_config(resid_pdrop=-0.1))
-        with self.assertRaisesRegex(TypeError, "pos_emb must be True or False, got 'false'"):
-            GPT(tiny_config(pos_emb="false"))
+        with self.assertRaisesRegex(ValueError, r"unknown pos_emb 'absolute'; choose one of \['learned', 'rope', None\]"):
+            GPT(tiny_config(pos_emb="absolute"))
         with self.assertRaisesRegex(ValueError, "n_layer must be a positive integer, got 2.5"):
             GPT(tiny_config(n_layer=2.5))
 

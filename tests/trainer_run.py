@@ -1,12 +1,13 @@
 """Small training runs that tests/test_trainer.py starts in subprocesses (and imports for its tiny model).
 
-    python tests/trainer_run.py resume CKPT ITERS SLEEP   train with resume=True, a checkpoint every step
+    python tests/trainer_run.py resume CKPT ITERS SLEEP [muon]   train with resume=True, a checkpoint every step
     torchrun --standalone --nproc_per_node=2 tests/trainer_run.py ddp OUTDIR ITERS   (resumes from OUTDIR)
     torchrun --standalone --nproc_per_node=2 --max-restarts=1 tests/trainer_run.py elastic OUTDIR ITERS KILL_AT
         the DDP run, in which rank 1 kills itself at step KILL_AT on the first attempt; torchrun restarts it
     python tests/trainer_run.py single OUTDIR ITERS       the DDP run's global batches in one process
     torchrun --standalone --nproc_per_node=2 tests/trainer_run.py disagree OUTDIR lr|resume   must refuse to start
     torchrun ... tests/trainer_run.py fsdp|fsdp_elastic OUTDIR ITERS [KILL_AT]   as ddp|elastic, sharded (FSDP2)
+    (a last argument 'muon' trains TinyMLP with optimizer='muon' and the 'wsd' schedule in resume, ddp and single)
 """
 
 import json
@@ -41,6 +42,30 @@ class TinyLM(nn.Module):
         if y is not None:
             loss = F.cross_entropy(logits.view(-1, VOCAB), y.view(-1), ignore_index=-1)
         return logits, loss
+
+
+class TinyMLP(TinyLM):
+    """TinyLM with a residual hidden layer between the embedding and the head: a hidden matrix for Muon."""
+
+    def __init__(self, dropout=0.1, width=32):
+        super().__init__(dropout, width)
+        self.hidden = nn.Linear(width, width)
+
+    def forward(self, x, y=None):
+        h = self.emb(x)
+        h = h + F.relu(self.hidden(h))
+        logits = self.head(self.drop(h))
+        loss = None
+        if y is not None:
+            loss = F.cross_entropy(logits.view(-1, VOCAB), y.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+def muon_overrides(args):
+    """Trainer overrides and the model class for a run whose last argument may be 'muon'."""
+    if args and args[-1] == "muon":
+        return dict(optimizer="muon", lr_schedule="wsd", muon_momentum_warmup=5), TinyMLP
+    return {}, TinyLM
 
 
 class CountingData(torch.utils.data.Dataset):
@@ -84,25 +109,28 @@ def main(mode, *args):
     torch.set_num_threads(1)
     if mode == "resume":
         ckpt, iters, sleep = args[0], int(args[1]), float(args[2])
+        overrides, model_class = muon_overrides(args[3:])
         torch.manual_seed(0)
         C = config(max_iters=iters, ckpt_path=ckpt, ckpt_interval=1, resume=True, grad_accum_steps=2,
-                   lr_decay=True, warmup_tokens=200, final_tokens=4000)
-        trainer = Trainer(C, TinyLM(dropout=0.1), CountingData(100))
+                   lr_decay=True, warmup_tokens=200, final_tokens=4000, **overrides)
+        trainer = Trainer(C, model_class(dropout=0.1), CountingData(100))
         trainer.add_callback("on_batch_end", lambda t: time.sleep(sleep))
         trainer.run()
     elif mode in ("ddp", "single", "elastic", "fsdp", "fsdp_elastic", "single_gpt"):
         outdir, iters = args[0], int(args[1])
+        overrides, model_class = muon_overrides(args[2:])
         rank = int(os.environ.get("RANK", "0"))
         torch.manual_seed(100 + rank)  # the ranks start from different weights; DDP must align them
         single = mode.startswith("single")
         batch = 16 if single else 4  # 4 per micro-batch x 2 micro-batches x 2 processes
         C = config(max_iters=iters, batch_size=batch, grad_accum_steps=1 if single else 2,
                    ckpt_path=os.path.join(outdir, f"{mode}.ckpt"), resume=True,
-                   ckpt_interval=1 if mode.endswith("elastic") else 0, parallel="fsdp" if "fsdp" in mode else "ddp")
+                   ckpt_interval=1 if mode.endswith("elastic") else 0, parallel="fsdp" if "fsdp" in mode else "ddp",
+                   **overrides)
         # 96 examples are 6 whole steps an epoch: there one process and two take the same examples (with a
         # remainder, one process ends the epoch with a short batch, DDP fills its last step up)
         # the sharded runs train a GPT (blocks in a ModuleList, a tied head, time weighting and token shift)
-        model = tiny_gpt() if "fsdp" in mode or mode == "single_gpt" else TinyLM(dropout=0.0)
+        model = tiny_gpt() if "fsdp" in mode or mode == "single_gpt" else model_class(dropout=0.0)
         trainer = Trainer(C, model, CountingData(96))
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if mode.endswith("elastic") and rank == 1 and first_attempt:

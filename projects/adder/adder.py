@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, plot_history, run_main, set_seed,
                    setup_logging)
+from mygpt.recipes import merge_args
 from mygpt.tokenizer import describe_tokenizer
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
@@ -126,7 +127,7 @@ def count_correct(model, dataset, batch_size=2000):
 
 def main(args):
     config = get_config()
-    config.merge_from_args(args, description=__doc__)
+    merge_args(config, args, description=__doc__)  # --model.preset=modern first
     check_device(config.trainer.device, "--trainer.device")
     train(config)
 

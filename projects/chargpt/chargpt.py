@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_device, check_new_run, download, exclusive,
                    load_checkpoint, open_checkpoint, plot_history, run_main, set_seed, setup_logging)
 from mygpt.cli import document_start
+from mygpt.recipes import merge_args
 from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
@@ -272,7 +273,7 @@ def sample_from_checkpoint(config):
 
 def main(args):
     config = get_config()
-    config.merge_from_args(args, description=__doc__)
+    merge_args(config, args, description=__doc__)  # --model.preset=modern first
     check_device(config.trainer.device, "--trainer.device")
     set_seed(config.system.seed, "--system.seed")
     if config.system.mode == "train":

@@ -27,6 +27,7 @@ from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive
                    setup_logging)
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
+from mygpt.recipes import apply_recipe
 from mygpt.tokenizer import load_tokenizer
 from mygpt.trainer import PRECISIONS, resolve_device
 
@@ -92,6 +93,9 @@ def get_config_from_args(args):
     """The config after the configurations named in args (in order), then the --key=value overrides."""
     config = get_config()
     overrides = [a for a in args if a.startswith("-")]
+    presets = [a.split("=", 1)[1] for a in overrides if a.startswith("--model.preset=")]
+    if presets and presets[-1] != "None":
+        apply_recipe(config, presets[-1])  # first: the configurations and overrides below win over it
     for name in (a for a in args if not a.startswith("-")):
         config.merge_from_args(read_configuration(name))
     description = f"{__doc__.strip()}\n\nConfigurations: {', '.join(configuration_names())}"

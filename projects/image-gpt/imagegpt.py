@@ -24,6 +24,7 @@ import images
 from palette import dequantise, kmeans, quantise
 from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
                    open_checkpoint, run_main, set_seed, setup_logging)
+from mygpt.recipes import merge_args
 from mygpt.utils import atomic_path
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
@@ -209,7 +210,7 @@ def sample_from_checkpoint(config):
 
 def main(args):
     config = get_config()
-    config.merge_from_args(args, description=__doc__)
+    merge_args(config, args, description=__doc__)  # --model.preset=modern first
     check_device(config.trainer.device, "--trainer.device")
     set_seed(config.system.seed, "--system.seed")
     if config.system.mode == "train":

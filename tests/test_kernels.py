@@ -199,6 +199,26 @@ class TestInTheModel(unittest.TestCase):
             for name in grads:
                 torch.testing.assert_close(k_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=f"{form} {name}")
 
+    def test_modern_switches_through_the_kernel(self):
+        # q and k enter the kernel after QK-norm and the rotation, k and v repeated for grouped-query attention
+        modern = dict(pos_emb="rope", norm="rmsnorm", embd_norm=True, qk_norm=True, mlp="relu2", n_kv_head=1,
+                      bias=False, tie_weights=False, logit_softcap=15.0, token_shift=True)
+        idx = torch.randint(0, 11, (2, 19), generator=torch.Generator().manual_seed(0))
+        results = []
+        for attention in ("torch", "triton"):
+            model = gpt(attention, "circulant", **modern)
+            logits, loss = model(idx, torch.roll(idx, -1, dims=1))
+            loss.backward()
+            results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+        (logits, grads), (k_logits, k_grads) = results
+        torch.testing.assert_close(k_logits, logits, rtol=0, atol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(k_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        model = gpt("triton", "circulant", **modern).eval()
+        prompt = idx[:, :5]
+        self.assertTrue(torch.equal(model.generate(prompt, 8),
+                                    gpt("torch", "circulant", **modern).eval().generate(prompt, 8, use_cache=False)))
+
     def test_cached_generation_with_the_kernel_for_the_prompt(self):
         # the prompt goes through the kernel, each new token through the PyTorch path
         model = gpt("triton", "circulant").eval()

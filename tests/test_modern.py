@@ -425,3 +425,36 @@ class TestRecipe(unittest.TestCase):
                 self.assertEqual(out.returncode, 0, out.stderr[-2000:])
                 self.assertIn("--model.pos_emb='rope'", out.stdout)
                 self.assertIn("--trainer.optimizer='muon'", out.stdout)
+
+
+class TestCommandLine(TempDirTest):
+    def test_a_modern_checkpoint_works_with_info_sample_eval_quantize_and_export_refuses_it(self):
+        from tests.test_cli import CHARS, Windows, run
+        from mygpt.tokenizer import load_tokenizer
+        ids = load_tokenizer(CHARS).encode("hello hole ") * 30
+        C = CfgNode(model=GPT.get_default_config(), trainer=Trainer.get_default_config())
+        apply_recipe(C, "modern")
+        C.model.merge_from_dict(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=6, block_size=16, n_kv_head=1))
+        C.trainer.merge_from_dict(dict(device="cpu", max_iters=20, batch_size=8, learning_rate=1e-2, quiet=True,
+                                       log_interval=0, eval_interval=0, ckpt_path=self.path("modern.pt")))
+        torch.manual_seed(0)
+        Trainer(C.trainer, GPT(C.model), Windows(ids, 16), tokenizer=CHARS).run()
+        status, out, err = run("info", self.path("modern.pt"))
+        self.assertEqual(status, 0, err)
+        self.assertIn("pos_emb: rope", out)
+        self.assertIn("preset: modern", out)
+        status, out, err = run("sample", self.path("modern.pt"), "--prompt", "he", "--max-new-tokens", 8)
+        self.assertEqual(status, 0, err)
+        with open(self.path("t.txt"), "w") as f:
+            f.write("hello hole " * 10)
+        status, out, err = run("eval", self.path("modern.pt"), "--data", self.path("t.txt"))
+        self.assertEqual(status, 0, err)
+        status, out, err = run("quantize", self.path("modern.pt"), "--out", self.path("q.pt"))
+        self.assertEqual(status, 0, err)
+        status, out, err = run("sample", self.path("q.pt"), "--prompt", "he", "--max-new-tokens", 8)
+        self.assertEqual(status, 0, err)
+        status, out, err = run("export", self.path("modern.pt"), "--format", "hf", "--out", self.path("hf"),
+                               "--no-tokenizer")
+        self.assertEqual(status, 1)
+        self.assertIn("pos_emb='rope'", err)
+        self.assertIn("qk_norm=True", err)

@@ -1,0 +1,232 @@
+"""The chargpt race: mygpt's default GPT against the modern recipe (--model.preset=modern), side by side.
+
+    python bench/bench_modern.py race  [--text=FILE] [--steps=2000] [--runs=default,modern,modern_tw]
+    python bench/bench_modern.py steps [--steps=40]          time per training step of each switch alone
+
+race: nanoGPT's CPU recipe for shakespeare_char, as projects/chargpt sets it (4 layers, 4 heads, 128 wide,
+block 64, batch 12, 2000 steps, AdamW 1e-3 with nanoGPT's cosine, no dropout), one process per run, all
+started at once, each on one thread (OMP_NUM_THREADS=1), so that load from elsewhere falls on all alike.
+Every 100 steps the clock stops while the loss on a fixed sample of 240 validation windows is measured;
+at the end each model is scored on the whole validation tenth (non-overlapping windows of 64). Reported:
+final validation loss, training wall time (evaluations excluded), and the training time a run took to
+reach the default's final sampled validation loss.
+
+The text is tiny shakespeare (mygpt's download cache), or --text=FILE; where the download fails, Python's
+own help topics (pydoc_data, ~465k characters of English) stand in, and the report says so.
+
+steps: the default model and the default with each switch alone, then the whole modern recipe, trained
+for --steps steps at the race's shape (after 5 warm-up steps), in one process on one thread, in
+alternating rounds.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from mygpt import Trainer  # noqa: E402
+from mygpt.model import GPT  # noqa: E402
+from mygpt.recipes import apply_recipe  # noqa: E402
+from mygpt.tokenizer import CharTokenizer  # noqa: E402
+
+RUNS = {  # name: overrides of projects/chargpt's config (a preset first)
+    "default": {},
+    "modern": {"preset": "modern"},
+    "modern_tw": {"preset": "modern", "model": dict(time_weighting="circulant", token_shift=True)},
+}
+SWITCHES = {  # name: (model overrides, trainer overrides), each alone on the default
+    "default": ({}, {}),
+    "pos_emb=rope": (dict(pos_emb="rope"), {}),
+    "norm=rmsnorm": (dict(norm="rmsnorm"), {}),
+    "embd_norm": (dict(embd_norm=True), {}),
+    "qk_norm": (dict(qk_norm=True), {}),
+    "mlp=relu2": (dict(mlp="relu2"), {}),
+    "mlp=swiglu": (dict(mlp="swiglu"), {}),
+    "n_kv_head=2": (dict(n_kv_head=2), {}),
+    "logit_softcap=15": (dict(logit_softcap=15.0), {}),
+    "bias=False": (dict(bias=False), {}),
+    "tie_weights=False": (dict(tie_weights=False), {}),
+    "optimizer=muon": ({}, dict(optimizer="muon")),
+    "modern (all)": ("modern", {}),
+    "modern + circulant + token_shift": ("modern", dict(time_weighting="circulant", token_shift=True)),
+}
+EVAL_EVERY, EVAL_WINDOWS = 100, 240
+
+
+def chargpt():
+    spec = importlib.util.spec_from_file_location("chargpt", os.path.join(ROOT, "projects", "chargpt", "chargpt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_text(path):
+    """(text, its name): the file, else tiny shakespeare, else Python's help topics."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    try:
+        from mygpt import download
+        path = download(chargpt().TINY_SHAKESPEARE_URL, chargpt().TINY_SHAKESPEARE_SHA256,
+                        filename="tinyshakespeare.txt")
+        with open(path, encoding="utf-8") as f:
+            return f.read(), "tiny shakespeare"
+    except Exception as err:  # no network: a stand-in every Python has
+        import pydoc_data.topics
+        print(f"(tiny shakespeare unavailable: {type(err).__name__}; using pydoc_data's help topics)", file=sys.stderr)
+        topics = pydoc_data.topics.topics
+        return "".join(topics[k] for k in sorted(topics)), "pydoc_data help topics (tiny shakespeare unavailable)"
+
+
+def race_config(run):
+    """projects/chargpt's config with a run's overrides."""
+    C = chargpt().get_config()
+    overrides = RUNS[run]
+    if overrides.get("preset"):
+        apply_recipe(C, overrides["preset"])
+    C.model.merge_from_dict(overrides.get("model", {}))
+    C.trainer.eval_interval = 0
+    C.trainer.ckpt_path = None
+    C.trainer.quiet = True
+    C.trainer.log_interval = 0
+    C.trainer.device = "cpu"
+    return C
+
+
+def datasets(text, block_size):
+    project = chargpt()
+    tokenizer = CharTokenizer(sorted(set(text)))
+    cut = project.split_point(len(text), 0.1)
+    train = project.CharDataset(text[:cut], tokenizer, block_size)
+    val = project.CharDataset(text[cut:], tokenizer, block_size)
+    return tokenizer, train, val
+
+
+@torch.no_grad()
+def val_loss(model, val, starts, batch=64):
+    """Mean loss per character over the windows of val starting at `starts`."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch):
+        xs, ys = zip(*(val[s] for s in starts[i:i + batch]))
+        _, loss = model(torch.stack(xs), torch.stack(ys))
+        total += loss.item() * len(xs) * xs[0].numel()
+        count += len(xs) * xs[0].numel()
+    model.train()
+    return total / count
+
+
+def run_one(run, text_path, steps, out, args=()):
+    """One race entry, in its own process: train, sample the val loss every EVAL_EVERY steps, score at the end."""
+    torch.set_num_threads(1)
+    text, _ = read_text(text_path)
+    C = race_config(run)
+    C.merge_from_args(list(args))  # e.g. --trainer.muon_lr=0.04, for tuning
+    C.trainer.max_iters = steps
+    tokenizer, train, val = datasets(text, C.data.block_size)
+    C.model.vocab_size, C.model.block_size = tokenizer.vocab_size, C.data.block_size
+    torch.manual_seed(C.system.seed)
+    model = GPT(C.model)
+    trainer = Trainer(C.trainer, model, train)
+    sample = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:EVAL_WINDOWS].tolist()
+    curve, clock = [], {"train": 0.0, "since": time.perf_counter()}
+
+    def on_batch_end(t):
+        if t.iter_num % EVAL_EVERY == 0 or t.iter_num == steps:
+            clock["train"] += time.perf_counter() - clock["since"]
+            curve.append({"iter": t.iter_num, "seconds": clock["train"], "val_sample": val_loss(t.model, val, sample)})
+            clock["since"] = time.perf_counter()
+
+    trainer.add_callback("on_batch_end", on_batch_end)
+    trainer.run()
+    whole = list(range(0, len(val), C.data.block_size))  # every validation character predicted once
+    result = {"run": run, "steps": steps, "params": model.num_parameters(), "curve": curve,
+              "train_seconds": clock["train"], "val_loss": val_loss(model, val, whole),
+              "train_loss": trainer.loss}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def race(text_path, steps, runs):
+    _, name = read_text(text_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+    with tempfile.TemporaryDirectory() as d:
+        procs = {run: subprocess.Popen([sys.executable, __file__, "run", run, text_path or "", str(steps),
+                                        os.path.join(d, f"{run}.json")], env=env) for run in runs}
+        for run, p in procs.items():
+            if p.wait() != 0:
+                sys.exit(f"run {run} failed")
+        results = {run: json.load(open(os.path.join(d, f"{run}.json"))) for run in runs}
+    base = results["default"] if "default" in results else None
+    print(f"\nchargpt race on {name}: {steps} steps, 4 layers, 4 heads, 128 wide, block 64, batch 12, one thread each")
+    print(f"{'run':<12} {'params':>8} {'val loss':>9} {'train s':>8} {'s to default final':>19} {'fraction':>9}")
+    target = base["curve"][-1]["val_sample"] if base else None
+    for run, r in results.items():
+        reach = next((p["seconds"] for p in r["curve"] if p["val_sample"] <= target), None) if target else None
+        frac = f"{reach / base['train_seconds']:.2f}" if reach is not None else "-"
+        reach_s = f"{reach:.1f} (it {next(p['iter'] for p in r['curve'] if p['seconds'] == reach)})" if reach else "never"
+        print(f"{run:<12} {r['params']:>8,} {r['val_loss']:>9.4f} {r['train_seconds']:>8.1f} {reach_s:>19} {frac:>9}")
+    if base:
+        for run, r in results.items():
+            if run != "default":
+                print(f"{run}: {base['val_loss'] - r['val_loss']:+.3f} nats/char below the default at {steps} steps")
+    print("\nsampled val loss (240 windows) by step:")
+    print("iter  " + "  ".join(f"{run:>10}" for run in results))
+    for i, point in enumerate(next(iter(results.values()))["curve"]):
+        print(f"{point['iter']:<5} " + "  ".join(f"{r['curve'][i]['val_sample']:>10.4f}" for r in results.values()))
+
+
+def step_times(steps):
+    torch.set_num_threads(1)
+    text, name = read_text(None)
+    trainers = {}
+    for label, (model_kw, trainer_kw) in SWITCHES.items():
+        C = race_config("default")
+        if model_kw == "modern":
+            apply_recipe(C, "modern")
+            C.model.merge_from_dict(trainer_kw)
+        else:
+            C.model.merge_from_dict(model_kw)
+            C.trainer.merge_from_dict(trainer_kw)
+        tokenizer, train, _ = datasets(text, C.data.block_size)
+        C.model.vocab_size, C.model.block_size = tokenizer.vocab_size, C.data.block_size
+        C.trainer.max_iters = 10 ** 9
+        torch.manual_seed(0)
+        trainers[label] = Trainer(C.trainer, GPT(C.model), train)
+    times = {label: [] for label in trainers}
+    for round_ in range(3):  # alternating rounds; the first is warm-up
+        for label, trainer in trainers.items():
+            trainer.config.max_iters = trainer.iter_num + (5 if round_ == 0 else steps)
+            start = time.perf_counter()
+            trainer.run()
+            if round_:
+                times[label].append((time.perf_counter() - start) / steps)
+    base = min(times["default"])
+    print(f"\ntime per training step, race shape (4x128, block 64, batch 12), one thread, best of 2 rounds of {steps}:")
+    for label, t in times.items():
+        print(f"  {label:<34} {1000 * min(t):7.2f} ms  {min(t) / base:5.2f}x")
+
+
+def main(argv):
+    mode = argv[0] if argv else "race"
+    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--"))
+    if mode == "run":
+        run_one(argv[1], argv[2] or None, int(argv[3]), argv[4], argv[5:])
+    elif mode == "race":
+        race(opts.get("text"), int(opts.get("steps", 2000)), opts.get("runs", "default,modern,modern_tw").split(","))
+    elif mode == "steps":
+        step_times(int(opts.get("steps", 40)))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

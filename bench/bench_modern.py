@@ -9,7 +9,8 @@ started at once, each on one thread (OMP_NUM_THREADS=1), so that load from elsew
 Every 100 steps the clock stops while the loss on a fixed sample of 240 validation windows is measured;
 at the end each model is scored on the whole validation tenth (non-overlapping windows of 64). Reported:
 final validation loss, training wall time (evaluations excluded), and the training time a run took to
-reach the default's final sampled validation loss.
+reach the default's final sampled validation loss. modern_short is the recipe run for a quarter of the
+steps (its warmup and cooldown fitted to them): the budget at which it still ends below the default.
 
 The text is tiny shakespeare (mygpt's download cache), or --text=FILE; where the download fails, Python's
 own help topics (pydoc_data, ~465k characters of English) stand in, and the report says so.
@@ -41,6 +42,8 @@ RUNS = {  # name: overrides of projects/chargpt's config (a preset first)
     "default": {},
     "modern": {"preset": "modern"},
     "modern_tw": {"preset": "modern", "model": dict(time_weighting="circulant", token_shift=True)},
+    # the recipe with a quarter of the steps, its schedule (and cooldown) fitted to them
+    "modern_short": {"preset": "modern", "steps_fraction": 0.25},
 }
 SWITCHES = {  # name: (model overrides, trainer overrides), each alone on the default
     "default": ({}, {}),
@@ -130,6 +133,7 @@ def run_one(run, text_path, steps, out, args=()):
     text, _ = read_text(text_path)
     C = race_config(run)
     C.merge_from_args(list(args))  # e.g. --trainer.muon_lr=0.04, for tuning
+    steps = round(steps * RUNS[run].get("steps_fraction", 1.0))
     C.trainer.max_iters = steps
     tokenizer, train, val = datasets(text, C.data.block_size)
     C.model.vocab_size, C.model.block_size = tokenizer.vocab_size, C.data.block_size
@@ -137,19 +141,20 @@ def run_one(run, text_path, steps, out, args=()):
     model = GPT(C.model)
     trainer = Trainer(C.trainer, model, train)
     sample = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:EVAL_WINDOWS].tolist()
-    curve, clock = [], {"train": 0.0, "since": time.perf_counter()}
+    curve, clock = [], {"train": 0.0, "cpu": 0.0, "since": time.perf_counter(), "cpu_since": time.process_time()}
 
     def on_batch_end(t):
         if t.iter_num % EVAL_EVERY == 0 or t.iter_num == steps:
             clock["train"] += time.perf_counter() - clock["since"]
+            clock["cpu"] += time.process_time() - clock["cpu_since"]
             curve.append({"iter": t.iter_num, "seconds": clock["train"], "val_sample": val_loss(t.model, val, sample)})
-            clock["since"] = time.perf_counter()
+            clock["since"], clock["cpu_since"] = time.perf_counter(), time.process_time()
 
     trainer.add_callback("on_batch_end", on_batch_end)
     trainer.run()
     whole = list(range(0, len(val), C.data.block_size))  # every validation character predicted once
     result = {"run": run, "steps": steps, "params": model.num_parameters(), "curve": curve,
-              "train_seconds": clock["train"], "val_loss": val_loss(model, val, whole),
+              "train_seconds": clock["train"], "cpu_seconds": clock["cpu"], "val_loss": val_loss(model, val, whole),
               "train_loss": trainer.loss}
     with open(out, "w") as f:
         json.dump(result, f)
@@ -167,21 +172,26 @@ def race(text_path, steps, runs):
         results = {run: json.load(open(os.path.join(d, f"{run}.json"))) for run in runs}
     base = results["default"] if "default" in results else None
     print(f"\nchargpt race on {name}: {steps} steps, 4 layers, 4 heads, 128 wide, block 64, batch 12, one thread each")
-    print(f"{'run':<12} {'params':>8} {'val loss':>9} {'train s':>8} {'s to default final':>19} {'fraction':>9}")
+    print(f"{'run':<13} {'steps':>5} {'params':>8} {'val loss':>9} {'train s':>8} {'cpu s':>7} "
+          f"{'s to default final':>19} {'fraction':>9}")
     target = base["curve"][-1]["val_sample"] if base else None
     for run, r in results.items():
         reach = next((p["seconds"] for p in r["curve"] if p["val_sample"] <= target), None) if target else None
         frac = f"{reach / base['train_seconds']:.2f}" if reach is not None else "-"
         reach_s = f"{reach:.1f} (it {next(p['iter'] for p in r['curve'] if p['seconds'] == reach)})" if reach else "never"
-        print(f"{run:<12} {r['params']:>8,} {r['val_loss']:>9.4f} {r['train_seconds']:>8.1f} {reach_s:>19} {frac:>9}")
+        print(f"{run:<13} {r['steps']:>5} {r['params']:>8,} {r['val_loss']:>9.4f} {r['train_seconds']:>8.1f} "
+              f"{r['cpu_seconds']:>7.1f} {reach_s:>19} {frac:>9}")
     if base:
         for run, r in results.items():
             if run != "default":
-                print(f"{run}: {base['val_loss'] - r['val_loss']:+.3f} nats/char below the default at {steps} steps")
+                print(f"{run}: {base['val_loss'] - r['val_loss']:+.3f} nats/char below the default's {steps}-step "
+                      f"val loss after {r['steps']} steps, in {r['train_seconds'] / base['train_seconds']:.2f} of "
+                      f"its training time")
     print("\nsampled val loss (240 windows) by step:")
-    print("iter  " + "  ".join(f"{run:>10}" for run in results))
-    for i, point in enumerate(next(iter(results.values()))["curve"]):
-        print(f"{point['iter']:<5} " + "  ".join(f"{r['curve'][i]['val_sample']:>10.4f}" for r in results.values()))
+    print("iter  " + "  ".join(f"{run:>12}" for run in results))
+    for i, point in enumerate(max((r["curve"] for r in results.values()), key=len)):
+        print(f"{point['iter']:<5} " + "  ".join(f"{r['curve'][i]['val_sample']:>12.4f}" if i < len(r["curve"])
+                                                 else " " * 12 for r in results.values()))
 
 
 def step_times(steps):
@@ -221,7 +231,7 @@ def main(argv):
     if mode == "run":
         run_one(argv[1], argv[2] or None, int(argv[3]), argv[4], argv[5:])
     elif mode == "race":
-        race(opts.get("text"), int(opts.get("steps", 2000)), opts.get("runs", "default,modern,modern_tw").split(","))
+        race(opts.get("text"), int(opts.get("steps", 2000)), opts.get("runs", "default,modern,modern_tw,modern_short").split(","))
     elif mode == "steps":
         step_times(int(opts.get("steps", 40)))
     else:

@@ -216,6 +216,23 @@ class TestConfigs(unittest.TestCase):
         config.merge_from_args(["--pos_emb=false"])  # an old command line
         self.assertIsNone(GPT(config).config.pos_emb)
 
+    def test_a_checkpoint_with_boolean_pos_emb_resumes(self):
+        from tests.trainer_run import CountingData, config
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "old.pt")
+            model = GPT(tiny_config(vocab_size=16, block_size=8))
+            Trainer(config(max_iters=2, ckpt_path=path), model, CountingData(32)).run()
+            ckpt = torch.load(path, weights_only=True)
+            ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items()
+                                    if k not in ("rope_base", "norm", "embd_norm", "qk_norm", "mlp", "mlp_hidden",
+                                                 "n_kv_head", "logit_softcap", "zero_init", "preset")}
+            ckpt["model_config"]["pos_emb"] = True  # as written before the switches
+            save_checkpoint(ckpt, path)
+            trainer = Trainer(config(max_iters=4, ckpt_path=path, resume=True), GPT(tiny_config(vocab_size=16,
+                                                                                                  block_size=8)),
+                              CountingData(32)).run()
+            self.assertEqual(trainer.iter_num, 4)
+
     def test_defaults_are_gpt2(self):
         c = GPT.get_default_config()
         self.assertEqual((c.pos_emb, c.norm, c.qk_norm, c.mlp, c.n_kv_head, c.logit_softcap, c.zero_init),

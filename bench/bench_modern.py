@@ -9,8 +9,8 @@ started at once, each on one thread (OMP_NUM_THREADS=1), so that load from elsew
 Every 100 steps the clock stops while the loss on a fixed sample of 240 validation windows is measured;
 at the end each model is scored on the whole validation tenth (non-overlapping windows of 64). Reported:
 final validation loss, training wall time (evaluations excluded), and the training time a run took to
-reach the default's final sampled validation loss. modern_short is the recipe run for a quarter of the
-steps (its warmup and cooldown fitted to them): the budget at which it still ends below the default.
+reach the default's final sampled validation loss. modern_short and modern_tw_short are the recipes run for a fifth of
+the steps (warmup and cooldown fitted to them): a budget at which they still end below the default.
 
 The text is tiny shakespeare (mygpt's download cache), or --text=FILE; where the download fails, Python's
 own help topics (pydoc_data, ~465k characters of English) stand in, and the report says so.
@@ -42,8 +42,10 @@ RUNS = {  # name: overrides of projects/chargpt's config (a preset first)
     "default": {},
     "modern": {"preset": "modern"},
     "modern_tw": {"preset": "modern", "model": dict(time_weighting="circulant", token_shift=True)},
-    # the recipe with a quarter of the steps, its schedule (and cooldown) fitted to them
-    "modern_short": {"preset": "modern", "steps_fraction": 0.25},
+    # the recipe with a fifth of the steps, its schedule (and cooldown) fitted to them
+    "modern_short": {"preset": "modern", "steps_fraction": 0.2},
+    "modern_tw_short": {"preset": "modern", "model": dict(time_weighting="circulant", token_shift=True),
+                        "steps_fraction": 0.2},
 }
 SWITCHES = {  # name: (model overrides, trainer overrides), each alone on the default
     "default": ({}, {}),
@@ -172,26 +174,26 @@ def race(text_path, steps, runs):
         results = {run: json.load(open(os.path.join(d, f"{run}.json"))) for run in runs}
     base = results["default"] if "default" in results else None
     print(f"\nchargpt race on {name}: {steps} steps, 4 layers, 4 heads, 128 wide, block 64, batch 12, one thread each")
-    print(f"{'run':<13} {'steps':>5} {'params':>8} {'val loss':>9} {'train s':>8} {'cpu s':>7} "
+    print(f"{'run':<15} {'steps':>5} {'params':>8} {'val loss':>9} {'train s':>8} {'cpu s':>7} "
           f"{'s to default final':>19} {'fraction':>9}")
     target = base["curve"][-1]["val_sample"] if base else None
     for run, r in results.items():
         reach = next((p["seconds"] for p in r["curve"] if p["val_sample"] <= target), None) if target else None
         frac = f"{reach / base['train_seconds']:.2f}" if reach is not None else "-"
         reach_s = f"{reach:.1f} (it {next(p['iter'] for p in r['curve'] if p['seconds'] == reach)})" if reach else "never"
-        print(f"{run:<13} {r['steps']:>5} {r['params']:>8,} {r['val_loss']:>9.4f} {r['train_seconds']:>8.1f} "
+        print(f"{run:<15} {r['steps']:>5} {r['params']:>8,} {r['val_loss']:>9.4f} {r['train_seconds']:>8.1f} "
               f"{r['cpu_seconds']:>7.1f} {reach_s:>19} {frac:>9}")
     if base:
         for run, r in results.items():
             if run != "default":
                 print(f"{run}: {base['val_loss'] - r['val_loss']:+.3f} nats/char below the default's {steps}-step "
                       f"val loss after {r['steps']} steps, in {r['train_seconds'] / base['train_seconds']:.2f} of "
-                      f"its training time")
+                      f"its training time ({r['cpu_seconds'] / base['cpu_seconds']:.2f} of its CPU time)")
     print("\nsampled val loss (240 windows) by step:")
-    print("iter  " + "  ".join(f"{run:>12}" for run in results))
+    print("iter  " + "  ".join(f"{run:>15}" for run in results))
     for i, point in enumerate(max((r["curve"] for r in results.values()), key=len)):
-        print(f"{point['iter']:<5} " + "  ".join(f"{r['curve'][i]['val_sample']:>12.4f}" if i < len(r["curve"])
-                                                 else " " * 12 for r in results.values()))
+        print(f"{point['iter']:<5} " + "  ".join(f"{r['curve'][i]['val_sample']:>15.4f}" if i < len(r["curve"])
+                                                 else " " * 15 for r in results.values()))
 
 
 def step_times(steps):
@@ -231,7 +233,7 @@ def main(argv):
     if mode == "run":
         run_one(argv[1], argv[2] or None, int(argv[3]), argv[4], argv[5:])
     elif mode == "race":
-        race(opts.get("text"), int(opts.get("steps", 2000)), opts.get("runs", "default,modern,modern_tw,modern_short").split(","))
+        race(opts.get("text"), int(opts.get("steps", 2000)), opts.get("runs", "default,modern,modern_tw,modern_short,modern_tw_short").split(","))
     elif mode == "steps":
         step_times(int(opts.get("steps", 40)))
     else:

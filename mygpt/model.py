@@ -261,7 +261,7 @@ def mlp_hidden_size(config):
     if config.mlp_hidden is not None:
         return config.mlp_hidden
     if config.mlp == "swiglu":
-        return -(-8 * config.n_embd // 3 // 8) * 8
+        return 8 * math.ceil(config.n_embd / 3)  # 8/3 n_embd, rounded up to a multiple of 8
     return 4 * config.n_embd
 
 

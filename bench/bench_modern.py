@@ -184,6 +184,16 @@ def race(text_path, steps, runs):
         print(f"{run:<15} {r['steps']:>5} {r['params']:>8,} {r['val_loss']:>9.4f} {r['train_seconds']:>8.1f} "
               f"{r['cpu_seconds']:>7.1f} {reach_s:>19} {frac:>9}")
     if base:
+        # Runs that end early leave the default more of the CPU afterwards, so wall fractions favour it; where the
+        # default had got by the moment a run reached its loss (same machine, same load) is the fair comparison.
+        seconds, iters = [0.0] + [p["seconds"] for p in base["curve"]], [0] + [p["iter"] for p in base["curve"]]
+        for run, r in results.items():
+            reach = next((p["seconds"] for p in r["curve"] if p["val_sample"] <= target), None)
+            if run != "default" and reach is not None:
+                i = next((j for j in range(1, len(seconds)) if seconds[j] >= reach), len(seconds) - 1)
+                at = iters[i - 1] + (iters[i] - iters[i - 1]) * (reach - seconds[i - 1]) / (seconds[i] - seconds[i - 1])
+                print(f"{run}: reached the default's final loss when the default, running beside it, was at step "
+                      f"{at:.0f} of {base['steps']} ({at / base['steps']:.2f} of its run)")
         for run, r in results.items():
             if run != "default":
                 print(f"{run}: {base['val_loss'] - r['val_loss']:+.3f} nats/char below the default's {steps}-step "

@@ -226,7 +226,7 @@ class TestCfgNode(unittest.TestCase):
                                     "trainer.resume=true": True},
             ("chargpt", "chargpt.py"): {"data.input_file=book.txt": "book.txt", "system.mode=sample": "sample",
                                         "sample.prompt=1984": "1984", "sample.length=500": 500,
-                                        "trainer.betas=(0.9,0.99)": (0.9, 0.99), "model.pos_emb=false": False,
+                                        "trainer.betas=(0.9,0.99)": (0.9, 0.99), "model.pos_emb=None": None,
                                         "model.token_shift=True": True, "trainer.learning_rate=3e-4": 3e-4},
             ("image-gpt", "imagegpt.py"): {"data.dataset=folder": "folder", "data.folder=photos": "photos",
                                            "data.image_size=16": 16, "sample.n=8": 8, "trainer.eval_iters=None": None,

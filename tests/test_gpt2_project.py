@@ -19,7 +19,7 @@ import torch
 
 from mygpt import GPT, cli, get_encoder, load_checkpoint
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
-from mygpt.data import HEADER_BYTES, TokenDataset, write_shard
+from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, write_shard
 from mygpt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +189,24 @@ class TestTrainResumeSample(unittest.TestCase):
             again = run_script("sample", f"--work_dir={work}", "--prompt=ROMEO", "--num_samples=2",
                                "--max_new_tokens=5", "--seed=3")
             self.assertEqual(out, again)
+
+            # fine-tuning from this run's own model (its work dir: best.pt), as a new run elsewhere
+            tuned = os.path.join(tmp, "tuned")
+            start = GPT.from_checkpoint(os.path.join(work, "best.pt"))
+            config = train.get_config_from_args(["cpu", f"--init_from={work}", f"--data.dir={data}", *TINY])
+            model = train.build_model(config, resuming=False, data=train.open_split(config, "train"))
+            for k, v in start.state_dict().items():
+                self.assertTrue(torch.equal(v, model.state_dict()[k]), k)
+            trainer = train.main(["cpu", f"--init_from={os.path.join(work, 'checkpoint.pt')}", "--trainer.max_iters=2",
+                                  *[c for c in common if not c.startswith("--system.work_dir")],
+                                  f"--system.work_dir={tuned}"])
+            self.assertEqual(load_checkpoint(os.path.join(tuned, "checkpoint.pt"))["iter_num"], trainer.iter_num)
+            self.assertEqual(trainer.iter_num, 2)
+            # on data of another tokenizer it is refused, naming both
+            chars = os.path.join(tmp, "chars")
+            prepare_corpus(text, chars, tokenizer=sorted(set(TEXT)), num_workers=1, progress=False)
+            with self.assertRaisesRegex(ValueError, "prepared with another tokenizer than --init_from="):
+                train.build_model(config, resuming=False, data=TokenDataset(os.path.join(chars, "train_*.bin"), 16))
 
     def test_samples_stop_at_endoftext(self):
         config = GPT.get_default_config()

@@ -7,8 +7,9 @@ Train a GPT with GPT-2's tokens on a prepared corpus, from scratch or from GPT-2
     python projects/gpt2/train.py eval_gpt2 --init_from=gpt2-medium         # OpenAI's weights on OWT val
 
 Arguments: configuration names or files (projects/gpt2/config/NAME.cfg: one --key=value per line, # comments),
-then --key=value overrides, applied in that order. --init_from=scratch|resume|gpt2|gpt2-medium|gpt2-large|gpt2-xl|DIR
-(DIR: a folder written by transformers' save_pretrained, read offline). --eval_only=True prints the validation loss
+then --key=value overrides, applied in that order. --init_from=scratch|resume|gpt2|gpt2-medium|gpt2-large|gpt2-xl|
+a mygpt checkpoint file or run dir (fine-tuned as a new run; its tokenizer checked against the data's)|DIR (a folder
+written by transformers' save_pretrained, read offline). --eval_only=True prints the validation loss
 and bits per byte and writes nothing. Every --trainer.eval_interval steps (and before the first) it logs both, with a
 sample, and keeps the best model as best.pt beside the resumable checkpoint.pt in --system.work_dir.
 """
@@ -23,11 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, plot_history, run_main, set_seed,
-                   setup_logging)
+from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
+                   run_main, set_seed, setup_logging)
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.recipes import apply_recipe
+from mygpt.checkpoint import RUN_FILES, checkpoint_file
+from mygpt.quantize import FORMAT as QUANTIZED
 from mygpt.tokenizer import load_tokenizer
 from mygpt.trainer import PRECISIONS, resolve_device
 
@@ -43,7 +46,7 @@ DROPOUT_KEYS = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
 def get_config():
     """nanoGPT's train.py defaults: GPT-2 124M's shape, batch 12 x 1024 tokens, AdamW at 6e-4, no dropout."""
     C = CfgNode()
-    C.init_from = "scratch"   # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained DIR
+    C.init_from = "scratch"   # scratch | resume | gpt2[-medium|-large|-xl] | a mygpt checkpoint or run dir | an HF DIR
     C.eval_only = False       # evaluate once and exit
     C.system = CfgNode(seed=1337, work_dir="./out/gpt2")
     C.data = CfgNode(dir="./out/data/shakespeare", train_pattern="*train_*.bin", val_pattern="*val_*.bin",
@@ -136,8 +139,9 @@ def corpus_dir(dataset):
     return os.path.dirname(str(dataset.paths[0]))
 
 
-def build_model(config, resuming):
-    """The model to start from: the run's checkpoint, GPT-2's weights, or a fresh one of config.model's shape."""
+def build_model(config, resuming, data=None):
+    """The model to start from: the run's checkpoint, GPT-2's weights, a mygpt checkpoint (a file or a run's work dir,
+    its tokenizer checked against data's), or a fresh one of config.model's shape."""
     if resuming:
         return GPT.from_checkpoint(config.trainer.ckpt_path).train()  # the shape it was trained with
     source = config.init_from
@@ -149,11 +153,27 @@ def build_model(config, resuming):
     if source == "resume":
         raise FileNotFoundError(f"--init_from=resume, but there is no checkpoint at {config.trainer.ckpt_path}; "
                                 f"point --system.work_dir at a run, or start one with --init_from=scratch")
-    if source not in PRETRAINED and not os.path.isdir(source):
-        raise ValueError(f"--init_from={source!r}: give scratch, resume, one of {', '.join(PRETRAINED)}, or a "
-                         f"folder written by transformers' save_pretrained")
     dropout = {key: getattr(config.model, key) for key in DROPOUT_KEYS}
+    if source not in PRETRAINED and (os.path.isfile(source) or any(
+            os.path.isfile(os.path.join(source, name)) for name in RUN_FILES)):
+        return from_mygpt_checkpoint(source, data, dropout)
+    if source not in PRETRAINED and not os.path.isdir(source):
+        raise ValueError(f"--init_from={source!r}: give scratch, resume, one of {', '.join(PRETRAINED)}, a mygpt "
+                         f"checkpoint or run dir, or a folder written by transformers' save_pretrained")
     return GPT.from_pretrained(source, **dropout).train()  # keeps GPT-2's tied head
+
+
+def from_mygpt_checkpoint(source, data, dropout):
+    """Fine-tune a mygpt model: the weights of a checkpoint file or run dir (best.pt, else checkpoint.pt), as a new
+    run (its own optimizer and schedule), on data tokenized as the checkpoint's text was."""
+    path = checkpoint_file(source)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") == QUANTIZED:
+        raise ValueError(f"--init_from={path} holds int8 weights, for inference only; fine-tune from the fp32 "
+                         f"checkpoint it was quantized from")
+    if data is not None and ckpt.get("tokenizer") is not None:
+        data.check_tokenizer(ckpt["tokenizer"], owner=f"--init_from={path}")
+    return GPT.from_checkpoint(ckpt, **dropout).train()
 
 
 # ---------------------------------------------------------------- evaluation
@@ -197,7 +217,7 @@ def train(config):
     with exclusive(work_dir) if main_process else nullcontext():
         check_new_run(C, best_path)  # before anything is written to the work dir
         train_data, val_data = open_split(config, "train"), open_split(config, "val")
-        model = build_model(config, resuming)
+        model = build_model(config, resuming, train_data)
         check_vocabulary(train_data, model)
 
         log = setup_logging(config) if main_process else logging.getLogger("mygpt")  # rank 0 writes the work dir
@@ -206,7 +226,8 @@ def train(config):
             log.info(f"overwrite=True: removed {best_path} of the earlier run")
         log.info(f"init_from={config.init_from}: {model.num_parameters() / 1e6:.2f}M parameters "
                  f"(head tied to the embedding: {model.config.tie_weights}); train {train_data}; val {val_data}")
-        trainer = Trainer(C, model, train_data, None, tokenizer={"type": "gpt2"})  # evaluations below, with bits per byte
+        # the evaluations are the callback's below, with bits per byte
+        trainer = Trainer(C, model, train_data, None, tokenizer={"type": "gpt2"})
         if val_data is None:
             log.info(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}: no evaluations, "
                      f"no best.pt")
@@ -257,7 +278,7 @@ def evaluate_only(config, tokenizer, resuming):
     if val_data is None:
         raise FileNotFoundError(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}")
     device = resolve_device(config.trainer.device)
-    model = build_model(config, resuming).to(device)
+    model = build_model(config, resuming, val_data).to(device)
     check_vocabulary(val_data, model)
     C = config.trainer
     loss, bpb, targets = evaluate(model, val_data, tokenizer, C.batch_size, C.eval_iters, device, C.precision)

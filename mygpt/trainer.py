@@ -261,17 +261,13 @@ class Trainer:
             positive_int(key, allow_none=True, allow_zero=True)
         for key in ("num_workers", "ckpt_interval", "eval_interval", "log_interval", "seed"):
             positive_int(key, allow_zero=True)
-        if C.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {C.lr_schedule!r}")
-        if C.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {list(PARALLEL)}, got {C.parallel!r}")
+        for key, choices in (("lr_schedule", LR_SCHEDULES), ("parallel", PARALLEL),
+                             ("precision", (*PRECISIONS, "auto")), ("optimizer", OPTIMIZERS)):
+            if getattr(C, key) not in choices:
+                raise ValueError(f"{key} must be one of {list(choices)}, got {getattr(C, key)!r}")
         if C.parallel == "fsdp" and C.precision == "fp16":
             raise ValueError("parallel='fsdp' takes precision 'fp32' or 'bf16' (fp16's grad scaler is not sharded); "
                              "use precision='bf16'")
-        if C.precision not in (*PRECISIONS, "auto"):
-            raise ValueError(f"precision must be one of {[*PRECISIONS, 'auto']}, got {C.precision!r}")
-        if C.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {C.optimizer!r}")
         if C.optimizer == "muon" and C.parallel == "fsdp":
             raise ValueError("optimizer='muon' orthogonalises whole matrices, and parallel='fsdp' shards them across "
                              "processes: use parallel='ddp' with Muon, or optimizer='adamw' with FSDP")

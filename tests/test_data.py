@@ -310,7 +310,7 @@ class TestPrepare(TempDir):
         (self.dir / "long.txt").write_text(text, encoding="utf-8", newline="")
         with mock.patch.object(data, "PIECE_CHARS", 2000), mock.patch.object(data, "UNIT_CHARS", 3000):
             prepare_corpus(self.dir / "long.txt", self.dir / "out", val_fraction=0, num_workers=2, progress=False)
-        read = (self.dir / "long.txt").open(encoding="utf-8").read()  # "\r\n" as "\n", also across blocks
+        read = (self.dir / "long.txt").read_text(encoding="utf-8")  # "\r\n" as "\n", also across blocks
         self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), self.tk.encode_ordinary(read) + [EOT])
 
     def test_cuts_keep_tiktoken_ids_wherever_they_fall(self):
@@ -441,13 +441,13 @@ class TestPrepare(TempDir):
         try:
             running.stdout.readline()
             with self.assertRaisesRegex(InUseError, f"in use by process {running.pid} "):
-                prepare_corpus(src, out, num_workers=1, progress=False)
+                prepare_corpus(src, out, num_workers=1, val_fraction=0, progress=False)
             self.assertEqual(os.listdir(out), [])
         finally:
             running.kill()
             running.wait()
             running.stdout.close()
-        prepare_corpus(src, out, num_workers=1, progress=False)  # once it has ended
+        prepare_corpus(src, out, num_workers=1, val_fraction=0, progress=False)  # once it has ended
 
     def test_changed_added_or_removed_sources_are_prepared_again(self):
         src, documents = self.make_folder()

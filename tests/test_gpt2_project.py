@@ -160,12 +160,12 @@ class TestTrainResumeSample(unittest.TestCase):
             self.assertEqual(best["iter_num"], min(losses, key=losses.get))
 
             # a rerun touches nothing and says how to go on
-            before = open(os.path.join(work, "checkpoint.pt"), "rb").read()
+            before = Path(work, "checkpoint.pt").read_bytes()
             with self.assertRaises(FileExistsError) as cm:
                 train.main(["cpu", "--trainer.max_iters=8", *common])
             for way in ("--trainer.resume=True", "--trainer.overwrite=True", "--system.work_dir"):
                 self.assertIn(way, str(cm.exception))
-            self.assertEqual(open(os.path.join(work, "checkpoint.pt"), "rb").read(), before)
+            self.assertEqual(Path(work, "checkpoint.pt").read_bytes(), before)
 
             trainer = train.main(["cpu", "--init_from=resume", "--trainer.max_iters=9", *common])
             self.assertEqual(trainer.iter_num, 9)

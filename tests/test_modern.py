@@ -9,7 +9,6 @@ import tempfile
 import unittest
 
 import torch
-import torch.nn.functional as F
 
 from mygpt.checkpoint import save_checkpoint
 from mygpt.model import GPT, KVCache
@@ -260,19 +259,16 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------- Muon and the WSD schedule
 
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 
-from mygpt.checkpoint import load_checkpoint  # noqa: E402
-from mygpt.muon import MuonAdamW, configure_muon, muon_momentum  # noqa: E402
+from mygpt.muon import configure_muon, muon_momentum  # noqa: E402
 from mygpt.recipes import RECIPES, apply_recipe, merge_args  # noqa: E402
 from mygpt.trainer import Trainer, scheduled_lr  # noqa: E402
 from mygpt.utils import CfgNode  # noqa: E402
-from tests.test_trainer import SCRIPT, TempDirTest, run_script  # noqa: E402
+from tests.test_trainer import TempDirTest, kill_and_resume, run_script, torchrun  # noqa: E402
 from tests.trainer_run import CountingData, TinyLM, TinyMLP, config  # noqa: E402
 
 
@@ -378,22 +374,7 @@ class TestMuon(TempDirTest):
 
     def test_sigkill_then_resume_is_bit_identical(self):
         iters = 30
-        reference = subprocess.Popen([sys.executable, SCRIPT, "resume", self.path("ref.pt"), str(iters), "0", "muon"])
-        victim = subprocess.Popen([sys.executable, SCRIPT, "resume", self.path("run.pt"), str(iters), "0.1", "muon"])
-        deadline = time.time() + 60
-        while not os.path.exists(self.path("run.pt")) and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        self.assertEqual(reference.wait(timeout=120), 0)
-        killed_at = load_checkpoint(self.path("run.pt"))["iter_num"]
-        self.assertLess(killed_at, iters)
-        resumed = run_script("resume", self.path("run.pt"), iters, 0, "muon")
-        self.assertEqual(resumed.returncode, 0, resumed.stderr)
-        self.assertIn(f"resumed from {self.path('run.pt')} at iteration {killed_at}", resumed.stdout)
-        ref, run = load_checkpoint(self.path("ref.pt")), load_checkpoint(self.path("run.pt"))
-        self.assertEqual(run["iter_num"], iters)
+        ref, run = kill_and_resume(self, iters, "muon")
         for k, v in ref["model"].items():
             self.assertTrue(torch.equal(v, run["model"][k]), k)
         self.assertEqual(set(ref["optimizer"]), {"muon", "adamw"})  # both optimizers' states are in it
@@ -406,8 +387,7 @@ class TestMuon(TempDirTest):
 
     @unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is needed")
     def test_two_processes_match_one(self):
-        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              SCRIPT, "ddp", self.dir, "8", "muon"], capture_output=True, text=True, timeout=180)
+        ddp = torchrun("ddp", self.dir, 8, "muon", timeout=180)
         self.assertEqual(ddp.returncode, 0, ddp.stdout[-2000:] + ddp.stderr[-3000:])
         single = run_script("single", self.dir, 8, "muon")
         self.assertEqual(single.returncode, 0, single.stderr)

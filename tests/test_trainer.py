@@ -27,6 +27,35 @@ def run_script(*args, **kwargs):
                           timeout=120, **kwargs)
 
 
+def torchrun(*args, restarts=0, timeout=240):
+    """tests/trainer_run.py under torchrun with 2 processes (restarted up to `restarts` times)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *([f"--max-restarts={restarts}"] if restarts else []), SCRIPT, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kill_and_resume(test, iters, *extra):
+    """Run trainer_run.py's resume mode to iters twice (extra: its optional arguments), SIGKILL the second one
+    mid-run, resume it to the end, and return the two final checkpoints (uninterrupted, resumed)."""
+    reference = subprocess.Popen([sys.executable, SCRIPT, "resume", test.path("ref.pt"), str(iters), "0", *extra])
+    victim = subprocess.Popen([sys.executable, SCRIPT, "resume", test.path("run.pt"), str(iters), "0.1", *extra])
+    deadline = time.time() + 60
+    while not os.path.exists(test.path("run.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    test.assertEqual(reference.wait(timeout=120), 0)
+    killed_at = load_checkpoint(test.path("run.pt"))["iter_num"]
+    test.assertLess(killed_at, iters)
+    resumed = run_script("resume", test.path("run.pt"), iters, 0, *extra)
+    test.assertEqual(resumed.returncode, 0, resumed.stderr)
+    test.assertIn(f"resumed from {test.path('run.pt')} at iteration {killed_at}", resumed.stdout)
+    ref, run = load_checkpoint(test.path("ref.pt")), load_checkpoint(test.path("run.pt"))
+    test.assertEqual(run["iter_num"], iters)
+    return ref, run
+
+
 class TempDirTest(unittest.TestCase):
     def setUp(self):
         torch.set_num_threads(1)
@@ -600,23 +629,7 @@ class TestTokenCorpus(TempDirTest):
 class TestResume(TempDirTest):
     def test_sigkill_then_resume_is_bit_identical(self):
         iters = 30
-        reference = subprocess.Popen([sys.executable, SCRIPT, "resume", self.path("ref.pt"), str(iters), "0"])
-        victim = subprocess.Popen([sys.executable, SCRIPT, "resume", self.path("run.pt"), str(iters), "0.1"])
-        deadline = time.time() + 60
-        while not os.path.exists(self.path("run.pt")) and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        self.assertEqual(reference.wait(timeout=120), 0)
-        killed_at = load_checkpoint(self.path("run.pt"))["iter_num"]
-        self.assertLess(killed_at, iters)
-        resumed = run_script("resume", self.path("run.pt"), iters, 0)
-        self.assertEqual(resumed.returncode, 0, resumed.stderr)
-        self.assertIn(f"resumed from {self.path('run.pt')} at iteration {killed_at}", resumed.stdout)
-
-        ref, run = load_checkpoint(self.path("ref.pt")), load_checkpoint(self.path("run.pt"))
-        self.assertEqual(run["iter_num"], iters)
+        ref, run = kill_and_resume(self, iters)
         for k, v in ref["model"].items():
             self.assertTrue(torch.equal(v, run["model"][k]), k)
         for i, state in ref["optimizer"]["state"].items():
@@ -632,9 +645,7 @@ class TestResume(TempDirTest):
 class TestDistributed(TempDirTest):
     def test_two_processes_match_one(self):
         for iters in (5, 12):  # the second launch resumes from the first one's checkpoint
-            ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--nproc_per_node=2", SCRIPT, "ddp", self.dir, str(iters)],
-                                 capture_output=True, text=True, timeout=180)
+            ddp = torchrun("ddp", self.dir, iters, timeout=180)
             self.assertEqual(ddp.returncode, 0, ddp.stdout[-2000:] + ddp.stderr[-3000:])
         self.assertIn("resumed from", ddp.stdout)
         single = run_script("single", self.dir, 12)
@@ -652,17 +663,13 @@ class TestDistributed(TempDirTest):
         # that rank 0 resumes would wait forever
         for case, fields in (("lr", "trainer.learning_rate ("), ("resume", "resumes from, trainer.ckpt_path (")):
             with self.subTest(case):
-                ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                      "--nproc_per_node=2", SCRIPT, "disagree", self.dir, case],
-                                     capture_output=True, text=True, timeout=120)
+                ddp = torchrun("disagree", self.dir, case, timeout=120)
                 self.assertNotEqual(ddp.returncode, 0)
                 self.assertIn(f"processes 0 and 1 differ in {fields}", ddp.stdout + ddp.stderr)
 
     def test_fsdp_matches_one_process_holds_half_and_resumes_exactly(self):
         for iters in (5, 12):  # the second launch resumes from the first one's checkpoint
-            fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc_per_node=2", SCRIPT, "fsdp", self.dir, str(iters)],
-                                  capture_output=True, text=True, timeout=240)
+            fsdp = torchrun("fsdp", self.dir, iters)
             self.assertEqual(fsdp.returncode, 0, fsdp.stdout[-2000:] + fsdp.stderr[-3000:])
         self.assertIn("resumed from", fsdp.stdout)
         single = run_script("single_gpt", self.dir, 12)
@@ -689,22 +696,17 @@ class TestDistributed(TempDirTest):
         GPT.from_checkpoint(ckpt)
 
     def test_a_killed_fsdp_rank_restarts_and_resumes_to_the_same_weights(self):
-        fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "--max-restarts=1", SCRIPT, "fsdp_elastic", self.dir, "10", "4"],
-                              capture_output=True, text=True, timeout=300)
+        fsdp = torchrun("fsdp_elastic", self.dir, 10, 4, restarts=1, timeout=300)
         self.assertEqual(fsdp.returncode, 0, fsdp.stdout[-2000:] + fsdp.stderr[-3000:])
         self.assertIn("resumed from", fsdp.stdout)
-        fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               SCRIPT, "fsdp", self.dir, "10"], capture_output=True, text=True, timeout=240)
+        fsdp = torchrun("fsdp", self.dir, 10)
         self.assertEqual(fsdp.returncode, 0, fsdp.stderr[-3000:])
         killed, straight = (torch.load(self.path(f), weights_only=True) for f in ("fsdp_elastic0.pt", "fsdp0.pt"))
         for k, v in straight.items():
             self.assertTrue(torch.equal(v, killed[k]), k)
 
     def test_a_killed_rank_restarts_and_resumes_to_the_same_weights(self):
-        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "--max-restarts=1", SCRIPT, "elastic", self.dir, "10", "4"],
-                             capture_output=True, text=True, timeout=240)
+        ddp = torchrun("elastic", self.dir, 10, 4, restarts=1)
         self.assertEqual(ddp.returncode, 0, ddp.stdout[-2000:] + ddp.stderr[-3000:])
         self.assertIn("resumed from", ddp.stdout)  # the second attempt continued the first one's checkpoint
         single = run_script("single", self.dir, 10)

@@ -509,6 +509,12 @@ class GPT(nn.Module):
         from mygpt.pretrained import load_gpt2
         return load_gpt2(cls, name_or_dir, **overrides)
 
+    @staticmethod
+    def upgrade_config(saved):
+        """A saved config (a plain dict) as today's configs spell it: pos_emb=True of older checkpoints is
+        'learned'. The Trainer reads a checkpoint's config through it before comparing it with the model's."""
+        return dict(saved, pos_emb=upgraded_pos_emb(saved["pos_emb"])) if "pos_emb" in saved else dict(saved)
+
     @classmethod
     def from_checkpoint(cls, source, map_location="cpu", **overrides):
         """The model of a checkpoint written by the Trainer, its weights loaded, in eval mode.

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mygpt import precision
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix, train_config_of)
-from mygpt.model import GPT, check_ids, upgraded_pos_emb
+from mygpt.model import check_ids
 from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
@@ -841,12 +841,11 @@ class Trainer:
         config, saved = getattr(self.model, "config", None), ckpt.get("model_config")
         if saved and hasattr(config, "to_json"):
             current = _plain_config(config)
-            # a field the checkpoint predates has its default value there
-            defaults = _plain_config(type(self.model).get_default_config()) if hasattr(
-                type(self.model), "get_default_config") else {}
-            saved = {**defaults, **saved}
-            if isinstance(self.model, GPT) and "pos_emb" in saved:  # pos_emb=True of older checkpoints is 'learned'
-                saved["pos_emb"] = upgraded_pos_emb(saved["pos_emb"])
+            # a field the checkpoint predates has its default value there; older spellings read as the model
+            # class reads them (GPT.upgrade_config)
+            cls = type(self.model)
+            defaults = _plain_config(cls.get_default_config()) if hasattr(cls, "get_default_config") else {}
+            saved = {**defaults, **(cls.upgrade_config(saved) if hasattr(cls, "upgrade_config") else saved)}
             for key in sorted(set(saved) | set(current)):
                 if key not in RESUMABLE_MODEL_FIELDS and saved.get(key) != current.get(key):
                     raise CheckpointError(

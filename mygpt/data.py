@@ -744,14 +744,21 @@ class _EncoderPool:
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         others = set(multiprocessing.active_children())
         self.pool = context.Pool(self.workers, initializer=_start_worker, initargs=self.args)
-        workers = [p for p in multiprocessing.active_children() if p not in others]
-        return lambda units: _ordered_map(self.pool, workers, _encode_unit, units, ahead=2 * self.workers)
+        self.processes = [p for p in multiprocessing.active_children() if p not in others]
+        return lambda units: _ordered_map(self.pool, self.processes, _encode_unit, units, ahead=2 * self.workers)
 
-    def __exit__(self, *exc):
+    def __exit__(self, error_type, *exc):
         _set_worker(None, None, None)
-        if self.pool is not None:
+        if self.pool is None:
+            return
+        # Done: each worker reads its end-of-work mark and exits. Not terminate(): its SIGTERM can reach a worker still
+        # being forked, whose Python forgets the signal after the fork (then pool.join() waits forever), and a short
+        # corpus finishes that soon. On an error or an interruption there is no time to wait for the queue.
+        if error_type is None:
+            self.pool.close()
+        else:
             self.pool.terminate()
-            self.pool.join()
+        self.pool.join()
 
 
 def _shard_name(split, index):

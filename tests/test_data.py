@@ -525,6 +525,20 @@ class TestPrepare(TempDir):
         with self.assertWarnsRegex(UserWarning, "no document went to the val split.*1 documents were read"):
             prepare_corpus(self.dir / "one.jsonl", self.dir / "out", val_fraction=0.1, num_workers=1, progress=False)
 
+    def test_a_finished_prepare_lets_its_workers_exit_instead_of_signalling_them(self):
+        # terminate()'s SIGTERM is lost by a worker still being forked (Python clears pending signals after a fork),
+        # and pool.join() then waits forever: a short corpus ends that soon after the pool starts
+        codes, exit_pool = [], data._EncoderPool.__exit__
+
+        def recording_exit(pool, *exc):
+            exit_pool(pool, *exc)
+            codes.extend(process.exitcode for process in pool.processes)
+
+        (self.dir / "book.txt").write_text("to be or not to be\n" * 50, encoding="utf-8")
+        with mock.patch.object(data._EncoderPool, "__exit__", recording_exit):
+            prepare_corpus(self.dir / "book.txt", self.dir / "out", num_workers=2, progress=False)
+        self.assertEqual(codes, [0, 0])
+
     def test_one_text_file_is_cut_by_characters_as_nanogpt_cuts_it(self):
         text = "".join(f"line {i}: to be or not to be\n" for i in range(300))
         (self.dir / "book.txt").write_text(text, encoding="utf-8")

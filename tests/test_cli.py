@@ -28,6 +28,7 @@ from mygpt.quantize import load_quantized
 from mygpt.bpe_train import train_bpe
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer
+from tests.helpers import process_level
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHINESE = "你好世界。"  # every character of it spans two GPT-2 tokens
@@ -521,6 +522,7 @@ class TestHelp(CLITest):
                 self.assertEqual(status, 0)
                 self.assertTrue(out.startswith(f"usage: mygpt {command} "), out)
 
+    @process_level
     def test_python_dash_m(self):
         result = subprocess.run([sys.executable, "-m", "mygpt", "--help"], capture_output=True, text=True,
                                 cwd=ROOT, timeout=60)

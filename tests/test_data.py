@@ -27,6 +27,7 @@ from mygpt.downloads import sha256_file
 from mygpt.utils import InUseError
 from tests.corpus import mixed_text
 from tests.test_bpe import tiktoken_gpt2
+from tests.helpers import process_level
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -343,6 +344,7 @@ class TestPrepare(TempDir):
         expected = self.tk.encode_ordinary(run[:8000]) + self.tk.encode_ordinary(run[8000:]) + [EOT]
         self.assertEqual(tokens_of(self.dir / "run", "train").tolist(), expected)
 
+    @process_level
     def test_killed_and_rerun_is_byte_identical(self):
         src, _ = self.make_folder()
         args = dict(val_fraction=0.3, shard_tokens=50, seed=1, progress=False)
@@ -393,6 +395,7 @@ class TestPrepare(TempDir):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         return result, time.monotonic() - start
 
+    @process_level
     def test_a_killed_worker_or_sigterm_ends_prepare_in_one_line(self):
         src, _ = self.make_folder()
         args = [str(src), "--val-fraction", "0.3", "--shard-tokens", "50", "--seed", "1", "--num-workers", "2"]
@@ -433,6 +436,7 @@ class TestPrepare(TempDir):
         with self.assertRaisesRegex(ValueError, "did not record"):
             prepare_corpus(src, foreign, **args)
 
+    @process_level
     def test_a_second_prepare_into_a_folder_in_use_is_refused(self):
         src, _ = self.make_folder()
         out = self.dir / "out"

@@ -4,7 +4,7 @@ import torch
 
 from mygpt.generate import filter_logits, stream
 from mygpt.model import KVCache
-from tests.test_model import VARIANTS, tiny_model
+from tests.helpers import VARIANTS, tiny_model
 
 
 class TestGenerate(unittest.TestCase):

@@ -21,6 +21,7 @@ from mygpt import GPT, cli, get_encoder, load_checkpoint
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, write_shard
 from mygpt.tokenizer import load_tokenizer
+from tests.helpers import process_level
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "projects" / "gpt2"
@@ -84,6 +85,7 @@ def needs(module):
     return unittest.skipUnless(importlib.util.find_spec(module), f"needs {module} (pip install 'mygpt[test]')")
 
 
+@process_level
 class TestPrepare(unittest.TestCase):
     def test_one_text_is_cut_like_nanogpt(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +137,7 @@ class TestPrepare(unittest.TestCase):
             self.assertEqual(train.open_split(config, "val").num_tokens, 300)
 
 
+@process_level
 class TestTrainResumeSample(unittest.TestCase):
     def test_prepare_train_refuse_rerun_resume_and_sample(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -224,6 +227,7 @@ class TestTrainResumeSample(unittest.TestCase):
 
 
 @needs("transformers")
+@process_level
 class TestGPT2Weights(unittest.TestCase):
     def test_loss_equals_transformers_and_tying_survives_training(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mygpt.kernels import time_weighted_attention, triton_available
+from tests.helpers import process_level
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_SHARED_MEMORY = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
@@ -244,6 +245,7 @@ class TestInTheModel(unittest.TestCase):
 
 
 @unittest.skipIf(interpreted(), interpreted())
+@process_level
 class TestGPUBenchmark(unittest.TestCase):
 
     def test_cpu_smoke_run_of_bench_gpu(self):
@@ -297,6 +299,7 @@ def compiled_kernel_report():
 
 
 @unittest.skipUnless(triton_available(), "Triton is not installed (pip install 'mygpt[gpu]' or the test extra)")
+@process_level
 class TestWithoutInterpreter(unittest.TestCase):
 
     @classmethod

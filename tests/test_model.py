@@ -8,29 +8,7 @@ import torch.nn.functional as F
 
 from mygpt.model import GPT, MODEL_SHAPES, circulant_time_weighting
 from mygpt.utils import CfgNode
-
-VARIANTS = [dict(time_weighting=tw, token_shift=ts, pos_emb=pe)
-            for tw in (None, "full", "circulant") for ts in (False, True) for pe in (True, False)]
-
-
-def tiny_config(**kw):
-    c = GPT.get_default_config()
-    c.n_layer, c.n_head, c.n_embd = 2, 4, 32
-    c.vocab_size, c.block_size = 13, 16
-    c.embd_pdrop = c.resid_pdrop = c.attn_pdrop = 0.0
-    c.merge_from_dict(kw)
-    return c
-
-
-def tiny_model(seed=0, random_time_weights=True, **kw):
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(**kw)).eval()
-    if random_time_weights:  # ones would hide indexing mistakes
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "time_" in name:
-                    p.uniform_(0.2, 1.8)
-    return model
+from tests.helpers import process_level, tiny_config, tiny_model, VARIANTS
 
 
 def seed_circulant(time_weight, time_bias, T):
@@ -258,6 +236,7 @@ class TestBadInput(unittest.TestCase):
 
 
 class TestConfigRoundTrip(unittest.TestCase):
+    @process_level
     def test_every_preset_and_custom_shape_rebuilds(self):
         shapes = [dict(model_type=name) for name in MODEL_SHAPES if name not in ("gpt2-large", "gpt2-xl")]
         shapes += [dict(n_layer=2, n_head=2, n_embd=8, bias=False, tie_weights=False, time_weighting="full",

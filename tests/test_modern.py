@@ -14,7 +14,7 @@ from mygpt.checkpoint import save_checkpoint
 from mygpt.model import GPT, KVCache
 from mygpt.quantize import quantize
 from mygpt.rotary import apply_rotary, rotary_angles
-from tests.test_model import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 MODERN = dict(pos_emb="rope", norm="rmsnorm", embd_norm=True, qk_norm=True, mlp="relu2", bias=False,
               tie_weights=False, zero_init=True, logit_softcap=15.0)
@@ -268,7 +268,7 @@ from mygpt.muon import configure_muon, muon_momentum  # noqa: E402
 from mygpt.recipes import RECIPES, apply_recipe, merge_args  # noqa: E402
 from mygpt.trainer import Trainer, scheduled_lr  # noqa: E402
 from mygpt.utils import CfgNode  # noqa: E402
-from tests.test_trainer import TempDirTest, kill_and_resume, run_script, torchrun  # noqa: E402
+from tests.helpers import TempDirTest, kill_and_resume, process_level, run_script, torchrun  # noqa: E402
 from tests.trainer_run import CountingData, TinyLM, TinyMLP, config  # noqa: E402
 
 
@@ -372,6 +372,7 @@ class TestMuon(TempDirTest):
             Trainer(config(max_iters=4, ckpt_path=self.path("a.pt"), resume=True, optimizer="muon"), TinyMLP(),
                     CountingData(32))
 
+    @process_level
     def test_sigkill_then_resume_is_bit_identical(self):
         iters = 30
         ref, run = kill_and_resume(self, iters, "muon")
@@ -386,6 +387,7 @@ class TestMuon(TempDirTest):
         self.assertEqual(ref["history"], run["history"])
 
     @unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is needed")
+    @process_level
     def test_two_processes_match_one(self):
         ddp = torchrun("ddp", self.dir, 8, "muon", timeout=180)
         self.assertEqual(ddp.returncode, 0, ddp.stdout[-2000:] + ddp.stderr[-3000:])
@@ -411,6 +413,7 @@ class TestRecipe(unittest.TestCase):
             apply_recipe(C, "postmodern")
         self.assertEqual(set(RECIPES["modern"]), {"model", "trainer"})
 
+    @process_level
     def test_every_project_accepts_the_preset(self):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for script in ("projects/chargpt/chargpt.py", "projects/adder/adder.py", "projects/image-gpt/imagegpt.py",

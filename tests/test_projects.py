@@ -21,6 +21,7 @@ import torch
 
 from mygpt import load_checkpoint
 from mygpt.utils import CfgNode, setup_logging
+from tests.helpers import process_level
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTS = ROOT / "projects"
@@ -62,6 +63,7 @@ def file_state(path):
 RERUN_WAYS = ("--trainer.resume=True", "--trainer.overwrite=True", "--system.work_dir")
 
 
+@process_level
 class TestErrorsAreOneLine(unittest.TestCase):
     """Every project script ends a user's mistake as the mygpt command does: one line `NAME: error: ...` naming
     the file or option at fault, status 2 for a wrong command line and 1 otherwise, no traceback."""
@@ -133,6 +135,7 @@ class TestSetupLogging(unittest.TestCase):
                 self.assertIn("hello", f.read())
 
 
+@process_level
 class TestHelp(unittest.TestCase):
     def test_help_lists_every_key_with_its_default_and_type(self):
         def leaves(node, prefix=""):
@@ -159,6 +162,7 @@ class TestHelp(unittest.TestCase):
                     self.assertTrue(found[0].startswith(kind), (entry, found[0]))
 
 
+@process_level
 class TestAdder(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -250,6 +254,7 @@ class TestAdder(unittest.TestCase):
         self.assertEqual(torch.cat([train.problems, test.problems]).unique().numel(), 10 ** 6)
 
 
+@process_level
 class TestCharGPT(unittest.TestCase):
     TEXT = "".join(f"{a} and {b} make {a + b}.\n" for a in range(40) for b in range(12))
 
@@ -386,6 +391,7 @@ class TestCharGPT(unittest.TestCase):
             self.assertEqual(theirs.stdout, tokenizer.decode(greedy) + "\n")
 
 
+@process_level
 class TestImageGPT(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

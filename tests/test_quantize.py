@@ -13,22 +13,13 @@ from mygpt.checkpoint import CheckpointError, save_checkpoint
 from mygpt.model import GPT
 from mygpt.quantize import Int8Embedding, Int8Linear, load_quantized, quantize, save_quantized
 from tests.corpus import english_prose
-from tests.test_model import VARIANTS
+from tests.helpers import VARIANTS, tiny_config
 
-
-
-def config(**kw):
-    c = GPT.get_default_config()
-    c.n_layer, c.n_head, c.n_embd = 2, 4, 64
-    c.vocab_size, c.block_size = 65, 32
-    c.embd_pdrop = c.resid_pdrop = c.attn_pdrop = 0.0
-    c.merge_from_dict(kw)
-    return c
 
 
 def random_model(seed=0, **kw):
     torch.manual_seed(seed)
-    model = GPT(config(**kw)).eval()
+    model = GPT(tiny_config(**{"n_embd": 64, "vocab_size": 65, "block_size": 32, **kw})).eval()  # 65 characters
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "time_" in name:  # ones would hide indexing mistakes

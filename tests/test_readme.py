@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from tests.helpers import process_level
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_NETWORK = ("from_pretrained(", 'download("https://')
@@ -22,6 +23,7 @@ def python_blocks(markdown):
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
+@process_level
 class TestReadme(unittest.TestCase):
     def test_python_examples_run(self):
         with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:

@@ -1,12 +1,7 @@
 import json
 import math
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 import unittest
 
 import torch
@@ -16,55 +11,8 @@ from mygpt.model import GPT
 from mygpt.quantize import Int8Linear, save_quantized
 from mygpt.checkpoint import CheckpointError, checksum, load_checkpoint
 from mygpt.trainer import Trainer, scheduled_lr
+from tests.helpers import TempDirTest, kill_and_resume, process_level, run_script, torchrun
 from tests.trainer_run import CountingData, TinyLM, config
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "trainer_run.py")
-
-
-def run_script(*args, **kwargs):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                          timeout=120, **kwargs)
-
-
-def torchrun(*args, restarts=0, timeout=240):
-    """tests/trainer_run.py under torchrun with 2 processes (restarted up to `restarts` times)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *([f"--max-restarts={restarts}"] if restarts else []), SCRIPT, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def kill_and_resume(test, iters, *extra):
-    """Run trainer_run.py's resume mode to iters twice (extra: its optional arguments), SIGKILL the second one
-    mid-run, resume it to the end, and return the two final checkpoints (uninterrupted, resumed)."""
-    reference = subprocess.Popen([sys.executable, SCRIPT, "resume", test.path("ref.pt"), str(iters), "0", *extra])
-    victim = subprocess.Popen([sys.executable, SCRIPT, "resume", test.path("run.pt"), str(iters), "0.1", *extra])
-    deadline = time.time() + 60
-    while not os.path.exists(test.path("run.pt")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    test.assertEqual(reference.wait(timeout=120), 0)
-    killed_at = load_checkpoint(test.path("run.pt"))["iter_num"]
-    test.assertLess(killed_at, iters)
-    resumed = run_script("resume", test.path("run.pt"), iters, 0, *extra)
-    test.assertEqual(resumed.returncode, 0, resumed.stderr)
-    test.assertIn(f"resumed from {test.path('run.pt')} at iteration {killed_at}", resumed.stdout)
-    ref, run = load_checkpoint(test.path("ref.pt")), load_checkpoint(test.path("run.pt"))
-    test.assertEqual(run["iter_num"], iters)
-    return ref, run
-
-
-class TempDirTest(unittest.TestCase):
-    def setUp(self):
-        torch.set_num_threads(1)
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
 
 class TestSchedule(unittest.TestCase):
     def test_formula_at_known_token_counts(self):
@@ -91,6 +39,7 @@ class TestSchedule(unittest.TestCase):
         C.lr_decay = False
         self.assertEqual(scheduled_lr(C, 600), 1.0)
 
+    @process_level
     def test_the_seeds_log_is_reproduced(self):
         # README-seed.txt: max_epochs=150, batch_size=256, learning_rate=6e-4, lr_decay, warmup_tokens=512*20,
         # final_tokens=150*len(train_dataset)*block_size, block 128, 34 iterations an epoch; it prints the lr
@@ -627,6 +576,7 @@ class TestTokenCorpus(TempDirTest):
 
 
 class TestResume(TempDirTest):
+    @process_level
     def test_sigkill_then_resume_is_bit_identical(self):
         iters = 30
         ref, run = kill_and_resume(self, iters)
@@ -642,6 +592,7 @@ class TestResume(TempDirTest):
 
 
 @unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is needed")
+@process_level
 class TestDistributed(TempDirTest):
     def test_two_processes_match_one(self):
         for iters in (5, 12):  # the second launch resumes from the first one's checkpoint

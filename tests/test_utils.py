@@ -19,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 from mygpt.checkpoint import CheckpointError, save_checkpoint
 from mygpt.utils import (STALE_SECONDS, CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive,
                          run_main, set_seed, setup_logging, temporary_name)
+from tests.helpers import process_level
 
 PROJECTS = Path(__file__).resolve().parent.parent / "projects"
 
@@ -267,6 +268,7 @@ def _leaf_keys(node, prefix=""):
             yield prefix + key
 
 
+@process_level
 class TestExclusive(unittest.TestCase):
     HOLD = "import sys, time; from mygpt.utils import exclusive\nwith exclusive(sys.argv[1]):\n print('held', flush=True); time.sleep(60)"
 
@@ -287,6 +289,7 @@ class TestExclusive(unittest.TestCase):
                     pass
 
 
+@process_level
 class TestAtomicPath(unittest.TestCase):
     def test_refuses_what_is_not_a_regular_file(self):
         with tempfile.TemporaryDirectory() as folder:

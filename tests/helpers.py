@@ -1,0 +1,97 @@
+"""Fixtures that several test files share: tiny models, a temporary folder, and the launchers of tests/trainer_run.py
+(one process, torchrun with two, kill-and-resume).
+
+MYGPT_FAST_TESTS=1 skips the process-level tests (`@process_level`: ones that start Python processes, kill them,
+run torchrun or train for many steps), so that the rest of the suite runs in about a minute on 2 cores:
+
+    MYGPT_FAST_TESTS=1 python -m unittest discover tests
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+from mygpt.checkpoint import load_checkpoint
+from mygpt.model import GPT
+
+FAST = os.environ.get("MYGPT_FAST_TESTS") == "1"
+process_level = unittest.skipIf(FAST, "a process-level test: MYGPT_FAST_TESTS=1 skips it")
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer_run.py")
+
+# the time-weighting variants every model test runs through
+VARIANTS = [dict(time_weighting=tw, token_shift=ts, pos_emb=pe)
+            for tw in (None, "full", "circulant") for ts in (False, True) for pe in (True, False)]
+
+
+def tiny_config(**kw):
+    """A GPT config small enough for a unit test: 2 layers, 4 heads, 32 wide, 13 tokens, block 16, no dropout."""
+    c = GPT.get_default_config()
+    c.n_layer, c.n_head, c.n_embd = 2, 4, 32
+    c.vocab_size, c.block_size = 13, 16
+    c.embd_pdrop = c.resid_pdrop = c.attn_pdrop = 0.0
+    c.merge_from_dict(kw)
+    return c
+
+
+def tiny_model(seed=0, random_time_weights=True, **kw):
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw)).eval()
+    if random_time_weights:  # ones would hide indexing mistakes
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "time_" in name:
+                    p.uniform_(0.2, 1.8)
+    return model
+
+
+class TempDirTest(unittest.TestCase):
+    def setUp(self):
+        torch.set_num_threads(1)
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+def run_script(*args, **kwargs):
+    """tests/trainer_run.py in one process."""
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def torchrun(*args, restarts=0, timeout=240):
+    """tests/trainer_run.py under torchrun with 2 processes (restarted up to `restarts` times)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *([f"--max-restarts={restarts}"] if restarts else []), SCRIPT, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kill_and_resume(test, iters, *extra):
+    """Run trainer_run.py's resume mode to iters twice (extra: its optional arguments), SIGKILL the second one
+    mid-run, resume it to the end, and return the two final checkpoints (uninterrupted, resumed)."""
+    reference = subprocess.Popen([sys.executable, SCRIPT, "resume", test.path("ref.pt"), str(iters), "0", *extra])
+    victim = subprocess.Popen([sys.executable, SCRIPT, "resume", test.path("run.pt"), str(iters), "0.1", *extra])
+    deadline = time.time() + 60
+    while not os.path.exists(test.path("run.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    test.assertEqual(reference.wait(timeout=120), 0)
+    killed_at = load_checkpoint(test.path("run.pt"))["iter_num"]
+    test.assertLess(killed_at, iters)
+    resumed = run_script("resume", test.path("run.pt"), iters, 0, *extra)
+    test.assertEqual(resumed.returncode, 0, resumed.stderr)
+    test.assertIn(f"resumed from {test.path('run.pt')} at iteration {killed_at}", resumed.stdout)
+    ref, run = load_checkpoint(test.path("ref.pt")), load_checkpoint(test.path("run.pt"))
+    test.assertEqual(run["iter_num"], iters)
+    return ref, run

@@ -1,4 +1,5 @@
-"""The `mygpt` command: what comes after training, from the shell.
+"""The `mygpt` command: everything around training, from the shell: a corpus tokenised into shards before it, and
+after it a checkpoint sampled, scored, inspected, quantized, exported or plotted.
 
     mygpt sample CKPT --prompt TEXT       print a continuation as it is generated
     mygpt eval CKPT --data FILE_OR_SHARDS loss, perplexity and bits per byte
@@ -514,7 +515,7 @@ def prepare_tokenizer(name):
 # ---------------------------------------------------------------- the command line
 
 def build_parser():
-    parser = ArgumentParser(prog="mygpt", description="Sample from, evaluate and inspect mygpt checkpoints.")
+    parser = ArgumentParser(prog="mygpt", description="Prepare a corpus for training; sample from, evaluate, inspect, quantize, export and plot mygpt checkpoints.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = commands.add_parser("sample", help="print a continuation of a prompt as it is generated",

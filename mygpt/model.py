@@ -1,7 +1,9 @@
 """
 The GPT language model, written to be read top to bottom:
 
-    GELU -> CausalSelfAttention (optionally time-weighted) -> MLP -> Block -> GPT
+    Linear, gelu, RMSNorm -> CausalSelfAttention (optionally time-weighted) -> MLP -> Block -> KVCache -> GPT
+
+and after GPT the functions it calls: cross_entropy, check_ids, and the config's resolution and checks.
 
 Parameter names follow OpenAI's GPT-2 layout (transformer.wte, transformer.h.0.attn.c_attn, ...)
 so that GPT-2 checkpoints load by name. GPT.forward is the only forward pass: given a KVCache it

@@ -449,6 +449,13 @@ class GPT(nn.Module):
                              f"crop it to the last {self.block_size} tokens or build the model with a larger block_size")
         check_ids(idx, self.config.vocab_size, "token id")
 
+    def check_batch(self, idx, targets):
+        """The id checks of forward(idx, targets), for a training batch still on the host: the Trainer runs it on
+        every batch before the batch goes to the device, where an id outside the vocabulary would be a device-side
+        assert and checking it there a sync."""
+        check_ids(idx, self.config.vocab_size, "token id")
+        check_ids(targets, self.config.vocab_size, "target", ignore_index=-1)
+
     def forward(self, idx, targets=None, kv_cache=None):
         """Logits (B, T, vocab_size) for idx (B, T), and the mean cross-entropy over targets != -1 when given.
 
@@ -556,8 +563,8 @@ def cross_entropy(logits, targets):
 def check_ids(ids, vocab_size, what, ignore_index=None):
     """Raise a ValueError for an id outside [0, vocab_size) (ignore_index aside), on the CPU only.
 
-    On a GPU the check would cost a device sync per call; the Trainer checks its batches on the host
-    before they are copied there, and a compiled graph cannot hold a data-dependent branch.
+    On a GPU the check would cost a device sync per call; the Trainer has the model check each batch on the
+    host before it is copied there (GPT.check_batch), and a compiled graph cannot hold a data-dependent branch.
     """
     if ids.device.type != "cpu" or torch.compiler.is_compiling():
         return

@@ -12,7 +12,8 @@ What it guarantees, and how:
   checkpoint it did not resume, unless told to.
 - Gradients are weighted by token counts, so k accumulated micro-batches, or n processes, compute the
   same update as one large batch.
-- On one GPU the host never waits for the device inside a step: batches are checked on the host, copied
+- On one GPU the host never waits for the device inside a step: batches are checked on the host (by the
+  model's ``check_batch(x, y)`` where it has one: GPT refuses ids outside its vocabulary), copied
   from pinned memory without blocking, and the loss is read every log_interval steps (a non-finite loss
   makes the fused optimizer skip its update on the device, and the next read stops the run).
 """
@@ -40,7 +41,6 @@ from tqdm.auto import tqdm
 from mygpt import precision
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix, train_config_of)
-from mygpt.model import check_ids
 from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
@@ -389,7 +389,8 @@ class Trainer:
             choice, why = resumed, "as the run it resumes"
         else:
             n = len(self.train_dataset)
-            x, y = self._to_device(*next(iter(self._loader(self.train_dataset, [list(range(min(C.batch_size, n)))]))))
+            first = next(iter(self._loader(self.train_dataset, [list(range(min(C.batch_size, n)))])))
+            x, y = self._to_device(*self._check_batch(first))
 
             def step(dtype):
                 with torch.autocast(self.device_type, dtype=dtype) if dtype else nullcontext():
@@ -494,11 +495,8 @@ class Trainer:
             shape = [type(b).__name__ for b in batch] if isinstance(batch, (tuple, list)) else type(batch).__name__
             raise TypeError(f"the dataset must yield (x, y) pairs of tensors; a batch came out as {shape}")
         x, y = batch
-        if self.device_type != "cpu":  # on the host, where the check costs no device sync
-            vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
-            if vocab_size is not None:
-                check_ids(x, vocab_size, "token id")
-                check_ids(y, vocab_size, "target", ignore_index=-1)
+        if hasattr(self.model, "check_batch"):
+            self.model.check_batch(x, y)  # on the host, where it costs no device sync, and before any step uses it
         return x, y
 
     def _to_device(self, x, y):

@@ -274,6 +274,40 @@ class TestFailures(TempDirTest):
         self.assertEqual(len(trainer.optimizer.state[model.lm_head.weight]) and
                          int(trainer.optimizer.state[model.lm_head.weight]["step"]), 7)  # one step skipped
 
+    def test_the_model_refuses_a_bad_id_on_the_host_before_the_step(self):
+        # The Trainer knows no vocabulary: it hands every batch, still on the host, to the model's check_batch,
+        # all micro-batches of a step before its first forward (on a GPU a bad id would be a device-side assert)
+        class Poisoned(CountingData):
+            poison = None  # "x" or "y": that tensor of every example holds id 16, one past the vocabulary
+
+            def __getitem__(self, i):
+                x, y = super().__getitem__(i)
+                if self.poison:
+                    {"x": x, "y": y}[self.poison][3] = 16
+                return x, y
+        mc = GPT.get_default_config()
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, 16, 8
+        for poison, message in (("x", r"token id 16 is outside the vocabulary \[0, 16\)$"),
+                                ("y", r"target 16 is outside the vocabulary \[0, 16\) \(-1 marks a position")):
+            with self.subTest(poison):
+                model, data = GPT(mc), Poisoned(64)
+                forwards = []
+                model.register_forward_pre_hook(lambda module, args: forwards.append(args[0].device.type))
+                trainer = Trainer(config(max_iters=8, batch_size=4, grad_accum_steps=2), model, data)
+                trainer.add_callback("on_batch_end", lambda t: setattr(data, "poison", poison if t.iter_num == 3
+                                                                       else None))
+                with self.assertRaisesRegex(ValueError, message):
+                    trainer.run()
+                self.assertEqual((trainer.iter_num, len(forwards)), (3, 6))  # no forward of step 4 began
+
+        class Checked(TinyLM):  # any model can check its batches: the Trainer calls check_batch on the host
+            def check_batch(self, x, y):
+                seen.append((x.device.type, tuple(x.shape), tuple(y.shape)))
+        seen = []
+        trainer = Trainer(config(max_iters=2, batch_size=4, grad_accum_steps=2, eval_interval=2, eval_iters=3),
+                          Checked(), CountingData(64), CountingData(16)).run()
+        self.assertEqual(seen, [("cpu", (4, 8), (4, 8))] * (2 * 2 + 3))  # 2 steps of 2 micro-batches, 3 to evaluate
+
     def test_checkpoint_errors(self):
         C = config(max_iters=2, ckpt_path=self.path("good.pt"))
         trainer = Trainer(C, TinyLM(), CountingData(64)).run()

@@ -234,19 +234,15 @@ def evaluate(args):
     model, _, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
     windows, what = eval_windows(args.data, tokenizer, model.block_size)
-    n = len(windows)
-    if args.max_batches is not None:
-        n = min(n, args.max_batches * args.batch_size)
-    if n == 0:
+    if len(windows) == 0:
         raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
-    nats, targets, nbytes = score(model, windows, tokenizer, range(n), args.batch_size or 8, device)
-    loss = nats / targets
+    result = score(model, windows, args.batch_size or 8, args.max_batches, device, tokenizer=tokenizer)
     print(f"data: {what}")
-    print(f"evaluated: {n:,} windows of up to {model.block_size} tokens, {targets:,} target tokens, "
-          f"{nbytes:,} bytes of text")
-    print(f"loss: {loss:.6f}")
-    print(f"perplexity: {math.exp(loss):.4f}")
-    print(f"bits per byte: {nats / math.log(2) / nbytes:.6f}")
+    print(f"evaluated: {result.windows:,} windows of up to {model.block_size} tokens, {result.targets:,} target "
+          f"tokens, {result.nbytes:,} bytes of text")
+    print(f"loss: {result.loss:.6f}")
+    print(f"perplexity: {math.exp(result.loss):.4f}")
+    print(f"bits per byte: {result.bits_per_byte:.6f}")
     return 0
 
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # each name's autocast dtype (None: none)
 PROBE_MARGIN = 1.1  # bf16 must be at least 10% faster: a tie is not worth its rounding
 PROBE_ROUNDS = 3
 
@@ -58,7 +59,8 @@ def probe(step, rounds=PROBE_ROUNDS):
 
 
 def choose(device_type, step):
-    """('fp32' or 'bf16', why): see the module's docstring. step(dtype) runs one forward/backward pass."""
+    """('fp32' or 'bf16', why): see the module's docstring. step(dtype) runs one pass of the work to be timed: a
+    training step's forward and backward, or an evaluation's forward (mygpt.evaluate)."""
     if not native(device_type, torch.bfloat16):
         return "fp32", f"this {device_type} has no native bf16"
     fp32, bf16 = probe(step)

@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 from mygpt import precision
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix, train_config_of)
+from mygpt.evaluate import Score, score_batches
 from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
+from mygpt.precision import PRECISIONS
 from mygpt.utils import CfgNode, atomic_path, check_device, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
 TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
 MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
@@ -722,7 +723,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self):
         """Mean validation loss per target token over eval_iters batches per process (the same subset each
         time); NaN, with a message, when those batches hold no targets at all."""
@@ -732,23 +732,12 @@ class Trainer:
         order = EpochOrder(self.config.seed, 0, n, tag=VAL_ORDER)
         starts = range(self.rank * B, min(n, self.config.eval_iters * B * W), B * W)
         batches = [order[list(range(s, min(s + B, n)))].tolist() for s in starts]
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum, count = 0.0, 0
-        for batch in self._loader(self.val_dataset, batches):
-            x, y = self._to_device(*self._check_batch(batch))
-            with self._autocast():
-                _, loss = self.model(x, y)
-            n_targets = int((y >= 0).sum())
-            if n_targets:
-                loss_sum += loss.float().item() * n_targets
-                count += n_targets
-        self.model.train(was_training)
-        loss_sum, count = self._all_reduce([loss_sum, count])
-        if count == 0:
+        checked = (self._check_batch(batch) for batch in self._loader(self.val_dataset, batches))
+        mine = score_batches(self.model, checked, self.device, self._autocast_dtype)
+        total = Score(*self._all_reduce(mine))
+        if total.targets == 0:
             self._print("evaluation: the validation batches hold no targets (every y is -1); val loss is NaN")
-            return float("nan")
-        return loss_sum / count
+        return total.loss
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -229,9 +229,10 @@ class TestEval(CLITest):
         text = "hello hello hell oh hole " * 5 + "he"  # 127 characters: the last window is short
         with open(self.path("eval.txt"), "w", encoding="utf-8") as f:
             f.write(text)
-        for extra, windows in (((), None), (("--max-batches", 2), 4)):
+        for extra, windows in ((("--batch-size", 2), None), (("--batch-size", 2, "--max-batches", 2), 4),
+                               (("--max-batches", 1), 8)):  # batches of 8 when --batch-size is left out
             with self.subTest(extra=extra):
-                status, out, err = run("eval", self.chars, "--data", self.path("eval.txt"), "--batch-size", 2, *extra)
+                status, out, err = run("eval", self.chars, "--data", self.path("eval.txt"), *extra)
                 self.assertEqual(status, 0, err)
                 loss, perplexity, bpb = self.figures(out)
                 ref_loss, ref_bpb = self.reference(self.chars, text, windows)

@@ -27,12 +27,13 @@ import torch.distributed as dist
 from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
                    run_main, set_seed, setup_logging)
 from mygpt.data import TokenDataset
-from mygpt.evaluate import score
+from mygpt.evaluate import Score, score_batches
 from mygpt.recipes import apply_recipe
 from mygpt.checkpoint import RUN_FILES, checkpoint_file
 from mygpt.quantize import FORMAT as QUANTIZED
 from mygpt.tokenizer import load_tokenizer
-from mygpt.trainer import PRECISIONS, resolve_device
+from mygpt.precision import PRECISIONS
+from mygpt.trainer import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sample.py beside this file, also under importlib
 from sample import generate_texts  # noqa: E402
@@ -190,14 +191,13 @@ def evaluate(model, dataset, tokenizer, batch_size, max_batches=None, device="cp
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * world)
     mine = list(range(rank, n, world))
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else None
-    totals = torch.tensor(score(model, dataset, tokenizer, mine, batch_size, device, autocast), dtype=torch.float64)
+    batches = (dataset.get_batch(mine[start:start + batch_size]) for start in range(0, len(mine), batch_size))
+    totals = torch.tensor(score_batches(model, batches, device, PRECISIONS[precision], tokenizer), dtype=torch.float64)
     if world > 1:
         totals = totals.to(device)
         dist.all_reduce(totals)
-    nats, targets, nbytes = totals.tolist()
-    return nats / targets, nats / math.log(2) / nbytes, int(targets)
+    result = Score(*totals.tolist())
+    return result.loss, result.bits_per_byte, int(result.targets)
 
 
 # ---------------------------------------------------------------- training

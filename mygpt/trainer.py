@@ -46,9 +46,11 @@ from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
 from mygpt.precision import PRECISIONS
+from mygpt.tokenizer import load_tokenizer
 from mygpt.utils import CfgNode, atomic_path, check_device, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
+EVAL_ORDERS = ("random", "first")
 TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
 TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
 MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
@@ -175,6 +177,10 @@ class Trainer:
         C.overwrite = False          # replace a checkpoint at ckpt_path that this run did not resume
         C.eval_interval = 500        # validation loss every this many steps and at the last, with a val set (0: never)
         C.eval_iters = 20            # batches per process in one evaluation
+        C.eval_order = "random"      # which val examples: 'random' (a fixed random sample) or 'first' (the first ones
+                                     # in order: consecutive windows of a corpus); the same ones each evaluation
+        C.eval_bits_per_byte = False  # also val_bpb: bits per byte of the val targets (needs tokenizer= to count them)
+        C.eval_at_start = False      # also evaluate before the first step (logged; the history starts at step 1)
         C.seed = 1337                # decides the RNGs at the start and the data order of every epoch
         C.quiet = False              # no progress bar: a plain line every log_interval steps, for log files
         C.log_interval = 100         # steps between training-loss lines in the log (0: none)
@@ -190,6 +196,7 @@ class Trainer:
         self.callbacks = {event: [] for event in EVENTS}
         self.log = logging.getLogger("mygpt")
         self._check_config()
+        self._byte_counter = self._tokenizer_for_bytes()
         self._check_dataset(train_dataset, "train_dataset")
         if val_dataset is not None:
             self._check_dataset(val_dataset, "val_dataset")
@@ -263,7 +270,8 @@ class Trainer:
         for key in ("num_workers", "ckpt_interval", "eval_interval", "log_interval", "seed"):
             positive_int(key, allow_zero=True)
         for key, choices in (("lr_schedule", LR_SCHEDULES), ("parallel", PARALLEL),
-                             ("precision", (*PRECISIONS, "auto")), ("optimizer", OPTIMIZERS)):
+                             ("precision", (*PRECISIONS, "auto")), ("optimizer", OPTIMIZERS),
+                             ("eval_order", EVAL_ORDERS)):
             if getattr(C, key) not in choices:
                 raise ValueError(f"{key} must be one of {list(choices)}, got {getattr(C, key)!r}")
         if C.parallel == "fsdp" and C.precision == "fp16":
@@ -303,6 +311,15 @@ class Trainer:
         check_device(C.device, "trainer config device")  # before a run starts, not at its first tensor
         if C.resume and C.overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
+
+    def _tokenizer_for_bytes(self):
+        """The run's tokenizer, which counts the bytes of the val targets for eval_bits_per_byte (else None)."""
+        if not self.config.eval_bits_per_byte:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("eval_bits_per_byte=True counts the bytes of the validation targets with the run's "
+                             "tokenizer: pass Trainer(..., tokenizer=mygpt.describe_tokenizer(...))")
+        return load_tokenizer(self.tokenizer)
 
     def _check_batch_size(self):
         """A step never takes an example twice: alone, a batch beyond the dataset is the whole dataset (said once);
@@ -512,11 +529,14 @@ class Trainer:
             self._print(f"nothing to do: the run is already at iteration {self.iter_num} (epoch {self.epoch}), "
                         f"where max_iters/max_epochs end it; raise them to train further")
             return self
+        C = self.config
+        if C.eval_at_start and C.eval_interval and self.iter_num == 0 and self.val_dataset is not None:
+            self._report(self._evaluate())  # the model before training
         restore_handlers = self._catch_signals()
         try:
             while not self._finished() and not self.interrupted:
                 self._run_epoch()
-            if self.config.ckpt_path and not self.interrupted and self._saved_iter != self.iter_num:
+            if C.ckpt_path and not self.interrupted and self._saved_iter != self.iter_num:
                 self.save_checkpoint()
         finally:
             restore_handlers()
@@ -658,8 +678,8 @@ class Trainer:
         self.trigger_callbacks("on_batch_end")
         if self.val_dataset is not None and C.eval_interval and (self.iter_num % C.eval_interval == 0
                                                                  or self._last_step(step_in_epoch)):
-            self.history[-1]["val_loss"] = self.evaluate()
-            self._print(f"iter {self.iter_num}: val loss {self.history[-1]['val_loss']:.5f}", bar)
+            self.history[-1].update(self._evaluate())
+            self._report(self.history[-1], bar)
             self.trigger_callbacks("on_eval_end")
         if self._stop_agreed:
             self.interrupted = True
@@ -724,20 +744,34 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self):
-        """Mean validation loss per target token over eval_iters batches per process (the same subset each
+        """Mean validation loss per target token over eval_iters batches per process (the same examples each
         time); NaN, with a message, when those batches hold no targets at all."""
+        return self._evaluate()["val_loss"]
+
+    def _evaluate(self):
+        """An evaluation's figures: val_loss, and val_bpb with eval_bits_per_byte. Its examples: eval_iters batches
+        per process, from a fixed random order of the val set (eval_order='random') or from its start ('first')."""
         if self.val_dataset is None:
             raise ValueError("evaluate() needs a val_dataset")
-        B, W, n = self.config.batch_size, self.world_size, len(self.val_dataset)
-        order = EpochOrder(self.config.seed, 0, n, tag=VAL_ORDER)
-        starts = range(self.rank * B, min(n, self.config.eval_iters * B * W), B * W)
-        batches = [order[list(range(s, min(s + B, n)))].tolist() for s in starts]
+        C = self.config
+        B, W, n = C.batch_size, self.world_size, len(self.val_dataset)
+        starts = range(self.rank * B, min(n, C.eval_iters * B * W), B * W)
+        batches = [list(range(s, min(s + B, n))) for s in starts]  # positions in the order
+        if C.eval_order == "random":
+            order = EpochOrder(C.seed, 0, n, tag=VAL_ORDER)
+            batches = [order[positions].tolist() for positions in batches]
         checked = (self._check_batch(batch) for batch in self._loader(self.val_dataset, batches))
-        mine = score_batches(self.model, checked, self.device, self._autocast_dtype)
+        mine = score_batches(self.model, checked, self.device, self._autocast_dtype, self._byte_counter)
         total = Score(*self._all_reduce(mine))
         if total.targets == 0:
             self._print("evaluation: the validation batches hold no targets (every y is -1); val loss is NaN")
-        return total.loss
+        if C.eval_bits_per_byte:
+            return {"val_loss": total.loss, "val_bpb": total.bits_per_byte}
+        return {"val_loss": total.loss}
+
+    def _report(self, figures, bar=None):
+        bits = f", {figures['val_bpb']:.5f} bits per byte" if "val_bpb" in figures else ""
+        self._print(f"iter {self.iter_num}: val loss {figures['val_loss']:.5f}{bits}", bar)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -20,6 +20,8 @@ import torch
 from mygpt import GPT, cli, get_encoder, load_checkpoint
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, write_shard
+from mygpt.evaluate import score
+from mygpt.precision import native
 from mygpt.tokenizer import load_tokenizer
 from tests.helpers import process_level
 
@@ -226,6 +228,33 @@ class TestTrainResumeSample(unittest.TestCase):
         self.assertEqual(sample.generate_texts(model, tokenizer, "Hi", 3, stop=False), ["Hi" + ENDOFTEXT * 3])
 
 
+class TestPrecisionAuto(unittest.TestCase):
+    def test_auto_is_resolved_for_training_and_for_eval_only(self):
+        # 'auto' is what the Trainer (or score, for --eval_only) turns into fp32 or bf16, not a dtype name
+        with tempfile.TemporaryDirectory() as tmp:
+            data, work = prepared_corpus(tmp), os.path.join(tmp, "run")
+            common = [f"--data.dir={data}", *TINY, "--trainer.eval_iters=2"]
+            with contextlib.redirect_stdout(io.StringIO()):
+                auto = train.main(["--eval_only=True", *common, "--trainer.precision=auto"])
+                named = {p: train.main(["--eval_only=True", *common, f"--trainer.precision={p}"])
+                         for p in ("fp32", "bf16")}
+            self.assertIn(auto, named.values())  # computed in the precision it chose
+            if not native("cpu", torch.bfloat16):
+                self.assertEqual(auto, named["fp32"])
+
+            trainer = train.main([*common, "--trainer.precision=auto", f"--system.work_dir={work}",
+                                  "--trainer.max_iters=2", "--trainer.eval_interval=1", "--sample.length=0"])
+            chosen = trainer.config.precision
+            self.assertIn(chosen, ("fp32", "bf16"))
+            self.assertEqual([h["iter"] for h in trainer.history if "val_loss" in h], [1, 2])
+            # the Trainer's last evaluation is score's on the same windows, in the precision the run chose
+            with contextlib.redirect_stdout(io.StringIO()):
+                again = train.main(["--eval_only=True", "--init_from=resume", f"--system.work_dir={work}", *common,
+                                    f"--trainer.precision={chosen}"])
+            self.assertAlmostEqual(trainer.history[-1]["val_loss"], again["val_loss"], places=6)
+            self.assertAlmostEqual(trainer.history[-1]["val_bpb"], again["bits_per_byte"], places=6)
+
+
 @needs("transformers")
 @process_level
 class TestGPT2Weights(unittest.TestCase):
@@ -286,7 +315,8 @@ class TestBitsPerByte(unittest.TestCase):
             data = prepared_corpus(tmp)
             T = 10
             dataset = TokenDataset(os.path.join(data, "val_*.bin"), T)
-            loss, bpb, targets = train.evaluate(model, dataset, load_tokenizer({"type": "gpt2"}), batch_size=3)
+            result = score(model, dataset, batch_size=3, tokenizer=load_tokenizer({"type": "gpt2"}))
+            loss, bpb, targets = result.loss, result.bits_per_byte, result.targets
             tokens = torch.from_numpy(read_tokens(os.path.join(data, "val_000000.bin")))
         n = (len(tokens) - 1) // T
         nats = 0.0

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import math
 import os
@@ -129,6 +131,33 @@ class TestTraining(TempDirTest):
         self.assertEqual(len(lines), 61)
         with open(self.path("h.json")) as f:
             self.assertIn("val_loss", json.load(f)[19])
+
+    def test_evaluation_options(self):
+        # eval_order='first': the first eval_iters batches, in order; eval_bits_per_byte: val_bpb, the targets'
+        # bytes counted by the run's tokenizer (one byte a character here: loss / ln 2); eval_at_start: once before
+        # the first step, logged only
+        torch.manual_seed(0)
+        C = config(max_iters=2, batch_size=4, eval_interval=2, eval_iters=2, eval_order="first",
+                   eval_bits_per_byte=True, eval_at_start=True)
+        chars = {"type": "chars", "chars": list("abcdefghijklmnop")}
+        model, val = TinyLM(), CountingData(32)
+        trainer = Trainer(C, model, CountingData(64), val, tokenizer=chars)
+        x, y = (torch.stack(t) for t in zip(*(val[i] for i in range(8))))  # the first 2 batches of 4: (8, T) each
+        with torch.no_grad():
+            logits = model.eval()(x)[0]
+        model.train()
+        by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1).item()
+        self.assertAlmostEqual(trainer.evaluate(), by_hand, places=5)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            trainer.run()
+        self.assertRegex(printed.getvalue(), r"(?m)^iter 0: val loss \d\.\d{5}, \d\.\d{5} bits per byte$")
+        self.assertEqual([h["iter"] for h in trainer.history if "val_loss" in h], [2])
+        self.assertAlmostEqual(trainer.history[-1]["val_bpb"], trainer.history[-1]["val_loss"] / math.log(2), places=6)
+        with self.assertRaisesRegex(ValueError, r"eval_bits_per_byte=True .*Trainer\(\.\.\., tokenizer="):
+            Trainer(C, TinyLM(), CountingData(64), val)
+        with self.assertRaisesRegex(ValueError, r"eval_order must be one of \['random', 'first'\]"):
+            Trainer(config(eval_order="last"), TinyLM(), CountingData(64))
 
     def test_progress_line_in_the_seed_words(self):
         C = config(max_iters=4, quiet=True, log_interval=2, batch_size=32)

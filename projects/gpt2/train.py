@@ -21,18 +21,14 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
                    run_main, set_seed, setup_logging)
 from mygpt.data import TokenDataset
-from mygpt.evaluate import Score, score_batches
+from mygpt.evaluate import score
 from mygpt.recipes import apply_recipe
 from mygpt.checkpoint import RUN_FILES, checkpoint_file
 from mygpt.quantize import FORMAT as QUANTIZED
 from mygpt.tokenizer import load_tokenizer
-from mygpt.precision import PRECISIONS
 from mygpt.trainer import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sample.py beside this file, also under importlib
@@ -63,6 +59,9 @@ def get_config():
     C.trainer.lr_schedule = "nanogpt"  # nanoGPT's recipe, its cosine (the library's default is the seed's)
     C.trainer.eval_interval = 2000
     C.trainer.eval_iters = 200
+    C.trainer.eval_order = "first"        # consecutive val windows, each token after the first predicted once
+    C.trainer.eval_bits_per_byte = True   # with the loss: a figure that compares models across tokenizers
+    C.trainer.eval_at_start = True        # and once before the first step
     C.trainer.ckpt_interval = 2000
     C.trainer.log_interval = 10
     C.trainer.ckpt_path = None    # None: checkpoint.pt in the work dir
@@ -177,29 +176,6 @@ def from_mygpt_checkpoint(source, data, dropout):
     return GPT.from_checkpoint(ckpt, **dropout).train()
 
 
-# ---------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(model, dataset, tokenizer, batch_size, max_batches=None, device="cpu", precision="fp32"):
-    """(mean loss in nats per target token, bits per byte, target tokens) over the first windows of dataset.
-
-    max_batches batches of batch_size windows per process (all windows when None or when fewer), always the same
-    ones; under torchrun each process scores every world_size-th window and the sums are added up.
-    Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens, as `mygpt eval` computes it: a figure
-    that compares models with different tokenizers.
-    """
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * world)
-    mine = list(range(rank, n, world))
-    batches = (dataset.get_batch(mine[start:start + batch_size]) for start in range(0, len(mine), batch_size))
-    totals = torch.tensor(score_batches(model, batches, device, PRECISIONS[precision], tokenizer), dtype=torch.float64)
-    if world > 1:
-        totals = totals.to(device)
-        dist.all_reduce(totals)
-    result = Score(*totals.tolist())
-    return result.loss, result.bits_per_byte, int(result.targets)
-
-
 # ---------------------------------------------------------------- training
 
 def train(config):
@@ -226,16 +202,12 @@ def train(config):
             log.info(f"overwrite=True: removed {best_path} of the earlier run")
         log.info(f"init_from={config.init_from}: {model.num_parameters() / 1e6:.2f}M parameters "
                  f"(head tied to the embedding: {model.config.tie_weights}); train {train_data}; val {val_data}")
-        # the evaluations are the callback's below, with bits per byte
-        trainer = Trainer(C, model, train_data, None, tokenizer={"type": "gpt2"})
+        trainer = Trainer(C, model, train_data, val_data, tokenizer={"type": "gpt2"})
         if val_data is None:
             log.info(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}: no evaluations, "
                      f"no best.pt")
         else:
-            on_eval = evaluator(config, trainer, val_data, tokenizer, best_path, log)
-            trainer.add_callback("on_batch_end", on_eval)
-            if trainer.iter_num == 0:
-                on_eval(trainer)  # the loss before training
+            trainer.add_callback("on_eval_end", keep_best(config, tokenizer, best_path, log))
         trainer.run()
         if main_process:
             trainer.save_history(os.path.join(work_dir, "history.csv"))
@@ -245,29 +217,21 @@ def train(config):
         return trainer
 
 
-def evaluator(config, trainer, val_data, tokenizer, best_path, log):
-    """A callback that, every eval_interval steps and at the last, logs the validation loss, bits per byte and a
-    sample, records the loss in the history and copies the checkpoint to best.pt when the loss is the lowest yet."""
-    C, S = config.trainer, config.sample
+def keep_best(config, tokenizer, best_path, log):
+    """An on_eval_end callback: copy the checkpoint to best.pt when the val loss is the lowest yet, and log a
+    sample."""
+    S = config.sample
 
-    def on_eval(trainer):
-        step = trainer.iter_num
-        if step and not (C.eval_interval and step % C.eval_interval == 0) and step != C.max_iters:
-            return
-        loss, bpb, targets = evaluate(trainer.model, val_data, tokenizer, C.batch_size, C.eval_iters,
-                                      trainer.device, C.precision)
-        log.info(f"iter {step}: val loss {loss:.4f}, {bpb:.4f} bits per byte ({targets:,} tokens)")
-        if step == 0:
-            return  # nothing trained yet: no history entry, no best.pt
+    def on_eval_end(trainer):
+        step, loss = trainer.iter_num, trainer.history[-1]["val_loss"]
         earlier = [h["val_loss"] for h in trainer.history[:-1] if "val_loss" in h]
-        trainer.history[-1]["val_loss"] = loss
         if not earlier or loss < min(earlier):
             trainer.save_checkpoint(best_path)  # every process takes part; rank 0 writes
             log.info(f"iter {step}: best val loss so far, saved {best_path}")
         if S.length and trainer.is_main:
             text = generate_texts(trainer.model, tokenizer, S.prompt, S.length, S.temperature, S.top_k)[0]
             log.info(f"sample at iter {step}:\n{text}")
-    return on_eval
+    return on_eval_end
 
 
 def evaluate_only(config, tokenizer, resuming):
@@ -281,10 +245,11 @@ def evaluate_only(config, tokenizer, resuming):
     model = build_model(config, resuming, val_data).to(device)
     check_vocabulary(val_data, model)
     C = config.trainer
-    loss, bpb, targets = evaluate(model, val_data, tokenizer, C.batch_size, C.eval_iters, device, C.precision)
-    print(f"{config.init_from} on {corpus_dir(val_data)}: val loss {loss:.6f}, perplexity {math.exp(loss):.3f}, "
-          f"{bpb:.6f} bits per byte ({targets:,} tokens in windows of {val_data.block_size})")
-    return {"val_loss": loss, "bits_per_byte": bpb, "targets": targets}
+    result = score(model, val_data, C.batch_size, C.eval_iters, device, C.precision, tokenizer)
+    print(f"{config.init_from} on {corpus_dir(val_data)}: val loss {result.loss:.6f}, perplexity "
+          f"{math.exp(result.loss):.3f}, {result.bits_per_byte:.6f} bits per byte ({result.targets:,} tokens in "
+          f"windows of {val_data.block_size})")
+    return {"val_loss": result.loss, "bits_per_byte": result.bits_per_byte, "targets": result.targets}
 
 
 def main(args):

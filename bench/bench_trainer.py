@@ -20,8 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mygpt.model import GPT  # noqa: E402
-from mygpt.trainer import Trainer, resolve_device  # noqa: E402
+from mygpt import GPT, Trainer, resolve_device  # noqa: E402
 
 BLOCK, VOCAB, BATCH = 128, 65, 16
 

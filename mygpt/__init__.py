@@ -14,7 +14,8 @@ from mygpt.quantize import Int8Linear, load_quantized, save_quantized
 from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
-from mygpt.utils import CfgNode, InUseError, UsageError, check_device, exclusive, run_main, set_seed, setup_logging
+from mygpt.utils import (CfgNode, InUseError, UsageError, check_device, exclusive, resolve_device, run_main, set_seed,
+                         setup_logging)
 
 __all__ = [
     # the model and sampling from it
@@ -32,5 +33,5 @@ __all__ = [
     # helpers
     "download", "DownloadError", "CfgNode", "set_seed", "setup_logging",
     # scripts: errors as one line and an exit status, as the mygpt command gives them
-    "run_main", "UsageError", "check_device",
+    "run_main", "UsageError", "check_device", "resolve_device",
 ]

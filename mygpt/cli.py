@@ -37,8 +37,7 @@ from mygpt.plot import plot_history, read_history
 from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
-from mygpt.trainer import resolve_device
-from mygpt.utils import UsageError, check_device, check_output_file, run_main
+from mygpt.utils import UsageError, check_device, check_output_file, resolve_device, run_main
 
 SEPARATOR = "-" * 40  # between samples, as nanoGPT's sample.py prints them
 

@@ -47,7 +47,7 @@ from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
 from mygpt.precision import PRECISIONS
 from mygpt.tokenizer import load_tokenizer
-from mygpt.utils import CfgNode, atomic_path, check_device, set_seed
+from mygpt.utils import CfgNode, atomic_path, check_device, resolve_device, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
 EVAL_ORDERS = ("random", "first")
@@ -103,17 +103,6 @@ def check_new_run(config, *other_files):
             f"earlier run. To continue that run, set resume=True (--trainer.resume=True); to keep it and start anew, "
             f"choose another ckpt_path or work dir (--system.work_dir=...); to replace it, set overwrite=True "
             f"(--trainer.overwrite=True)")
-
-
-def resolve_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _plain_config(config):

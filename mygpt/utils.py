@@ -273,6 +273,17 @@ def check_device(name, option="--device"):
         raise ValueError(f"{option}={name}: Apple's MPS is not available here; use cpu or auto")
 
 
+def resolve_device(name):
+    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def error_message(err):
     """An error as one line: a KeyError's message unquoted, lines joined."""
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)

@@ -17,10 +17,9 @@ import sys
 
 import torch
 
-from mygpt import GPT, CfgNode, check_device, open_checkpoint, run_main
+from mygpt import GPT, CfgNode, check_device, open_checkpoint, resolve_device, run_main
 from mygpt.cli import SEPARATOR, prompt_ids
 from mygpt.tokenizer import load_tokenizer
-from mygpt.trainer import resolve_device
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 

@@ -22,14 +22,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
-                   run_main, set_seed, setup_logging)
+                   resolve_device, run_main, set_seed, setup_logging)
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.recipes import apply_recipe
 from mygpt.checkpoint import RUN_FILES, checkpoint_file
 from mygpt.quantize import FORMAT as QUANTIZED
 from mygpt.tokenizer import load_tokenizer
-from mygpt.trainer import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sample.py beside this file, also under importlib
 from sample import generate_texts  # noqa: E402

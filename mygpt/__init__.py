@@ -7,7 +7,7 @@ from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, wr
 from mygpt.downloads import DownloadError, download
 from mygpt.evals import Example, score_examples
 from mygpt.export import export_gguf, export_hf
-from mygpt.generate import stream
+from mygpt.generate import SAMPLE_SEPARATOR, document_start, generate_texts, stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
 from mygpt.quantize import Int8Linear, load_quantized, save_quantized
@@ -19,7 +19,7 @@ from mygpt.utils import (CfgNode, InUseError, UsageError, check_device, exclusiv
 
 __all__ = [
     # the model and sampling from it
-    "GPT", "KVCache", "stream",
+    "GPT", "KVCache", "stream", "generate_texts", "document_start", "SAMPLE_SEPARATOR",
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training

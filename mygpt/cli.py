@@ -31,15 +31,13 @@ from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, 
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, read_header
 from mygpt.evaluate import score
 from mygpt.export import export_gguf, export_hf
-from mygpt.generate import stream
+from mygpt.generate import SAMPLE_SEPARATOR, document_start, prompt_ids, stream
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
 from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
 from mygpt.utils import UsageError, check_device, check_output_file, resolve_device, run_main
-
-SEPARATOR = "-" * 40  # between samples, as nanoGPT's sample.py prints them
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -149,7 +147,7 @@ def sample(args):
     stop = None if args.no_stop or tokenizer.eot_token is None else [tokenizer.eot_token]
     for i in range(args.num_samples):
         if i:
-            print(SEPARATOR)
+            print(SAMPLE_SEPARATOR)
         write(shown)
         # a BPE token may end inside a character: the decoder holds such bytes until the character is whole
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -161,30 +159,6 @@ def sample(args):
                 write(text.decode(tokenizer.decode_bytes([token])))
         write(text.decode(b"", final=True) + "\n")
     return 0
-
-
-def document_start(tokenizer, note=print):
-    """(ids, text) where a sample starts without a prompt, the one rule of `mygpt sample` and the projects: a new
-    document, at <|endoftext|> where the tokenizer has it (as GPT-2's samples start; its text is empty), else at a
-    newline (as nanoGPT's character samples do), else at the vocabulary's first character, with a note."""
-    if tokenizer.eot_token is not None:
-        return [tokenizer.eot_token], ""
-    try:
-        return tokenizer.encode("\n"), "\n"
-    except ValueError:  # a character vocabulary without a newline
-        text = tokenizer.decode([0])
-        note(f"the vocabulary has no newline to start a sample from: samples start from {text!r} instead")
-        return [0], text
-
-
-def prompt_ids(tokenizer, prompt):
-    """The prompt's token ids; an empty prompt starts a new document (document_start)."""
-    if not prompt:
-        return document_start(tokenizer)[0]
-    try:
-        return tokenizer.encode(prompt)
-    except ValueError as err:
-        raise ValueError(f"--prompt: {err}") from None
 
 
 def write(text):

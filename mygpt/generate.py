@@ -6,6 +6,9 @@ position: the new token at position t uses row t of the weight matrix.
 Once a sequence is longer than block_size the model only ever sees the last block_size tokens,
 and every one of them changes position with each new token. Cached keys then no longer match, so
 from that point each step re-runs the window: the tokens stay exactly those of uncached generation.
+
+Only the last section knows about text: where a sample starts without a prompt, a prompt's ids and whole
+samples decoded to text, the rules that `mygpt sample` and the projects share.
 """
 
 import numbers
@@ -118,3 +121,54 @@ def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top
         yield idx
         if stops is not None and bool(stopped.all()):
             return
+
+
+# ---------------------------------------------------------------- text in, text out: the CLI's and the projects'
+
+SAMPLE_SEPARATOR = "-" * 40  # between printed samples, as nanoGPT's sample.py prints them
+
+
+def document_start(tokenizer, note=print):
+    """(ids, text) where a sample starts without a prompt, the one rule of `mygpt sample` and the projects: a new
+    document, at <|endoftext|> where the tokenizer has it (as GPT-2's samples start; its text is empty), else at a
+    newline (as nanoGPT's character samples do), else at the vocabulary's first character, with a note."""
+    if tokenizer.eot_token is not None:
+        return [tokenizer.eot_token], ""
+    try:
+        return tokenizer.encode("\n"), "\n"
+    except ValueError:  # a character vocabulary without a newline
+        text = tokenizer.decode([0])
+        note(f"the vocabulary has no newline to start a sample from: samples start from {text!r} instead")
+        return [0], text
+
+
+def prompt_ids(tokenizer, prompt):
+    """The prompt's token ids; an empty prompt starts a new document (document_start)."""
+    if not prompt:
+        return document_start(tokenizer)[0]
+    try:
+        return tokenizer.encode(prompt)
+    except ValueError as err:
+        raise ValueError(f"--prompt: {err}") from None
+
+
+def generate_texts(model, tokenizer, prompt, length, temperature=1.0, top_k=None, top_p=None, num_samples=1,
+                   generator=None, stop=True):
+    """num_samples continuations of prompt by up to length tokens, each as prompt + the decoded new text; tokenizer
+    has encode, decode and eot_token, as mygpt.load_tokenizer returns.
+
+    The samples are drawn together, one row each; a row ends at <|endoftext|> (not shown) when stop is True.
+    """
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt)  # an empty prompt starts a new document (<|endoftext|> for GPT-2)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    eot = tokenizer.eot_token
+    stops = [eot] if stop and eot is not None else None
+    out = generate(model, idx, length, temperature=temperature, do_sample=True, top_k=top_k, top_p=top_p,
+                   generator=generator, stop_tokens=stops)
+    texts = []
+    for row in out[:, idx.shape[1]:].tolist():
+        if stops and eot in row:
+            row = row[:row.index(eot)]
+        texts.append(prompt + tokenizer.decode(row))
+    return texts

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mygpt import GPT, cli, get_encoder, load_checkpoint
+from mygpt import GPT, cli, generate_texts, get_encoder, load_checkpoint
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, write_shard
 from mygpt.evaluate import score
@@ -41,7 +41,7 @@ def load(name):
     return module
 
 
-prepare, train, sample = load("prepare"), load("train"), load("sample")
+prepare, train = load("prepare"), load("train")
 
 
 def run_script(name, *args):
@@ -224,8 +224,8 @@ class TestTrainResumeSample(unittest.TestCase):
             model.lm_head.weight.zero_()
             model.lm_head.weight[50256] = 10.0
         tokenizer = load_tokenizer({"type": "gpt2"})
-        self.assertEqual(sample.generate_texts(model, tokenizer, "Hi", 5, num_samples=2), ["Hi", "Hi"])
-        self.assertEqual(sample.generate_texts(model, tokenizer, "Hi", 3, stop=False), ["Hi" + ENDOFTEXT * 3])
+        self.assertEqual(generate_texts(model, tokenizer, "Hi", 5, num_samples=2), ["Hi", "Hi"])
+        self.assertEqual(generate_texts(model, tokenizer, "Hi", 3, stop=False), ["Hi" + ENDOFTEXT * 3])
 
 
 class TestPrecisionAuto(unittest.TestCase):

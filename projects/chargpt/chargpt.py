@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_device, check_new_run, download, exclusive,
                    load_checkpoint, open_checkpoint, plot_history, run_main, set_seed, setup_logging)
-from mygpt.cli import document_start
+from mygpt.generate import document_start
 from mygpt.recipes import merge_args
 from mygpt.generate import check_sampling_args
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer

@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from mygpt import GPT, CfgNode, check_device, open_checkpoint, resolve_device, run_main
-from mygpt.cli import SEPARATOR, prompt_ids
+from mygpt import (GPT, SAMPLE_SEPARATOR, CfgNode, check_device, generate_texts, open_checkpoint, resolve_device,
+                   run_main)
 from mygpt.tokenizer import load_tokenizer
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -28,27 +28,6 @@ def get_config():
     """nanoGPT's sample.py defaults."""
     return CfgNode(init_from="resume", work_dir="./out/gpt2", prompt="\n", prompt_file=None, num_samples=3,
                    max_new_tokens=200, temperature=0.8, top_k=200, top_p=None, seed=1337, device="cpu", stop=True)
-
-
-def generate_texts(model, tokenizer, prompt, length, temperature=1.0, top_k=None, top_p=None, num_samples=1,
-                   generator=None, stop=True):
-    """num_samples continuations of prompt by up to length tokens, each as prompt + the decoded new text.
-
-    The samples are drawn together, one row each; a row ends at <|endoftext|> (not shown) when stop is True.
-    """
-    device = next(model.parameters()).device
-    ids = prompt_ids(tokenizer, prompt)  # an empty prompt is <|endoftext|>: the start of a document
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T)
-    eot = tokenizer.eot_token
-    stops = [eot] if stop and eot is not None else None
-    out = model.generate(idx, length, temperature=temperature, do_sample=True, top_k=top_k, top_p=top_p,
-                         generator=generator, stop_tokens=stops)
-    texts = []
-    for row in out[:, idx.shape[1]:].tolist():
-        if stops and eot in row:
-            row = row[:row.index(eot)]
-        texts.append(prompt + tokenizer.decode(row))
-    return texts
 
 
 def load_model(config):
@@ -106,7 +85,7 @@ def main(args):
         for text in generate_texts(model, tokenizer, prompt, config.max_new_tokens, config.temperature,
                                    config.top_k, config.top_p, config.num_samples, generator, config.stop):
             if not first:
-                print(SEPARATOR)
+                print(SAMPLE_SEPARATOR)
             print(text)
             first = False
 

@@ -21,17 +21,14 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
-                   resolve_device, run_main, set_seed, setup_logging)
+from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, generate_texts, load_checkpoint,
+                   plot_history, resolve_device, run_main, set_seed, setup_logging)
 from mygpt.data import TokenDataset
 from mygpt.evaluate import score
 from mygpt.recipes import apply_recipe
 from mygpt.checkpoint import RUN_FILES, checkpoint_file
 from mygpt.quantize import FORMAT as QUANTIZED
 from mygpt.tokenizer import load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sample.py beside this file, also under importlib
-from sample import generate_texts  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -158,10 +158,11 @@ def checkpoint_file(source):
     raise FileNotFoundError(f"{source} holds no {' or '.join(RUN_FILES)}: train first, or give a checkpoint file")
 
 
-def open_checkpoint(source, device="cpu"):
+def open_checkpoint(source, device="cpu", **overrides):
     """The one door from a checkpoint to what it holds: (model in eval mode on device, its text tokenizer or None,
     the checkpoint dict), read once, from a Trainer's checkpoint, a quantized one (mygpt.quantize) or a run's work
-    dir (its best.pt, else checkpoint.pt).
+    dir (its best.pt, else checkpoint.pt). overrides set model config fields that leave the weights' shapes alone
+    (the dropout to fine-tune with, attention), as GPT.from_checkpoint takes them.
 
         model, tokenizer, ckpt = mygpt.open_checkpoint("out/chargpt")
         print(tokenizer.decode(model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 50)[0].tolist()))
@@ -174,7 +175,10 @@ def open_checkpoint(source, device="cpu"):
     if not ckpt.get("model_config"):
         raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT; build it "
                               f"yourself and load_checkpoint(path, model=...)")
-    model = load_quantized(ckpt) if ckpt.get("format") == FORMAT else GPT.from_checkpoint(ckpt)
+    if ckpt.get("format") == FORMAT:
+        model = load_quantized(dict(ckpt, model_config={**ckpt["model_config"], **overrides}))
+    else:
+        model = GPT.from_checkpoint(ckpt, **overrides)
     description = ckpt.get("tokenizer")
     text = isinstance(description, dict) and description.get("type") in TYPES
     return model.to(device), load_tokenizer(description) if text else None, ckpt

@@ -34,6 +34,7 @@ from mygpt.export import export_gguf, export_hf
 from mygpt.generate import SAMPLE_SEPARATOR, document_start, prompt_ids, stream
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
+from mygpt.pretrained import GPT2_NAMES
 from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
@@ -259,9 +260,6 @@ def shard_windows(pattern, tokenizer, block_size):
     return dataset, f"{pattern} ({len(dataset.paths)} shards, {dataset.num_tokens:,} tokens)"
 
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # weights from the hub when no such file exists
-
-
 def evaluate_tasks(args):
     """Each --task's accuracy, a line each (a JSON object each with --json), then the CORE-style mean of several."""
     if args.max_batches is not None:
@@ -293,7 +291,7 @@ def evaluate_tasks(args):
 
 def open_model(name, device):
     """(model, tokenizer) of a checkpoint, or of OpenAI's GPT-2 by its hub name."""
-    if name in GPT2_NAMES and not os.path.exists(name):
+    if name in GPT2_NAMES and not os.path.exists(name):  # weights from the hub when no such file exists
         return GPT.from_pretrained(name).to(device), load_tokenizer({"type": "gpt2"})
     model, _, ckpt = open_checkpoint(name, device)
     return model, text_tokenizer(ckpt, name)

@@ -2,15 +2,18 @@
 
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
-from mygpt.checkpoint import CheckpointError, load_checkpoint, open_checkpoint
+from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
 from mygpt.downloads import DownloadError, download
 from mygpt.evals import Example, score_examples
+from mygpt.evaluate import score, score_batches
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import SAMPLE_SEPARATOR, document_start, generate_texts, stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
-from mygpt.quantize import Int8Linear, load_quantized, save_quantized
+from mygpt.pretrained import GPT2_NAMES
+from mygpt.quantize import Int8Linear, is_quantized, load_quantized, save_quantized
+from mygpt.recipes import apply_recipe, merge_args
 from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
@@ -19,11 +22,14 @@ from mygpt.utils import (CfgNode, InUseError, UsageError, check_device, exclusiv
 
 __all__ = [
     # the model and sampling from it
-    "GPT", "KVCache", "stream", "generate_texts", "document_start", "SAMPLE_SEPARATOR",
+    "GPT", "KVCache", "GPT2_NAMES", "stream", "generate_texts", "document_start", "SAMPLE_SEPARATOR",
     # int8 inference (model.quantize()), export, plots
-    "Int8Linear", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
-    # training
-    "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "open_checkpoint", "CheckpointError",
+    "Int8Linear", "is_quantized", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
+    # training, and scoring a model on held-out windows (loss, bits per byte)
+    "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "open_checkpoint", "checkpoint_file",
+    "CheckpointError", "score", "score_batches",
+    # configs: named recipes (--model.preset=modern) and command-line overrides
+    "apply_recipe", "merge_args",
     # benchmarks: multiple-choice accuracy as lm-eval scores it
     "eval_task", "core_score", "TASKS", "TaskDataError", "TaskCallback", "score_examples", "Example",
     # token corpora on disk

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mygpt import GPT, cli, generate_texts, get_encoder, load_checkpoint
+from mygpt import GPT, GPT2_NAMES, cli, generate_texts, get_encoder, load_checkpoint, save_quantized
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, write_shard
 from mygpt.evaluate import score
@@ -198,10 +198,12 @@ class TestTrainResumeSample(unittest.TestCase):
             # fine-tuning from this run's own model (its work dir: best.pt), as a new run elsewhere
             tuned = os.path.join(tmp, "tuned")
             start = GPT.from_checkpoint(os.path.join(work, "best.pt"))
-            config = train.get_config_from_args(["cpu", f"--init_from={work}", f"--data.dir={data}", *TINY])
+            config = train.get_config_from_args(["cpu", f"--init_from={work}", f"--data.dir={data}", *TINY,
+                                                 "--model.resid_pdrop=0.1"])
             model = train.build_model(config, resuming=False, data=train.open_split(config, "train"))
             for k, v in start.state_dict().items():
                 self.assertTrue(torch.equal(v, model.state_dict()[k]), k)
+            self.assertEqual((model.config.resid_pdrop, model.training), (0.1, True))  # the dropout to fine-tune with
             trainer = train.main(["cpu", f"--init_from={os.path.join(work, 'checkpoint.pt')}", "--trainer.max_iters=2",
                                   *[c for c in common if not c.startswith("--system.work_dir")],
                                   f"--system.work_dir={tuned}"])
@@ -212,6 +214,11 @@ class TestTrainResumeSample(unittest.TestCase):
             prepare_corpus(text, chars, tokenizer=sorted(set(TEXT)), num_workers=1, progress=False)
             with self.assertRaisesRegex(ValueError, "prepared with another tokenizer than --init_from="):
                 train.build_model(config, resuming=False, data=TokenDataset(os.path.join(chars, "train_*.bin"), 16))
+            # int8 weights are for inference only
+            int8 = os.path.join(tmp, "int8.pt")
+            save_quantized(start.quantize(), int8, tokenizer={"type": "gpt2"})
+            with self.assertRaisesRegex(ValueError, f"--init_from={re.escape(int8)} holds int8 weights, for inference"):
+                train.build_model(train.get_config_from_args([f"--init_from={int8}", *TINY]), resuming=False)
 
     def test_samples_stop_at_endoftext(self):
         config = GPT.get_default_config()
@@ -342,7 +349,7 @@ class TestConfigurations(unittest.TestCase):
                 if config.init_from == "scratch":
                     model = train.build_model(config, resuming=False)
                 else:  # OpenAI's weights cannot be fetched here: build their shape, without weights
-                    self.assertIn(config.init_from, train.PRETRAINED)
+                    self.assertIn(config.init_from, GPT2_NAMES)
                     mc = GPT.get_default_config()
                     mc.merge_from_dict(dict(model_type=config.init_from, vocab_size=50257, block_size=1024))
                     with torch.device("meta"):
@@ -358,6 +365,12 @@ class TestConfigurations(unittest.TestCase):
         self.assertEqual(owt.warmup_tokens, 2000 * tokens_per_step)
         self.assertEqual(owt.final_tokens, 600_000 * tokens_per_step)
         self.assertTrue(train.get_config_from_args(["eval_gpt2"]).eval_only)
+
+    def test_train_and_sample_live_on_the_public_api(self):
+        for name in ("train", "sample"):
+            source = (PROJECT / f"{name}.py").read_text(encoding="utf-8")
+            self.assertEqual(re.findall(r"^\s*(?:from|import) mygpt\.\S+", source, flags=re.M), [], name)
+            self.assertNotIn("sys.path", source, name)
 
     def test_overrides_come_after_configurations_and_unknown_names_are_refused(self):
         config = train.get_config_from_args(["--trainer.max_iters=7", "cpu"])

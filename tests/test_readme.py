@@ -1,4 +1,4 @@
-"""The README's Python examples run as written.
+"""The README's Python examples run as written, and its table of public names is mygpt.__all__.
 
 The blocks run in order in one fresh process (later blocks use the names earlier ones define), in an
 empty directory holding a small input.txt, with training shortened through the command-line overrides
@@ -13,6 +13,8 @@ import sys
 import tempfile
 import unittest
 from tests.helpers import process_level
+
+import mygpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_NETWORK = ("from_pretrained(", 'download("https://')
@@ -40,6 +42,13 @@ class TestReadme(unittest.TestCase):
                                  text=True, timeout=300)
             self.assertEqual(run.returncode, 0, run.stdout[-2000:] + run.stderr[-3000:])
             self.assertTrue(os.path.exists(os.path.join(tmp, "out", "ckpt.pt")))
+
+
+    def test_the_api_table_lists_every_public_name(self):
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            tour = f.read().split("## API tour", 1)[1].split("###", 1)[0]
+        listed = re.findall(r"`(\w+)`", "".join(line for line in tour.splitlines(True) if line.startswith("| ")))
+        self.assertEqual(sorted(listed), sorted(mygpt.__all__))
 
 
 if __name__ == "__main__":

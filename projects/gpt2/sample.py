@@ -17,11 +17,8 @@ import sys
 
 import torch
 
-from mygpt import (GPT, SAMPLE_SEPARATOR, CfgNode, check_device, generate_texts, open_checkpoint, resolve_device,
-                   run_main)
-from mygpt.tokenizer import load_tokenizer
-
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+from mygpt import (GPT, GPT2_NAMES, SAMPLE_SEPARATOR, CfgNode, check_device, generate_texts, load_tokenizer,
+                   open_checkpoint, resolve_device, run_main)
 
 
 def get_config():
@@ -33,7 +30,7 @@ def get_config():
 def load_model(config):
     """(model in eval mode, tokenizer) for config.init_from."""
     source = config.init_from
-    if source in PRETRAINED or os.path.isdir(source):
+    if source in GPT2_NAMES or os.path.isdir(source):
         return GPT.from_pretrained(source), load_tokenizer({"type": "gpt2"})
     if source == "resume":
         source = config.work_dir  # its best.pt, else checkpoint.pt
@@ -42,7 +39,7 @@ def load_model(config):
                                     f"a run, or give --init_from=gpt2 (or a checkpoint or folder)")
     elif not os.path.isfile(source):
         raise FileNotFoundError(f"--init_from={source!r} is not resume, a checkpoint file, one of "
-                                f"{', '.join(PRETRAINED)} or a folder written by save_pretrained")
+                                f"{', '.join(GPT2_NAMES)} or a folder written by save_pretrained")
     model, tokenizer, _ = open_checkpoint(source)
     return model, tokenizer or load_tokenizer({"type": "gpt2"})
 

@@ -21,17 +21,11 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, generate_texts, load_checkpoint,
-                   plot_history, resolve_device, run_main, set_seed, setup_logging)
-from mygpt.data import TokenDataset
-from mygpt.evaluate import score
-from mygpt.recipes import apply_recipe
-from mygpt.checkpoint import RUN_FILES, checkpoint_file
-from mygpt.quantize import FORMAT as QUANTIZED
-from mygpt.tokenizer import load_tokenizer
+from mygpt import (GPT, GPT2_NAMES, CfgNode, TokenDataset, Trainer, apply_recipe, check_device, check_new_run,
+                   checkpoint_file, exclusive, generate_texts, is_quantized, load_tokenizer, open_checkpoint,
+                   plot_history, resolve_device, run_main, score, set_seed, setup_logging)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257
 DROPOUT_KEYS = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
 
@@ -150,26 +144,30 @@ def build_model(config, resuming, data=None):
         raise FileNotFoundError(f"--init_from=resume, but there is no checkpoint at {config.trainer.ckpt_path}; "
                                 f"point --system.work_dir at a run, or start one with --init_from=scratch")
     dropout = {key: getattr(config.model, key) for key in DROPOUT_KEYS}
-    if source not in PRETRAINED and (os.path.isfile(source) or any(
-            os.path.isfile(os.path.join(source, name)) for name in RUN_FILES)):
-        return from_mygpt_checkpoint(source, data, dropout)
-    if source not in PRETRAINED and not os.path.isdir(source):
-        raise ValueError(f"--init_from={source!r}: give scratch, resume, one of {', '.join(PRETRAINED)}, a mygpt "
-                         f"checkpoint or run dir, or a folder written by transformers' save_pretrained")
+    path = None
+    if source not in GPT2_NAMES:
+        if not (os.path.isfile(source) or os.path.isdir(source)):
+            raise ValueError(f"--init_from={source!r}: give scratch, resume, one of {', '.join(GPT2_NAMES)}, a mygpt "
+                             f"checkpoint or run dir, or a folder written by transformers' save_pretrained")
+        try:
+            path = checkpoint_file(source)  # source itself, or a run dir's best.pt (else checkpoint.pt)
+        except FileNotFoundError:
+            pass  # a folder without them: one that transformers' save_pretrained wrote
+    if path is not None:
+        return from_mygpt_checkpoint(path, data, dropout)
     return GPT.from_pretrained(source, **dropout).train()  # keeps GPT-2's tied head
 
 
-def from_mygpt_checkpoint(source, data, dropout):
-    """Fine-tune a mygpt model: the weights of a checkpoint file or run dir (best.pt, else checkpoint.pt), as a new
-    run (its own optimizer and schedule), on data tokenized as the checkpoint's text was."""
-    path = checkpoint_file(source)
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") == QUANTIZED:
+def from_mygpt_checkpoint(path, data, dropout):
+    """Fine-tune a mygpt model: the weights of the checkpoint at path, as a new run (its own optimizer and
+    schedule), on data tokenized as the checkpoint's text was."""
+    model, _, ckpt = open_checkpoint(path, **dropout)
+    if is_quantized(model):
         raise ValueError(f"--init_from={path} holds int8 weights, for inference only; fine-tune from the fp32 "
                          f"checkpoint it was quantized from")
     if data is not None and ckpt.get("tokenizer") is not None:
         data.check_tokenizer(ckpt["tokenizer"], owner=f"--init_from={path}")
-    return GPT.from_checkpoint(ckpt, **dropout).train()
+    return model.train()
 
 
 # ---------------------------------------------------------------- training

@@ -7,6 +7,7 @@ run torchrun or train for many steps), so that the rest of the suite runs in abo
     MYGPT_FAST_TESTS=1 python -m unittest discover tests
 """
 
+import logging
 import os
 import shutil
 import signal
@@ -50,6 +51,15 @@ def tiny_model(seed=0, random_time_weights=True, **kw):
                 if "time_" in name:
                     p.uniform_(0.2, 1.8)
     return model
+
+
+def detach_log_handlers():
+    """Detach and close the "mygpt" logger's handlers: setup_logging's log.txt lies in a folder the test deletes,
+    and a later test's log line would otherwise be written there."""
+    logger = logging.getLogger("mygpt")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
 
 
 class TempDirTest(unittest.TestCase):

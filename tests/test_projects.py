@@ -21,7 +21,7 @@ import torch
 
 from mygpt import load_checkpoint
 from mygpt.utils import CfgNode, setup_logging
-from tests.helpers import process_level
+from tests.helpers import detach_log_handlers, process_level
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTS = ROOT / "projects"
@@ -125,6 +125,7 @@ class TestPackaging(unittest.TestCase):
 
 class TestSetupLogging(unittest.TestCase):
     def test_writes_config_and_log(self):
+        self.addCleanup(detach_log_handlers)
         with tempfile.TemporaryDirectory() as tmp:
             work_dir = os.path.join(tmp, "run")
             config = CfgNode(system=CfgNode(work_dir=work_dir), model=CfgNode(n_layer=2))

@@ -1,7 +1,6 @@
 import contextlib
 import importlib.util
 import io
-import logging
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 from mygpt.checkpoint import CheckpointError, save_checkpoint
 from mygpt.utils import (STALE_SECONDS, CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive,
                          run_main, set_seed, setup_logging, temporary_name)
-from tests.helpers import process_level
+from tests.helpers import detach_log_handlers, process_level
 
 PROJECTS = Path(__file__).resolve().parent.parent / "projects"
 
@@ -329,7 +328,7 @@ class TestAtomicPath(unittest.TestCase):
             self.assertEqual(sorted(os.listdir(folder)), sorted([mine.name, other.name, "checkpoint.pt"]))
             setup_logging(CfgNode(system=CfgNode(work_dir=folder)))  # a new run in the folder: every dead one's
             self.assertEqual(sorted(os.listdir(folder)), sorted([mine.name, "checkpoint.pt", "config.json", "log.txt"]))
-            logging.getLogger("mygpt").handlers[-1].close()
+            detach_log_handlers()
             os.remove(mine)
 
 

@@ -26,7 +26,6 @@ import sys
 import numpy as np
 import torch
 
-from mygpt.bpe import get_encoder
 from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
 from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, read_header
 from mygpt.evaluate import score
@@ -37,7 +36,7 @@ from mygpt.plot import plot_history, read_history
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
-from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer
+from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer, prepare_tokenizer, text_tokenizer
 from mygpt.utils import UsageError, check_device, check_output_file, resolve_device, run_main
 
 
@@ -111,23 +110,6 @@ def read_gpt_checkpoint(path):
     if not ckpt.get("model_config"):
         raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT")
     return ckpt
-
-
-def text_tokenizer(ckpt, path):
-    """The tokenizer the checkpoint records, with errors that say why its text cannot be read or written."""
-    description = ckpt.get("tokenizer")
-    if description is None:
-        raise ValueError(f"{path} records no tokenizer, so its text cannot be read or written; train with "
-                         f"Trainer(..., tokenizer=mygpt.tokenizer.describe_tokenizer(...))")
-    if isinstance(description, dict) and description.get("type") not in TOKENIZER_TYPES:
-        raise ValueError(f"{path} records a tokenizer of type {description.get('type')!r}, not one of text "
-                         f"({', '.join(TOKENIZER_TYPES)}); use the project that trained it")
-    tokenizer = load_tokenizer(description)
-    vocab_size = ckpt["model_config"]["vocab_size"]
-    if tokenizer.vocab_size > vocab_size:
-        raise CheckpointError(f"{path}: its tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens, "
-                              f"more than the model's vocab_size {vocab_size}")
-    return tokenizer
 
 
 # ---------------------------------------------------------------- sample
@@ -457,26 +439,6 @@ def prepare(args):
         print(f"{split}: {part['documents']:,} documents, {part['tokens']:,} tokens in {part['shards']} shards")
     print(f"written to {args.out} (vocab_size {meta['vocab_size']}, {meta['text_bytes']:,} bytes of text)")
     return 0
-
-
-def prepare_tokenizer(name):
-    """'gpt2', a folder holding a trained vocabulary's encoder.json and vocab.bpe, or a JSON list of characters."""
-    if name == "gpt2":
-        return name
-    if os.path.isdir(name):
-        return get_encoder(name)
-    if name.endswith(".json") and os.path.isfile(name):
-        with open(name, encoding="utf-8") as f:
-            try:
-                chars = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"--tokenizer {name} is not JSON ({err}); it must hold a list of characters, "
-                                 f"e.g. [\"a\", \"b\"]") from None
-        if not isinstance(chars, list):
-            raise ValueError(f"--tokenizer {name} must hold a JSON list of characters, e.g. [\"a\", \"b\"]")
-        return chars
-    raise ValueError(f"--tokenizer {name!r}: give 'gpt2', a folder holding encoder.json and vocab.bpe, or a .json "
-                     f"file holding a list of characters")
 
 
 # ---------------------------------------------------------------- the command line

@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import re
 import signal
-import tempfile
 import threading
 import warnings
 from collections import deque, namedtuple
@@ -37,9 +36,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, get_encoder
-from mygpt.downloads import sha256_file
-from mygpt.tokenizer import CharTokenizer, describe_tokenizer, load_tokenizer
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, get_encoder
+from mygpt.tokenizer import CharTokenizer, describe_tokenizer, fingerprint, load_tokenizer, same_tokenizer
 from mygpt.utils import atomic_path, exclusive, temporary_name
 
 HEADER_INTS = 256
@@ -190,10 +188,17 @@ def _read_meta(paths):
         if unfinished:
             raise ValueError(f"{folder} holds an unfinished corpus: prepare_corpus was interrupted there or is still "
                              f"running ({unfinished[0].name}, no meta.json); run the same prepare again to finish it")
-    tokenizers = {m: (meta.get("vocab_size"), meta.get("settings", {}).get("tokenizer")) for m, meta in metas.items()}
-    if len(set(map(json.dumps, tokenizers.values()))) > 1:
+    first = next(iter(metas.values()), None)
+    if not all(_same_vocabulary(first, meta) for meta in metas.values()):
         raise ValueError(f"the shards come from corpora of different tokenizers: {', '.join(map(str, metas))}")
-    return next(iter(metas.values()), None)
+    return first
+
+
+def _same_vocabulary(a, b):
+    """Whether two meta.json dicts record one tokenizer (records of either form: mygpt.tokenizer.same_tokenizer)."""
+    first, second = (meta.get("settings", {}).get("tokenizer") for meta in (a, b))
+    return a.get("vocab_size") == b.get("vocab_size") and (
+        first == second or None not in (first, second) and same_tokenizer(first, second, a.get("vocab_size")))
 
 
 class TokenDataset(Dataset):
@@ -230,22 +235,21 @@ class TokenDataset(Dataset):
                              f"hold {self.num_tokens:,}; use a smaller block_size or more text")
         meta = _read_meta(paths) or {}
         self.vocab_size = meta.get("vocab_size")
-        # how meta.json records the tokenizer: {"name": "gpt2" | "bpe" | "chars", "sha256": ...}; see check_tokenizer
+        # the tokenizer's record (mygpt.tokenizer), which load_tokenizer rebuilds; see check_tokenizer
         self.tokenizer = meta.get("settings", {}).get("tokenizer")
         self._maps = [None] * len(self.paths)
 
     def check_tokenizer(self, tokenizer, owner="the checkpoint"):
-        """Raise ValueError unless `tokenizer` (a checkpoint's tokenizer description, "gpt2", an Encoder, a list of
-        characters: what describe_tokenizer accepts) is the one meta.json records, by the sha256 of its files and
-        its vocabulary size; shards without meta.json record none, so they pass."""
-        if not (isinstance(self.tokenizer, dict) and "sha256" in self.tokenizer) or tokenizer is None:
-            return  # nothing recorded the way prepare_corpus records it
-        loaded = load_tokenizer(describe_tokenizer(tokenizer))
-        info = _chars_info(loaded.chars) if isinstance(loaded, CharTokenizer) else _bpe_info(loaded.encoder)
-        if info["sha256"] != self.tokenizer["sha256"] or loaded.vocab_size != self.vocab_size:
+        """Raise ValueError unless `tokenizer` (a checkpoint's tokenizer record, "gpt2", an Encoder, a list of
+        characters: what describe_tokenizer accepts) is the one meta.json records (mygpt.tokenizer.same_tokenizer:
+        older meta.json files compare by the sha256 of the vocabulary); shards without meta.json record none, so
+        they pass."""
+        if self.tokenizer is None or tokenizer is None:
+            return
+        if not same_tokenizer(self.tokenizer, tokenizer, self.vocab_size):
             raise ValueError(f"the shards {self.paths[0].parent} were prepared with another tokenizer than "
-                             f"{owner}'s ({_tokenizer_name(self.tokenizer, self.vocab_size)} in meta.json, "
-                             f"{_tokenizer_name(info, loaded.vocab_size)}); use the tokenizer the corpus was "
+                             f"{owner}'s ({fingerprint(self.tokenizer, self.vocab_size)} in meta.json, "
+                             f"{fingerprint(tokenizer)}); use the tokenizer the corpus was "
                              f"prepared with, or prepare it again with this one")
 
     def _shard_info(self, path):
@@ -317,16 +321,6 @@ class TokenDataset(Dataset):
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
 
-class _Tokenizer:
-    """What prepare needs of a tokenizer: `encode(text) -> list of ids`, the end-of-document id, the vocabulary size,
-    a description for meta.json, and `cut(text, start)`: where a long document may be cut into pieces that encode to
-    exactly the tokens of the whole (None: never cut; see _cut_gpt2)."""
-
-    def __init__(self, encode, eot, vocab_size, info, cut):
-        self.encode, self.eot, self.vocab_size, self.info, self.cut = encode, eot, vocab_size, info, cut
-        self.dtype = np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
-
-
 # A cut at k leaves GPT-2's pre-tokens, hence its tokens, as they are when a pre-token of the whole text ends at k
 # whatever follows and text[k-1] is no whitespace (whose last pre-token would depend on what follows, `\s+(?!\S)`):
 # before whitespace (only its right neighbour can join a space), or where letters, digits and other symbols meet
@@ -349,58 +343,19 @@ def _cut_anywhere(text, start):
     return PIECE_CHARS  # characters encode one by one, so any cut is exact
 
 
-class _Chars:
-    """A character vocabulary: char i -> id i; picklable for the worker processes."""
-
-    def __init__(self, chars):
-        self.ids = {c: i for i, c in enumerate(chars)}
-
-    def encode(self, text):
-        try:
-            return list(map(self.ids.__getitem__, text))
-        except KeyError as e:
-            c = e.args[0]
-            raise ValueError(f"character {c!r} (U+{ord(c):04X}) is not in the character vocabulary") from None
-
-
-def _hash_encoder_files(encoder):
-    """sha256 of the encoder.json and vocab.bpe that `Encoder.save` writes for this encoder."""
-    with tempfile.TemporaryDirectory() as folder:
-        encoder.save(folder)
-        return {name: sha256_file(Path(folder) / name) for name in ("encoder.json", "vocab.bpe")}
-
-
-def _bpe_info(encoder):
-    if encoder is get_encoder():
-        return {"name": "gpt2", "sha256": GPT2_SHA256}  # Encoder.save writes exactly the shipped files
-    return {"name": "bpe", "sha256": _hash_encoder_files(encoder)}
-
-
-def _chars_info(chars):
-    text = "".join(chars)
-    return {"name": "chars", "chars": text, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
-
-
-def _tokenizer_name(info, vocab_size):
-    """'gpt2', 'bpe 1a2b3c4d...' or 'chars 5f6e...', with the vocabulary size, for error messages."""
-    sha256 = info["sha256"] if isinstance(info["sha256"], str) else info["sha256"]["encoder.json"]
-    return f"{info['name']} (sha256 {sha256[:12]}..., {vocab_size} tokens)"
-
-
 def _resolve_tokenizer(tokenizer):
+    """prepare_corpus's `tokenizer`, checked, as the tokenizer (mygpt.tokenizer) that encodes the corpus and whose
+    record meta.json keeps: rebuilt from that record, so that the record is what made the shards."""
     if isinstance(tokenizer, str):
         if tokenizer != "gpt2":
             raise ValueError(f"tokenizer must be 'gpt2', an Encoder or a list of characters, got {tokenizer!r}; "
                              f"for a character vocabulary pass a list, e.g. sorted(set(text))")
         return _resolve_tokenizer(get_encoder())
     if isinstance(tokenizer, Encoder):
-        eot = tokenizer.special_tokens.get(ENDOFTEXT)
-        if eot is None:
+        if ENDOFTEXT not in tokenizer.special_tokens:
             raise ValueError(f"the encoder has no {ENDOFTEXT} token to end documents with; "
                              f"train it with special_tokens=({ENDOFTEXT!r},)")
-        info = _bpe_info(tokenizer)
-        cut = _cut_gpt2 if tokenizer.pattern == GPT2_PATTERN else None
-        return _Tokenizer(tokenizer.encode_ordinary, eot, tokenizer.vocab_size, info, cut)
+        return load_tokenizer(describe_tokenizer(tokenizer))
     if isinstance(tokenizer, (list, tuple)):
         chars = list(tokenizer)
         bad = next((c for c in chars if not (isinstance(c, str) and len(c) == 1)), None)
@@ -408,10 +363,21 @@ def _resolve_tokenizer(tokenizer):
             raise ValueError(f"a character vocabulary is a non-empty list of single characters; found {bad!r}")
         if len(set(chars)) != len(chars):
             raise ValueError("the character vocabulary lists a character twice")
-        info = _chars_info(chars)
         # one id past the characters ends each document, as <|endoftext|> does for BPE
-        return _Tokenizer(_Chars(chars).encode, len(chars), len(chars) + 1, info, _cut_anywhere)
+        return CharTokenizer(chars, eot=True)
     raise TypeError(f"tokenizer must be 'gpt2', an Encoder or a list of characters, got {type(tokenizer).__name__}")
+
+
+def _cut_of(tok):
+    """Where the documents of `tok` may be cut (see _pieces): characters anywhere, GPT-2's pattern at _cut_gpt2,
+    another pattern nowhere."""
+    if isinstance(tok, CharTokenizer):
+        return _cut_anywhere
+    return _cut_gpt2 if tok.encoder.pattern == GPT2_PATTERN else None
+
+
+def _token_dtype(vocab_size):
+    return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -640,14 +606,14 @@ def _encode_unit(unit):
         # None: one text cut in two (_cut_text), document 0 trains and document 1 validates
         split = index if val_fraction is None else int(_in_val(index, seed, val_fraction))
         try:
-            ids[split].extend(tokenizer.encode(piece))
+            ids[split].extend(tokenizer.encode_ordinary(piece))
         except ValueError as e:
             raise ValueError(f"document {index}: {e}") from None
         if last:
-            ids[split].append(tokenizer.eot)
+            ids[split].append(tokenizer.eot_token)
             documents[split] += 1
         nbytes += len(piece.encode("utf-8"))
-    return [np.array(x, dtype=tokenizer.dtype) for x in ids], documents, nbytes
+    return [np.array(x, dtype=_token_dtype(tokenizer.vocab_size)) for x in ids], documents, nbytes
 
 
 def _ordered_map(pool, workers, function, items, ahead):
@@ -808,7 +774,7 @@ def _claim(out_dir, settings, sources):
         if path.is_file():
             with open(path, encoding="utf-8") as f:
                 recorded[path] = json.load(f)
-            if recorded[path].get("settings") != settings:
+            if not _same_settings(recorded[path].get("settings"), settings):
                 raise ValueError(f"{out_dir} holds a corpus prepared with other settings ({path.name}); "
                                  f"choose another out_dir or delete that one")
     if meta_path in recorded and _complete(out_dir, recorded[meta_path]):
@@ -827,6 +793,15 @@ def _claim(out_dir, settings, sources):
     for stale in [*out_dir.glob("*.bin.tmp-*"), *out_dir.glob("*.json.tmp-*")]:
         stale.unlink()  # left by a run of these settings that was killed
     return None
+
+
+def _same_settings(recorded, settings):
+    """Whether the settings that meta.json or prepare.json record are `settings`; an older file records the
+    tokenizer in another form (mygpt.tokenizer), so the tokenizers compare by what they name."""
+    if recorded == settings or not (isinstance(recorded, dict) and recorded.keys() == settings.keys()):
+        return recorded == settings
+    return ({**recorded, "tokenizer": None} == {**settings, "tokenizer": None}
+            and same_tokenizer(recorded["tokenizer"], settings["tokenizer"]))
 
 
 def _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field):
@@ -877,7 +852,7 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_
     tok = _resolve_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     settings = json.loads(json.dumps({  # as JSON gives it back, so that a rerun compares equal
-        "sources": [_describe(s) for s in sources], "glob": glob, "text_field": text_field, "tokenizer": tok.info,
+        "sources": [_describe(s) for s in sources], "glob": glob, "text_field": text_field, "tokenizer": tok.description,
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
         **({"split": "characters"} if one_text else {})}))
     sources = _source_files(resolved)  # before reading them: a file changed during the run counts as changed
@@ -887,8 +862,8 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_
             return finished
 
         workers = num_workers or os.cpu_count() or 1
-        writers = {split: _ShardWriter(out_dir, split, shard_tokens, tok.dtype) for split in SPLITS}
-        units = _work_units(_documents(resolved, text_field, val_fraction if one_text else None), tok.cut)
+        writers = {split: _ShardWriter(out_dir, split, shard_tokens, _token_dtype(tok.vocab_size)) for split in SPLITS}
+        units = _work_units(_documents(resolved, text_field, val_fraction if one_text else None), _cut_of(tok))
         nbytes = 0
         try:
             with _sigterm_raises(), _EncoderPool(workers, tok, seed, None if one_text else val_fraction) as encoded, \
@@ -929,8 +904,9 @@ def _finish(out_dir, writers, tok, nbytes, settings, sources):
             number = re.fullmatch(rf"{writer.split}_(\d{{6}})\.bin", path.name)
             if number and int(number.group(1)) >= writer.shards:
                 path.unlink()
-    magic, version = _format_of(tok.dtype)
-    meta = {"vocab_size": tok.vocab_size, "eot": tok.eot, "dtype": tok.dtype.name, "magic": magic,
+    dtype = _token_dtype(tok.vocab_size)
+    magic, version = _format_of(dtype)
+    meta = {"vocab_size": tok.vocab_size, "eot": tok.eot_token, "dtype": dtype.name, "magic": magic,
             "version": version, "text_bytes": nbytes, "settings": settings, "source_files": sources}
     meta.update({w.split: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
                  for w in writers.values()})

@@ -46,7 +46,7 @@ from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
 from mygpt.parallel import PARALLEL, full_state, load_full_state, no_gradient_sync, shard
 from mygpt.precision import PRECISIONS
-from mygpt.tokenizer import load_tokenizer
+from mygpt.tokenizer import load_tokenizer, record_tokenizer
 from mygpt.utils import CfgNode, atomic_path, check_device, resolve_device, set_seed
 
 EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
@@ -180,8 +180,8 @@ class Trainer:
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         # how text becomes the model's tokens, recorded in every checkpoint so that tools can read and
-        # write text with it (mygpt.tokenizer.describe_tokenizer gives this plain dict)
-        self.tokenizer = tokenizer
+        # write text with it: the record of mygpt.tokenizer, which prepare_corpus writes into meta.json too
+        self.tokenizer = record_tokenizer(tokenizer)
         self.callbacks = {event: [] for event in EVENTS}
         self.log = logging.getLogger("mygpt")
         self._check_config()

@@ -23,7 +23,7 @@ import mygpt.data as data
 from mygpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
-from mygpt.downloads import sha256_file
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import InUseError
 from tests.corpus import mixed_text
 from tests.test_bpe import tiktoken_gpt2
@@ -285,7 +285,7 @@ class TestPrepare(TempDir):
             self.assertEqual(meta[split]["shards"], len(counts))
         self.assertEqual(meta["train"]["documents"] + meta["val"]["documents"], 6)  # 8 minus 2 empty
         self.assertEqual((meta["vocab_size"], meta["eot"], meta["dtype"]), (50257, EOT, "uint16"))
-        self.assertEqual(meta["settings"]["tokenizer"]["name"], "gpt2")
+        self.assertEqual(meta["settings"]["tokenizer"], {"type": "gpt2"})
         self.assertEqual(meta["text_bytes"], sum(len(d.encode("utf-8")) for d in documents))
         on_disk = json.loads((self.dir / "out" / "meta.json").read_text(encoding="utf-8"))
         self.assertEqual(on_disk, meta)
@@ -499,7 +499,7 @@ class TestPrepare(TempDir):
         prepare_corpus(str(self.dir / "*.txt"), self.dir / "chars", tokenizer=chars, val_fraction=0, num_workers=1,
                        progress=False)
         ds = TokenDataset(str(self.dir / "chars" / "train_*.bin"), 4)
-        self.assertEqual(ds.tokenizer["chars"], "".join(chars))
+        self.assertEqual(ds.tokenizer, {"type": "chars", "chars": chars, "eot": len(chars)})
         ds.check_tokenizer({"type": "chars", "chars": chars, "eot": len(chars)})  # a checkpoint's record
         same_size = chars[:-1] + ["z"]
         for other in (same_size, {"type": "chars", "chars": chars}, "gpt2"):  # no eot: one token fewer
@@ -522,6 +522,48 @@ class TestPrepare(TempDir):
             ds.check_tokenizer(first)
         numpy_shard(self.dir / "llmc.bin", np.arange(10))  # shards without meta.json record nothing to compare
         TokenDataset(self.dir / "llmc.bin", 4).check_tokenizer(first)
+
+    def test_an_older_meta_json_still_reads(self):
+        """meta.json as mygpt wrote it before its tokenizer record was the checkpoints' one: a name and the sha256
+        of the vocabulary (of the characters joined; of the files Encoder.save writes)."""
+        docs = ["hello there", "the other one"]
+        for i, doc in enumerate(docs):
+            (self.dir / f"{i}.txt").write_text(doc, encoding="utf-8")
+        chars = sorted(set("".join(docs)))
+        trained, other = (train_bpe([mixed_text(2000, seed=s)], vocab_size=300) for s in range(2))
+        trained.save(self.dir / "vocab")
+        hashes = {name: hashlib.sha256((self.dir / "vocab" / name).read_bytes()).hexdigest()
+                  for name in ("encoder.json", "vocab.bpe")}
+        older = {  # tokenizer given to prepare, a checkpoint's record of it, what meta.json recorded then
+            "chars": (chars, {"type": "chars", "chars": chars, "eot": len(chars)},
+                      {"name": "chars", "chars": "".join(chars),
+                       "sha256": hashlib.sha256("".join(chars).encode()).hexdigest()}),
+            "gpt2": ("gpt2", {"type": "gpt2"}, {"name": "gpt2", "sha256": {
+                "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}}),
+            "bpe": (trained, describe_tokenizer(trained), {"name": "bpe", "sha256": hashes})}
+        for name, (tokenizer, checkpoint_record, record) in older.items():
+            with self.subTest(name):
+                out = self.dir / name
+                prepare_corpus(str(self.dir / "*.txt"), out, tokenizer=tokenizer, val_fraction=0, num_workers=1,
+                               progress=False)
+                meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+                meta["settings"]["tokenizer"] = record
+                (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                ds = TokenDataset(str(out / "train_*.bin"), 4)
+                self.assertEqual(ds.tokenizer, record)
+                ds.check_tokenizer(checkpoint_record)
+                with self.assertRaisesRegex(ValueError, "prepared with another tokenizer"):
+                    ds.check_tokenizer(other)
+                if name == "bpe":  # the hashes alone cannot give the vocabulary back
+                    with self.assertRaisesRegex(ValueError, r"sha256 of a trained BPE.*get_encoder\(folder\)"):
+                        load_tokenizer(ds.tokenizer)
+                else:
+                    expected = [chars.index(c) for c in docs[1]] if name == "chars" else self.tk.encode_ordinary(docs[1])
+                    self.assertEqual(load_tokenizer(ds.tokenizer).encode_ordinary(docs[1]), expected)
+                # the same prepare again: the corpus is finished, with the same settings
+                self.assertEqual(prepare_corpus(str(self.dir / "*.txt"), out, tokenizer=tokenizer, val_fraction=0,
+                                                num_workers=1, progress=False), meta)
 
     def test_warns_when_a_split_gets_no_document(self):
         (self.dir / "one.jsonl").write_text('{"text": "a single document"}\n', encoding="utf-8")
@@ -579,7 +621,7 @@ class TestPrepare(TempDir):
         expected = [chars.index(c) for c in docs[0]] + [len(chars)] + [chars.index(c) for c in docs[2]] + [len(chars)]
         self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), expected)
         self.assertEqual((meta["vocab_size"], meta["eot"]), (len(chars) + 1, len(chars)))
-        self.assertEqual(meta["settings"]["tokenizer"]["chars"], "".join(chars))
+        self.assertEqual(meta["settings"]["tokenizer"], {"type": "chars", "chars": chars, "eot": len(chars)})
         with self.assertRaisesRegex(ValueError, r"document 2: character 'n'"):
             prepare_corpus(str(self.dir / "*.txt"), self.dir / "out2", tokenizer=list("helo tr"), num_workers=1,
                            val_fraction=0, progress=False)
@@ -605,9 +647,9 @@ class TestPrepare(TempDir):
         expected = self.reference(docs, 0, 0, encode=encoder.encode_ordinary, eot=eot)["train"]
         self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), expected)
         self.assertEqual((meta["vocab_size"], meta["eot"]), (400, eot))
-        encoder.save(self.dir / "vocab")
-        files = {name: sha256_file(self.dir / "vocab" / name) for name in ("encoder.json", "vocab.bpe")}
-        self.assertEqual(meta["settings"]["tokenizer"], {"name": "bpe", "sha256": files})
+        self.assertEqual(meta["settings"]["tokenizer"], describe_tokenizer(encoder))  # the whole vocabulary
+        self.assertEqual(load_tokenizer(meta["settings"]["tokenizer"]).encode_ordinary(docs[0]),
+                         encoder.encode_ordinary(docs[0]))
         with self.assertRaisesRegex(ValueError, "no <\\|endoftext\\|> token"):
             prepare_corpus(self.dir / "0.txt", self.dir / "o2", tokenizer=train_bpe(docs, 300, special_tokens=()))
 

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import os
@@ -9,7 +10,11 @@ import torch
 
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
-from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+from mygpt.checkpoint import load_checkpoint, save_checkpoint
+from mygpt.data import TokenDataset, prepare_corpus
+from mygpt.model import GPT
+from mygpt.tokenizer import describe_tokenizer, load_tokenizer, record_tokenizer, same_tokenizer, text_tokenizer
+from mygpt.trainer import Trainer
 
 TEXT = "Hello world, héllo wörld! 你好 <|endoftext|> the end\n"
 
@@ -136,6 +141,89 @@ class TestChars(unittest.TestCase):
             describe_tokenizer("abc")
         with self.assertRaisesRegex(TypeError, "type int"):
             describe_tokenizer(3)
+
+
+class TestOneRecord(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.dir = self._tmp.name
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def test_prepare_and_the_trainer_write_the_same_record(self):
+        with open(os.path.join(self.dir, "a.txt"), "w", encoding="utf-8") as f:
+            f.write("abcab cab\nba " * 20)
+        meta = prepare_corpus(os.path.join(self.dir, "a.txt"), os.path.join(self.dir, "corpus"),
+                              tokenizer=list("\n abc"), num_workers=1, progress=False)
+        record = meta["settings"]["tokenizer"]
+        self.assertEqual(record, {"type": "chars", "chars": list("\n abc"), "eot": 5})
+        data = TokenDataset(os.path.join(self.dir, "corpus", "train_*.bin"), 8)
+        mc = GPT.get_default_config()
+        mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, data.vocab_size, 8
+        tc = Trainer.get_default_config()
+        tc.device, tc.quiet, tc.log_interval, tc.max_iters, tc.batch_size, tc.overwrite = "cpu", True, 0, 1, 2, True
+        tc.ckpt_path = os.path.join(self.dir, "ckpt.pt")
+        for given in (data.tokenizer, load_tokenizer(data.tokenizer)):  # the record, or the tokenizer it rebuilds
+            with self.subTest(given=type(given).__name__):
+                Trainer(tc, GPT(mc), data, tokenizer=given).save_checkpoint(tc.ckpt_path)
+                self.assertEqual(load_checkpoint(tc.ckpt_path)["tokenizer"], record)
+
+    def test_the_trainer_records(self):
+        palette = {"type": "palette", "colours": [[0.5, 0.5, 0.5]]}  # a project's own record: kept as it is
+        for given, recorded in ((None, None), ("gpt2", {"type": "gpt2"}), (get_encoder(), {"type": "gpt2"}),
+                                (list("ab"), {"type": "chars", "chars": ["a", "b"]}), (palette, palette)):
+            with self.subTest(given=given if isinstance(given, (str, list, dict)) else type(given).__name__):
+                self.assertEqual(through_checkpoint(record_tokenizer(given)), recorded)
+
+
+class TestOlderRecords(unittest.TestCase):
+    """Records as older mygpt wrote them still load: a checkpoint's (the Trainer's, of the same form since
+    checkpoints first recorded a tokenizer) and a meta.json's (a name and the sha256 of the vocabulary; whole
+    corpora are in tests/test_data.py)."""
+
+    GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                  "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+
+    def test_a_checkpoint_as_an_older_trainer_wrote_it(self):
+        encoder = train_bpe(["the cat sat on the mat. " * 20], 280)
+        bpe = {"type": "bpe", "encoder": dict(encoder.encoder), "merges": [list(m) for m in encoder.merges],
+               "pattern": encoder.pattern}
+        for record, text, ids in (
+                ({"type": "chars", "chars": ["\n", " ", "a", "b"]}, "ab a\n", [2, 3, 1, 2, 0]),
+                ({"type": "chars", "chars": ["a", "b"], "eot": 2}, "ba", [1, 0]),
+                ({"type": "gpt2"}, "Hello world<|endoftext|>", [15496, 995, 50256]),
+                (bpe, "the mat<|endoftext|>", encoder.encode("the mat<|endoftext|>", allowed_special="all"))):
+            with self.subTest(record["type"]), tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "old.pt")
+                save_checkpoint({"model": {"w": torch.zeros(1)}, "model_config": {"vocab_size": 50257},
+                                 "tokenizer": record}, path)
+                tok = text_tokenizer(load_checkpoint(path), path)
+                self.assertEqual(tok.encode(text), ids)
+                self.assertEqual(tok.decode(ids), text)
+                self.assertEqual(record_tokenizer(tok), record)  # a run resumed from it records the same
+
+    def test_a_meta_json_record_as_an_older_prepare_wrote_it(self):
+        gpt2 = load_tokenizer({"name": "gpt2", "sha256": self.GPT2_FILES})
+        self.assertEqual((gpt2.description, gpt2.encode("Hello world")), ({"type": "gpt2"}, [15496, 995]))
+        chars = load_tokenizer({"name": "chars", "chars": "\n ab", "sha256": "(not checked)"})
+        self.assertEqual(chars.description, {"type": "chars", "chars": ["\n", " ", "a", "b"], "eot": 4})
+        self.assertEqual(chars.encode_ordinary("ba a\n"), [3, 2, 1, 2, 0])
+        encoder, other = (train_bpe([text * 20], 280) for text in ("the cat sat on the mat. ", "a dog ran in fog. "))
+        with tempfile.TemporaryDirectory() as folder:
+            encoder.save(folder)
+            hashes = {}
+            for name in ("encoder.json", "vocab.bpe"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    hashes[name] = hashlib.sha256(f.read()).hexdigest()
+        bpe = {"name": "bpe", "sha256": hashes}
+        with self.assertRaisesRegex(ValueError, "sha256 of a trained BPE vocabulary but not the vocabulary"):
+            load_tokenizer(bpe)
+        size = encoder.vocab_size
+        self.assertTrue(same_tokenizer(bpe, encoder, size))
+        self.assertTrue(same_tokenizer(describe_tokenizer(encoder), bpe))
+        self.assertFalse(same_tokenizer(bpe, other, size))
+        self.assertFalse(same_tokenizer(bpe, encoder, size + 1))
 
 
 if __name__ == "__main__":

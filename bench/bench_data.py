@@ -29,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mygpt.bpe import get_encoder  # noqa: E402
-from mygpt.data import TokenDataset, prepare_corpus, write_shard  # noqa: E402
+from mygpt.data import TokenDataset, write_shard  # noqa: E402
+from mygpt.prepare import prepare_corpus  # noqa: E402
 from mygpt.model import GPT  # noqa: E402
 from tests.corpus import english_prose, multilingual, python_code  # noqa: E402
 

@@ -3,7 +3,7 @@
 from mygpt.bpe import BPETokenizer, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
-from mygpt.data import ShardError, TokenDataset, prepare_corpus, read_header, write_shard
+from mygpt.data import ShardError, TokenDataset, read_header, write_shard
 from mygpt.downloads import DownloadError, download
 from mygpt.evals import Example, score_examples
 from mygpt.evaluate import score, score_batches
@@ -11,6 +11,7 @@ from mygpt.export import export_gguf, export_hf
 from mygpt.generate import SAMPLE_SEPARATOR, document_start, generate_texts, stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
+from mygpt.prepare import prepare_corpus
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.quantize import Int8Linear, is_quantized, load_quantized, save_quantized
 from mygpt.recipes import apply_recipe, merge_args

@@ -8,7 +8,7 @@ after it a checkpoint sampled, scored, inspected, quantized, exported or plotted
     mygpt quantize CKPT --out FILE        int8 weights (mygpt.quantize)
     mygpt export CKPT --format hf|gguf    a transformers folder or a GGUF file (mygpt.export)
     mygpt plot RUN_DIR_OR_CSV             loss.png of a run (mygpt.plot)
-    mygpt prepare SOURCES... --out DIR    tokenise a corpus into shards (mygpt.data.prepare_corpus)
+    mygpt prepare SOURCES... --out DIR    tokenise a corpus into shards (mygpt.prepare)
 
 Text goes in and out through the tokenizer the checkpoint records (mygpt/tokenizer.py). An error is one line,
 `mygpt: error: ...`, with exit status 2 for a wrong command line and 1 for anything that fails after it.
@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
-from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, read_header
+from mygpt.data import HEADER_BYTES, TokenDataset, read_header
 from mygpt.evaluate import score
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import SAMPLE_SEPARATOR, document_start, prompt_ids, stream
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
 from mygpt.pretrained import GPT2_NAMES
+from mygpt.prepare import prepare_corpus
 from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer, prepare_tokenizer, text_tokenizer

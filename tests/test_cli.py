@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from mygpt.checkpoint import save_checkpoint
 from mygpt.cli import main
-from mygpt.data import prepare_corpus, write_shard
+from mygpt.data import write_shard
+from mygpt.prepare import prepare_corpus
 from mygpt.model import GPT
 from mygpt.quantize import load_quantized
 from mygpt.bpe_train import train_bpe

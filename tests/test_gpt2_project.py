@@ -19,9 +19,10 @@ import torch
 
 from mygpt import GPT, GPT2_NAMES, cli, generate_texts, get_encoder, load_checkpoint, save_quantized
 from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
-from mygpt.data import HEADER_BYTES, TokenDataset, prepare_corpus, write_shard
+from mygpt.data import HEADER_BYTES, TokenDataset, write_shard
 from mygpt.evaluate import score
 from mygpt.precision import native
+from mygpt.prepare import prepare_corpus
 from mygpt.tokenizer import load_tokenizer
 from tests.helpers import process_level
 

@@ -8,7 +8,7 @@ Token shards of GPT-2's BPE for projects/gpt2/train.py.
     python projects/gpt2/prepare.py fineweb10B
     python projects/gpt2/prepare.py path/to/fineweb10B/             # llm.c / modded-nanogpt shards: used as they are
 
-Everything goes through mygpt.data.prepare_corpus, as `mygpt prepare` does: one text file is cut as nanoGPT cuts
+Everything goes through mygpt.prepare_corpus, as `mygpt prepare` does: one text file is cut as nanoGPT cuts
 tiny shakespeare, the first 90% of its characters train and the last 10% validate; anything else (several files,
 a folder, .jsonl, .parquet, a dataset) is split by document, a document going to validation with probability
 --val_fraction. Each document, and each part of one text, ends with <|endoftext|>. Already tokenised llm.c shards need no preparing.
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from mygpt import DownloadError, download, run_main
-from mygpt.data import prepare_corpus, read_header
+from mygpt import prepare_corpus, read_header
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -7,7 +7,6 @@ Long pre-tokens (base64, DNA, minified code: runs without spaces) merge through 
 """
 
 import json
-import multiprocessing
 import os
 from collections.abc import Mapping
 from functools import lru_cache
@@ -20,6 +19,7 @@ import regex
 import torch
 
 from mygpt.downloads import sha256_file
+from mygpt.workers import ordered_map
 
 # GPT-2's pre-tokeniser: common English contractions, then runs of letters, of digits or of other symbols (each may
 # take one leading space), then whitespace; `\s+(?!\S)` leaves the last space of a run to start the next word.
@@ -316,21 +316,18 @@ class Encoder:
         """`encode` of each text; with `num_workers` > 1, in that many processes.
 
         The texts are cut into one contiguous group of about equal length per worker, so each worker costs a single
-        round trip and its cache sees text that shares words. Workers are forked where the platform can, so they start
-        with this encoder and its cache at no cost.
+        round trip and its cache sees text that shares words. The workers are prepare_corpus's (mygpt/workers.py):
+        forked where the platform can, so they start with this encoder and its cache at no cost.
         """
         texts = _str_list(texts, "texts", "for one text, use encode")
         num_workers = _int_arg(num_workers, "num_workers")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (1 encodes in this process), got {num_workers}")
         self._allowed(allowed_special)
-        workers = min(num_workers, len(texts))
-        if workers <= 1:
-            return [self.encode(t, allowed_special) for t in texts]
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with context.Pool(workers, initializer=_set_worker_encoder, initargs=(self,)) as pool:
-            groups = pool.starmap(_worker_encode, zip(_contiguous_groups(texts, workers), repeat(allowed_special)))
-        return [ids for group in groups for ids in group]
+        workers = max(1, min(num_workers, len(texts)))
+        with ordered_map(_encode_texts, (self, allowed_special), workers, "before encode_batch finished (fewer "
+                         "num_workers take less memory)") as encoded:
+            return [ids for group in encoded(_contiguous_groups(texts, workers)) for ids in group]
 
     def save(self, directory):
         """Write `encoder.json` and `vocab.bpe` in GPT-2's formats into `directory` (created if needed)."""
@@ -572,16 +569,9 @@ def _check_ints(ids, name):
             raise TypeError(f"{name}[{k}] is {i!r} ({type(i).__name__}): token ids must be ints{nested}")
 
 
-_worker_encoder = None
-
-
-def _set_worker_encoder(encoder):
-    global _worker_encoder
-    _worker_encoder = encoder
-
-
-def _worker_encode(texts, allowed_special):
-    return [_worker_encoder.encode(t, allowed_special) for t in texts]
+def _encode_texts(state, texts):
+    encoder, allowed_special = state
+    return [encoder.encode(t, allowed_special) for t in texts]
 
 
 def _contiguous_groups(texts, n):

@@ -11,13 +11,11 @@ import glob as globlib
 import hashlib
 import importlib
 import json
-import multiprocessing
 import os
 import re
 import signal
 import threading
 import warnings
-from collections import deque
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
@@ -29,12 +27,15 @@ from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, get_encoder
 from mygpt.data import MAX_SHARD_TOKENS, ShardError, _format_of, _ShardFile, read_header
 from mygpt.tokenizer import CharTokenizer, describe_tokenizer, load_tokenizer, same_tokenizer
 from mygpt.utils import atomic_path, exclusive
+from mygpt.workers import ordered_map
 
 SPLITS = ("train", "val")
 PIECE_CHARS = 1 << 20  # documents are encoded in pieces of about this many characters ...
 UNIT_CHARS = 1 << 20   # ... and sent to the workers in units of about this many
 MAX_PIECE_CHARS = 4 << 20  # a pre-token longer than this (a run of letters, say) is cut every this many characters
 DATA_EXTRA = "pip install 'mygpt[data]'"
+# what a dead encoding process leaves unfinished, and what to do
+UNFINISHED = "before prepare finished; run the same prepare again to finish it (fewer num_workers take less memory)"
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
@@ -300,25 +301,10 @@ def _in_val(index, seed, val_fraction):
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
-_worker = None  # (tokenizer, seed, val_fraction) in each worker process
-
-
-def _set_worker(tokenizer, seed, val_fraction):
-    global _worker
-    _worker = tokenizer, seed, val_fraction
-
-
-def _start_worker(tokenizer, seed, val_fraction):
-    # Ctrl-C and SIGTERM are the main process's to handle: it then ends the pool with SIGTERM, which ends a worker
-    # at once and quietly (not with a KeyboardInterrupt or BrokenPipeError traceback from each)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _set_worker(tokenizer, seed, val_fraction)
-
-
-def _encode_unit(unit):
-    """A unit's pieces -> ([train tokens, val tokens] as arrays, [train documents, val documents], UTF-8 bytes)."""
-    tokenizer, seed, val_fraction = _worker
+def _encode_unit(state, unit):
+    """A unit's pieces -> ([train tokens, val tokens] as arrays, [train documents, val documents], UTF-8 bytes);
+    state: (tokenizer, seed, val_fraction), which each worker process holds (mygpt/workers.py)."""
+    tokenizer, seed, val_fraction = state
     ids, documents, nbytes = ([], []), [0, 0], 0
     for index, piece, last in unit:
         # None: one text cut in two (_cut_text), document 0 trains and document 1 validates
@@ -332,32 +318,6 @@ def _encode_unit(unit):
             documents[split] += 1
         nbytes += len(piece.encode("utf-8"))
     return [np.array(x, dtype=_token_dtype(tokenizer.vocab_size)) for x in ids], documents, nbytes
-
-
-def _ordered_map(pool, workers, function, items, ahead):
-    """`function` over `items` in `pool`, results in order, at most `ahead` items in flight (bounded memory:
-    Pool.imap would read all of `items` in advance)."""
-    pending = deque()
-    for item in items:
-        pending.append(pool.apply_async(function, (item,)))
-        if len(pending) >= ahead:
-            yield _result(pending.popleft(), workers)
-    while pending:
-        yield _result(pending.popleft(), workers)
-
-
-def _result(pending, workers):
-    """An AsyncResult's value; ChildProcessError once one of `workers` has died (a Pool replaces a killed worker
-    but waits forever for the unit it held)."""
-    while not pending.ready():
-        pending.wait(0.2)
-        dead = next((w for w in workers if w.exitcode is not None), None)
-        if dead is not None:
-            code = dead.exitcode
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            raise ChildProcessError(f"encoding process {dead.pid} {how} (out of memory?) before prepare finished; "
-                                    f"run the same prepare again to finish it (fewer num_workers take less memory)")
-    return pending.get()
 
 
 @contextmanager
@@ -409,40 +369,6 @@ class _ShardWriter:
         if self.file is not None:
             self.file.discard()
             self.file = None
-
-
-class _EncoderPool:
-    """`with _EncoderPool(...) as encoded:` gives encoded(units) -> the results of _encode_unit, in order; in
-    `workers` processes (forked where the platform can, so they start with the tokenizer at no cost) or, for one,
-    in this process."""
-
-    def __init__(self, workers, tok, seed, val_fraction):
-        self.workers, self.args = workers, (tok, seed, val_fraction)
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers == 1:
-            _set_worker(*self.args)
-            return lambda units: map(_encode_unit, units)
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        others = set(multiprocessing.active_children())
-        self.pool = context.Pool(self.workers, initializer=_start_worker, initargs=self.args)
-        self.processes = [p for p in multiprocessing.active_children() if p not in others]
-        return lambda units: _ordered_map(self.pool, self.processes, _encode_unit, units, ahead=2 * self.workers)
-
-    def __exit__(self, error_type, *exc):
-        _set_worker(None, None, None)
-        if self.pool is None:
-            return
-        # Done: each worker reads its end-of-work mark and exits. Not terminate(): its SIGTERM can reach a worker still
-        # being forked, whose Python forgets the signal after the fork (then pool.join() waits forever), and a short
-        # corpus finishes that soon. On an error or an interruption there is no time to wait for the queue.
-        if error_type is None:
-            self.pool.close()
-        else:
-            self.pool.terminate()
-        self.pool.join()
 
 
 def _shard_name(split, index):
@@ -584,7 +510,8 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_
         units = _work_units(_documents(resolved, text_field, val_fraction if one_text else None), _cut_of(tok))
         nbytes = 0
         try:
-            with _sigterm_raises(), _EncoderPool(workers, tok, seed, None if one_text else val_fraction) as encoded, \
+            state = tok, seed, None if one_text else val_fraction
+            with _sigterm_raises(), ordered_map(_encode_unit, state, workers, UNFINISHED) as encoded, \
                     tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
                 for tokens, documents, size in encoded(units):
                     for writer, part, docs in zip(writers.values(), tokens, documents):

@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import tempfile
 import unittest
 from pathlib import Path
@@ -508,10 +509,23 @@ class TestTools(unittest.TestCase):
         self.assertEqual(self.enc.encode_batch(texts, num_workers=2, allowed_special="all"), expected)
         self.assertEqual(self.enc.encode_batch(texts, num_workers=1, allowed_special="all"), expected)
 
+    def test_encode_batch_names_a_dead_worker(self):
+        # a Pool replaces a killed worker and waits forever for the texts it held; encode_batch says what happened
+        with mock.patch.object(bpe_module, "_encode_texts", die_on_word), self.assertRaisesRegex(
+                ChildProcessError, r"encoding process \d+ was killed by SIGKILL .*before encode_batch finished"):
+            self.enc.encode_batch(["some text", "die"], num_workers=2)
+
     def test_pickles(self):
         copy = pickle.loads(pickle.dumps(self.enc))
         text = mixed_text(5_000)
         self.assertEqual(copy.encode(text), self.enc.encode(text))
+
+
+def die_on_word(state, texts, encode_texts=bpe_module._encode_texts):
+    """encode_batch's work in a worker process, which the OOM killer kills at the text "die"."""
+    if "die" in texts:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode_texts(state, texts)
 
 
 class TestBPETokenizer(unittest.TestCase):

@@ -17,6 +17,7 @@ from unittest import mock
 import numpy as np
 
 import mygpt.prepare as prepare
+import mygpt.workers
 from mygpt.bpe import ENDOFTEXT, Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.data import TokenDataset, read_header, write_shard
@@ -201,10 +202,10 @@ class TestPrepare(TempDir):
             import mygpt.prepare as prepare
             from mygpt.cli import main
             encode_unit = prepare._encode_unit
-            def encode_or_act(unit):
+            def encode_or_act(state, unit):
                 if any(index == 2 for index, _, _ in unit):
                     {action}
-                return encode_unit(unit)
+                return encode_unit(state, unit)
             prepare._encode_unit, prepare.UNIT_CHARS = encode_or_act, 10  # a unit per document
             sys.exit(main(["prepare", *{args!r}, "--out", {str(out)!r}]))
         """)
@@ -391,16 +392,16 @@ class TestPrepare(TempDir):
     def test_a_finished_prepare_lets_its_workers_exit_instead_of_signalling_them(self):
         # terminate()'s SIGTERM is lost by a worker still being forked (Python clears pending signals after a fork),
         # and pool.join() then waits forever: a short corpus ends that soon after the pool starts
-        codes, exit_pool = [], prepare._EncoderPool.__exit__
+        processes, in_order = [], mygpt.workers._in_order
 
-        def recording_exit(pool, *exc):
-            exit_pool(pool, *exc)
-            codes.extend(process.exitcode for process in pool.processes)
+        def recording_in_order(pool, pool_processes, *args):
+            processes.extend(pool_processes)
+            return in_order(pool, pool_processes, *args)
 
         (self.dir / "book.txt").write_text("to be or not to be\n" * 50, encoding="utf-8")
-        with mock.patch.object(prepare._EncoderPool, "__exit__", recording_exit):
+        with mock.patch.object(mygpt.workers, "_in_order", recording_in_order):
             prepare_corpus(self.dir / "book.txt", self.dir / "out", num_workers=2, progress=False)
-        self.assertEqual(codes, [0, 0])
+        self.assertEqual([process.exitcode for process in processes], [0, 0])
 
     def test_one_text_file_is_cut_by_characters_as_nanogpt_cuts_it(self):
         text = "".join(f"line {i}: to be or not to be\n" for i in range(300))

@@ -29,13 +29,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mygpt.bpe import (DATA_DIR, ENDOFTEXT, GPT2_PATTERN, HEAP_FROM_BYTES, Encoder, bytes_to_unicode,  # noqa: E402
+from mygpt.bpe import (ENDOFTEXT, GPT2_PATTERN, HEAP_FROM_BYTES, VOCAB_DIR, Encoder, bytes_to_unicode,  # noqa: E402
                        get_encoder, merge_in_rank_order)
 from mygpt.bpe_train import train_bpe  # noqa: E402
 from tests.corpus import LONG_RUNS, english_and_code, long_run, mixed_text  # noqa: E402
 
 SHARED = ROOT.parent / "shared/data/gpt2"
-VOCAB_DIR = SHARED if (SHARED / "encoder.json").is_file() else DATA_DIR / "gpt2"
+GPT2_DIR = SHARED if (SHARED / "encoder.json").is_file() else VOCAB_DIR / "gpt2"
 REPEATS = 3
 
 
@@ -90,7 +90,7 @@ class HFTokenizers:
     """`tokenizers` GPT-2: byte-level BPE from encoder.json and vocab.bpe, GPT-2's regex, no added prefix space."""
 
     def __init__(self):
-        bpe = models.BPE.from_file(str(VOCAB_DIR / "encoder.json"), str(VOCAB_DIR / "vocab.bpe"))
+        bpe = models.BPE.from_file(str(GPT2_DIR / "encoder.json"), str(GPT2_DIR / "vocab.bpe"))
         self.tok = Tokenizer(bpe)
         self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self.tok.decoder = decoders.ByteLevel()
@@ -111,7 +111,7 @@ class Tiktoken:
     @staticmethod
     def _ranks_from_package():
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        return data_gym_to_mergeable_bpe_ranks(str(DATA_DIR / "gpt2/vocab.bpe"), str(DATA_DIR / "gpt2/encoder.json"))
+        return data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "gpt2/vocab.bpe"), str(VOCAB_DIR / "gpt2/encoder.json"))
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)

@@ -25,8 +25,8 @@ from mygpt.workers import ordered_map
 # take one leading space), then whitespace; `\s+(?!\S)` leaves the last space of a run to start the next word.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
-DATA_DIR = Path(__file__).resolve().parent / "data"
-# The vocabulary files shipped in mygpt/data/gpt2, byte-identical to OpenAI's release (see the README there).
+VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
+# The vocabulary files shipped in mygpt/vocab/gpt2, byte-identical to OpenAI's release (see the README there).
 GPT2_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -598,7 +598,7 @@ def get_encoder(name="gpt2"):
 
 @lru_cache(maxsize=None)
 def _shipped_gpt2():
-    return load_verified(DATA_DIR / "gpt2", GPT2_SHA256)
+    return load_verified(VOCAB_DIR / "gpt2", GPT2_SHA256)
 
 
 def load_verified(directory, sha256):

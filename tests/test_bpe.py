@@ -20,10 +20,10 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
 import mygpt.bpe as bpe_module
 from mygpt.bpe import (
-    DATA_DIR,
     ENDOFTEXT,
     GPT2_PATTERN,
     GPT2_SHA256,
+    VOCAB_DIR,
     BPETokenizer,
     Encoder,
     bytes_to_unicode,
@@ -51,7 +51,7 @@ def tiktoken_ranks():
     path = SHARED_GPT2 / "gpt2.tiktoken"
     if path.is_file():
         return load_tiktoken_bpe(str(path), expected_hash=TIKTOKEN_SHA256)
-    return data_gym_to_mergeable_bpe_ranks(str(DATA_DIR / "gpt2/vocab.bpe"), str(DATA_DIR / "gpt2/encoder.json"),
+    return data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "gpt2/vocab.bpe"), str(VOCAB_DIR / "gpt2/encoder.json"),
                                            GPT2_SHA256["vocab.bpe"], GPT2_SHA256["encoder.json"])
 
 
@@ -120,7 +120,7 @@ class TestSameIdsAsTiktoken(unittest.TestCase):
         self.assertSameIds("".join(parts))
 
     def test_shipped_files_equal_the_tiktoken_ranks(self):
-        shipped = data_gym_to_mergeable_bpe_ranks(str(DATA_DIR / "gpt2/vocab.bpe"), str(DATA_DIR / "gpt2/encoder.json"),
+        shipped = data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "gpt2/vocab.bpe"), str(VOCAB_DIR / "gpt2/encoder.json"),
                                                   GPT2_SHA256["vocab.bpe"], GPT2_SHA256["encoder.json"])
         self.assertEqual(shipped, tiktoken_ranks())
 
@@ -419,9 +419,9 @@ class TestGPT2MergesFile(unittest.TestCase):
         tmp = tempfile.TemporaryDirectory()
         cls.addClassCleanup(tmp.cleanup)
         cls.dir = Path(tmp.name)
-        shutil.copy(DATA_DIR / "gpt2/encoder.json", cls.dir)
+        shutil.copy(VOCAB_DIR / "gpt2/encoder.json", cls.dir)
         cls.path = cls.dir / "vocab.bpe"
-        cls.lines = (DATA_DIR / "gpt2/vocab.bpe").read_text(encoding="utf-8").splitlines(keepends=True)
+        cls.lines = (VOCAB_DIR / "gpt2/vocab.bpe").read_text(encoding="utf-8").splitlines(keepends=True)
         alphabet = bytes_to_unicode()
         cls.token_of_rank = {rank: "".join(alphabet[b] for b in data) for data, rank in tiktoken_ranks().items()}
 
@@ -466,16 +466,16 @@ class TestGPT2MergesFile(unittest.TestCase):
 class TestShippedVocabulary(unittest.TestCase):
     def test_files_are_the_shared_originals(self):
         for name, expected in GPT2_SHA256.items():
-            self.assertEqual(sha256_file(DATA_DIR / "gpt2" / name), expected)
+            self.assertEqual(sha256_file(VOCAB_DIR / "gpt2" / name), expected)
             shared = SHARED_GPT2 / name
             if shared.is_file():
-                self.assertEqual((DATA_DIR / "gpt2" / name).read_bytes(), shared.read_bytes())
-        self.assertIn("MIT License", (DATA_DIR / "gpt2/README.md").read_text(encoding="utf-8"))
+                self.assertEqual((VOCAB_DIR / "gpt2" / name).read_bytes(), shared.read_bytes())
+        self.assertIn("MIT License", (VOCAB_DIR / "gpt2/README.md").read_text(encoding="utf-8"))
 
     def test_damaged_file_is_refused(self):
         with tempfile.TemporaryDirectory() as tmp:
             for name in GPT2_SHA256:
-                shutil.copy(DATA_DIR / "gpt2" / name, tmp)
+                shutil.copy(VOCAB_DIR / "gpt2" / name, tmp)
             with open(Path(tmp) / "vocab.bpe", "a", encoding="utf-8") as f:
                 f.write("x y\n")
             with self.assertRaisesRegex(ValueError, "vocab.bpe has sha256"):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mygpt import GPT, GPT2_NAMES, cli, generate_texts, get_encoder, load_checkpoint, save_quantized
-from mygpt.bpe import DATA_DIR, ENDOFTEXT, GPT2_PATTERN
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, VOCAB_DIR
 from mygpt.data import HEADER_BYTES, TokenDataset, write_shard
 from mygpt.evaluate import score
 from mygpt.precision import native
@@ -311,8 +311,8 @@ class TestBitsPerByte(unittest.TestCase):
     def test_against_a_hand_computation(self):
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        ranks = data_gym_to_mergeable_bpe_ranks(str(DATA_DIR / "gpt2" / "vocab.bpe"),
-                                                str(DATA_DIR / "gpt2" / "encoder.json"))
+        ranks = data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "gpt2" / "vocab.bpe"),
+                                                str(VOCAB_DIR / "gpt2" / "encoder.json"))
         tk = tiktoken.Encoding("gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                special_tokens={ENDOFTEXT: 50256})
         torch.manual_seed(0)

@@ -330,7 +330,12 @@ def _sigterm_raises():
         yield
         return
 
+    main = os.getpid()
+
     def stop(signum, frame):
+        if os.getpid() != main:  # a worker forked before it set its own handler (the pool ends as it starts)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # ends it quietly, as it ends the others
         raise InterruptedError("prepare was stopped by SIGTERM before the corpus was finished; run the same "
                                "prepare again to finish it")
 

@@ -3,9 +3,11 @@ reruns and every kind of source."""
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -47,6 +49,11 @@ def is_val(index, seed, fraction):
     """The documented split rule, written out again."""
     h = int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest(), "little")
     return h < fraction * 2**64
+
+
+def start_then_sleep(started):
+    started.set()
+    time.sleep(30)
 
 
 class TestPrepare(TempDir):
@@ -234,6 +241,18 @@ class TestPrepare(TempDir):
                 self.assertFalse([name for name in os.listdir(out) if ".tmp-" in name])
                 prepare_corpus(src, out, val_fraction=0.3, shard_tokens=50, seed=1, num_workers=2, progress=False)
                 self.assertEqual(files_of(out), files_of(self.dir / "clean"))
+
+    def test_a_worker_that_inherits_the_sigterm_handler_ends_quietly(self):
+        # a worker process forked, and sent SIGTERM by the ending pool, before it sets its own handler
+        context = multiprocessing.get_context("fork")
+        with prepare._sigterm_raises():
+            started = context.Event()
+            worker = context.Process(target=start_then_sleep, args=(started,))
+            worker.start()
+            self.assertTrue(started.wait(30))
+            os.kill(worker.pid, signal.SIGTERM)
+            worker.join(30)
+        self.assertEqual(worker.exitcode, -signal.SIGTERM)  # not 1, from an InterruptedError's traceback
 
     def test_rerun_of_a_finished_corpus_and_foreign_folders(self):
         src, _ = self.make_folder()

@@ -1,6 +1,6 @@
 """mygpt: a small, readable and fast GPT in PyTorch."""
 
-from mygpt.bpe import BPETokenizer, Encoder, get_encoder
+from mygpt.bpe import Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
 from mygpt.data import ShardError, TokenDataset, read_header, write_shard
@@ -16,7 +16,7 @@ from mygpt.pretrained import GPT2_NAMES
 from mygpt.quantize import Int8Linear, is_quantized, load_quantized, save_quantized
 from mygpt.recipes import apply_recipe, merge_args
 from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task
-from mygpt.tokenizer import describe_tokenizer, load_tokenizer
+from mygpt.tokenizer import BPETokenizer, describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
 from mygpt.utils import (CfgNode, InUseError, UsageError, check_device, exclusive, resolve_device, run_main, set_seed,
                          setup_logging)

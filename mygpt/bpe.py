@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import regex
-import torch
 
 from mygpt.downloads import sha256_file
 from mygpt.workers import ordered_map
@@ -613,44 +612,3 @@ def load_verified(directory, sha256):
         if actual != expected:
             raise ValueError(f"{path} has sha256 {actual}, expected {expected}: the file is damaged, reinstall mygpt")
     return Encoder.load(directory)
-
-
-class BPETokenizer:
-    """GPT-2 BPE for models: text -> LongTensor of ids, ids tensor -> text.
-
-    A string gives shape (1, T) and a list of n strings (n, T); strings of different lengths in one call need `pad_id`,
-    which fills the shorter rows on the right. Unlike GPT-2's encoder, `<|endoftext|>` in the text becomes its own id
-    (50256) by default, since text fed to a model marks document ends that way; pass `allowed_special=()` to keep it
-    as ordinary text.
-    """
-
-    def __init__(self, encoder=None, allowed_special=(ENDOFTEXT,)):
-        if encoder is not None and not isinstance(encoder, Encoder):
-            raise TypeError(f"encoder must be an Encoder (e.g. get_encoder() or Encoder.load(folder)), "
-                            f"got {type(encoder).__name__}")
-        self.encoder = encoder or get_encoder()
-        self.encoder._allowed(allowed_special)
-        self.allowed_special = allowed_special
-
-    def __call__(self, text, pad_id=None):
-        texts = [text] if isinstance(text, (str, bytes)) else _str_list(text, "text", "pass a str or a list of str")
-        if pad_id is not None:
-            pad_id = _int_arg(pad_id, "pad_id")
-            if pad_id < -1:
-                raise ValueError(f"pad_id must be a token id (>= 0) or -1 (ignored as a target), got {pad_id}")
-        rows = [self.encoder.encode(t, self.allowed_special) for t in texts]
-        width = max(map(len, rows), default=0)
-        if pad_id is None and any(len(r) != width for r in rows):
-            raise ValueError(f"the texts encode to different lengths {sorted({len(r) for r in rows})}; pass pad_id")
-        return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long).view(len(rows), width)
-
-    def decode(self, ids):
-        """One sequence of ids (1-D tensor or array, list) -> str; a batch (2-D, or a list of lists) -> list of str."""
-        if hasattr(ids, "dtype") and hasattr(ids, "ndim"):
-            if ids.ndim not in (1, 2):
-                raise ValueError(f"ids must be 1-D (one sequence) or 2-D (a batch), got shape {tuple(ids.shape)}")
-            if ids.ndim == 2:
-                return [self.encoder.decode(row) for row in ids]
-        elif isinstance(ids, (list, tuple)) and ids and all(isinstance(row, (list, tuple)) for row in ids):
-            return [self.encoder.decode(row) for row in ids]
-        return self.encoder.decode(ids)

@@ -10,10 +10,10 @@ writes into every checkpoint and prepare_corpus into the meta.json of every corp
     {"type": "chars", "chars": [...], "eot": n}       with "eot": n = len(chars), id n ends a document
                                                       (as prepare_corpus writes character corpora)
 
-`describe_tokenizer` makes the record from what a project has in hand and `load_tokenizer` gives back an object with
-`encode(str) -> list[int]`, `encode_ordinary` (<|endoftext|> in the text read as text), `decode(ids) -> str`,
-`decode_bytes(ids) -> bytes`, `vocab_size`, `eot_token` (the id of <|endoftext|>, or None), `name` and `description`
-(the record).
+`describe_tokenizer` makes the record from what a project has in hand and `load_tokenizer` gives back the tokenizer,
+a `BPETokenizer` or a `CharTokenizer`, both with `encode(str) -> list[int]`, `encode_ordinary` (<|endoftext|> in the
+text read as text), `decode(ids) -> str`, `decode_bytes(ids) -> bytes`, `vocab_size`, `eot_token` (the id of
+<|endoftext|>, or None), `name` and `description` (the record).
 
 meta.json files written before the record was one recorded a tokenizer by name and the sha256 of its vocabulary;
 they are read still:
@@ -30,9 +30,12 @@ import os
 import tempfile
 from collections import namedtuple
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
-from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, BPETokenizer, Encoder, get_encoder
+import torch
+
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, GPT2_SHA256, Encoder, _int_arg, _str_list, get_encoder
 from mygpt.checkpoint import CheckpointError
 from mygpt.downloads import sha256_file
 
@@ -86,37 +89,73 @@ class CharTokenizer:
         return self.decode(ids).encode("utf-8")
 
 
-class BPETextTokenizer:
-    """A byte-level BPE `Encoder` with its special tokens (such as <|endoftext|>) written as text in the input."""
+class BPETokenizer:
+    """A byte-level BPE `Encoder` for models: text -> LongTensor of ids, ids -> text.
 
-    def __init__(self, encoder, name, description):
-        self.encoder = encoder
-        self.vocab_size = encoder.vocab_size
-        self.eot_token = encoder.special_tokens.get(ENDOFTEXT)
-        self.name = name
-        self.description = description
+    Called, a string gives shape (1, T) and a list of n strings (n, T); strings of different lengths in one call need
+    `pad_id`, which fills the shorter rows on the right; `encode` gives one text's ids as a list. Unlike GPT-2's
+    encoder, `<|endoftext|>` in the text becomes its own id (50256) by default, since text fed to a model marks
+    document ends that way; pass `allowed_special=()` to keep it as ordinary text, or "all" for every special token
+    of the vocabulary (as load_tokenizer gives it).
+    """
+
+    def __init__(self, encoder=None, allowed_special=(ENDOFTEXT,)):
+        if encoder is not None and not isinstance(encoder, Encoder):
+            raise TypeError(f"encoder must be an Encoder (e.g. get_encoder() or Encoder.load(folder)), "
+                            f"got {type(encoder).__name__}")
+        self.encoder = encoder or get_encoder()
+        self.encoder.encode("", allowed_special)  # refuses special tokens the vocabulary lacks, naming them
+        self.allowed_special = allowed_special
+        self.vocab_size = self.encoder.vocab_size
+        self.eot_token = self.encoder.special_tokens.get(ENDOFTEXT)
+
+    @cached_property
+    def description(self):
+        """The record of the vocabulary (see describe_tokenizer)."""
+        return describe_tokenizer(self.encoder)
+
+    @property
+    def name(self):
+        return "GPT-2 BPE" if self.description == {"type": "gpt2"} else "trained BPE"
+
+    def __call__(self, text, pad_id=None):
+        texts = [text] if isinstance(text, (str, bytes)) else _str_list(text, "text", "pass a str or a list of str")
+        if pad_id is not None:
+            pad_id = _int_arg(pad_id, "pad_id")
+            if pad_id < -1:
+                raise ValueError(f"pad_id must be a token id (>= 0) or -1 (ignored as a target), got {pad_id}")
+        rows = [self.encode(t) for t in texts]
+        width = max(map(len, rows), default=0)
+        if pad_id is None and any(len(r) != width for r in rows):
+            raise ValueError(f"the texts encode to different lengths {sorted({len(r) for r in rows})}; pass pad_id")
+        return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long).view(len(rows), width)
 
     def encode(self, text):
-        # text fed to a model marks document ends with <|endoftext|>, as BPETokenizer does by default
-        return self.encoder.encode(text, allowed_special="all")
+        return self.encoder.encode(text, self.allowed_special)
 
     def encode_ordinary(self, text):
         return self.encoder.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.encoder.decode([int(i) for i in ids])
+        """One sequence of ids (1-D tensor or array, list) -> str; a batch (2-D, or a list of lists) -> list of str."""
+        if hasattr(ids, "dtype") and hasattr(ids, "ndim"):
+            if ids.ndim not in (1, 2):
+                raise ValueError(f"ids must be 1-D (one sequence) or 2-D (a batch), got shape {tuple(ids.shape)}")
+            if ids.ndim == 2:
+                return [self.encoder.decode(row) for row in ids]
+        elif isinstance(ids, (list, tuple)) and ids and all(isinstance(row, (list, tuple)) for row in ids):
+            return [self.encoder.decode(row) for row in ids]
+        return self.encoder.decode(ids)
 
     def decode_bytes(self, ids):
-        return self.encoder.decode_bytes([int(i) for i in ids])
+        return self.encoder.decode_bytes(ids)
 
 
 def describe_tokenizer(tokenizer):
     """The plain dict a checkpoint records for `tokenizer`: "gpt2", an `Encoder` (or `BPETokenizer`), a list of
     characters, a tokenizer from `load_tokenizer`, or a description (checked and returned as a copy)."""
-    if isinstance(tokenizer, (CharTokenizer, BPETextTokenizer)):
+    if isinstance(tokenizer, (CharTokenizer, BPETokenizer)):
         return dict(tokenizer.description)
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer = tokenizer.encoder
     if isinstance(tokenizer, Encoder):
         gpt2 = get_encoder()
         if tokenizer is gpt2 or (tokenizer.pattern == gpt2.pattern and tokenizer.merges == gpt2.merges
@@ -167,7 +206,7 @@ def load_tokenizer(description):
     if unknown:
         raise ValueError(f"tokenizer description of type {kind!r}: unknown keys {unknown}; it takes {sorted(allowed)}")
     if kind == "gpt2":
-        return BPETextTokenizer(get_encoder(), "GPT-2 BPE", {"type": "gpt2"})
+        return BPETokenizer(get_encoder(), allowed_special="all")
     if kind == "bpe":
         return _load_bpe(description)
     return _load_chars(description)
@@ -184,7 +223,7 @@ def _load_bpe(description):
         encoder = Encoder(description["encoder"], description["merges"], pattern=pattern)
     except (TypeError, ValueError) as err:
         raise type(err)(f"tokenizer description of type 'bpe': {err}") from err
-    return BPETextTokenizer(encoder, "trained BPE", _bpe_record(encoder))
+    return BPETokenizer(encoder, allowed_special="all")
 
 
 def _bpe_record(encoder):

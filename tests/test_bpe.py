@@ -24,7 +24,6 @@ from mygpt.bpe import (
     GPT2_PATTERN,
     GPT2_SHA256,
     VOCAB_DIR,
-    BPETokenizer,
     Encoder,
     bytes_to_unicode,
     get_encoder,
@@ -33,6 +32,7 @@ from mygpt.bpe import (
 )
 from mygpt.bpe_train import train_bpe
 from mygpt.downloads import sha256_file
+from mygpt.tokenizer import BPETokenizer
 from tests.corpus import LONG_RUNS, lines_run, long_run, mixed_text
 
 # The CI clone has shared/ beside the checkout; an environment variable can point elsewhere.

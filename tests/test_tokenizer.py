@@ -8,13 +8,14 @@ import unittest
 import numpy as np
 import torch
 
-from mygpt.bpe import BPETokenizer, Encoder, get_encoder
+from mygpt.bpe import Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import load_checkpoint, save_checkpoint
 from mygpt.data import TokenDataset
 from mygpt.model import GPT
 from mygpt.prepare import prepare_corpus
-from mygpt.tokenizer import describe_tokenizer, load_tokenizer, record_tokenizer, same_tokenizer, text_tokenizer
+from mygpt.tokenizer import (BPETokenizer, describe_tokenizer, load_tokenizer, record_tokenizer, same_tokenizer,
+                             text_tokenizer)
 from mygpt.trainer import Trainer
 
 TEXT = "Hello world, héllo wörld! 你好 <|endoftext|> the end\n"

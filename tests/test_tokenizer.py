@@ -17,6 +17,7 @@ from mygpt.prepare import prepare_corpus
 from mygpt.tokenizer import (BPETokenizer, describe_tokenizer, load_tokenizer, record_tokenizer, same_tokenizer,
                              text_tokenizer)
 from mygpt.trainer import Trainer
+from tests.helpers import TempDirTest
 
 TEXT = "Hello world, héllo wörld! 你好 <|endoftext|> the end\n"
 
@@ -145,27 +146,20 @@ class TestChars(unittest.TestCase):
             describe_tokenizer(3)
 
 
-class TestOneRecord(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.dir = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestOneRecord(TempDirTest):
     def test_prepare_and_the_trainer_write_the_same_record(self):
-        with open(os.path.join(self.dir, "a.txt"), "w", encoding="utf-8") as f:
+        with open(self.path("a.txt"), "w", encoding="utf-8") as f:
             f.write("abcab cab\nba " * 20)
-        meta = prepare_corpus(os.path.join(self.dir, "a.txt"), os.path.join(self.dir, "corpus"),
-                              tokenizer=list("\n abc"), num_workers=1, progress=False)
+        meta = prepare_corpus(self.path("a.txt"), self.path("corpus"), tokenizer=list("\n abc"), num_workers=1,
+                              progress=False)
         record = meta["settings"]["tokenizer"]
         self.assertEqual(record, {"type": "chars", "chars": list("\n abc"), "eot": 5})
-        data = TokenDataset(os.path.join(self.dir, "corpus", "train_*.bin"), 8)
+        data = TokenDataset(os.path.join(self.path("corpus"), "train_*.bin"), 8)
         mc = GPT.get_default_config()
         mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, mc.block_size = 1, 2, 16, data.vocab_size, 8
         tc = Trainer.get_default_config()
         tc.device, tc.quiet, tc.log_interval, tc.max_iters, tc.batch_size, tc.overwrite = "cpu", True, 0, 1, 2, True
-        tc.ckpt_path = os.path.join(self.dir, "ckpt.pt")
+        tc.ckpt_path = self.path("ckpt.pt")
         for given in (data.tokenizer, load_tokenizer(data.tokenizer)):  # the record, or the tokenizer it rebuilds
             with self.subTest(given=type(given).__name__):
                 Trainer(tc, GPT(mc), data, tokenizer=given).save_checkpoint(tc.ckpt_path)

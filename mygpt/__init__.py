@@ -4,7 +4,7 @@ from mygpt.bpe import Encoder, get_encoder
 from mygpt.bpe_train import train_bpe
 from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
 from mygpt.data import ShardError, TokenDataset, read_header, write_shard
-from mygpt.downloads import DownloadError, download
+from mygpt.downloads import DownloadError, download, tiny_shakespeare
 from mygpt.evals import Example, score_examples
 from mygpt.evaluate import score, score_batches
 from mygpt.export import export_gguf, export_hf
@@ -38,7 +38,7 @@ __all__ = [
     # tokenizers
     "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "describe_tokenizer", "load_tokenizer",
     # helpers
-    "download", "DownloadError", "CfgNode", "set_seed", "setup_logging",
+    "download", "DownloadError", "tiny_shakespeare", "CfgNode", "set_seed", "setup_logging",
     # scripts: errors as one line and an exit status, as the mygpt command gives them
     "run_main", "UsageError", "check_device", "resolve_device",
 ]

@@ -19,6 +19,9 @@ CACHE_ENV = "MYGPT_CACHE"
 _CHUNK = 1 << 16
 # Seconds before the first retry; doubled after each failure.
 _FIRST_BACKOFF = 0.5
+# Karpathy's char-rnn corpus (1.1 MB, 40,000 lines of Shakespeare), the text the projects train on by default
+_TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+_TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 class DownloadError(OSError):
@@ -72,6 +75,12 @@ def download(url, sha256, filename=None, cache_dir=None, retries=3, timeout=30):
         return target
     raise DownloadError(f"could not download {url} ({retries} attempts; last error: {last_error}). "
                         f"If this machine is offline, {_by_hand(target, sha256, cached)}")
+
+
+def tiny_shakespeare(cache_dir=None):
+    """The local path of tiny shakespeare, downloaded into the cache once (as download() does, DownloadError and all)."""
+    return download(_TINY_SHAKESPEARE_URL, _TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt",
+                    cache_dir=cache_dir)
 
 
 def _by_hand(target, sha256, cached):

@@ -187,5 +187,23 @@ def closed_port():
         return s.getsockname()[1]
 
 
+class TestTinyShakespeare(unittest.TestCase):
+    ROOT = Path(__file__).resolve().parents[1]
+
+    def test_it_is_fetched_through_download_into_the_given_cache(self):
+        with mock.patch.object(download_module, "download", return_value=Path("x")) as fetch:
+            self.assertEqual(download_module.tiny_shakespeare(cache_dir="c"), Path("x"))
+        (url, sha256), options = fetch.call_args
+        self.assertTrue(url.endswith("/tinyshakespeare/input.txt"), url)
+        self.assertEqual(options, {"filename": "tinyshakespeare.txt", "cache_dir": "c"})
+        # the hash chargpt's README gives is the one checked
+        readme = (self.ROOT / "projects/chargpt/README.md").read_text(encoding="utf-8")
+        self.assertIn(f"`{sha256}`", readme)
+
+    def test_its_address_is_written_once(self):
+        for path in ("projects/chargpt/chargpt.py", "projects/gpt2/prepare.py", "bench/bench_modern.py"):
+            self.assertNotIn("tinyshakespeare/input.txt", (self.ROOT / path).read_text(encoding="utf-8"), path)
+
+
 if __name__ == "__main__":
     unittest.main()

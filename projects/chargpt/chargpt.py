@@ -19,16 +19,10 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, DownloadError, Trainer, check_device, check_new_run, download, exclusive,
-                   load_checkpoint, open_checkpoint, plot_history, run_main, set_seed, setup_logging)
-from mygpt.generate import document_start
-from mygpt.recipes import merge_args
-from mygpt.generate import check_sampling_args
-from mygpt.tokenizer import describe_tokenizer, load_tokenizer
-from mygpt.utils import atomic_path
+from mygpt import (GPT, CfgNode, DownloadError, Trainer, atomic_path, check_device, check_new_run, check_sampling_args,
+                   describe_tokenizer, document_start, exclusive, load_checkpoint, load_tokenizer, merge_args,
+                   open_checkpoint, plot_history, run_main, set_seed, setup_logging, tiny_shakespeare)
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 EXPECTED_DURATION = "about 2.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for tiny shakespeare"
 
 
@@ -75,7 +69,7 @@ def read_text(path):
     """
     if path is None:
         try:
-            path = download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
+            path = tiny_shakespeare()
         except DownloadError as err:
             raise DownloadError(f"{err}; or train on any UTF-8 text file you have: "
                                 f"--data.input_file=path/to/file.txt") from None

@@ -20,11 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from mygpt import DownloadError, download, run_main
-from mygpt import prepare_corpus, read_header
+from mygpt import DownloadError, prepare_corpus, read_header, run_main, tiny_shakespeare
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # name -> (datasets.load_dataset arguments, share of documents that validate). Both are stored as data files
 # on the hub; prepare_corpus streams them and never runs a dataset script.
 DATASETS = {
@@ -73,9 +70,10 @@ def check_shards(sources):
               f"used as they are. Train with --data.dir={folder}")
 
 
-def tiny_shakespeare():
+def default_corpus():
+    """Tiny shakespeare from the download cache; offline, the error says what else to prepare."""
     try:
-        return download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, filename="tinyshakespeare.txt")
+        return tiny_shakespeare()
     except DownloadError as err:
         raise DownloadError(f"{err}; or prepare any UTF-8 text you have: python projects/gpt2/prepare.py "
                             f"book.txt") from None
@@ -99,7 +97,7 @@ def main(argv):
         raise ValueError("give either token shards (.bin) or text sources, not both")
     out_dir = Path(args.out or default_out(sources))
     named = [DATASETS[s] for s in sources if s in DATASETS]
-    corpus = [DATASETS[s][0] if s in DATASETS else s for s in sources] or [tiny_shakespeare()]
+    corpus = [DATASETS[s][0] if s in DATASETS else s for s in sources] or [default_corpus()]
     val_fraction = args.val_fraction if args.val_fraction is not None else (named[0][1] if named else None)
     # one text is cut 90/10 by characters, anything else split by document: prepare_corpus's rule, as `mygpt prepare`'s
     meta = prepare_corpus(corpus, out_dir, tokenizer="gpt2", val_fraction=val_fraction,

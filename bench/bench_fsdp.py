@@ -19,9 +19,8 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mygpt import GPT, Trainer  # noqa: E402
-from mygpt.parallel import local_numel  # noqa: E402
+from mygpt import GPT, Trainer
+from mygpt.parallel import local_numel  # what one process holds of a sharded tensor: the measurement, not an API
 
 
 # glibc keeps freed blocks of up to 32 MB in its heap once one was freed, so a process's resident memory

@@ -16,8 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mygpt import GPT
-from mygpt.utils import CfgNode
+from mygpt import GPT, CfgNode
 
 
 def mygpt_step():

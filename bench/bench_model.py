@@ -23,8 +23,7 @@ import time
 
 import torch
 
-from mygpt import GPT
-from mygpt.utils import CfgNode
+from mygpt import GPT, CfgNode
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
 BATCH = 16

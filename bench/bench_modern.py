@@ -28,15 +28,11 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from mygpt import GPT, Trainer, apply_recipe, describe_tokenizer, load_tokenizer, tiny_shakespeare
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-from mygpt import Trainer, tiny_shakespeare  # noqa: E402
-from mygpt.model import GPT  # noqa: E402
-from mygpt.recipes import apply_recipe  # noqa: E402
-from mygpt.tokenizer import CharTokenizer  # noqa: E402
 
 RUNS = {  # name: overrides of projects/chargpt's config (a preset first)
     "default": {},
@@ -106,7 +102,7 @@ def race_config(run):
 
 def datasets(text, block_size):
     project = chargpt()
-    tokenizer = CharTokenizer(sorted(set(text)))
+    tokenizer = load_tokenizer(describe_tokenizer(sorted(set(text))))
     cut = project.split_point(len(text), 0.1)
     train = project.CharDataset(text[:cut], tokenizer, block_size)
     val = project.CharDataset(text[cut:], tokenizer, block_size)
@@ -162,7 +158,7 @@ def run_one(run, text_path, steps, out, args=()):
 
 def race(text_path, steps, runs):
     _, name = read_text(text_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as d:
         procs = {run: subprocess.Popen([sys.executable, __file__, "run", run, text_path or "", str(steps),
                                         os.path.join(d, f"{run}.json")], env=env) for run in runs}

@@ -32,10 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from mygpt import GPT  # noqa: E402
-from mygpt.quantize import Int8Linear, load_quantized, quantize, save_quantized  # noqa: E402
+from mygpt import GPT, Int8Linear, load_quantized, save_quantized
 
 SHAPES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
@@ -67,7 +64,7 @@ def build(shape, name):
     if name == "transformers fp32":
         return transformers_model(shape)
     model = mygpt_model(shape)
-    return quantize(model, inplace=True) if name == "mygpt int8" else model
+    return model.quantize(inplace=True) if name == "mygpt int8" else model
 
 
 def generate(model, prompt, n):
@@ -139,7 +136,7 @@ def file_sizes(shape, directory):
     model = mygpt_model(shape)
     fp32_path, int8_path = os.path.join(directory, f"{shape}-fp32.pt"), os.path.join(directory, f"{shape}-int8.pt")
     torch.save(model.state_dict(), fp32_path)  # a tied matrix is stored once
-    save_quantized(quantize(model, inplace=True), int8_path)
+    save_quantized(model.quantize(inplace=True), int8_path)
     return os.path.getsize(fp32_path), os.path.getsize(int8_path), int8_path
 
 
@@ -222,7 +219,7 @@ def bench_kernels(rounds, repeats, compile_torchao):
 # ---------------------------------------------------------------- quality
 
 def text_data():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # no install holds it
     from corpus import english_prose
     text = english_prose(600_000)
     chars = sorted(set(text))
@@ -276,7 +273,7 @@ def bench_quality(steps):
     for label, kw in (("vanilla", {}), ("circulant + token shift", dict(time_weighting="circulant", token_shift=True))):
         model = train_char_model(train, vocab, steps, **kw)
         fp32_loss, _ = val_stats(model, model, val)
-        int8_loss, agreement = val_stats(quantize(model), model, val)
+        int8_loss, agreement = val_stats(model.quantize(), model, val)
         rows.append((label, fp32_loss, int8_loss, agreement))
     return rows
 
@@ -293,7 +290,7 @@ def adder_accuracy(work_dir):
     config.merge_from_dict({"system": saved["system"], "data": saved["data"]})
     test = adder.AdditionDataset(config.data, "test", seed=config.system.seed)
     model = GPT.from_checkpoint(os.path.join(work_dir, "checkpoint.pt"))
-    return adder.count_correct(model, test), adder.count_correct(quantize(model), test), len(test)
+    return adder.count_correct(model, test), adder.count_correct(model.quantize(), test), len(test)
 
 
 # ---------------------------------------------------------------- report

@@ -19,8 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mygpt import GPT, Trainer, resolve_device  # noqa: E402
+from mygpt import GPT, Trainer, resolve_device
 
 BLOCK, VOCAB, BATCH = 128, 65, 16
 

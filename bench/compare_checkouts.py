@@ -18,7 +18,7 @@ import sys
 
 PROBE = r"""
 import statistics, time, torch
-from mygpt.model import GPT
+from mygpt.model import GPT  # not `from mygpt`: the first checkouts did not export GPT there
 torch.set_num_threads(1)
 c = GPT.get_default_config()
 c.model_type = None

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mygpt import GPT, Trainer
+# the attention kernel and the PyTorch path it replaces, timed alone: the model chooses between them for a user
 from mygpt.kernels import time_weighted_attention
 from mygpt.model import CausalSelfAttention, circulant_time_weighting
 

@@ -8,7 +8,7 @@ from mygpt.downloads import DownloadError, download, tiny_shakespeare
 from mygpt.evals import Example, score_examples
 from mygpt.evaluate import score, score_batches
 from mygpt.export import export_gguf, export_hf
-from mygpt.generate import SAMPLE_SEPARATOR, document_start, generate_texts, stream
+from mygpt.generate import SAMPLE_SEPARATOR, check_sampling_args, document_start, generate_texts, stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history
 from mygpt.prepare import prepare_corpus
@@ -18,12 +18,13 @@ from mygpt.recipes import apply_recipe, merge_args
 from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task
 from mygpt.tokenizer import BPETokenizer, describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
-from mygpt.utils import (CfgNode, InUseError, UsageError, check_device, exclusive, resolve_device, run_main, set_seed,
-                         setup_logging)
+from mygpt.utils import (CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive, resolve_device, run_main,
+                         set_seed, setup_logging)
 
 __all__ = [
     # the model and sampling from it
     "GPT", "KVCache", "GPT2_NAMES", "stream", "generate_texts", "document_start", "SAMPLE_SEPARATOR",
+    "check_sampling_args",
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "is_quantized", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     # training, and scoring a model on held-out windows (loss, bits per byte)
@@ -38,7 +39,7 @@ __all__ = [
     # tokenizers
     "Encoder", "get_encoder", "BPETokenizer", "train_bpe", "describe_tokenizer", "load_tokenizer",
     # helpers
-    "download", "DownloadError", "tiny_shakespeare", "CfgNode", "set_seed", "setup_logging",
+    "download", "DownloadError", "tiny_shakespeare", "CfgNode", "set_seed", "setup_logging", "atomic_path",
     # scripts: errors as one line and an exit status, as the mygpt command gives them
     "run_main", "UsageError", "check_device", "resolve_device",
 ]

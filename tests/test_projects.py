@@ -123,6 +123,29 @@ class TestPackaging(unittest.TestCase):
         self.assertIn('-e ".[test,gpu]"', (ROOT / ".ci" / "run").read_text(encoding="utf-8"))
 
 
+class TestPublicAPI(unittest.TestCase):
+    """The projects live on `from mygpt import ...`; a benchmark reaches inside only for what it times piece by piece."""
+    DEEP = r"^\s*(?:from|import) (mygpt\.\S+)"
+    BENCH_INSIDE = {  # script: the modules it measures from inside (each import says why)
+        "bench_bpe.py": ["mygpt.bpe"], "bench_evals.py": ["mygpt.evals", "mygpt.tasks"],
+        "bench_fsdp.py": ["mygpt.parallel"], "gpu.py": ["mygpt.kernels", "mygpt.model"],
+        "compare_checkouts.py": ["mygpt.model"],
+    }
+
+    def test_projects_import_only_from_mygpt_and_leave_sys_path_alone(self):
+        scripts = sorted(PROJECTS.glob("*/*.py"))
+        self.assertGreaterEqual(len(scripts), 9)  # adder, chargpt, gpt2, image-gpt and their helpers
+        for script in scripts:
+            source = script.read_text(encoding="utf-8")
+            self.assertEqual(re.findall(self.DEEP, source, flags=re.M), [], script)
+            self.assertNotIn("sys.path", source, script)
+
+    def test_benchmarks_reach_inside_only_where_they_time_a_part(self):
+        for script in sorted((ROOT / "bench").glob("*.py")):
+            found = re.findall(self.DEEP, script.read_text(encoding="utf-8"), flags=re.M)
+            self.assertEqual(sorted(set(found)), self.BENCH_INSIDE.get(script.name, []), script.name)
+
+
 class TestSetupLogging(unittest.TestCase):
     def test_writes_config_and_log(self):
         self.addCleanup(detach_log_handlers)

@@ -20,10 +20,8 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, plot_history, run_main, set_seed,
-                   setup_logging)
-from mygpt.recipes import merge_args
-from mygpt.tokenizer import describe_tokenizer
+from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, describe_tokenizer, exclusive, merge_args,
+                   plot_history, run_main, set_seed, setup_logging)
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
 # 4 digits would be 10^8 (11 GB), so, as in minGPT, at most 3 digits

@@ -22,10 +22,8 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, exclusive, load_checkpoint, plot_history,
-                   open_checkpoint, run_main, set_seed, setup_logging)
-from mygpt.recipes import merge_args
-from mygpt.utils import atomic_path
+from mygpt import (GPT, CfgNode, Trainer, atomic_path, check_device, check_new_run, exclusive, load_checkpoint,
+                   merge_args, open_checkpoint, plot_history, run_main, set_seed, setup_logging)
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
 EXPECTED_DURATION = "about 1.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for the digits"

@@ -10,7 +10,7 @@ from mygpt.evaluate import score, score_batches
 from mygpt.export import export_gguf, export_hf
 from mygpt.generate import SAMPLE_SEPARATOR, check_sampling_args, document_start, generate_texts, stream
 from mygpt.model import GPT, KVCache
-from mygpt.plot import plot_history
+from mygpt.plot import plot_history, write_history
 from mygpt.prepare import prepare_corpus
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.quantize import Int8Linear, is_quantized, load_quantized, save_quantized
@@ -19,7 +19,7 @@ from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_tas
 from mygpt.tokenizer import BPETokenizer, describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
 from mygpt.utils import (CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive, resolve_device, run_main,
-                         set_seed, setup_logging)
+                         set_seed, setup_logging, setup_script)
 
 __all__ = [
     # the model and sampling from it
@@ -27,6 +27,7 @@ __all__ = [
     "check_sampling_args",
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "is_quantized", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
+    "write_history",
     # training, and scoring a model on held-out windows (loss, bits per byte)
     "Trainer", "check_new_run", "exclusive", "InUseError", "load_checkpoint", "open_checkpoint", "checkpoint_file",
     "CheckpointError", "score", "score_batches",
@@ -41,5 +42,5 @@ __all__ = [
     # helpers
     "download", "DownloadError", "tiny_shakespeare", "CfgNode", "set_seed", "setup_logging", "atomic_path",
     # scripts: errors as one line and an exit status, as the mygpt command gives them
-    "run_main", "UsageError", "check_device", "resolve_device",
+    "run_main", "UsageError", "check_device", "resolve_device", "setup_script",
 ]

@@ -4,10 +4,12 @@ second axis. matplotlib is optional (pip install 'mygpt[plot]') and imported onl
 
     plot_history("out/chargpt")                  # the run's history.csv -> out/chargpt/loss.png
     plot_history(trainer.history, "loss.png")    # straight from a Trainer
+    write_history(trainer, "out/run")            # a run's end: out/run/history.csv, and loss.png beside it
 """
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from mygpt.utils import atomic_path
@@ -92,3 +94,11 @@ def plot_history(source, out_png=None, width=8.0, height=4.5, dpi=100, required=
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return out_png
+
+
+def write_history(trainer, work_dir):
+    """At the end of a run, finished or stopped: its history.csv in work_dir and, with matplotlib, loss.png beside it."""
+    path = os.path.join(work_dir, "history.csv")
+    trainer.save_history(path)
+    plot_history(path, required=False)
+    return path

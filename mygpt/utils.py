@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mygpt.recipes import merge_args
+
 
 def set_seed(seed, option="seed"):
     """Seed python, numpy and torch (all devices) so a run can be repeated; option names the seed in an error."""
@@ -282,6 +284,18 @@ def resolve_device(name):
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def setup_script(config, args, description=None, modes=None):
+    """A project script's config from its command line, checked before any data is read: the overrides merged
+    (a --model.preset=NAME first), --trainer.device checked, the seed set from --system.seed and, given modes,
+    --system.mode one of them."""
+    merge_args(config, args, description=description)
+    check_device(config.trainer.device, "--trainer.device")
+    set_seed(config.system.seed, "--system.seed")
+    if modes is not None and config.system.mode not in modes:
+        raise ValueError(f"--system.mode must be {' or '.join(map(repr, modes))}, got {config.system.mode!r}")
+    return config
 
 
 def error_message(err):

@@ -20,8 +20,8 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, Trainer, check_device, check_new_run, describe_tokenizer, exclusive, merge_args,
-                   plot_history, run_main, set_seed, setup_logging)
+from mygpt import (GPT, CfgNode, Trainer, check_new_run, describe_tokenizer, exclusive, run_main, setup_logging,
+                   setup_script, write_history)
 
 # the dataset holds every one of the 10^(2n) problems as a token sequence: 3 digits is 10^6 problems (88 MB),
 # 4 digits would be 10^8 (11 GB), so, as in minGPT, at most 3 digits
@@ -124,15 +124,10 @@ def count_correct(model, dataset, batch_size=2000):
 
 
 def main(args):
-    config = get_config()
-    merge_args(config, args, description=__doc__)  # --model.preset=modern first
-    check_device(config.trainer.device, "--trainer.device")
-    train(config)
+    train(setup_script(get_config(), args, __doc__))  # --model.preset=modern first
 
 
 def train(config):
-    set_seed(config.system.seed, "--system.seed")
-
     train_dataset = AdditionDataset(config.data, "train", seed=config.system.seed)
     test_dataset = AdditionDataset(config.data, "test", seed=config.system.seed)
     config.model.vocab_size = len(TOKENIZER["chars"])
@@ -150,8 +145,7 @@ def train(config):
         trainer = Trainer(config.trainer, model, train_dataset, tokenizer=TOKENIZER)
         started = time.time()
         trainer.run()
-        trainer.save_history(os.path.join(config.system.work_dir, "history.csv"))
-        plot_history(os.path.join(config.system.work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        write_history(trainer, config.system.work_dir)  # history.csv, and loss.png with matplotlib
         if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
             log.info("continue this run with --trainer.resume=True")
             return

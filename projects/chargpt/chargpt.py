@@ -19,9 +19,9 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from mygpt import (GPT, CfgNode, DownloadError, Trainer, atomic_path, check_device, check_new_run, check_sampling_args,
-                   describe_tokenizer, document_start, exclusive, load_checkpoint, load_tokenizer, merge_args,
-                   open_checkpoint, plot_history, run_main, set_seed, setup_logging, tiny_shakespeare)
+from mygpt import (GPT, CfgNode, DownloadError, Trainer, atomic_path, check_new_run, check_sampling_args,
+                   describe_tokenizer, document_start, exclusive, load_checkpoint, load_tokenizer, open_checkpoint,
+                   run_main, setup_logging, setup_script, tiny_shakespeare, write_history)
 
 EXPECTED_DURATION = "about 2.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for tiny shakespeare"
 
@@ -221,8 +221,7 @@ def train(config):
         if val_dataset is not None:
             trainer.add_callback("on_eval_end", keep_best(config, best_path, tokenizer, prompt, log))
         trainer.run()
-        trainer.save_history(os.path.join(work_dir, "history.csv"))
-        plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        write_history(trainer, work_dir)  # history.csv, and loss.png with matplotlib
         if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
             log.info("continue this run with --trainer.resume=True")
             return
@@ -266,16 +265,10 @@ def sample_from_checkpoint(config):
 
 
 def main(args):
-    config = get_config()
-    merge_args(config, args, description=__doc__)  # --model.preset=modern first
-    check_device(config.trainer.device, "--trainer.device")
-    set_seed(config.system.seed, "--system.seed")
-    if config.system.mode == "train":
-        train(config)
-    elif config.system.mode == "sample":
-        sample_from_checkpoint(config)
-    else:
-        raise ValueError(f"--system.mode must be 'train' or 'sample', got {config.system.mode!r}")
+    config = setup_script(get_config(), args, __doc__, modes=("train", "sample"))  # --model.preset=modern first
+    if config.system.mode == "sample":
+        return sample_from_checkpoint(config)
+    train(config)
 
 
 if __name__ == "__main__":

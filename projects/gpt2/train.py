@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mygpt import (GPT, GPT2_NAMES, CfgNode, TokenDataset, Trainer, apply_recipe, check_device, check_new_run,
                    checkpoint_file, exclusive, generate_texts, is_quantized, load_tokenizer, open_checkpoint,
-                   plot_history, resolve_device, run_main, score, set_seed, setup_logging)
+                   resolve_device, run_main, score, set_seed, setup_logging, write_history)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 GPT2_VOCAB_SIZE = 50257
@@ -204,8 +204,7 @@ def train(config):
             trainer.add_callback("on_eval_end", keep_best(config, tokenizer, best_path, log))
         trainer.run()
         if main_process:
-            trainer.save_history(os.path.join(work_dir, "history.csv"))
-            plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+            write_history(trainer, work_dir)  # history.csv, and loss.png with matplotlib
         if trainer.interrupted:
             log.info("continue this run with --init_from=resume")
         return trainer

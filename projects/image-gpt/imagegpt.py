@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 
 import images
 from palette import dequantise, kmeans, quantise
-from mygpt import (GPT, CfgNode, Trainer, atomic_path, check_device, check_new_run, exclusive, load_checkpoint,
-                   merge_args, open_checkpoint, plot_history, run_main, set_seed, setup_logging)
+from mygpt import (GPT, CfgNode, Trainer, atomic_path, check_new_run, exclusive, load_checkpoint, open_checkpoint,
+                   run_main, setup_logging, setup_script, write_history)
 
 N_CLUSTERS = {"digits": 16, "cifar10": 512, "folder": 64}  # 512 for CIFAR-10 as in the iGPT paper
 EXPECTED_DURATION = "about 1.5 minutes of one CPU thread (OMP_NUM_THREADS=1) for the digits"
@@ -179,8 +179,7 @@ def train(config):
         log.info(f"{model.num_parameters() / 1e6:.2f}M parameters, sequences of {height * width} tokens")
         trainer = Trainer(C, model, ImageTokens(train_tokens), ImageTokens(val_tokens), tokenizer=pixels)
         trainer.run()
-        trainer.save_history(os.path.join(work_dir, "history.csv"))
-        plot_history(os.path.join(work_dir, "history.csv"), required=False)  # and loss.png (with matplotlib)
+        write_history(trainer, work_dir)  # history.csv, and loss.png with matplotlib
         if trainer.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; leave the grace time unused
             log.info("continue this run with --trainer.resume=True")
             return
@@ -207,16 +206,10 @@ def sample_from_checkpoint(config):
 
 
 def main(args):
-    config = get_config()
-    merge_args(config, args, description=__doc__)  # --model.preset=modern first
-    check_device(config.trainer.device, "--trainer.device")
-    set_seed(config.system.seed, "--system.seed")
-    if config.system.mode == "train":
-        train(config)
-    elif config.system.mode == "sample":
-        sample_from_checkpoint(config)
-    else:
-        raise ValueError(f"--system.mode must be 'train' or 'sample', got {config.system.mode!r}")
+    config = setup_script(get_config(), args, __doc__, modes=("train", "sample"))  # --model.preset=modern first
+    if config.system.mode == "sample":
+        return sample_from_checkpoint(config)
+    train(config)
 
 
 if __name__ == "__main__":

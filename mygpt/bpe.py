@@ -35,7 +35,7 @@ _NO_MERGE = (float("inf"), -1, -1, -1)
 # take fewer steps on a few bytes. Measured crossover: 8 to 12 bytes (`python bench/bench_bpe.py crossover`).
 HEAP_FROM_BYTES = 12
 # Longer pre-tokens are not cached: they rarely repeat, and the cache's memory is bounded by its count of entries.
-CACHE_MAX_CHARS = 256
+_CACHE_MAX_CHARS = 256
 
 
 @lru_cache(maxsize=None)
@@ -138,7 +138,7 @@ class _PieceCache(dict):
         self.limit = limit
 
     def __missing__(self, piece):
-        if len(piece) > CACHE_MAX_CHARS:
+        if len(piece) > _CACHE_MAX_CHARS:
             return self.encode_piece(piece)
         if len(self) >= self.limit:
             self.clear()
@@ -152,11 +152,11 @@ class Encoder:
     `encoder` maps each token, written in the `bytes_to_unicode` alphabet, to its id; `merges` lists the pairs of
     tokens in rank order. Tokens of `encoder` that are neither a byte nor made by a merge are special tokens, such as
     GPT-2's `<|endoftext|>`, and may not be two other tokens joined (that is the token of a missing merge). Both
-    are checked (see `check_vocabulary`); a bad one raises ValueError or TypeError.
+    are checked (see `_check_vocabulary`); a bad one raises ValueError or TypeError.
     """
 
     def __init__(self, encoder, merges, pattern=GPT2_PATTERN, cache_size=1 << 18):
-        self._build(*check_vocabulary(encoder, merges), pattern, cache_size)
+        self._build(*_check_vocabulary(encoder, merges), pattern, cache_size)
 
     def _build(self, encoder, merges, pattern=GPT2_PATTERN, cache_size=1 << 18):
         """The tables behind encode and decode, from a checked vocabulary."""
@@ -350,7 +350,7 @@ class Encoder:
             raise FileNotFoundError(f"{directory} is not a directory; pass the folder holding encoder.json and "
                                     "vocab.bpe")
         encoder_path, merges_path = directory / "encoder.json", directory / "vocab.bpe"
-        checked = check_vocabulary(_read_encoder_json(encoder_path), _read_vocab_bpe(merges_path),
+        checked = _check_vocabulary(_read_encoder_json(encoder_path), _read_vocab_bpe(merges_path),
                                    encoder_name=str(encoder_path),
                                    merge_name=lambda rank: f"{merges_path} line {rank + 2}")
         encoder = cls.__new__(cls)  # checked once, with the files' names, instead of again by __init__
@@ -358,7 +358,7 @@ class Encoder:
         return encoder
 
 
-def check_vocabulary(encoder, merges, encoder_name="encoder", merge_name=lambda rank: f"merges[{rank}]"):
+def _check_vocabulary(encoder, merges, encoder_name="encoder", merge_name=lambda rank: f"merges[{rank}]"):
     """(encoder as a dict of str -> int, merges as a list of str pairs) after checking that they form a byte-level
     BPE vocabulary: ids number the tokens 0..N-1 with none shared, all 256 byte tokens are present, every merge
     joins two tokens of the encoder into a third, and each token other than the bytes and the special tokens is made
@@ -597,10 +597,10 @@ def get_encoder(name="gpt2"):
 
 @lru_cache(maxsize=None)
 def _shipped_gpt2():
-    return load_verified(VOCAB_DIR / "gpt2", GPT2_SHA256)
+    return _load_verified(VOCAB_DIR / "gpt2", GPT2_SHA256)
 
 
-def load_verified(directory, sha256):
+def _load_verified(directory, sha256):
     """`Encoder.load(directory)` after checking each file named in `sha256` against its hash, so that a damaged
     install fails loudly instead of giving wrong ids."""
     directory = Path(directory)

@@ -16,7 +16,7 @@ from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, Encoder, _compiled, _int_arg, _re
 
 # Pre-tokens of more bytes than this keep their pairs' positions (see _LongWord); a shorter one is merged and
 # recounted whole, which is cheaper for a few bytes.
-LONG_WORD_BYTES = 16
+_LONG_WORD_BYTES = 16
 
 
 def train_bpe(text_or_iterator, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
@@ -123,7 +123,7 @@ def _learn_merges(words, n_learned):
     token_bytes = [bytes([b]) for b in bytes_to_unicode()]
     id_of = {data: i for i, data in enumerate(token_bytes)}
     seqs = [[id_of[bytes([b])] for b in word] for word in words]
-    seqs = [_LongWord(seq) if len(seq) > LONG_WORD_BYTES else seq for seq in seqs]
+    seqs = [_LongWord(seq) if len(seq) > _LONG_WORD_BYTES else seq for seq in seqs]
     freqs = list(words.values())
     pairs = _PairCounts(token_bytes)
     where = defaultdict(set)  # pair -> indices of words that hold it (or once did: checked on use)

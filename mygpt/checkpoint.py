@@ -25,10 +25,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read, is damaged, or does not fit the model it is loaded into."""
 
 
-ALL_VALUES = "all:"  # how a checksum over every value starts; older files checksummed only their tensors
+_ALL_VALUES = "all:"  # how a checksum over every value starts; older files checksummed only their tensors
 
 
-def checksum(state, values=True):
+def _checksum(state, values=True):
     """sha256 over every entry of a nested dict/list: names, and each tensor's dtype, shape and bytes, and with
     values=True each plain value (the config, the history, the counters: what gives the tensors their meaning)
     by type and repr, which is exact for the ints, floats, strings, bools and None a checkpoint holds."""
@@ -50,7 +50,7 @@ def checksum(state, values=True):
             digest.update(f"{prefix}={type(value).__name__}:{value!r};".encode())
 
     visit("", state)
-    return (ALL_VALUES if values else "") + digest.hexdigest()
+    return (_ALL_VALUES if values else "") + digest.hexdigest()
 
 
 def check_writable(path):
@@ -74,7 +74,7 @@ def check_writable(path):
 
 def save_checkpoint(state, path):
     """Write the dict state to path atomically, with a checksum of everything in it."""
-    state = dict(state, checksum=checksum(state))
+    state = dict(state, checksum=_checksum(state))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # two runs never share a temporary file
         torch.save(state, f)
@@ -100,7 +100,7 @@ def read_checkpoint(path, map_location="cpu"):
                               f"format): {type(err).__name__}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a mygpt checkpoint: it holds no model weights")
-    if "checksum" in ckpt and ckpt["checksum"] != checksum(ckpt, values=str(ckpt["checksum"]).startswith(ALL_VALUES)):
+    if "checksum" in ckpt and ckpt["checksum"] != _checksum(ckpt, values=str(ckpt["checksum"]).startswith(_ALL_VALUES)):
         raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with them "
                               f"(bit rot or a partial copy); use an earlier checkpoint or a backup")
     return ckpt
@@ -145,17 +145,17 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     return ckpt
 
 
-RUN_FILES = ("best.pt", "checkpoint.pt")  # what a run folder's model is: its best, else its last
+_RUN_FILES = ("best.pt", "checkpoint.pt")  # what a run folder's model is: its best, else its last
 
 
 def checkpoint_file(source):
     """source itself, or for a run's work dir the checkpoint of its model: best.pt, else checkpoint.pt."""
     if not os.path.isdir(source):
         return source
-    for name in RUN_FILES:
+    for name in _RUN_FILES:
         if os.path.isfile(os.path.join(source, name)):
             return os.path.join(source, name)
-    raise FileNotFoundError(f"{source} holds no {' or '.join(RUN_FILES)}: train first, or give a checkpoint file")
+    raise FileNotFoundError(f"{source} holds no {' or '.join(_RUN_FILES)}: train first, or give a checkpoint file")
 
 
 def open_checkpoint(source, device="cpu", **overrides):

@@ -29,9 +29,9 @@ from torch.utils.data import Dataset
 from mygpt.tokenizer import fingerprint, same_tokenizer
 from mygpt.utils import temporary_name
 
-HEADER_INTS = 256
-HEADER_BYTES = 4 * HEADER_INTS
-FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}  # (magic, version) -> token dtype
+_HEADER_INTS = 256
+HEADER_BYTES = 4 * _HEADER_INTS
+_FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}  # (magic, version) -> token dtype
 MAX_SHARD_TOKENS = 2**31 - 1
 
 ShardHeader = namedtuple("ShardHeader", "magic version num_tokens dtype")
@@ -45,7 +45,7 @@ class ShardError(ValueError):
 
 def _format_of(dtype):
     dtype = np.dtype(dtype).newbyteorder("<")
-    for key, value in FORMATS.items():
+    for key, value in _FORMATS.items():
         if value == dtype:
             return key
     raise ValueError(f"shards hold uint16 or uint32 tokens, not {dtype.name}")
@@ -68,7 +68,7 @@ class _ShardFile:
         self.count += len(tokens)
 
     def commit(self):
-        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header = np.zeros(_HEADER_INTS, dtype="<i4")
         header[:3] = self.magic, self.version, self.count
         self.file.seek(0)
         self.file.write(header.tobytes())
@@ -114,12 +114,12 @@ def read_header(path):
         raise ShardError(f"{path}: {size} bytes is too short for a shard's {HEADER_BYTES}-byte header "
                          f"(a nanoGPT train.bin without header? pass headerless=True)")
     magic, version, count = (int(v) for v in np.frombuffer(raw, dtype="<i4")[:3])
-    if magic not in {m for m, _ in FORMATS}:
+    if magic not in {m for m, _ in _FORMATS}:
         raise ShardError(f"{path} is not a token shard: magic {magic}, expected 20240520 (uint16) or 20240801 "
                          f"(uint32) (a nanoGPT train.bin without header? pass headerless=True)")
-    dtype = FORMATS.get((magic, version))
+    dtype = _FORMATS.get((magic, version))
     if dtype is None:
-        known = [v for m, v in FORMATS if m == magic]
+        known = [v for m, v in _FORMATS if m == magic]
         raise ShardError(f"{path}: shard version {version} is unknown for magic {magic} (known: {known}); "
                          f"it was written by a newer or different tool")
     expected = HEADER_BYTES + count * dtype.itemsize

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm import tqdm
 
-CACHE_ENV = "MYGPT_CACHE"
+_CACHE_ENV = "MYGPT_CACHE"
 _CHUNK = 1 << 16
 # Seconds before the first retry; doubled after each failure.
 _FIRST_BACKOFF = 0.5
@@ -36,9 +36,9 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def cache_dir_default():
+def _cache_dir_default():
     """`$MYGPT_CACHE` if set, else `~/.cache/mygpt`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mygpt")
+    return Path(os.environ.get(_CACHE_ENV) or Path.home() / ".cache" / "mygpt")
 
 
 def download(url, sha256, filename=None, cache_dir=None, retries=3, timeout=30):
@@ -52,13 +52,13 @@ def download(url, sha256, filename=None, cache_dir=None, retries=3, timeout=30):
     """
     url, sha256 = _checked_url(url), _checked_hash(sha256)
     retries, timeout = _checked_retries(retries), _checked_timeout(timeout)
-    directory = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    directory = Path(cache_dir) if cache_dir is not None else _cache_dir_default()
     target = directory / (_checked_filename(filename) if filename is not None else _name_from_url(url))
     cached = sha256_file(target) if target.is_file() else None
     if cached == sha256:
         return target
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"the cache folder {directory} is a file; pass another cache_dir or set ${CACHE_ENV}")
+        raise NotADirectoryError(f"the cache folder {directory} is a file; pass another cache_dir or set ${_CACHE_ENV}")
     directory.mkdir(parents=True, exist_ok=True)
     last_error = None
     for attempt in range(retries):

@@ -29,7 +29,7 @@ from mygpt.utils import atomic_path
 
 # ---------------------------------------------------------------- what GPT-2 can hold
 
-def check_gpt2(model, target):
+def _check_gpt2(model, target):
     """Raise a ValueError naming every reason `target` (a format) cannot hold this model."""
     if is_quantized(model):
         raise ValueError(f"cannot export an int8 model to {target}: export the fp32 model it was quantized from")
@@ -52,11 +52,11 @@ def check_gpt2(model, target):
         raise ValueError(f"cannot export to {target}: its GPT-2 architecture cannot represent " + "; ".join(reasons))
 
 
-def is_tied(model):
+def _is_tied(model):
     return model.lm_head.weight is model.transformer.wte.weight
 
 
-def gpt2_encoder(tokenizer, vocab_size, target):
+def _gpt2_encoder(tokenizer, vocab_size, target):
     """The BPE Encoder to ship (GPT-2's or one trained with GPT-2's pattern), or None for tokenizer=None."""
     if tokenizer is None:
         return None
@@ -76,21 +76,21 @@ def gpt2_encoder(tokenizer, vocab_size, target):
 
 # What transformers reads from a model folder and save_pretrained writes there (and a killed export's temporary
 # files): an export into an earlier one replaces these names, and no other file is ever deleted.
-HF_FOLDER_FILES = re.compile(
+_HF_FOLDER_FILES = re.compile(
     r"((config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|chat_template)\.json"
     r"|merges\.txt|chat_template\.jinja"
     r"|(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?)"
     r"(\.tmp-\d+-[0-9a-f]{8})?")
 
 
-def empty_export_folder(out_dir, overwrite):
+def _empty_export_folder(out_dir, overwrite):
     """Make out_dir an empty folder for an export, so that it holds exactly what the export writes (an old
     tokenizer.json would otherwise be what AutoTokenizer loads). A new or empty folder is used as it is; one holding
-    an earlier export or save_pretrained (only HF_FOLDER_FILES) is emptied with overwrite=True and refused without;
+    an earlier export or save_pretrained (only _HF_FOLDER_FILES) is emptied with overwrite=True and refused without;
     one holding any other file is refused either way, and nothing in it is touched."""
     out_dir.mkdir(parents=True, exist_ok=True)
     present = sorted(out_dir.iterdir())
-    others = [p.name for p in present if not (p.is_file() and HF_FOLDER_FILES.fullmatch(p.name))]
+    others = [p.name for p in present if not (p.is_file() and _HF_FOLDER_FILES.fullmatch(p.name))]
     if others:
         raise FileExistsError(f"{out_dir} holds files that are not a transformers model's ({', '.join(others[:5])}"
                               f"{', ...' if len(others) > 5 else ''}); export to a new or empty folder")
@@ -103,7 +103,7 @@ def empty_export_folder(out_dir, overwrite):
         path.unlink()
 
 
-def write_text(path, text):
+def _write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
@@ -114,7 +114,7 @@ def export_hf(model, out_dir, tokenizer="gpt2", overwrite=False):
     """Write model (and its tokenizer) as a transformers GPT-2 directory; returns out_dir as a Path.
 
     Files: config.json, model.safetensors and, unless tokenizer=None, vocab.json, merges.txt and
-    tokenizer_config.json; the folder holds nothing else (see empty_export_folder: an earlier export is replaced
+    tokenizer_config.json; the folder holds nothing else (see _empty_export_folder: an earlier export is replaced
     only with overwrite=True, a folder with other files is refused). tokenizer is anything
     mygpt.tokenizer.describe_tokenizer accepts ("gpt2", an Encoder, a checkpoint's tokenizer record). A tied head is
     left out (transformers ties it again); an untied one is written with tie_word_embeddings=false.
@@ -123,16 +123,16 @@ def export_hf(model, out_dir, tokenizer="gpt2", overwrite=False):
         from safetensors.torch import save_file
     except ImportError as e:
         raise ImportError("export_hf needs safetensors: pip install 'mygpt[export]' (or pip install safetensors)") from e
-    check_gpt2(model, "Hugging Face transformers")
+    _check_gpt2(model, "Hugging Face transformers")
     c = model.config
-    encoder = gpt2_encoder(tokenizer, c.vocab_size, "Hugging Face transformers")
+    encoder = _gpt2_encoder(tokenizer, c.vocab_size, "Hugging Face transformers")
     eot = None if encoder is None else encoder.special_tokens.get(ENDOFTEXT)
     out_dir = Path(out_dir)
-    empty_export_folder(out_dir, overwrite)
+    _empty_export_folder(out_dir, overwrite)
 
     tensors = {}
     for name, value in model.state_dict().items():
-        if name == "lm_head.weight" and is_tied(model):
+        if name == "lm_head.weight" and _is_tied(model):
             continue
         value = value.detach().float().cpu()
         tensors[name] = (value.t() if name.endswith(CONV1D_WEIGHTS) else value).contiguous()
@@ -146,30 +146,30 @@ def export_hf(model, out_dir, tokenizer="gpt2", overwrite=False):
         "activation_function": "gelu_new",  # GELU's tanh approximation, as mygpt's
         "resid_pdrop": c.resid_pdrop, "embd_pdrop": c.embd_pdrop, "attn_pdrop": c.attn_pdrop,
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "tie_word_embeddings": is_tied(model), "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
+        "tie_word_embeddings": _is_tied(model), "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
     }
     if encoder is not None:
-        write_hf_tokenizer(out_dir, encoder, c.block_size)
-    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")  # last: the folder is whole
+        _write_hf_tokenizer(out_dir, encoder, c.block_size)
+    _write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")  # last: the folder is whole
     return out_dir
 
 
-def write_hf_tokenizer(out_dir, encoder, block_size):
+def _write_hf_tokenizer(out_dir, encoder, block_size):
     """vocab.json and merges.txt (what GPT-2's encoder.json and vocab.bpe hold) and tokenizer_config.json."""
     vocab = dict(sorted(encoder.encoder.items(), key=lambda item: item[1]))
-    write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in encoder.merges))
+    _write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    _write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in encoder.merges))
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
               "errors": "replace"}
     if ENDOFTEXT in encoder.special_tokens:
         config.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
-    write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    _write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- GGUF (llama.cpp)
 
 # mygpt's parameter names -> llama.cpp's for the gpt2 architecture ("N" is the block number)
-GGUF_NAMES = {
+_GGUF_NAMES = {
     "transformer.wte": "token_embd",
     "transformer.wpe": "position_embd",
     "ln_1": "attn_norm",
@@ -181,19 +181,19 @@ GGUF_NAMES = {
     "transformer.ln_f": "output_norm",
     "lm_head": "output",
 }
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+_GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 
-def gguf_name(name):
+def _gguf_name(name):
     """'transformer.h.3.mlp.c_fc.weight' -> 'blk.3.ffn_up.weight'; 'transformer.wte.weight' -> 'token_embd.weight'."""
     module, kind = name.rsplit(".", 1)
     if module.startswith("transformer.h."):
         block, inner = module[len("transformer.h."):].split(".", 1)
-        return f"blk.{block}.{GGUF_NAMES[inner]}.{kind}"
-    return f"{GGUF_NAMES[module]}.{kind}"
+        return f"blk.{block}.{_GGUF_NAMES[inner]}.{kind}"
+    return f"{_GGUF_NAMES[module]}.{kind}"
 
 
-def gguf_tensor(gguf, name, value, dtype):
+def _gguf_tensor(gguf, name, value, dtype):
     """(data, raw_dtype) for one tensor, typed as llama.cpp's converter types it for the file's dtype.
 
     Vectors (norms, biases) and the position embedding stay f32; matrices become f16 or Q8_0. Q8_0 packs
@@ -219,11 +219,11 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
         import gguf
     except ImportError as e:
         raise ImportError("export_gguf needs the gguf package: pip install 'mygpt[export]' (or pip install gguf)") from e
-    if dtype not in GGUF_DTYPES:
-        raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
-    check_gpt2(model, "GGUF")
+    if dtype not in _GGUF_DTYPES:
+        raise ValueError(f"dtype must be one of {_GGUF_DTYPES}, got {dtype!r}")
+    _check_gpt2(model, "GGUF")
     c = model.config
-    encoder = gpt2_encoder(tokenizer, c.vocab_size, "GGUF")
+    encoder = _gpt2_encoder(tokenizer, c.vocab_size, "GGUF")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -240,12 +240,12 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
         writer.add_file_type(file_type)
         writer.add_vocab_size(c.vocab_size)  # what llama.cpp reads for a model without a token list
         if encoder is not None:
-            add_gguf_tokenizer(gguf, writer, encoder, c.vocab_size)
+            _add_gguf_tokenizer(gguf, writer, encoder, c.vocab_size)
         else:  # llama.cpp refuses a file without this key; "none" loads the weights to run on token ids
             writer.add_tokenizer_model("none")
         for name, value in model.state_dict().items():
-            name = gguf_name(name)
-            data, raw_dtype = gguf_tensor(gguf, name, value, dtype)
+            name = _gguf_name(name)
+            data, raw_dtype = _gguf_tensor(gguf, name, value, dtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -254,7 +254,7 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
     return path
 
 
-def add_gguf_tokenizer(gguf, writer, encoder, vocab_size):
+def _add_gguf_tokenizer(gguf, writer, encoder, vocab_size):
     """GPT-2's BPE as llama.cpp's converter writes it: tokens in id order (ids the vocabulary lacks up to
     vocab_size as [PAD<id>]), their types, the merges, and <|endoftext|> as bos, eos and unk."""
     by_id = {i: token for token, i in encoder.encoder.items()}

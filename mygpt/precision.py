@@ -7,7 +7,7 @@ an AVX2-only CPU), and even on a bf16 CPU a small model can lose more to autocas
 
   1. no native bf16 here: fp32;
   2. otherwise a probe: a few forward/backward passes of the run's own model on its first batch, timed in fp32 and
-     in bf16 autocast alternately; bf16 only if its best time beats fp32's by a margin (PROBE_MARGIN).
+     in bf16 autocast alternately; bf16 only if its best time beats fp32's by a margin (_PROBE_MARGIN).
 
 The probe changes no weight (its gradients are dropped) and runs before the Trainer seeds its RNGs. The choice is
 recorded in the checkpoints, and a resumed run takes it from there instead of probing again. fp16 is never chosen
@@ -19,11 +19,11 @@ import time
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # each name's autocast dtype (None: none)
-PROBE_MARGIN = 1.1  # bf16 must be at least 10% faster: a tie is not worth its rounding
-PROBE_ROUNDS = 3
+_PROBE_MARGIN = 1.1  # bf16 must be at least 10% faster: a tie is not worth its rounding
+_PROBE_ROUNDS = 3
 
 
-def cpu_flags():
+def _cpu_flags():
     """The feature flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -41,11 +41,11 @@ def native(device_type, dtype):
         return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
     if device_type == "cpu":
         wanted = {torch.bfloat16: {"amx_bf16", "avx512_bf16"}, torch.float16: {"amx_fp16", "avx512_fp16"}}[dtype]
-        return bool(cpu_flags() & wanted)
+        return bool(_cpu_flags() & wanted)
     return False
 
 
-def probe(step, rounds=PROBE_ROUNDS):
+def _probe(step, rounds=_PROBE_ROUNDS):
     """(fp32 seconds, bf16 seconds): the best of `rounds` timings of step(dtype or None), alternating."""
     best = {None: float("inf"), torch.bfloat16: float("inf")}
     for dtype in best:  # warm-up: the first call of each pays for kernels and allocations
@@ -63,7 +63,7 @@ def choose(device_type, step):
     training step's forward and backward, or an evaluation's forward (mygpt.evaluate)."""
     if not native(device_type, torch.bfloat16):
         return "fp32", f"this {device_type} has no native bf16"
-    fp32, bf16 = probe(step)
-    if fp32 >= PROBE_MARGIN * bf16:
+    fp32, bf16 = _probe(step)
+    if fp32 >= _PROBE_MARGIN * bf16:
         return "bf16", f"bf16 autocast ran a step {fp32 / bf16:.2f}x as fast as fp32 on this model"
     return "fp32", f"bf16 autocast was not faster on this model ({fp32 / bf16:.2f}x fp32's speed)"

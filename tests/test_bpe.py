@@ -27,7 +27,7 @@ from mygpt.bpe import (
     Encoder,
     bytes_to_unicode,
     get_encoder,
-    load_verified,
+    _load_verified,
     merge_in_rank_order,
 )
 from mygpt.bpe_train import train_bpe
@@ -479,7 +479,7 @@ class TestShippedVocabulary(unittest.TestCase):
             with open(Path(tmp) / "vocab.bpe", "a", encoding="utf-8") as f:
                 f.write("x y\n")
             with self.assertRaisesRegex(ValueError, "vocab.bpe has sha256"):
-                load_verified(tmp, GPT2_SHA256)
+                _load_verified(tmp, GPT2_SHA256)
 
     def test_save_writes_byte_identical_files(self):
         with tempfile.TemporaryDirectory() as tmp:

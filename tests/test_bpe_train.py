@@ -89,7 +89,7 @@ class TestLongPretokens(unittest.TestCase):
     """Pre-tokens thousands of bytes long (kept as positions of pairs) train exactly like short ones."""
 
     def test_merges_are_the_most_frequent_pairs(self):
-        # Runs of 700 characters are long pre-tokens (over LONG_WORD_BYTES); the reference recounts them whole.
+        # Runs of 700 characters are long pre-tokens (over _LONG_WORD_BYTES); the reference recounts them whole.
         text = " ".join(long_run(kind, 700, seed=k) for k, kind in enumerate(LONG_RUNS)) + mixed_text(1_500)
         enc = train_bpe(text, 256 + 80 + 1)
         reference, segments = naive_bpe(text, 80)
@@ -116,7 +116,7 @@ class TestLongPretokens(unittest.TestCase):
             return lines
 
         self.assertLess(work(6_000) / work(1_500), 5)
-        with mock.patch.object(bpe_train_module, "LONG_WORD_BYTES", 10 ** 9):
+        with mock.patch.object(bpe_train_module, "_LONG_WORD_BYTES", 10 ** 9):
             self.assertGreater(work(6_000) / work(1_500), 8)
 
 

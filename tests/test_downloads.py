@@ -11,7 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import mygpt.downloads as download_module
-from mygpt.downloads import CACHE_ENV, DownloadError, download
+from mygpt.downloads import _CACHE_ENV, DownloadError, download
 
 PAYLOAD = os.urandom(300_000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -72,7 +72,7 @@ class TestDownload(unittest.TestCase):
         self.assertEqual(os.listdir(self.cache), ["data.bin"])
 
     def test_cache_dir_from_environment(self):
-        with mock.patch.dict(os.environ, {CACHE_ENV: str(self.cache / "env")}):
+        with mock.patch.dict(os.environ, {_CACHE_ENV: str(self.cache / "env")}):
             path = download(f"{self.base}/good", PAYLOAD_SHA256)
         self.assertEqual(path, self.cache / "env" / "good")
 

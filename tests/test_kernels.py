@@ -284,7 +284,7 @@ def compiled_kernel_report():
             for kernel in (ta._forward, ta._backward_dk_dv, ta._backward_dq, ta._backward_dw):
                 if kernel is ta._backward_dw and mode == 0:
                     continue  # never launched without time parameters
-                BLOCK_M, BLOCK_N, num_warps = ta.tiles(dtype, hs, "cuda", backward=kernel is not ta._forward)
+                BLOCK_M, BLOCK_N, num_warps = ta._tiles(dtype, hs, "cuda", backward=kernel is not ta._forward)
                 constants = dict(HEAD=hs, HEAD_PAD=hs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MODE=mode, PRECISION="tf32")
                 if kernel is ta._backward_dw:
                     constants["BLOCK_DIAG"] = triton.next_power_of_2(BLOCK_M + BLOCK_N - 1)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from mygpt.model import GPT
 from mygpt.quantize import Int8Linear, save_quantized
-from mygpt.checkpoint import CheckpointError, checksum, load_checkpoint
+from mygpt.checkpoint import CheckpointError, _checksum, load_checkpoint
 from mygpt.trainer import Trainer, scheduled_lr
 from tests.helpers import TempDirTest, kill_and_resume, process_level, run_script, torchrun
 from tests.trainer_run import CountingData, TinyLM, config
@@ -205,7 +205,7 @@ class TestTraining(TempDirTest):
         def auto(native, times, **kw):
             out = StringIO()
             with mock.patch.object(precision, "native", lambda device, dtype: native), \
-                    mock.patch.object(precision, "probe", lambda step: times), redirect_stdout(out):
+                    mock.patch.object(precision, "_probe", lambda step: times), redirect_stdout(out):
                 trainer = Trainer(config(**{"precision": "auto", "max_iters": 2, **kw}), TinyLM(), CountingData(64))
             return trainer, out.getvalue()
         trainer, said = auto(False, None)  # no native bf16: no probe at all
@@ -567,7 +567,7 @@ class TestKeepsTheUsersWork(TempDirTest):
             load_checkpoint(self.path("flipped.pt"))
         # a file of an earlier version, whose checksum covers its tensors only, still loads
         old = torch.load(C.ckpt_path, weights_only=True)
-        old["checksum"] = checksum(old, values=False)
+        old["checksum"] = _checksum(old, values=False)
         torch.save(old, self.path("old.pt"))
         self.assertEqual(load_checkpoint(self.path("old.pt"))["iter_num"], 1)
         old["iter_num"] = 2  # what it does not cover, it cannot vouch for

@@ -38,15 +38,15 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 # The MODE of the kernels, which W: all ones, full or circulant (constexpr, so that kernels can read them)
-NONE, FULL, CIRCULANT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_NONE, _FULL, _CIRCULANT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
 def _time_weights(W1, W2, h, t, u, valid, s_w1h, s_w1t, s_w2h, block_size, MODE: tl.constexpr):
     """The fp32 tile W[h, t, u] (broadcast of t and u), 0 where not valid."""
-    if MODE == FULL:
+    if MODE == _FULL:
         w = tl.load(W1 + h * s_w1h + t * s_w1t + u, mask=valid, other=0.0).to(tl.float32)
-    elif MODE == CIRCULANT:
+    elif MODE == _CIRCULANT:
         by_distance = tl.load(W1 + h * s_w1h + (block_size - 1 - (t - u)), mask=valid, other=0.0)
         by_key = tl.load(W2 + h * s_w2h + u, mask=valid, other=0.0)
         w = by_distance.to(tl.float32) * by_key.to(tl.float32)
@@ -190,9 +190,9 @@ def _backward_dw(Q, K, V, W1, W2, DO, LSE, DW1, DW2,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         g += p * tl.dot(do, tl.trans(v), input_precision=PRECISION)  # P * dA
-    if MODE == FULL:
+    if MODE == _FULL:
         tl.store(DW1 + h * block_size * block_size + t[:, None] * block_size + u[None, :], g, mask=valid)
-    else:  # CIRCULANT: W[t, u] = time_weight[block_size - 1 - (t - u)] * time_bias[u]
+    else:  # _CIRCULANT: W[t, u] = time_weight[block_size - 1 - (t - u)] * time_bias[u]
         by_distance = tl.load(W1 + h * s_w1h + (block_size - 1 - (t[:, None] - u[None, :])), mask=valid, other=0.0)
         by_key = tl.load(W2 + h * s_w2h + u, mask=u < T, other=0.0)
         # d time_bias[u] = sum over t of G * time_weight[...]: a column sum
@@ -210,7 +210,7 @@ def _backward_dw(Q, K, V, W1, W2, DO, LSE, DW1, DW2,
                       mask=(c < BLOCK_M + BLOCK_N - 1) & (distance >= 0) & (distance < T))
 
 
-def tiles(dtype, head_size, device_type, backward):
+def _tiles(dtype, head_size, device_type, backward):
     """(BLOCK_M, BLOCK_N, num_warps) of the forward or the backward launches for such inputs.
 
     The interpreter (CPU) is fastest with small tiles. On a GPU, 16-bit inputs take FlashAttention-2's
@@ -227,13 +227,13 @@ def tiles(dtype, head_size, device_type, backward):
 def _launch_args(q, w1, w2, mode, backward):
     """Keyword arguments of the forward or the backward launches: tiles, padded head size, weight strides..."""
     hs = q.shape[-1]
-    BLOCK_M, BLOCK_N, num_warps = tiles(q.dtype, hs, q.device.type, backward)
+    BLOCK_M, BLOCK_N, num_warps = _tiles(q.dtype, hs, q.device.type, backward)
     # fp32 inputs follow torch's TF32 switch, so that both paths round alike; 16-bit inputs ignore it
     precision = "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    s_w1h = w1.stride(0) if mode != NONE else 0
-    s_w1t = w1.stride(1) if mode == FULL else 0
-    s_w2h = w2.stride(0) if mode == CIRCULANT else 0
-    block_size = w1.shape[1] if mode != NONE else 1
+    s_w1h = w1.stride(0) if mode != _NONE else 0
+    s_w1t = w1.stride(1) if mode == _FULL else 0
+    s_w2h = w2.stride(0) if mode == _CIRCULANT else 0
+    block_size = w1.shape[1] if mode != _NONE else 1
     return dict(s_w1h=s_w1h, s_w1t=s_w1t, s_w2h=s_w2h, block_size=block_size, HEAD=hs,
                 HEAD_PAD=max(16, triton.next_power_of_2(hs)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MODE=mode,
                 PRECISION=precision, num_warps=num_warps, num_stages=2)
@@ -297,7 +297,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     # the time parameters' gradients are summed over the batch in fp32, then take the parameters' dtype
     dw1 = torch.zeros(w1.shape, device=q.device, dtype=torch.float32)
     dw2 = torch.zeros(w2.shape, device=q.device, dtype=torch.float32)
-    if mode != NONE:
+    if mode != _NONE:
         _backward_dw[(triton.cdiv(T, args["BLOCK_M"]), triton.cdiv(T, args["BLOCK_N"]), nh)](
             q, k, v, W1, W2, do, lse, dw1, dw2, *strides[:12], batch=B, T=T, qk_scale=qk_scale,
             BLOCK_DIAG=triton.next_power_of_2(args["BLOCK_M"] + args["BLOCK_N"] - 1), **args)
@@ -363,17 +363,17 @@ def _check(q, k, v, time_weighting, time_weight, time_bias):
         if w.dim() != 3 or w.shape[0] != nh or w.shape[1] != w.shape[2] or w.shape[1] < T:
             raise ValueError(f"time_weighting must have shape (n_head={nh}, block_size, block_size) with "
                              f"block_size >= T={T}; got {tuple(w.shape)}")
-        return q, k, v, _on(w, q).contiguous(), none, FULL.value
+        return q, k, v, _on(w, q).contiguous(), none, _FULL.value
     if (time_weight is None) != (time_bias is None):
         raise ValueError("the circulant form needs both time_weight and time_bias")
     if time_weight is None:
-        return q, k, v, none, none, NONE.value
+        return q, k, v, none, none, _NONE.value
     block_size = time_weight.shape[-1]
     if time_weight.shape != (nh, block_size) or time_bias.shape != (nh, 1, block_size) or block_size < T:
         raise ValueError(f"time_weight must have shape (n_head={nh}, block_size) and time_bias (n_head, 1, "
                          f"block_size) with block_size >= T={T}; got {tuple(time_weight.shape)} and "
                          f"{tuple(time_bias.shape)}")
-    return q, k, v, _on(time_weight, q).contiguous(), _on(time_bias, q).reshape(nh, block_size).contiguous(), CIRCULANT.value
+    return q, k, v, _on(time_weight, q).contiguous(), _on(time_bias, q).reshape(nh, block_size).contiguous(), _CIRCULANT.value
 
 
 def _on(w, q):

@@ -23,29 +23,29 @@ import torch.nn as nn
 
 # Muon's momentum starts lower while the gradients change fast, then rises (modded-nanogpt: 0.85 -> 0.95
 # over its first 300 steps)
-MOMENTUM_START = 0.85
-HEAD_NAMES = ("lm_head", "head")  # the output layer's name in mygpt's GPT and in other models
+_MOMENTUM_START = 0.85
+_HEAD_NAMES = ("lm_head", "head")  # the output layer's name in mygpt's GPT and in other models
 
 
-def hidden_matrices(model):
+def _hidden_matrices(model):
     """The 2-D weights of the model's nn.Linear layers other than its head (named lm_head or head, or tied to an
     embedding)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [m.weight for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[-1] not in HEAD_NAMES and id(m.weight) not in embeddings
+            if isinstance(m, nn.Linear) and name.split(".")[-1] not in _HEAD_NAMES and id(m.weight) not in embeddings
             and m.weight.dim() == 2 and m.weight.requires_grad]
 
 
 def configure_muon(model, train_config):
-    """MuonAdamW over model's parameters: Muon for hidden_matrices(model), AdamW for the others."""
-    matrices = hidden_matrices(model)
+    """MuonAdamW over model's parameters: Muon for _hidden_matrices(model), AdamW for the others."""
+    matrices = _hidden_matrices(model)
     if not matrices:
         raise ValueError("optimizer='muon' needs 2-D hidden weight matrices (nn.Linear layers other than the head), "
                          "and this model has none: use optimizer='adamw'")
     C = train_config
     muon_ids = {id(p) for p in matrices}
     decayed = {id(m.weight) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.split(".")[-1] in HEAD_NAMES}  # the head decays, as with AdamW
+               if isinstance(m, nn.Linear) and name.split(".")[-1] in _HEAD_NAMES}  # the head decays, as with AdamW
     rest = [p for p in model.parameters() if id(p) not in muon_ids and p.requires_grad]
     muon = torch.optim.Muon([{"params": matrices, "peak_lr": C.muon_lr}], lr=C.muon_lr,
                             weight_decay=C.muon_weight_decay, momentum=C.muon_momentum)
@@ -58,12 +58,13 @@ def configure_muon(model, train_config):
 
 
 def muon_momentum(train_config, step):
-    """μ for optimizer step `step` (0, 1, ...): linear from MOMENTUM_START to muon_momentum over muon_momentum_warmup steps."""
+    """μ for optimizer step `step` (0, 1, ...): linear from _MOMENTUM_START to muon_momentum over
+    muon_momentum_warmup steps."""
     C = train_config
     if not C.muon_momentum_warmup:
         return C.muon_momentum
     frac = min(step / C.muon_momentum_warmup, 1.0)
-    return (1 - frac) * MOMENTUM_START + frac * C.muon_momentum
+    return (1 - frac) * _MOMENTUM_START + frac * C.muon_momentum
 
 
 class MuonAdamW:

@@ -13,7 +13,7 @@ with a hash of the other half, the standard way to build a keyed permutation of 
 
 import numpy as np
 
-ROUNDS = 4
+_ROUNDS = 4
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -33,7 +33,7 @@ class EpochOrder:
         self.n = int(n)
         self.half_bits = max(1, (int(self.n - 1).bit_length() + 1) // 2)  # the domain is 4**half_bits >= n
         self.half_mask = np.uint64((1 << self.half_bits) - 1)
-        keys = np.random.default_rng([seed, tag, epoch]).integers(0, 2**63, size=ROUNDS, dtype=np.int64)
+        keys = np.random.default_rng([seed, tag, epoch]).integers(0, 2**63, size=_ROUNDS, dtype=np.int64)
         self.keys = keys.astype(np.uint64)
 
     def _feistel(self, x):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mygpt.utils import atomic_path
 
-VAL_KEYS = ("val_loss", "test_loss")  # the trainer's name for the evaluation loss, and its older one
+_VAL_KEYS = ("val_loss", "test_loss")  # the trainer's name for the evaluation loss, and its older one
 
 
 def read_history(source):
@@ -33,7 +33,7 @@ def read_history(source):
         return list(csv.DictReader(f))
 
 
-def column(history, key):
+def _column(history, key):
     """(tokens, values) of the rows where key has a value (a CSV leaves missing ones empty) and tokens > 0."""
     xs, ys = [], []
     for row in history:
@@ -44,27 +44,27 @@ def column(history, key):
     return xs, ys
 
 
-def loss_figure(history, width=8.0, height=4.5, dpi=100):
+def _loss_figure(history, width=8.0, height=4.5, dpi=100):
     """A matplotlib Figure of width x height inches at dpi: losses on the left axis, learning rate on the right."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install 'mygpt[plot]' (or pip install matplotlib)") from e
-    train = column(history, "loss")
+    train = _column(history, "loss")
     if not train[0]:
         raise ValueError("the history has no rows with tokens and loss: is it a Trainer's history?")
     fig = Figure(figsize=(width, height), dpi=dpi)  # no pyplot: the caller's backend and figures stay untouched
     ax = fig.add_subplot()
     ax.plot(*train, color="tab:blue", linewidth=0.8, label="train loss")
-    val_key = next((k for k in VAL_KEYS if column(history, k)[0]), None)
+    val_key = next((k for k in _VAL_KEYS if _column(history, k)[0]), None)
     if val_key:
-        ax.plot(*column(history, val_key), "o-", color="tab:orange", markersize=3, label="validation loss")
+        ax.plot(*_column(history, val_key), "o-", color="tab:orange", markersize=3, label="validation loss")
     ax.set_xscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.grid(True, which="both", alpha=0.3)
     lr = fig.axes[0].twinx()
-    lr.plot(*column(history, "lr"), color="tab:gray", linestyle="--", linewidth=0.8, label="learning rate")
+    lr.plot(*_column(history, "lr"), color="tab:gray", linestyle="--", linewidth=0.8, label="learning rate")
     lr.set_ylabel("learning rate")
     lines = ax.get_lines() + lr.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
@@ -89,7 +89,7 @@ def plot_history(source, out_png=None, width=8.0, height=4.5, dpi=100, required=
             raise ValueError("give out_png, the file to write, when plotting a history list")
         source = Path(source)
         out_png = (source if source.is_dir() else source.parent) / "loss.png"
-    fig = loss_figure(history, width, height, dpi)
+    fig = _loss_figure(history, width, height, dpi)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

@@ -29,13 +29,13 @@ from mygpt.tokenizer import CharTokenizer, describe_tokenizer, load_tokenizer, s
 from mygpt.utils import atomic_path, exclusive, jsonl_values
 from mygpt.workers import ordered_map
 
-SPLITS = ("train", "val")
-PIECE_CHARS = 1 << 20  # documents are encoded in pieces of about this many characters ...
-UNIT_CHARS = 1 << 20   # ... and sent to the workers in units of about this many
-MAX_PIECE_CHARS = 4 << 20  # a pre-token longer than this (a run of letters, say) is cut every this many characters
-DATA_EXTRA = "pip install 'mygpt[data]'"
+_SPLITS = ("train", "val")
+_PIECE_CHARS = 1 << 20  # documents are encoded in pieces of about this many characters ...
+_UNIT_CHARS = 1 << 20   # ... and sent to the workers in units of about this many
+_MAX_PIECE_CHARS = 4 << 20  # a pre-token longer than this (a run of letters, say) is cut every this many characters
+_DATA_EXTRA = "pip install 'mygpt[data]'"
 # what a dead encoding process leaves unfinished, and what to do
-UNFINISHED = "before prepare finished; run the same prepare again to finish it (fewer num_workers take less memory)"
+_UNFINISHED = "before prepare finished; run the same prepare again to finish it (fewer num_workers take less memory)"
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
@@ -51,15 +51,15 @@ _LAST_BOUNDARY, _NEXT_BOUNDARY = regex.compile(_BOUNDARY, flags=regex.REVERSE), 
 
 
 def _cut_gpt2(text, start):
-    """The last pre-token boundary before PIECE_CHARS, else the first one after it (a piece holds a long pre-token
+    """The last pre-token boundary before _PIECE_CHARS, else the first one after it (a piece holds a long pre-token
     whole), or None where text has none; `start` > 0: a search of text[:start] found none, go on from there."""
-    match = None if start else _LAST_BOUNDARY.search(text, 1, PIECE_CHARS)
-    match = match or _NEXT_BOUNDARY.search(text, max(start, PIECE_CHARS))
+    match = None if start else _LAST_BOUNDARY.search(text, 1, _PIECE_CHARS)
+    match = match or _NEXT_BOUNDARY.search(text, max(start, _PIECE_CHARS))
     return match.start() if match else None
 
 
 def _cut_anywhere(text, start):
-    return PIECE_CHARS  # characters encode one by one, so any cut is exact
+    return _PIECE_CHARS  # characters encode one by one, so any cut is exact
 
 
 def _resolve_tokenizer(tokenizer):
@@ -108,7 +108,7 @@ def _optional(module, what):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{what} needs the optional package {module.split('.')[0]}: {DATA_EXTRA}") from None
+        raise ImportError(f"{what} needs the optional package {module.split('.')[0]}: {_DATA_EXTRA}") from None
 
 
 def _resolve_sources(sources, glob):
@@ -161,7 +161,7 @@ def _text_file(path):
     endings become \n, as in nanoGPT's prepare scripts and in the texts users compare with)."""
     with open(path, encoding="utf-8") as f:
         try:
-            yield from iter(lambda: f.read(PIECE_CHARS), "")
+            yield from iter(lambda: f.read(_PIECE_CHARS), "")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason}); leave it out of the sources "
                              f"or pass a glob that does") from None
@@ -243,21 +243,21 @@ def _documents(sources, text_field, cut=None):
 
 
 def _pieces(blocks, cut, index):
-    """Document `index`'s text as (piece, is_last) pairs of about PIECE_CHARS characters (more where a pre-token is
-    longer, up to MAX_PIECE_CHARS), cut where `cut` says (never, if cut is None). An empty document gives nothing."""
+    """Document `index`'s text as (piece, is_last) pairs of about _PIECE_CHARS characters (more where a pre-token is
+    longer, up to _MAX_PIECE_CHARS), cut where `cut` says (never, if cut is None). An empty document gives nothing."""
     pending, text, searched = None, "", 0
     for block in blocks:
         text += block
-        while cut and len(text) > PIECE_CHARS:
+        while cut and len(text) > _PIECE_CHARS:
             k = cut(text, searched)
-            if k is None and len(text) < MAX_PIECE_CHARS:
+            if k is None and len(text) < _MAX_PIECE_CHARS:
                 searched = len(text)  # one pre-token so far: read on to its end
                 break
             if k is None:  # memory stays bounded: such a pre-token is encoded in pieces
-                k = MAX_PIECE_CHARS
+                k = _MAX_PIECE_CHARS
                 warnings.warn(f"document {index} holds a pre-token (a run of letters, digits or symbols without a "
-                              f"space) of over {MAX_PIECE_CHARS:,} characters: it is encoded in pieces of "
-                              f"{MAX_PIECE_CHARS:,} characters, so its ids may differ from those of the whole run at "
+                              f"space) of over {_MAX_PIECE_CHARS:,} characters: it is encoded in pieces of "
+                              f"{_MAX_PIECE_CHARS:,} characters, so its ids may differ from those of the whole run at "
                               f"each cut", stacklevel=2)
             if pending:
                 yield pending, False
@@ -271,13 +271,13 @@ def _pieces(blocks, cut, index):
 
 
 def _work_units(documents, cut):
-    """Lists of (document index, piece, is_last) holding about UNIT_CHARS characters each."""
+    """Lists of (document index, piece, is_last) holding about _UNIT_CHARS characters each."""
     unit, size = [], 0
     for index, blocks in enumerate(documents):
         for piece, last in _pieces(blocks, cut, index):
             unit.append((index, piece, last))
             size += len(piece)
-            if size >= UNIT_CHARS:
+            if size >= _UNIT_CHARS:
                 yield unit
                 unit, size = [], 0
     if unit:
@@ -384,7 +384,7 @@ def _complete(out_dir, meta):
     """Whether every shard that meta.json lists is on disk, whole."""
     try:
         return all(sum(read_header(out_dir / _shard_name(split, i)).num_tokens for i in range(meta[split]["shards"]))
-                   == meta[split]["tokens"] for split in SPLITS)
+                   == meta[split]["tokens"] for split in _SPLITS)
     except (OSError, ShardError):
         return False
 
@@ -459,7 +459,7 @@ def _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field):
         raise TypeError(f"text_field must be a str, got {type(text_field).__name__}")
 
 
-ONE_TEXT_VAL_FRACTION, DOCUMENTS_VAL_FRACTION = 0.1, 0.005  # val_fraction=None: nanoGPT's 10% of one text
+_ONE_TEXT_VAL_FRACTION, _DOCUMENTS_VAL_FRACTION = 0.1, 0.005  # val_fraction=None: nanoGPT's 10% of one text
 
 
 def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_tokens=100_000_000,
@@ -489,7 +489,7 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_
     resolved = _resolve_sources(sources, glob)
     one_text = _one_text(resolved)
     if val_fraction is None:
-        val_fraction = ONE_TEXT_VAL_FRACTION if one_text else DOCUMENTS_VAL_FRACTION
+        val_fraction = _ONE_TEXT_VAL_FRACTION if one_text else _DOCUMENTS_VAL_FRACTION
     _check_prepare_args(val_fraction, shard_tokens, num_workers, text_field)
     tok = _resolve_tokenizer(tokenizer)
     out_dir = Path(out_dir)
@@ -504,12 +504,12 @@ def prepare_corpus(sources, out_dir, tokenizer="gpt2", val_fraction=None, shard_
             return finished
 
         workers = num_workers or os.cpu_count() or 1
-        writers = {split: _ShardWriter(out_dir, split, shard_tokens, _token_dtype(tok.vocab_size)) for split in SPLITS}
+        writers = {split: _ShardWriter(out_dir, split, shard_tokens, _token_dtype(tok.vocab_size)) for split in _SPLITS}
         units = _work_units(_documents(resolved, text_field, val_fraction if one_text else None), _cut_of(tok))
         nbytes = 0
         try:
             state = tok, seed, None if one_text else val_fraction
-            with _sigterm_raises(), ordered_map(_encode_unit, state, workers, UNFINISHED) as encoded, \
+            with _sigterm_raises(), ordered_map(_encode_unit, state, workers, _UNFINISHED) as encoded, \
                     tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
                 for tokens, documents, size in encoded(units):
                     for writer, part, docs in zip(writers.values(), tokens, documents):

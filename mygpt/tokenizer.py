@@ -271,7 +271,7 @@ def _current(record):
     return record
 
 
-class Fingerprint(namedtuple("Fingerprint", "name sha256 vocab_size")):
+class _Fingerprint(namedtuple("_Fingerprint", "name sha256 vocab_size")):
     """See `fingerprint`; as a str, 'bpe (sha256 1a2b3c4d5e6f..., 300 tokens)' for error messages."""
 
     def __str__(self):
@@ -285,17 +285,17 @@ def fingerprint(tokenizer, vocab_size=None):
     vocabulary size (for an older record of hashes alone, `vocab_size`: the one recorded beside it).
     tokenizer: a record of either form or anything describe_tokenizer takes. Its str names it in errors."""
     if _hashes_only(_current(tokenizer)):
-        return Fingerprint(tokenizer["name"], tokenizer["sha256"], vocab_size)
+        return _Fingerprint(tokenizer["name"], tokenizer["sha256"], vocab_size)
     loaded = load_tokenizer(describe_tokenizer(tokenizer))
     if isinstance(loaded, CharTokenizer):
         text = "".join(loaded.chars)
-        return Fingerprint("chars", hashlib.sha256(text.encode("utf-8")).hexdigest(), loaded.vocab_size)
+        return _Fingerprint("chars", hashlib.sha256(text.encode("utf-8")).hexdigest(), loaded.vocab_size)
     if loaded.description == {"type": "gpt2"}:
-        return Fingerprint("gpt2", GPT2_SHA256, loaded.vocab_size)  # Encoder.save writes exactly the shipped files
+        return _Fingerprint("gpt2", GPT2_SHA256, loaded.vocab_size)  # Encoder.save writes exactly the shipped files
     with tempfile.TemporaryDirectory() as folder:
         loaded.encoder.save(folder)
         hashes = {name: sha256_file(Path(folder) / name) for name in ("encoder.json", "vocab.bpe")}
-    return Fingerprint("bpe", hashes, loaded.vocab_size)
+    return _Fingerprint("bpe", hashes, loaded.vocab_size)
 
 
 def same_tokenizer(a, b, vocab_size=None):

@@ -32,9 +32,9 @@ def set_seed(seed, option="seed"):
     torch.cuda.manual_seed_all(seed)
 
 
-TRUE_WORDS = ("true", "1", "yes")
-FALSE_WORDS = ("false", "0", "no")
-NONE_WORDS = ("None", "none", "null")
+_TRUE_WORDS = ("true", "1", "yes")
+_FALSE_WORDS = ("false", "0", "no")
+_NONE_WORDS = ("None", "none", "null")
 
 
 def _type_name(default):
@@ -109,12 +109,12 @@ def _parse_value(text, default, key):
     """
     if isinstance(default, str):
         return None if text == "None" else _unquote(text)
-    if text.strip() in NONE_WORDS:
+    if text.strip() in _NONE_WORDS:
         return None
     if isinstance(default, bool):
         word = text.strip().lower()
-        if word in TRUE_WORDS or word in FALSE_WORDS:
-            return word in TRUE_WORDS
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
         raise UsageError(f"{key} wants a bool (true/false, 1/0, yes/no), got {text!r}")
     if isinstance(default, float):
         try:
@@ -298,7 +298,7 @@ def setup_script(config, args, description=None, modes=None):
     return config
 
 
-def error_message(err):
+def _error_message(err):
     """An error as one line: a KeyError's message unquoted, lines joined."""
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
     return " ".join(str(text).split("\n"))
@@ -321,14 +321,14 @@ def run_main(main, argv=None, prog=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 1
     except (OSError, ValueError, TypeError, KeyError, ImportError, CheckpointError) as err:
-        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        print(f"{prog}: error: {_error_message(err)}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
 
 
-class ConsoleHandler(logging.Handler):
+class _ConsoleHandler(logging.Handler):
     """Prints log messages above a running tqdm progress bar (never glued to it), on stdout.
 
     A record logged with extra={"console": False} goes to the other handlers (log.txt) only.
@@ -359,8 +359,8 @@ def temporary_name(path):
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-TEMPORARY = re.compile(r"(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}")  # what temporary_name makes
-STALE_SECONDS = 60  # a temporary untouched this long, of a process gone, was left by a kill
+_TEMPORARY = re.compile(r"(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}")  # what temporary_name makes
+_STALE_SECONDS = 60  # a temporary untouched this long, of a process gone, was left by a kill
 
 
 def _process_alive(pid):
@@ -375,16 +375,16 @@ def _process_alive(pid):
 
 def remove_stale_temporaries(folder, name=None):
     """Remove what a process killed while writing left in folder: the temporaries of name (of every file when
-    None) whose process is gone and that were not changed for STALE_SECONDS (a kill during a checkpoint write
+    None) whose process is gone and that were not changed for _STALE_SECONDS (a kill during a checkpoint write
     leaves checkpoint.pt.tmp-PID-HEX, as large as the checkpoint). A live writer's temporary is never touched;
     nor is a fresh one, which could be another machine's on a shared disk, where its PID means nothing here."""
     if os.name != "posix" or not os.path.isdir(folder):
         return
     for entry in os.scandir(folder):
-        match = TEMPORARY.fullmatch(entry.name)
+        match = _TEMPORARY.fullmatch(entry.name)
         if not match or (name is not None and match["name"] != name) or not entry.is_file(follow_symlinks=False):
             continue
-        if _process_alive(int(match["pid"])) or time.time() - entry.stat().st_mtime < STALE_SECONDS:
+        if _process_alive(int(match["pid"])) or time.time() - entry.stat().st_mtime < _STALE_SECONDS:
             continue
         try:
             os.remove(entry.path)
@@ -491,7 +491,7 @@ def setup_logging(config):
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    logger.addHandler(ConsoleHandler())
+    logger.addHandler(_ConsoleHandler())
     to_file = logging.FileHandler(work_dir / "log.txt", encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(to_file)

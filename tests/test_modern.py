@@ -265,7 +265,7 @@ import sys  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from mygpt.muon import configure_muon, muon_momentum  # noqa: E402
-from mygpt.recipes import RECIPES, apply_recipe, merge_args  # noqa: E402
+from mygpt.recipes import _RECIPES, apply_recipe, merge_args  # noqa: E402
 from mygpt.trainer import Trainer, scheduled_lr  # noqa: E402
 from mygpt.utils import CfgNode  # noqa: E402
 from tests.helpers import TempDirTest, kill_and_resume, process_level, run_script, torchrun  # noqa: E402
@@ -411,7 +411,7 @@ class TestRecipe(unittest.TestCase):
         self.assertEqual(C.model.preset, "modern")
         with self.assertRaisesRegex(ValueError, r"unknown preset 'postmodern'; choose one of \[None, 'modern'\]"):
             apply_recipe(C, "postmodern")
-        self.assertEqual(set(RECIPES["modern"]), {"model", "trainer"})
+        self.assertEqual(set(_RECIPES["modern"]), {"model", "trainer"})
 
     @process_level
     def test_every_project_accepts_the_preset(self):

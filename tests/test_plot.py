@@ -7,7 +7,7 @@ import tempfile
 import unittest
 from unittest import mock
 
-from mygpt.plot import loss_figure, plot_history
+from mygpt.plot import _loss_figure, plot_history
 
 try:
     import matplotlib  # noqa: F401
@@ -72,7 +72,7 @@ class TestPlot(unittest.TestCase):
     def test_figure_holds_the_history(self):
         rows = history()
         for source in (rows, self.csv_rows(rows)):
-            fig = loss_figure(source)
+            fig = _loss_figure(source)
             ax, lr_ax = fig.axes
             train, val = ax.get_lines()
             self.assertEqual(ax.get_xscale(), "log")
@@ -99,7 +99,7 @@ class TestPlot(unittest.TestCase):
     def test_missing_matplotlib_names_the_extra(self):
         with mock.patch.dict(sys.modules, {"matplotlib": None, "matplotlib.figure": None}):
             with self.assertRaisesRegex(ImportError, r"mygpt\[plot\]"):
-                loss_figure(history())
+                _loss_figure(history())
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ class TestPrepare(TempDir):
         for workers in (1, 2):
             prepare_corpus(src, self.dir / f"out{workers}", val_fraction=0.3, seed=3, shard_tokens=64,
                            num_workers=workers, progress=False)
-        with mock.patch.object(prepare, "UNIT_CHARS", 100):  # many work units in flight between the processes
+        with mock.patch.object(prepare, "_UNIT_CHARS", 100):  # many work units in flight between the processes
             prepare_corpus(src, self.dir / "out3", val_fraction=0.3, seed=3, shard_tokens=64, num_workers=2,
                            progress=False)
         self.assertTrue(any((self.dir / "out1").glob("val_*.bin")))
@@ -133,7 +133,7 @@ class TestPrepare(TempDir):
     def test_long_documents_are_cut_where_tokens_do_not_change(self):
         text = mixed_text(40_000, seed=5)
         (self.dir / "long.txt").write_text(text, encoding="utf-8", newline="")
-        with mock.patch.object(prepare, "PIECE_CHARS", 2000), mock.patch.object(prepare, "UNIT_CHARS", 3000):
+        with mock.patch.object(prepare, "_PIECE_CHARS", 2000), mock.patch.object(prepare, "_UNIT_CHARS", 3000):
             prepare_corpus(self.dir / "long.txt", self.dir / "out", val_fraction=0, num_workers=2, progress=False)
         read = (self.dir / "long.txt").read_text(encoding="utf-8")  # "\r\n" as "\n", also across blocks
         self.assertEqual(tokens_of(self.dir / "out", "train").tolist(), self.tk.encode_ordinary(read) + [EOT])
@@ -143,7 +143,7 @@ class TestPrepare(TempDir):
         alphabet = [*"abstrvmldSé", *"019٣", *"'-!.", " ", "\n", "\t", "\u00a0", "\u3000"]
         text = "".join(random.Random(0).choices(alphabet, k=20_000))
         blocks = (text[i:i + 1000] for i in range(0, len(text), 1000))
-        with mock.patch.object(prepare, "PIECE_CHARS", 40):
+        with mock.patch.object(prepare, "_PIECE_CHARS", 40):
             pieces = [piece for piece, _ in prepare._pieces(blocks, prepare._cut_gpt2, 0)]
         self.assertGreater(len(pieces), 500)
         self.assertEqual("".join(pieces), text)
@@ -155,14 +155,14 @@ class TestPrepare(TempDir):
         base64 = "".join(rng.choices("abcXYZ0189+/=", k=9000))  # no space, but letters, digits and symbols meet
         for name, text in (("letters", letters), ("base64", base64), ("both", letters + "7" + base64)):
             (self.dir / f"{name}.txt").write_text(text, encoding="utf-8")
-            with self.subTest(name), mock.patch.object(prepare, "PIECE_CHARS", 2000), \
-                    mock.patch.object(prepare, "MAX_PIECE_CHARS", 8000):
+            with self.subTest(name), mock.patch.object(prepare, "_PIECE_CHARS", 2000), \
+                    mock.patch.object(prepare, "_MAX_PIECE_CHARS", 8000):
                 prepare_corpus(self.dir / f"{name}.txt", self.dir / name, val_fraction=0, num_workers=1,
                                progress=False)
                 self.assertEqual(tokens_of(self.dir / name, "train").tolist(), self.tk.encode_ordinary(text) + [EOT])
-        run = letters + letters  # 14,000 letters: over MAX_PIECE_CHARS, encoded as the warning says
+        run = letters + letters  # 14,000 letters: over _MAX_PIECE_CHARS, encoded as the warning says
         (self.dir / "run.txt").write_text(run, encoding="utf-8")
-        with mock.patch.object(prepare, "PIECE_CHARS", 2000), mock.patch.object(prepare, "MAX_PIECE_CHARS", 8000), \
+        with mock.patch.object(prepare, "_PIECE_CHARS", 2000), mock.patch.object(prepare, "_MAX_PIECE_CHARS", 8000), \
                 self.assertWarnsRegex(UserWarning, "document 0 holds a pre-token .* over 8,000 characters"):
             prepare_corpus(self.dir / "run.txt", self.dir / "run", val_fraction=0, num_workers=1, progress=False)
         expected = self.tk.encode_ordinary(run[:8000]) + self.tk.encode_ordinary(run[8000:]) + [EOT]
@@ -213,7 +213,7 @@ class TestPrepare(TempDir):
                 if any(index == 2 for index, _, _ in unit):
                     {action}
                 return encode_unit(state, unit)
-            prepare._encode_unit, prepare.UNIT_CHARS = encode_or_act, 10  # a unit per document
+            prepare._encode_unit, prepare._UNIT_CHARS = encode_or_act, 10  # a unit per document
             sys.exit(main(["prepare", *{args!r}, "--out", {str(out)!r}]))
         """)
         start = time.monotonic()

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mygpt.checkpoint import CheckpointError, save_checkpoint
-from mygpt.utils import (STALE_SECONDS, CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive,
+from mygpt.utils import (_STALE_SECONDS, CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive,
                          run_main, set_seed, setup_logging, temporary_name)
 from tests.helpers import detach_log_handlers, process_level
 
@@ -321,7 +321,7 @@ class TestAtomicPath(unittest.TestCase):
             save_checkpoint({"a": 1}, path)
             self.assertEqual(sorted(os.listdir(folder)), sorted([left[0], mine.name, other.name, "checkpoint.pt"]),
                              "a temporary changed within the last minute may be another machine's: kept")
-            old = time.time() - 2 * STALE_SECONDS
+            old = time.time() - 2 * _STALE_SECONDS
             for name in (left[0], mine.name, other.name):
                 os.utime(os.path.join(folder, name), (old, old))
             save_checkpoint({"a": 2}, path)  # removes the dead writer's temporary of this file only

@@ -136,7 +136,8 @@ def sample(args):
         # a BPE token may end inside a character: the decoder holds such bytes until the character is whole
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, do_sample=not args.greedy,
-                        top_k=args.top_k, top_p=args.top_p, generator=generator, stop_tokens=stop)
+                        top_k=args.top_k, top_p=args.top_p, generator=generator, stop_tokens=stop,
+                        compile=args.compile)
         for token in tokens:
             token = token.item()
             if stop is None or token not in stop:
@@ -464,6 +465,8 @@ def build_parser():
     p.add_argument("--num-samples", metavar="M", type=positive_int, default=1, help="samples to print (1)")
     p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
     p.add_argument("--no-stop", action="store_true", help="go on past <|endoftext|>")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token step with torch.compile: seconds to compile, for long samples")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.set_defaults(run=sample)
 

@@ -7,15 +7,27 @@ Once a sequence is longer than block_size the model only ever sees the last bloc
 and every one of them changes position with each new token. Cached keys then no longer match, so
 from that point each step re-runs the window: the tokens stay exactly those of uncached generation.
 
+compile=True compiles the one-token step (_decode_step) with torch.compile. The cache is preallocated for
+block_size positions and a step reads the first `length` of them; compiled with dynamic=True, that length
+is a symbol, so one graph serves every step as the cache grows (no recompiles, and no work on empty
+slots, which a fixed-size cache with a length mask would do). The prompt, the step that fills the cache's
+last slot (its full view is laid out as no other step's, and would be compiled again) and the steps past
+block_size run eagerly. A compile that fails falls back to eager mode with one line of warning
+(mygpt/compiled.py), remembered per model.
+
 Only the last section knows about text: where a sample starts without a prompt, a prompt's ids and whole
 samples decoded to text, the rules that `mygpt sample` and the projects share.
 """
 
 import numbers
+import weakref
 
 import torch
 
+from mygpt.compiled import Compiled
 from mygpt.model import KVCache
+
+_COMPILED_STEPS = weakref.WeakKeyDictionary()  # model -> its Compiled _decode_step, kept across calls
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -57,60 +69,79 @@ def check_sampling_args(max_new_tokens, temperature, do_sample, top_k, top_p, st
 
 
 def stream(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
-           use_cache=True, generator=None, stop_tokens=None):
+           use_cache=True, generator=None, stop_tokens=None, compile=False):
     """Yield the next token of every row of idx (B, T) as a (B, 1) tensor, up to max_new_tokens times.
 
     Greedy by default; do_sample=True draws from softmax(logits / temperature), optionally limited
     to the top_k tokens and/or the top_p nucleus. With stop_tokens, a row that has produced one of
     them repeats it from then on, and the stream ends once every row has. The model runs in eval
     mode (no dropout) and is put back in its previous mode when the stream ends or is closed.
+    compile=True compiles the cached one-token step (see the module's docstring).
     """
     for idx in extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
-                      stop_tokens):
+                      stop_tokens, compile):
         yield idx[:, -1:].clone()  # a copy made outside inference mode is an ordinary tensor
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
-             use_cache=True, generator=None, stop_tokens=None):
+             use_cache=True, generator=None, stop_tokens=None, compile=False):
     """idx (B, T) followed by up to max_new_tokens tokens per row: (B, T + n); see stream for the arguments.
 
     With stop_tokens, generation ends early once every row has produced one.
     """
     out = idx
     for out in extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
-                      stop_tokens):
+                      stop_tokens, compile):
         pass
     return out.clone()  # an ordinary tensor (not an inference-mode one), usable as input to training
 
 
-def extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator, stop_tokens):
+def extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator, stop_tokens,
+           compile):
     """Yield idx with one more token per row, max_new_tokens times (or until every row has stopped)."""
     check_sampling_args(max_new_tokens, temperature, do_sample, top_k, top_p, stop_tokens)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     model.check_input(idx[..., -model.block_size:] if torch.is_tensor(idx) else idx)  # the window it will see
     was_training = model.training
     model.eval()
     try:
         yield from sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p,
-                                 use_cache, generator, stop_tokens)
+                                 use_cache, generator, stop_tokens, compile)
     finally:
         model.train(was_training)
 
 
+def _decode_step(model, fresh, cache):
+    """The logits (B, vocab_size) of the last of the tokens fresh (B, T) that follow the cached positions."""
+    return model(fresh, kv_cache=cache)[0][:, -1]
+
+
+def _compiled_decode_step(model):
+    """_decode_step compiled (or eager, once a compile failed) for this model, kept for its next calls."""
+    if model not in _COMPILED_STEPS:
+        # fullgraph: a step that cannot be compiled whole fails before any of it runs, leaving the cache as it was
+        _COMPILED_STEPS[model] = Compiled(_decode_step, "the decode step", fullgraph=True, dynamic=True)
+    return _COMPILED_STEPS[model]
+
+
 def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
-                  stop_tokens):
+                  stop_tokens, compile):
     block_size = model.block_size
     cache = None
     if use_cache and idx.shape[1] < block_size:
         embedding = model.transformer.wte.weight  # never quantized: its device and dtype are the model's
         cache = KVCache(model.config, idx.shape[0], embedding.device, embedding.dtype)
+    step = _compiled_decode_step(model) if compile and cache is not None else _decode_step
     stops = None if not stop_tokens else torch.tensor(stop_tokens, device=idx.device)
     stopped = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         # inference mode: no autograd bookkeeping at all, which matters one token at a time
         with torch.inference_mode():
             if cache is not None and idx.shape[1] <= block_size:
-                fresh = idx[:, cache.length:]  # the whole prompt first, then one token per step
-                logits = model(fresh, kv_cache=cache)[0][:, -1]
+                # the whole prompt first, then one token per step (a copy, laid out alike at every step)
+                fresh = idx[:, cache.length:].contiguous()
+                logits = (step if 0 < cache.length < block_size - 1 else _decode_step)(model, fresh, cache)
             else:
                 logits = model(idx[:, -block_size:])[0][:, -1]
             token = next_token(logits, temperature, do_sample, top_k, top_p, generator)  # (B, 1)

@@ -90,14 +90,28 @@ class Linear(nn.Linear):
     memory bandwidth bounds. PyTorch hands fp32 products to MKL, whose matrix-vector path on AMD CPUs
     runs on one thread at a third of the bandwidth (the seed shape's 12 products: 3.3 ms against
     oneDNN's 1.0 ms on 2 threads of an AMD EPYC); oneDNN was no slower at any row count measured.
-    oneDNN's op has no backward, so training keeps F.linear.
+    oneDNN's op has no backward, so training keeps F.linear. Under torch.compile the op goes in as a custom
+    op (inductor's own lowering of it takes only weights frozen into the graph).
     """
 
     def forward(self, x):
         if (ONEDNN_LINEAR is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
                 or self.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return _onednn_linear(x, self.weight, self.bias)
         return ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+
+
+@torch.library.custom_op("mygpt::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """ONEDNN_LINEAR as an operator that a compiled graph calls as it is: x (..., in) -> (..., out)."""
+    return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _onednn_linear_shape(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def gelu(x):
@@ -213,7 +227,9 @@ class CausalSelfAttention(nn.Module):
         # The fused kernels cannot apply weights after the softmax, and on the CPU they have no
         # dropout (PyTorch then falls back to a path slower than the one below).
         if W is None and (dropout == 0.0 or q.device.type != "cpu") and Tq in (1, Tk):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq == Tk)
+            # Tq > 1 means Tq == Tk here (one query needs no mask), and is a plain bool when the cache's
+            # length, hence Tk, is a symbol in a compiled decode step
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)
         # One baddbmm computes the scaled scores and adds the causal -inf mask in one pass over memory.
         B, nh, _, hs = q.shape
         mask = torch.full((Tk, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)[Tk - Tq:]
@@ -334,8 +350,11 @@ class KVCache:
         return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)
 
     def swap_last_input(self, layer, x):
-        """Remember x[:, -1:] (B, 1, C) of this layer's attention input; return the one remembered before."""
-        previous, self.last_input[layer] = self.last_input[layer], x[:, -1:]
+        """Remember x[:, -1:] (B, 1, C) of this layer's attention input; return the one remembered before.
+
+        A copy when x holds several positions (a prompt): the prompt's whole input is not kept alive, and every
+        step's is laid out alike, as a compiled decode step expects."""
+        previous, self.last_input[layer] = self.last_input[layer], x[:, -1:].contiguous()
         return previous
 
 
@@ -501,11 +520,12 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=train_config.learning_rate, betas=train_config.betas, fused=fused)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None, top_p=None,
-                 use_cache=True, generator=None, stop_tokens=None):
+                 use_cache=True, generator=None, stop_tokens=None, compile=False):
         """Continue each sequence of idx (B, T) by up to max_new_tokens tokens; see mygpt.generate."""
         from mygpt.generate import generate
-        return generate(self, idx, max_new_tokens, temperature=temperature, do_sample=do_sample,
-                        top_k=top_k, top_p=top_p, use_cache=use_cache, generator=generator, stop_tokens=stop_tokens)
+        return generate(self, idx, max_new_tokens, temperature=temperature, do_sample=do_sample, top_k=top_k,
+                        top_p=top_p, use_cache=use_cache, generator=generator, stop_tokens=stop_tokens,
+                        compile=compile)
 
     def quantize(self, inplace=False):
         """An int8 copy of this model for CPU inference (every Linear per output channel); see mygpt.quantize."""

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from mygpt import precision
 from mygpt.checkpoint import (CheckpointError, check_writable, load_checkpoint, load_model_state, rng_state,
                               run_id_of, save_checkpoint, set_rng_state, strip_compile_prefix, train_config_of)
+from mygpt.compiled import Compiled
 from mygpt.evaluate import Score, score_batches
 from mygpt.muon import MuonAdamW, configure_muon, muon_momentum
 from mygpt.order import EpochOrder, epoch_batches, micro_batches_in_step
@@ -158,7 +159,7 @@ class Trainer:
         C.grad_accum_steps = 1       # micro-batches per optimizer step
         C.precision = "fp32"         # 'fp32', 'bf16', 'fp16' (autocast; fp16 adds a grad scaler) or 'auto' (see
                                      # mygpt/precision.py: bf16 where native and faster on this model, else fp32)
-        C.compile = False            # torch.compile the model
+        C.compile = False            # torch.compile the model (eager mode, said in one line, if that fails)
         C.parallel = "ddp"           # under torchrun: 'ddp' (whole model per process) or 'fsdp' (mygpt/parallel.py)
         C.ckpt_path = None           # where checkpoints go; None writes none
         C.ckpt_interval = 0          # also every this many steps (0: only at the end and on Ctrl-C/SIGTERM)
@@ -200,14 +201,11 @@ class Trainer:
         self._resolve_precision()
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=config.precision == "fp16")
         self._autocast_dtype = PRECISIONS[config.precision]
-        self._forward_model = torch.compile(self.model) if config.compile else self.model
-        self._no_sync = nullcontext  # how a micro-batch before the step's last keeps its gradient local
-        if self.sharded:
-            self._no_sync = lambda: no_gradient_sync(self.model)
-        elif self.world_size > 1:
-            device_ids = [self.device.index] if self.device_type == "cuda" else None
-            self._forward_model = DistributedDataParallel(self._forward_model, device_ids=device_ids)
-            self._no_sync = self._forward_model.no_sync
+        # compiled at the first step; a compile that fails there falls back to eager mode (mygpt/compiled.py)
+        self._compiled = None
+        if config.compile:
+            self._compiled = Compiled(self.model, "the model", warn=self._print, on_failure=self._wrap_model)
+        self._wrap_model()
         if config.parallel == "fsdp" and self.world_size == 1:
             self._print("parallel='fsdp' with one process: nothing to shard, training as a single process")
         self._check_batch_size()
@@ -352,6 +350,17 @@ class Trainer:
         if self.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy for training, 2-8x faster
             torch.backends.cudnn.allow_tf32 = True
+
+    def _wrap_model(self):
+        """The module a step calls: the model (compiled, unless that failed), in DDP under torchrun unless sharded."""
+        self._forward_model = self.model if self._compiled is None else self._compiled.fn
+        self._no_sync = nullcontext  # how a micro-batch before the step's last keeps its gradient local
+        if self.sharded:
+            self._no_sync = lambda: no_gradient_sync(self.model)
+        elif self.world_size > 1:
+            device_ids = [self.device.index] if self.device_type == "cuda" else None
+            self._forward_model = DistributedDataParallel(self._forward_model, device_ids=device_ids)
+            self._no_sync = self._forward_model.no_sync
 
     def _check_ranks_agree(self, model):
         """Under torchrun, refuse before anything runs when the processes were given different configs, models,
@@ -552,7 +561,10 @@ class Trainer:
                 count = micro_batches_in_step(len(self.train_dataset), step_in_epoch * self.global_batch,
                                               C.batch_size, C.grad_accum_steps, self.world_size)
                 step_batches = [self._check_batch(next(loader)) for _ in range(count)]
-                self._step(step_batches)
+                if self._compiled is None:
+                    self._step(step_batches)
+                else:  # a step whose compile fails is taken again in eager mode
+                    self._compiled.run(self._step, step_batches)
                 self._after_step(bar, step_in_epoch)
                 step_in_epoch += 1
                 if self._finished() or self.interrupted:

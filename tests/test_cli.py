@@ -14,6 +14,7 @@ import sys
 import tempfile
 import unittest
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from mygpt.bpe_train import train_bpe
 from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer
 from tests.helpers import process_level
+from tests.test_compiled import NO_COMPILER, failing_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHINESE = "你好世界。"  # every character of it spans two GPT-2 tokens
@@ -150,6 +152,14 @@ class TestSample(CLITest):
         status, out, _ = run("sample", self.chars, "--prompt", "hel", "--greedy", "--max-new-tokens", 12, "--no-stop")
         self.assertEqual(out, self.expected(self.chars, "hel", 0, 1, stop=False)[0] + "\n")
         self.assertTrue(out.startswith("hello<|endoftext|>"), out)
+
+    def test_a_failing_compile_is_one_line_and_eager_mode(self):
+        with patch("mygpt.compiled._BACKEND", failing_backend):
+            status, out, err = run("sample", self.chars, "--prompt", "hel", "--greedy", "--max-new-tokens", 12,
+                                   "--compile")
+        self.assertEqual((status, out), (0, "hello\n"))
+        self.assertEqual(err, f"warning: torch.compile could not compile the decode step (RuntimeError: {NO_COMPILER}); "
+                              f"running it in eager mode\n")
 
     def test_empty_prompt_starts_at_endoftext(self):
         status, out, _ = run("sample", self.chars, "--greedy", "--max-new-tokens", 12)

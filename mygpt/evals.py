@@ -39,14 +39,14 @@ class Example(NamedTuple):
     chars: tuple          # per choice, the characters lm-eval's acc_norm divides by (the choice without the space)
 
 
-class Row(NamedTuple):
+class _Row(NamedTuple):
     """One choice of one example, as the model reads it."""
     example: int  # index of its example in the batch of examples
     ids: list     # input tokens, at most block_size: context + continuation[:-1], cut from the left
     targets: list  # the continuation's tokens: the predictions at the last len(targets) positions of ids
 
 
-def encode_pair(tokenizer, context, continuation, style="lm-eval"):
+def _encode_pair(tokenizer, context, continuation, style="lm-eval"):
     """(context ids, continuation ids) as lm-eval's HFLM makes them for a causal model, or as llm.c does."""
     if context == "":  # lm-eval conditions on <|endoftext|> (its prefix token) instead of nothing
         if tokenizer.eot_token is None:
@@ -74,7 +74,7 @@ def encode_examples(tokenizer, examples, style="lm-eval", where=None):
         pairs = []
         for context, continuation in zip(example.contexts, example.continuations):
             try:
-                pair = encode_pair(tokenizer, context, continuation, style)
+                pair = _encode_pair(tokenizer, context, continuation, style)
             except ValueError as err:
                 raise ValueError(f"{where(i)}: the checkpoint's tokenizer ({tokenizer.name}) cannot encode it "
                                  f"({err}); these tasks need a model with a byte-level tokenizer such as GPT-2's "
@@ -99,16 +99,16 @@ def loglikelihoods(model, encoded, batch_size=32, device="cpu", progress=False, 
     context. encoded is what encode_examples returns; batch_size counts choices (rows) per forward pass; where(i)
     names example i in errors."""
     where = where or (lambda i: f"example {i}")
-    examples = [[to_row(e, ctx, cont, model.block_size, where) for ctx, cont in pairs]
+    examples = [[_to_row(e, ctx, cont, model.block_size, where) for ctx, cont in pairs]
                 for e, pairs in enumerate(encoded)]
-    shared = [common_prefix([r.ids for r in rows]) for rows in examples]
+    shared = [_common_prefix([r.ids for r in rows]) for rows in examples]
     sums = [None] * len(examples)
     was_training = model.training
     model.eval()
     try:
         with tqdm(total=len(examples), unit="example", disable=not progress or None, leave=False) as bar:
-            for group in batches(examples, shared, batch_size):
-                values = score_rows(model, [examples[e] for e in group], shared[group[0]], device)
+            for group in _batches(examples, shared, batch_size):
+                values = _score_rows(model, [examples[e] for e in group], shared[group[0]], device)
                 for e in group:
                     sums[e], values = values[:len(examples[e])], values[len(examples[e]):]
                 bar.update(len(group))
@@ -117,7 +117,7 @@ def loglikelihoods(model, encoded, batch_size=32, device="cpu", progress=False, 
     return sums
 
 
-def to_row(example, context, continuation, block_size, where):
+def _to_row(example, context, continuation, block_size, where):
     if len(continuation) > block_size:  # lm-eval asserts the same
         raise ValueError(f"{where(example)}: a continuation of {len(continuation)} tokens does not fit the model's "
                          f"block_size {block_size}; leave the row out or use a model with a longer block_size")
@@ -125,10 +125,10 @@ def to_row(example, context, continuation, block_size, where):
     if len(whole) < 2:
         raise ValueError(f"{where(example)}: its context encodes to no tokens, so nothing predicts the "
                          f"continuation's first one")
-    return Row(example, whole[:-1], continuation)
+    return _Row(example, whole[:-1], continuation)
 
 
-def common_prefix(sequences):
+def _common_prefix(sequences):
     """The number of leading tokens all the sequences share: computed once for all of them."""
     n = min(len(s) for s in sequences)
     for i in range(n):
@@ -138,7 +138,7 @@ def common_prefix(sequences):
     return n
 
 
-def batches(examples, shared, batch_size):
+def _batches(examples, shared, batch_size):
     """Lists of example indices; those in one list share a prefix of the same length (they are fed together) and
     hold at most batch_size rows, or one example if it alone has more. Sorted by length to waste little padding."""
     order = sorted(range(len(examples)), key=lambda e: (shared[e], max(len(r.ids) for r in examples[e])))
@@ -154,7 +154,7 @@ def batches(examples, shared, batch_size):
         yield group
 
 
-def score_rows(model, examples, p, device):
+def _score_rows(model, examples, p, device):
     """The summed log-probability of each row's targets, for the rows of the examples in order; each example's rows
     share their first p input tokens."""
     rows = [row for rows in examples for row in rows]
@@ -164,18 +164,18 @@ def score_rows(model, examples, p, device):
     cache = None
     if p:
         prefixes = torch.tensor([rows[0].ids[:p] for rows in examples], device=device)  # (examples, p)
-        cache = new_cache(model, len(examples), p + width, device)
-        add_logprobs(sums, model, prefixes, cache, read(rows, 0, p, owner), device)
-        expand(cache, torch.tensor(owner, device=device))
+        cache = _new_cache(model, len(examples), p + width, device)
+        _add_logprobs(sums, model, prefixes, cache, _read(rows, 0, p, owner), device)
+        _expand(cache, torch.tensor(owner, device=device))
     if width > 0:
         suffixes = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right-padded: causal attention
         for r, row in enumerate(rows):                                             # keeps the padding out of view
             suffixes[r, :len(row.ids) - p] = torch.tensor(row.ids[p:])
-        add_logprobs(sums, model, suffixes, cache, read(rows, p, None, range(len(rows))), device)
+        _add_logprobs(sums, model, suffixes, cache, _read(rows, p, None, range(len(rows))), device)
     return sums.tolist()
 
 
-def read(rows, first, end, batch_rows):
+def _read(rows, first, end, batch_rows):
     """Which predictions of a forward pass over positions [first, end) of the rows (end None: to each row's end) are
     read, as four lists: the row, its row in the pass's input, the position there, and the token to predict."""
     row_ids, batch_row, at, token = [], [], [], []
@@ -190,20 +190,20 @@ def read(rows, first, end, batch_rows):
     return row_ids, batch_row, at, token
 
 
-def add_logprobs(sums, model, idx, cache, reading, device):
+def _add_logprobs(sums, model, idx, cache, reading, device):
     """Run idx (B, T) through the model (after the cache's positions) and add the log-probability of each read token
     to its row's sum."""
     row, batch_row, at, token = (torch.tensor(x, dtype=torch.long, device=device) for x in reading)
     if not len(row):  # nothing read in this pass: it only fills the cache
         batch_row, at = batch_row.new_zeros(1), at.new_zeros(1)
-    with head_at(model, batch_row, at):
+    with _head_at(model, batch_row, at):
         logits = model(idx, kv_cache=cache)[0].float()  # (read, vocab_size)
     if len(row):
         logprobs = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)  # (read,)
         sums.index_add_(0, row, logprobs.double())
 
 
-def new_cache(model, batch, length, device):
+def _new_cache(model, batch, length, device):
     """A KVCache holding `length` positions instead of block_size: a batch of rows times block_size would be large."""
     config = copy.copy(model.config)
     config.block_size = length
@@ -211,7 +211,7 @@ def new_cache(model, batch, length, device):
     return KVCache(config, batch, device, embedding.dtype)
 
 
-def expand(cache, owner):
+def _expand(cache, owner):
     """Copy row owner[r] of each tensor of the cache to row r: each choice continues its example's prefix."""
     cache.keys = [k.index_select(0, owner) for k in cache.keys]
     cache.values = [v.index_select(0, owner) for v in cache.values]
@@ -219,7 +219,7 @@ def expand(cache, owner):
 
 
 @contextmanager
-def head_at(model, rows, positions):
+def _head_at(model, rows, positions):
     """Let the model's head score the positions (rows[i], positions[i]) of its input only, giving logits (N,
     vocab_size): GPT.forward scores every position, while only the continuations' predictions are read, and with
     GPT-2's vocabulary the head costs more than the blocks of a small model."""
@@ -241,12 +241,12 @@ def accuracy(examples, encoded, sums, style="lm-eval"):
     hits = hits_norm = 0
     for example, pairs, lls in zip(examples, encoded, sums):
         lengths = [len(cont) for _, cont in pairs] if style == "llm.c" else example.chars
-        hits += argmax(lls) == example.gold
-        hits_norm += argmax([ll / n for ll, n in zip(lls, lengths)]) == example.gold
+        hits += _argmax(lls) == example.gold
+        hits_norm += _argmax([ll / n for ll, n in zip(lls, lengths)]) == example.gold
     return {"n": len(examples), "acc": hits / len(examples), "acc_norm": hits_norm / len(examples)}
 
 
-def argmax(values):
+def _argmax(values):
     return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal values
 
 

@@ -30,7 +30,7 @@ from mygpt.model import KVCache
 _COMPILED_STEPS = weakref.WeakKeyDictionary()  # model -> its Compiled _decode_step, kept across calls
 
 
-def filter_logits(logits, top_k=None, top_p=None):
+def _filter_logits(logits, top_k=None, top_p=None):
     """Set to -inf every logit outside the top k and outside the smallest set holding top_p of the mass."""
     if top_k is not None:
         k = min(top_k, logits.size(-1))
@@ -47,15 +47,17 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def next_token(logits, temperature, do_sample, top_k, top_p, generator):
+def _next_token(logits, temperature, do_sample, top_k, top_p, generator):
     """The next token (B, 1) from the last position's logits (B, vocab_size)."""
     if not do_sample:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits / temperature, top_k, top_p)
+    logits = _filter_logits(logits / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def check_sampling_args(max_new_tokens, temperature, do_sample, top_k, top_p, stop_tokens):
+    """Raise a ValueError (a TypeError for stop_tokens) naming the first of stream's sampling arguments that is
+    out of range, before any token is drawn; the projects call it on their own arguments the same way."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -78,8 +80,8 @@ def stream(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=N
     mode (no dropout) and is put back in its previous mode when the stream ends or is closed.
     compile=True compiles the cached one-token step (see the module's docstring).
     """
-    for idx in extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
-                      stop_tokens, compile):
+    for idx in _extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
+                       stop_tokens, compile):
         yield idx[:, -1:].clone()  # a copy made outside inference mode is an ordinary tensor
 
 
@@ -90,14 +92,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k
     With stop_tokens, generation ends early once every row has produced one.
     """
     out = idx
-    for out in extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
-                      stop_tokens, compile):
+    for out in _extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
+                       stop_tokens, compile):
         pass
     return out.clone()  # an ordinary tensor (not an inference-mode one), usable as input to training
 
 
-def extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator, stop_tokens,
-           compile):
+def _extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator, stop_tokens,
+            compile):
     """Yield idx with one more token per row, max_new_tokens times (or until every row has stopped)."""
     check_sampling_args(max_new_tokens, temperature, do_sample, top_k, top_p, stop_tokens)
     if not isinstance(compile, bool):
@@ -106,8 +108,8 @@ def extend(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use
     was_training = model.training
     model.eval()
     try:
-        yield from sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p,
-                                 use_cache, generator, stop_tokens, compile)
+        yield from _sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p,
+                                  use_cache, generator, stop_tokens, compile)
     finally:
         model.train(was_training)
 
@@ -125,8 +127,8 @@ def _compiled_decode_step(model):
     return _COMPILED_STEPS[model]
 
 
-def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
-                  stop_tokens, compile):
+def _sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top_p, use_cache, generator,
+                   stop_tokens, compile):
     block_size = model.block_size
     cache = None
     if use_cache and idx.shape[1] < block_size:
@@ -144,7 +146,7 @@ def sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, top
                 logits = (step if 0 < cache.length < block_size - 1 else _decode_step)(model, fresh, cache)
             else:
                 logits = model(idx[:, -block_size:])[0][:, -1]
-            token = next_token(logits, temperature, do_sample, top_k, top_p, generator)  # (B, 1)
+            token = _next_token(logits, temperature, do_sample, top_k, top_p, generator)  # (B, 1)
             if stops is not None:
                 token = torch.where(stopped, idx[:, -1:], token)  # a stopped row repeats its stop token
                 stopped = stopped | torch.isin(token, stops)

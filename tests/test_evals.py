@@ -13,7 +13,7 @@ import unittest
 import torch
 import torch.nn.functional as F
 
-from mygpt.evals import Example, accuracy, encode_examples, encode_pair, loglikelihoods, score_examples
+from mygpt.evals import Example, accuracy, encode_examples, _encode_pair, loglikelihoods, score_examples
 from mygpt.model import GPT
 from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task, get_task, load_examples, read_rows
 from mygpt.tokenizer import load_tokenizer
@@ -106,17 +106,17 @@ class TestScoring(unittest.TestCase):
         self.assertTrue(model.training)
 
     def test_lm_eval_tokens(self):
-        context, continuation = encode_pair(GPT2, "Answer: ", "yes")  # the space moves to the continuation
+        context, continuation = _encode_pair(GPT2, "Answer: ", "yes")  # the space moves to the continuation
         self.assertEqual(GPT2.decode(context), "Answer:")
         self.assertEqual(GPT2.decode(continuation), " yes")
         self.assertEqual(context + continuation, GPT2.encode("Answer: yes"))
         # lm-eval encodes the whole and splits after the context's own token count: here 'ab' + 'c' is one token
-        context, continuation = encode_pair(GPT2, "The ab", "cdef")
+        context, continuation = _encode_pair(GPT2, "The ab", "cdef")
         whole = GPT2.encode("The abcdef")
         self.assertEqual(context, GPT2.encode("The ab"))
         self.assertEqual(continuation, whole[len(context):])
-        self.assertEqual(encode_pair(GPT2, "", " hi"), ([GPT2.eot_token], GPT2.encode(" hi")))
-        self.assertEqual(encode_pair(GPT2, "The ab", "cdef", style="llm.c"),
+        self.assertEqual(_encode_pair(GPT2, "", " hi"), ([GPT2.eot_token], GPT2.encode(" hi")))
+        self.assertEqual(_encode_pair(GPT2, "The ab", "cdef", style="llm.c"),
                          (GPT2.encode("The ab"), GPT2.encode("cdef")))
 
     def test_accuracy(self):

@@ -2,7 +2,7 @@ import unittest
 
 import torch
 
-from mygpt.generate import filter_logits, stream
+from mygpt.generate import _filter_logits, stream
 from mygpt.model import KVCache
 from tests.helpers import VARIANTS, tiny_model
 
@@ -53,9 +53,9 @@ class TestGenerate(unittest.TestCase):
 
     def test_top_p_keeps_smallest_nucleus(self):
         logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-        kept = torch.isfinite(filter_logits(logits, top_p=0.75))
+        kept = torch.isfinite(_filter_logits(logits, top_p=0.75))
         self.assertEqual(kept.tolist(), [[True, True, False, False]])
-        kept = torch.isfinite(filter_logits(logits, top_p=0.85))
+        kept = torch.isfinite(_filter_logits(logits, top_p=0.85))
         self.assertEqual(kept.tolist(), [[True, True, True, False]])
 
 

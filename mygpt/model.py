@@ -1,9 +1,11 @@
 """
 The GPT language model, written to be read top to bottom:
 
-    Linear, gelu, RMSNorm -> CausalSelfAttention (optionally time-weighted) -> MLP -> Block -> KVCache -> GPT
+    Linear, _gelu, RMSNorm -> CausalSelfAttention (optionally time-weighted) -> MLP -> Block -> KVCache -> GPT
 
-and after GPT the functions it calls: cross_entropy, check_ids, and the config's resolution and checks.
+and after GPT the functions it calls: _cross_entropy, _check_ids, and the config's resolution and checks.
+The classes of that line are public, though only GPT and KVCache are exported from mygpt: they are the model's
+structure, which print(model) shows and model.transformer.h (a list of Blocks) reaches into. The helpers start with _.
 
 Parameter names follow OpenAI's GPT-2 layout (transformer.wte, transformer.h.0.attn.c_attn, ...)
 so that GPT-2 checkpoints load by name. GPT.forward is the only forward pass: given a KVCache it
@@ -52,15 +54,15 @@ from mygpt.rotary import apply_rotary, rotary_angles
 from mygpt.checkpoint import load_checkpoint, load_model_state
 from mygpt.utils import CfgNode
 
-TIME_WEIGHTINGS = (None, "full", "circulant")
-ATTENTIONS = ("auto", "torch", "triton")
-POS_EMBS = ("learned", "rope", None)
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2", "swiglu")
-RMS_EPS = 1e-6  # the eps of every RMSNorm: that of Llama and Qwen
+_TIME_WEIGHTINGS = (None, "full", "circulant")
+_ATTENTIONS = ("auto", "torch", "triton")
+_POS_EMBS = ("learned", "rope", None)
+_NORMS = ("layernorm", "rmsnorm")
+_MLPS = ("gelu", "relu2", "swiglu")
+_RMS_EPS = 1e-6  # the eps of every RMSNorm: that of Llama and Qwen
 
 # (n_layer, n_head, n_embd) of the named model shapes
-MODEL_SHAPES = {
+_MODEL_SHAPES = {
     # GPT-1
     "openai-gpt": (12, 12, 768),
     # GPT-2
@@ -78,9 +80,9 @@ MODEL_SHAPES = {
 
 
 # oneDNN's linear op, for products that need no gradient on x86 CPUs (see Linear); None where PyTorch lacks it
-ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                 if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") else None)
-ONEDNN_LINEAR = getattr(ONEDNN_LINEAR, "default", None)  # the overload itself: no overload lookup per call
+_ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+                  if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") else None)
+_ONEDNN_LINEAR = getattr(_ONEDNN_LINEAR, "default", None)  # the overload itself: no overload lookup per call
 
 
 class Linear(nn.Linear):
@@ -95,18 +97,18 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x):
-        if (ONEDNN_LINEAR is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+        if (_ONEDNN_LINEAR is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
                 or self.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             return _onednn_linear(x, self.weight, self.bias)
-        return ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+        return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
 
 
 @torch.library.custom_op("mygpt::onednn_linear", mutates_args=())
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """ONEDNN_LINEAR as an operator that a compiled graph calls as it is: x (..., in) -> (..., out)."""
-    return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    """_ONEDNN_LINEAR as an operator that a compiled graph calls as it is: x (..., in) -> (..., out)."""
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
 @_onednn_linear.register_fake
@@ -114,31 +116,31 @@ def _onednn_linear_shape(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def gelu(x):
+def _gelu(x):
     """GELU in the tanh approximation that GPT-2 was trained with."""
     return F.gelu(x, approximate="tanh")
 
 
-def rms_norm(x):
+def _rms_norm(x):
     """x / sqrt(mean(x²) + eps) over the last dimension, parameter-free (no gain)."""
-    return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
+    return F.rms_norm(x, (x.size(-1),), eps=_RMS_EPS)
 
 
 class RMSNorm(nn.Module):
     """The norm='rmsnorm' module: LayerNorm without the mean, the gain or the bias, hence no parameters."""
 
     def forward(self, x):
-        return rms_norm(x)
+        return _rms_norm(x)
 
 
-def make_norm(config):
+def _make_norm(config):
     """The normalisation config.norm names, over n_embd channels."""
     if config.norm == "rmsnorm":
         return RMSNorm()
     return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
 
 
-def dropout(x, p, training):
+def _dropout(x, p, training):
     """F.dropout, skipped outright in eval mode or at p = 0 (decoding calls it several times per token)."""
     return F.dropout(x, p, True) if training and p > 0.0 else x
 
@@ -257,7 +259,7 @@ class CausalSelfAttention(nn.Module):
             q = q.view(B, T, self.n_head, hs).transpose(1, 2)                          # (B, nh, T, hs)
             k, v = (t.view(B, T, n_kv, hs).transpose(1, 2) for t in (k, v))             # (B, n_kv, T, hs)
         if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
+            q, k = _rms_norm(q), _rms_norm(k)
         if self.rope_base is not None:  # at absolute positions start..start+T-1, so cached keys stay valid
             cos, sin = rotary_angles(hs, torch.arange(start, start + T, device=x.device), self.rope_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -271,10 +273,10 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self.attend(q, k, v, self.weights(start + T, first_row=start))  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
-        return dropout(self.c_proj(y), self.resid_pdrop, self.training)
+        return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
 
-def mlp_hidden_size(config):
+def _mlp_hidden_size(config):
     """4 n_embd, or for SwiGLU (two input matrices) 8/3 n_embd rounded up to a multiple of 8: the same parameters."""
     if config.mlp_hidden is not None:
         return config.mlp_hidden
@@ -292,7 +294,7 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        hidden = mlp_hidden_size(config)
+        hidden = _mlp_hidden_size(config)
         self.kind = config.mlp
         fan_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: the gate's rows, then the value's
         self.c_fc = Linear(config.n_embd, fan_out, bias=config.bias)
@@ -307,8 +309,8 @@ class MLP(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
-            h = gelu(h)
-        return dropout(self.c_proj(h), self.resid_pdrop, self.training)
+            h = _gelu(h)
+        return _dropout(self.c_proj(h), self.resid_pdrop, self.training)
 
 
 class Block(nn.Module):
@@ -316,9 +318,9 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = make_norm(config)
+        self.ln_1 = _make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = make_norm(config)
+        self.ln_2 = _make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None):
@@ -405,18 +407,18 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config = resolve_config(config)
+        config = _resolve_config(config)
         self.config = config
         self.block_size = config.block_size
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            ln_f=_make_norm(config),
         )
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         if config.embd_norm:
-            modules["ln_e"] = make_norm(config)
+            modules["ln_e"] = _make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -466,14 +468,14 @@ class GPT(nn.Module):
             where = f" after {start} cached positions" if start else ""
             raise ValueError(f"sequence of length {idx.shape[1]}{where} is longer than block_size {self.block_size}; "
                              f"crop it to the last {self.block_size} tokens or build the model with a larger block_size")
-        check_ids(idx, self.config.vocab_size, "token id")
+        _check_ids(idx, self.config.vocab_size, "token id")
 
     def check_batch(self, idx, targets):
         """The id checks of forward(idx, targets), for a training batch still on the host: the Trainer runs it on
         every batch before the batch goes to the device, where an id outside the vocabulary would be a device-side
         assert and checking it there a sync."""
-        check_ids(idx, self.config.vocab_size, "token id")
-        check_ids(targets, self.config.vocab_size, "target", ignore_index=-1)
+        _check_ids(idx, self.config.vocab_size, "token id")
+        _check_ids(targets, self.config.vocab_size, "target", ignore_index=-1)
 
     def forward(self, idx, targets=None, kv_cache=None):
         """Logits (B, T, vocab_size) for idx (B, T), and the mean cross-entropy over targets != -1 when given.
@@ -489,7 +491,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe.weight[start:start + T]  # + (T, C): the rows of positions start..start+T-1
         if self.config.embd_norm:
             x = self.transformer.ln_e(x)
-        x = dropout(x, self.config.embd_pdrop, self.training)
+        x = _dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:
@@ -500,7 +502,7 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
-            loss = cross_entropy(logits, targets)
+            loss = _cross_entropy(logits, targets)
         return logits, loss
 
     def configure_optimizers(self, train_config):
@@ -542,7 +544,7 @@ class GPT(nn.Module):
     def upgrade_config(saved):
         """A saved config (a plain dict) as today's configs spell it: pos_emb=True of older checkpoints is
         'learned'. The Trainer reads a checkpoint's config through it before comparing it with the model's."""
-        return dict(saved, pos_emb=upgraded_pos_emb(saved["pos_emb"])) if "pos_emb" in saved else dict(saved)
+        return dict(saved, pos_emb=_upgraded_pos_emb(saved["pos_emb"])) if "pos_emb" in saved else dict(saved)
 
     @classmethod
     def from_checkpoint(cls, source, map_location="cpu", **overrides):
@@ -564,7 +566,7 @@ class GPT(nn.Module):
         return model.eval()
 
 
-def cross_entropy(logits, targets):
+def _cross_entropy(logits, targets):
     """Mean cross-entropy (B, T, V) x (B, T) over the targets that are not -1; 0 when every target is -1.
 
     A micro-batch without targets then adds nothing to training instead of a 0/0 = NaN.
@@ -574,13 +576,13 @@ def cross_entropy(logits, targets):
         raise ValueError(f"targets must be a tensor of shape {tuple(logits.shape[:2])} (that of idx), got {shape}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets must hold integer token ids (-1 to ignore a position), got dtype {targets.dtype}")
-    check_ids(targets, logits.size(-1), "target", ignore_index=-1)
+    _check_ids(targets, logits.size(-1), "target", ignore_index=-1)
     targets = targets.reshape(-1).long()
     total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
     return total / (targets != -1).sum().clamp(min=1)
 
 
-def check_ids(ids, vocab_size, what, ignore_index=None):
+def _check_ids(ids, vocab_size, what, ignore_index=None):
     """Raise a ValueError for an id outside [0, vocab_size) (ignore_index aside), on the CPU only.
 
     On a GPU the check would cost a device sync per call; the Trainer has the model check each batch on the
@@ -595,7 +597,7 @@ def check_ids(ids, vocab_size, what, ignore_index=None):
         raise ValueError(f"{what} {lo if lo < lowest else hi} is outside the vocabulary [0, {vocab_size}){extra}")
 
 
-def upgraded_pos_emb(value):
+def _upgraded_pos_emb(value):
     """pos_emb as today's configs spell it: an older config's boolean (or its command-line spelling) means
     learned positions or none; any other value is returned as it is."""
     if isinstance(value, bool) or str(value).lower() in ("true", "false"):
@@ -603,7 +605,7 @@ def upgraded_pos_emb(value):
     return value
 
 
-def resolve_config(config):
+def _resolve_config(config):
     """The config with n_layer/n_head/n_embd filled from model_type, checked, with errors that say what to fix.
 
     The result names its preset and its shape, and GPT(model.config) rebuilds the same model.
@@ -611,10 +613,10 @@ def resolve_config(config):
     config = GPT.get_default_config() if config is None else CfgNode(**config.to_dict())
     shape_keys = ("n_layer", "n_head", "n_embd")
     if config.model_type is not None:
-        if config.model_type not in MODEL_SHAPES:
-            raise ValueError(f"unknown model_type {config.model_type!r}; choose one of {sorted(MODEL_SHAPES)} "
+        if config.model_type not in _MODEL_SHAPES:
+            raise ValueError(f"unknown model_type {config.model_type!r}; choose one of {sorted(_MODEL_SHAPES)} "
                              f"or leave model_type None and give n_layer, n_head and n_embd")
-        for key, preset in zip(shape_keys, MODEL_SHAPES[config.model_type]):
+        for key, preset in zip(shape_keys, _MODEL_SHAPES[config.model_type]):
             given = getattr(config, key)
             if given is not None and given != preset:
                 raise ValueError(f"model_type {config.model_type!r} has {key}={preset}, but {key}={given} was given; "
@@ -634,11 +636,11 @@ def resolve_config(config):
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"config.{key} is a dropout probability and must be in [0, 1), got {value!r}")
-    config.pos_emb = upgraded_pos_emb(config.pos_emb)
+    config.pos_emb = _upgraded_pos_emb(config.pos_emb)
     for key in ("bias", "tie_weights", "token_shift", "embd_norm", "qk_norm", "zero_init"):
         if not isinstance(getattr(config, key), bool):
             raise TypeError(f"config.{key} must be True or False, got {getattr(config, key)!r}")
-    for key, choices in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+    for key, choices in (("pos_emb", _POS_EMBS), ("norm", _NORMS), ("mlp", _MLPS)):
         if getattr(config, key) not in choices:
             raise ValueError(f"unknown {key} {getattr(config, key)!r}; choose one of {list(choices)}")
     head_size = config.n_embd // config.n_head
@@ -669,9 +671,9 @@ def resolve_config(config):
     if config.zero_init and config.tie_weights:
         raise ValueError("zero_init=True starts the head at zero, and with tie_weights=True the head is the token "
                          "embedding, which would start at zero too: set tie_weights=False")
-    if config.time_weighting not in TIME_WEIGHTINGS:
+    if config.time_weighting not in _TIME_WEIGHTINGS:
         raise ValueError(f"unknown time_weighting {config.time_weighting!r}; choose None, 'full' or 'circulant'")
-    if config.attention not in ATTENTIONS:
+    if config.attention not in _ATTENTIONS:
         raise ValueError(f"unknown attention {config.attention!r}; choose 'auto' (the Triton kernel on CUDA when "
                          f"Triton is installed), 'torch' or 'triton'")
     return config

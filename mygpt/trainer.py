@@ -50,18 +50,18 @@ from mygpt.precision import PRECISIONS
 from mygpt.tokenizer import load_tokenizer, record_tokenizer
 from mygpt.utils import CfgNode, atomic_path, check_device, resolve_device, set_seed
 
-EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
-EVAL_ORDERS = ("random", "first")
-TRAIN_ORDER, VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
-TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
-MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
-LR_SCHEDULES = ("mingpt", "nanogpt", "wsd")
-OPTIMIZERS = ("adamw", "muon")
+_EVENTS = ("on_batch_end", "on_epoch_end", "on_eval_end")
+_EVAL_ORDERS = ("random", "first")
+_TRAIN_ORDER, _VAL_ORDER = 0, 1  # tags that keep the train and validation orders independent
+_TRAINER_KEYS = ("model", "optimizer", "iter_num", "tokens", "epoch", "epoch_samples", "rng", "run_id")
+_MIN_LR_FRACTION = 0.1  # the cosine's floor, as a fraction of learning_rate
+_LR_SCHEDULES = ("mingpt", "nanogpt", "wsd")
+_OPTIMIZERS = ("adamw", "muon")
 # model config fields that choose how the same function is computed: they may change when a run resumes
-RESUMABLE_MODEL_FIELDS = ("attention",)
+_RESUMABLE_MODEL_FIELDS = ("attention",)
 
 
-def scheduled_lr(config, tokens, peak=None):
+def _scheduled_lr(config, tokens, peak=None):
     """The learning rate after ``tokens`` target tokens: linear warmup over warmup_tokens, then a cosine over
     progress p in [0, 1] up to final_tokens, held at 10% of learning_rate after it. Two cosines:
 
@@ -89,8 +89,8 @@ def scheduled_lr(config, tokens, peak=None):
     progress = (tokens - config.warmup_tokens) / max(1, config.final_tokens - config.warmup_tokens)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0, then held at 0
     if config.lr_schedule == "nanogpt":
-        return peak * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
-    return peak * max(MIN_LR_FRACTION, cosine)
+        return peak * (_MIN_LR_FRACTION + (1.0 - _MIN_LR_FRACTION) * cosine)
+    return peak * max(_MIN_LR_FRACTION, cosine)
 
 
 def check_new_run(config, *other_files):
@@ -146,7 +146,7 @@ class Trainer:
         C.weight_decay = 0.1         # read by the model's configure_optimizers, or the plain AdamW
         C.grad_norm_clip = 1.0       # None or 0 turns clipping off
         C.lr_decay = False           # warmup then cosine decay to 10%, counted in target tokens
-        C.lr_schedule = "mingpt"     # see scheduled_lr: 'mingpt' (the seed's cosine), 'nanogpt' or 'wsd'
+        C.lr_schedule = "mingpt"     # see _scheduled_lr: 'mingpt' (the seed's cosine), 'nanogpt' or 'wsd'
         C.cooldown_fraction = 0.4    # 'wsd': the last fraction of the run (after warmup) that cools down ...
         C.cooldown_floor = 0.0       # ... linearly to this fraction of each learning rate
         C.optimizer = "adamw"        # 'adamw', or 'muon': Muon for hidden matrices, AdamW for the rest (mygpt/muon.py)
@@ -183,7 +183,7 @@ class Trainer:
         # how text becomes the model's tokens, recorded in every checkpoint so that tools can read and
         # write text with it: the record of mygpt.tokenizer, which prepare_corpus writes into meta.json too
         self.tokenizer = record_tokenizer(tokenizer)
-        self.callbacks = {event: [] for event in EVENTS}
+        self.callbacks = {event: [] for event in _EVENTS}
         self.log = logging.getLogger("mygpt")
         self._check_config()
         self._byte_counter = self._tokenizer_for_bytes()
@@ -215,7 +215,7 @@ class Trainer:
         self.tokens = 0              # target tokens (y >= 0) seen, over all processes
         self.epoch = 0               # epochs completed
         self.epoch_samples = 0       # examples of the current epoch's order already used
-        self.lr = scheduled_lr(config, 0)
+        self.lr = _scheduled_lr(config, 0)
         self._loss = None            # the last step's training loss, read through .loss
         self._history = []           # read through .history
         self._pending = []           # losses still on the device (see _deferred)
@@ -256,9 +256,9 @@ class Trainer:
             positive_int(key, allow_none=True, allow_zero=True)
         for key in ("num_workers", "ckpt_interval", "eval_interval", "log_interval", "seed"):
             positive_int(key, allow_zero=True)
-        for key, choices in (("lr_schedule", LR_SCHEDULES), ("parallel", PARALLEL),
-                             ("precision", (*PRECISIONS, "auto")), ("optimizer", OPTIMIZERS),
-                             ("eval_order", EVAL_ORDERS)):
+        for key, choices in (("lr_schedule", _LR_SCHEDULES), ("parallel", PARALLEL),
+                             ("precision", (*PRECISIONS, "auto")), ("optimizer", _OPTIMIZERS),
+                             ("eval_order", _EVAL_ORDERS)):
             if getattr(C, key) not in choices:
                 raise ValueError(f"{key} must be one of {list(choices)}, got {getattr(C, key)!r}")
         if C.parallel == "fsdp" and C.precision == "fp16":
@@ -445,7 +445,7 @@ class Trainer:
                         f"{C.final_tokens:,.0f} tokens")
         elif C.lr_decay:
             self._print(f"schedule: warmup over {C.warmup_tokens:,.0f} tokens, {C.lr_schedule}'s cosine to "
-                        f"{MIN_LR_FRACTION * C.learning_rate:g} by {C.final_tokens:,.0f} tokens")
+                        f"{_MIN_LR_FRACTION * C.learning_rate:g} by {C.final_tokens:,.0f} tokens")
 
     def _prepare_checkpoint_path(self):
         """Refuse, before the first step, a checkpoint path that cannot be written or holds another run."""
@@ -472,7 +472,7 @@ class Trainer:
 
     def _event_list(self, event):
         if event not in self.callbacks:
-            raise ValueError(f"unknown event {event!r}; events are {list(EVENTS)}")
+            raise ValueError(f"unknown event {event!r}; events are {list(_EVENTS)}")
         return self.callbacks[event]
 
     # ---------------------------------------------------------------- data
@@ -496,7 +496,7 @@ class Trainer:
     def _epoch_batches(self, epoch, start):
         """This process's micro-batches for the rest of ``epoch``, from example ``start`` (see order.epoch_batches)."""
         C = self.config
-        order = EpochOrder(C.seed, epoch, len(self.train_dataset), tag=TRAIN_ORDER)
+        order = EpochOrder(C.seed, epoch, len(self.train_dataset), tag=_TRAIN_ORDER)
         return epoch_batches(order, start, C.batch_size, C.grad_accum_steps, self.world_size, self.rank)
 
     def _loader(self, dataset, batches):
@@ -619,9 +619,9 @@ class Trainer:
         self._stop_agreed = bool(stop)
 
         self.tokens += int(total)
-        self.lr = scheduled_lr(self.config, self.tokens)
+        self.lr = _scheduled_lr(self.config, self.tokens)
         for group in self.optimizer.param_groups:  # a group with its own learning rate follows the same schedule
-            group["lr"] = self.lr if "peak_lr" not in group else scheduled_lr(self.config, self.tokens, group["peak_lr"])
+            group["lr"] = self.lr if "peak_lr" not in group else _scheduled_lr(self.config, self.tokens, group["peak_lr"])
         if isinstance(self.optimizer, MuonAdamW):
             self.optimizer.set_momentum(muon_momentum(self.config, self.iter_num))
         if self.config.grad_norm_clip:
@@ -759,7 +759,7 @@ class Trainer:
         starts = range(self.rank * B, min(n, C.eval_iters * B * W), B * W)
         batches = [list(range(s, min(s + B, n))) for s in starts]  # positions in the order
         if C.eval_order == "random":
-            order = EpochOrder(C.seed, 0, n, tag=VAL_ORDER)
+            order = EpochOrder(C.seed, 0, n, tag=_VAL_ORDER)
             batches = [order[positions].tolist() for positions in batches]
         checked = (self._check_batch(batch) for batch in self._loader(self.val_dataset, batches))
         mine = score_batches(self.model, checked, self.device, self._autocast_dtype, self._byte_counter)
@@ -829,7 +829,7 @@ class Trainer:
 
     def _resume(self, path):
         ckpt = load_checkpoint(path)
-        missing = [k for k in TRAINER_KEYS if k not in ckpt]
+        missing = [k for k in _TRAINER_KEYS if k not in ckpt]
         if missing:
             raise CheckpointError(f"{path} is not a checkpoint the Trainer wrote (it lacks {missing}); "
                                   f"load its weights with load_checkpoint(path, model) and start a new run")
@@ -846,7 +846,7 @@ class Trainer:
         self._history = ckpt.get("history", [])
         self.run_id = ckpt["run_id"]
         self._saved_iter = self.iter_num
-        self.lr = scheduled_lr(self.config, self.tokens)
+        self.lr = _scheduled_lr(self.config, self.tokens)
         if self._history:
             self._loss = self._history[-1]["loss"]
         rng = ckpt["rng"]
@@ -869,7 +869,7 @@ class Trainer:
             defaults = _plain_config(cls.get_default_config()) if hasattr(cls, "get_default_config") else {}
             saved = {**defaults, **(cls.upgrade_config(saved) if hasattr(cls, "upgrade_config") else saved)}
             for key in sorted(set(saved) | set(current)):
-                if key not in RESUMABLE_MODEL_FIELDS and saved.get(key) != current.get(key):
+                if key not in _RESUMABLE_MODEL_FIELDS and saved.get(key) != current.get(key):
                     raise CheckpointError(
                         f"{path} was trained with model.{key}={saved.get(key)!r}, but this run's model has "
                         f"{key}={current.get(key)!r}; resume with the checkpoint's model config (drop the "

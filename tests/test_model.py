@@ -6,7 +6,7 @@ import unittest
 import torch
 import torch.nn.functional as F
 
-from mygpt.model import GPT, MODEL_SHAPES, circulant_time_weighting
+from mygpt.model import GPT, _MODEL_SHAPES, circulant_time_weighting
 from mygpt.utils import CfgNode
 from tests.helpers import process_level, tiny_config, tiny_model, VARIANTS
 
@@ -238,7 +238,7 @@ class TestBadInput(unittest.TestCase):
 class TestConfigRoundTrip(unittest.TestCase):
     @process_level
     def test_every_preset_and_custom_shape_rebuilds(self):
-        shapes = [dict(model_type=name) for name in MODEL_SHAPES if name not in ("gpt2-large", "gpt2-xl")]
+        shapes = [dict(model_type=name) for name in _MODEL_SHAPES if name not in ("gpt2-large", "gpt2-xl")]
         shapes += [dict(n_layer=2, n_head=2, n_embd=8, bias=False, tie_weights=False, time_weighting="full",
                         token_shift=True, pos_emb=False)]
         for shape in shapes:

@@ -266,7 +266,7 @@ import torch.distributed as dist  # noqa: E402
 
 from mygpt.muon import configure_muon, muon_momentum  # noqa: E402
 from mygpt.recipes import _RECIPES, apply_recipe, merge_args  # noqa: E402
-from mygpt.trainer import Trainer, scheduled_lr  # noqa: E402
+from mygpt.trainer import Trainer, _scheduled_lr  # noqa: E402
 from mygpt.utils import CfgNode  # noqa: E402
 from tests.helpers import TempDirTest, kill_and_resume, process_level, run_script, torchrun  # noqa: E402
 from tests.trainer_run import CountingData, TinyLM, TinyMLP, config  # noqa: E402
@@ -344,8 +344,8 @@ class TestMuon(TempDirTest):
                    cooldown_fraction=0.4, cooldown_floor=0.1)
         for tokens, lr in ((0, 0.0), (50, 0.5), (100, 1.0), (400, 1.0), (700, 1.0), (900, 1 - 0.9 * 0.5),
                            (1100, 0.1), (5000, 0.1)):
-            self.assertAlmostEqual(scheduled_lr(C, tokens), lr, places=12, msg=f"tokens {tokens}")
-        self.assertAlmostEqual(scheduled_lr(C, 900, peak=0.02), 0.02 * 0.55, places=12)
+            self.assertAlmostEqual(_scheduled_lr(C, tokens), lr, places=12, msg=f"tokens {tokens}")
+        self.assertAlmostEqual(_scheduled_lr(C, 900, peak=0.02), 0.02 * 0.55, places=12)
         C.muon_momentum_warmup, C.muon_momentum = 300, 0.95
         self.assertEqual([round(muon_momentum(C, s), 6) for s in (0, 150, 300, 1000)], [0.85, 0.9, 0.95, 0.95])
         with self.assertRaisesRegex(ValueError, r"lr_schedule must be one of \['mingpt', 'nanogpt', 'wsd'\]"):
@@ -361,8 +361,8 @@ class TestMuon(TempDirTest):
                                                                    + [t.optimizer.muon.param_groups[0]["momentum"]]))
         trainer.run()
         tokens = trainer.history[-1]["tokens"]
-        self.assertAlmostEqual(seen[-1][0], scheduled_lr(trainer.config, tokens, 0.02))
-        self.assertAlmostEqual(seen[-1][1], scheduled_lr(trainer.config, tokens, 3e-3))
+        self.assertAlmostEqual(seen[-1][0], _scheduled_lr(trainer.config, tokens, 0.02))
+        self.assertAlmostEqual(seen[-1][1], _scheduled_lr(trainer.config, tokens, 3e-3))
         self.assertAlmostEqual(seen[-1][-1], muon_momentum(trainer.config, 39))
         self.assertLess(trainer.history[-1]["loss"], 0.5 * trainer.history[0]["loss"])
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from mygpt.model import GPT
 from mygpt.quantize import Int8Linear, save_quantized
 from mygpt.checkpoint import CheckpointError, _checksum, load_checkpoint
-from mygpt.trainer import Trainer, scheduled_lr
+from mygpt.trainer import Trainer, _scheduled_lr
 from tests.helpers import TempDirTest, kill_and_resume, process_level, run_script, torchrun
 from tests.trainer_run import CountingData, TinyLM, config
 
@@ -28,18 +28,18 @@ class TestSchedule(unittest.TestCase):
         for name, cosine in (("mingpt", mingpt), ("nanogpt", nanogpt)):
             with self.subTest(lr_schedule=name):
                 C.lr_schedule = name
-                self.assertEqual(scheduled_lr(C, 0), 0.0)
-                self.assertAlmostEqual(scheduled_lr(C, 25), 0.25)
-                self.assertAlmostEqual(scheduled_lr(C, 100), 1.0)
+                self.assertEqual(_scheduled_lr(C, 0), 0.0)
+                self.assertAlmostEqual(_scheduled_lr(C, 25), 0.25)
+                self.assertAlmostEqual(_scheduled_lr(C, 100), 1.0)
                 for tokens in (350, 600, 850, 1000, 1099, 1100):
-                    self.assertAlmostEqual(scheduled_lr(C, tokens), cosine((tokens - 100) / 1000), places=12)
-                self.assertAlmostEqual(scheduled_lr(C, 10 ** 9), 0.1)  # flat after final_tokens
-        self.assertGreater(scheduled_lr(C, 1099), 0.1)  # nanoGPT's reaches the floor exactly at final_tokens
+                    self.assertAlmostEqual(_scheduled_lr(C, tokens), cosine((tokens - 100) / 1000), places=12)
+                self.assertAlmostEqual(_scheduled_lr(C, 10 ** 9), 0.1)  # flat after final_tokens
+        self.assertGreater(_scheduled_lr(C, 1099), 0.1)  # nanoGPT's reaches the floor exactly at final_tokens
         C.lr_schedule = "mingpt"
-        self.assertEqual(scheduled_lr(C, 1000), 0.1)  # minGPT's is on the floor from progress ~0.8
+        self.assertEqual(_scheduled_lr(C, 1000), 0.1)  # minGPT's is on the floor from progress ~0.8
         self.assertEqual(Trainer.get_default_config().lr_schedule, "mingpt")  # the seed's
         C.lr_decay = False
-        self.assertEqual(scheduled_lr(C, 600), 1.0)
+        self.assertEqual(_scheduled_lr(C, 600), 1.0)
 
     @process_level
     def test_the_seeds_log_is_reproduced(self):

@@ -41,35 +41,35 @@ from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer, prepare_to
 from mygpt.utils import UsageError, check_device, check_output_file, resolve_device, run_main
 
 
-class ArgumentParser(argparse.ArgumentParser):
+class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 # ---------------------------------------------------------------- argument types
 
-def positive_int(text):
-    value = int_arg(text)
+def _positive_int(text):
+    value = _int_arg(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def non_negative_int(text):
-    value = int_arg(text)
+def _non_negative_int(text):
+    value = _int_arg(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
-def int_arg(text):
+def _int_arg(text):
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
-def positive_float(text):
+def _positive_float(text):
     try:
         value = float(text)
     except ValueError:
@@ -79,26 +79,26 @@ def positive_float(text):
     return value
 
 
-MIN_TEMPERATURE = 1e-6  # logits over 1e-6 stay far inside float32; below, softmax turns to inf and nan
+_MIN_TEMPERATURE = 1e-6  # logits over 1e-6 stay far inside float32; below, softmax turns to inf and nan
 
 
-def temperature(text):
-    value = positive_float(text)
-    if value < MIN_TEMPERATURE:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_TEMPERATURE:g}, got {text} (dividing the logits by "
+def _temperature(text):
+    value = _positive_float(text)
+    if value < _MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be at least {_MIN_TEMPERATURE:g}, got {text} (dividing the logits by "
                                          f"less overflows); for the most likely token at each step use --greedy")
     return value
 
 
-def seed_arg(text):
-    value = int_arg(text)
+def _seed_arg(text):
+    value = _int_arg(text)
     if not 0 <= value < 2**64:  # what torch.Generator.manual_seed takes
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text}")
     return value
 
 
-def probability(text):
-    value = positive_float(text)
+def _probability(text):
+    value = _positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
@@ -106,7 +106,7 @@ def probability(text):
 
 # ---------------------------------------------------------------- checkpoints
 
-def read_gpt_checkpoint(path):
+def _read_gpt_checkpoint(path):
     ckpt = load_checkpoint(path)
     if not ckpt.get("model_config"):
         raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT")
@@ -115,7 +115,7 @@ def read_gpt_checkpoint(path):
 
 # ---------------------------------------------------------------- sample
 
-def sample(args):
+def _sample(args):
     check_device(args.device)
     device = resolve_device(args.device)
     model, _, ckpt = open_checkpoint(args.checkpoint, device)
@@ -132,7 +132,7 @@ def sample(args):
     for i in range(args.num_samples):
         if i:
             print(SAMPLE_SEPARATOR)
-        write(shown)
+        _write(shown)
         # a BPE token may end inside a character: the decoder holds such bytes until the character is whole
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, do_sample=not args.greedy,
@@ -141,19 +141,19 @@ def sample(args):
         for token in tokens:
             token = token.item()
             if stop is None or token not in stop:
-                write(text.decode(tokenizer.decode_bytes([token])))
-        write(text.decode(b"", final=True) + "\n")
+                _write(text.decode(tokenizer.decode_bytes([token])))
+        _write(text.decode(b"", final=True) + "\n")
     return 0
 
 
-def write(text):
+def _write(text):
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- eval
 
-class TextWindows:
+class _TextWindows:
     """Windows of block_size tokens over one token sequence, as mygpt.data.TokenDataset serves a corpus: window i
     is tokens [i * T, i * T + T + 1), so every token after the first is a target exactly once. The last window may
     be shorter; in a batch with longer ones its missing inputs are 0 and targets -1 (ignored), and causal attention
@@ -178,9 +178,9 @@ class TextWindows:
         return x, y
 
 
-def evaluate(args):
+def _evaluate(args):
     if args.task:
-        return evaluate_tasks(args)
+        return _evaluate_tasks(args)
     for option, value in (("--limit", args.limit), ("--style", args.style), ("--json", args.json or None)):
         if value is not None:
             raise UsageError(f"{option} applies with --task only (see 'mygpt eval --help')")
@@ -191,7 +191,7 @@ def evaluate(args):
     device = resolve_device(args.device)
     model, _, ckpt = open_checkpoint(args.checkpoint, device)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
-    windows, what = eval_windows(args.data, tokenizer, model.block_size)
+    windows, what = _eval_windows(args.data, tokenizer, model.block_size)
     if len(windows) == 0:
         raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
     result = score(model, windows, args.batch_size or 8, args.max_batches, device, tokenizer=tokenizer)
@@ -204,16 +204,16 @@ def evaluate(args):
     return 0
 
 
-def eval_windows(data, tokenizer, block_size):
+def _eval_windows(data, tokenizer, block_size):
     """(windows with get_batch, a description) for a UTF-8 text file, or token shards: a folder (its val_*.bin), a
     glob pattern or a .bin file."""
     if os.path.isdir(data):
         pattern = os.path.join(data, "val_*.bin")
         if not glob.glob(pattern):
             raise FileNotFoundError(f"{data} is a folder without val_*.bin shards; give a text file or shards")
-        return shard_windows(pattern, tokenizer, block_size)
+        return _shard_windows(pattern, tokenizer, block_size)
     if glob.has_magic(data) or data.endswith(".bin"):
-        return shard_windows(data, tokenizer, block_size)
+        return _shard_windows(data, tokenizer, block_size)
     try:
         with open(data, encoding="utf-8") as f:
             text = f.read()
@@ -224,10 +224,10 @@ def eval_windows(data, tokenizer, block_size):
         ids = tokenizer.encode(text)
     except ValueError as err:
         raise ValueError(f"{data}: {err}") from None
-    return TextWindows(ids, block_size), f"{data} (text, {len(ids):,} tokens with {tokenizer.name})"
+    return _TextWindows(ids, block_size), f"{data} (text, {len(ids):,} tokens with {tokenizer.name})"
 
 
-def shard_windows(pattern, tokenizer, block_size):
+def _shard_windows(pattern, tokenizer, block_size):
     dataset = TokenDataset(pattern, block_size)
     dataset.check_tokenizer(tokenizer)  # the one meta.json records, when it records one
     if dataset.vocab_size is not None and dataset.vocab_size != tokenizer.vocab_size:
@@ -244,14 +244,14 @@ def shard_windows(pattern, tokenizer, block_size):
     return dataset, f"{pattern} ({len(dataset.paths)} shards, {dataset.num_tokens:,} tokens)"
 
 
-def evaluate_tasks(args):
+def _evaluate_tasks(args):
     """Each --task's accuracy, a line each (a JSON object each with --json), then the CORE-style mean of several."""
     if args.max_batches is not None:
         raise UsageError("--max-batches applies without --task; use --limit to score fewer rows")
     if args.data is not None and len(args.task) > 1:
         raise UsageError("--data holds one task's rows; for several tasks give each its file as NAME=FILE")
     device = resolve_device(args.device)
-    model, tokenizer = open_model(args.checkpoint, device)
+    model, tokenizer = _open_model(args.checkpoint, device)
     results = []
     for name, data in args.task:
         result = eval_task(model, tokenizer, name, data or args.data, limit=args.limit, style=args.style or "lm-eval",
@@ -273,7 +273,7 @@ def evaluate_tasks(args):
     return 0
 
 
-def open_model(name, device):
+def _open_model(name, device):
     """(model, tokenizer) of a checkpoint, or of OpenAI's GPT-2 by its hub name."""
     if name in GPT2_NAMES and not os.path.exists(name):  # weights from the hub when no such file exists
         return GPT.from_pretrained(name).to(device), load_tokenizer({"type": "gpt2"})
@@ -281,7 +281,7 @@ def open_model(name, device):
     return model, text_tokenizer(ckpt, name)
 
 
-def task_arg(text):
+def _task_arg(text):
     name, _, data = text.partition("=")
     if name not in TASKS:
         raise argparse.ArgumentTypeError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
@@ -290,11 +290,11 @@ def task_arg(text):
 
 # ---------------------------------------------------------------- info
 
-def info(args):
-    ckpt = read_gpt_checkpoint(checkpoint_file(args.checkpoint))  # weights only: fast on a large one
+def _info(args):
+    ckpt = _read_gpt_checkpoint(checkpoint_file(args.checkpoint))  # weights only: fast on a large one
     config = GPT.get_default_config()
     config.merge_from_dict(ckpt["model_config"])
-    print(f"checkpoint: {args.checkpoint} ({human_bytes(os.path.getsize(args.checkpoint))})")
+    print(f"checkpoint: {args.checkpoint} ({_human_bytes(os.path.getsize(args.checkpoint))})")
     if ckpt.get("run_id"):
         print(f"run_id: {ckpt['run_id']}")
     with torch.device("meta"):  # the fp32 model's count, also for int8 weights (buffers, not parameters)
@@ -303,7 +303,7 @@ def info(args):
     print("model config:")
     for key, value in ckpt["model_config"].items():
         print(f"  {key}: {value}")
-    print(f"tokenizer: {describe(ckpt, args.checkpoint)}")
+    print(f"tokenizer: {_describe(ckpt, args.checkpoint)}")
     if "iter_num" in ckpt:
         print(f"trained: {ckpt['iter_num']:,} iterations, {ckpt['tokens']:,} target tokens, "
               f"{ckpt['epoch']} epochs completed")
@@ -315,7 +315,7 @@ def info(args):
     return 0
 
 
-def describe(ckpt, path):
+def _describe(ckpt, path):
     """One line about a checkpoint's tokenizer, also when it is not one of text (image-gpt records its palette)."""
     tokenizer = ckpt.get("tokenizer")
     if tokenizer is None:
@@ -327,7 +327,7 @@ def describe(ckpt, path):
     return f"{tokenizer.name} ({tokenizer.vocab_size:,} tokens{eot})"
 
 
-def human_bytes(n):
+def _human_bytes(n):
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -336,18 +336,18 @@ def human_bytes(n):
 
 # ---------------------------------------------------------------- quantize
 
-def quantize_checkpoint(args):
-    refuse_overwrite(args.out, args.overwrite, args.checkpoint)
+def _quantize_checkpoint(args):
+    _refuse_overwrite(args.out, args.overwrite, args.checkpoint)
     model, _, ckpt = open_checkpoint(args.checkpoint)
     if ckpt.get("format") == QUANTIZED:
         raise ValueError(f"{args.checkpoint} is quantized already")
     save_quantized(quantize(model, inplace=True), args.out, tokenizer=ckpt.get("tokenizer"))
-    print(f"wrote {args.out}: int8 weights, {human_bytes(os.path.getsize(args.out))} "
-          f"(the checkpoint, with its optimizer state: {human_bytes(os.path.getsize(args.checkpoint))})")
+    print(f"wrote {args.out}: int8 weights, {_human_bytes(os.path.getsize(args.out))} "
+          f"(the checkpoint, with its optimizer state: {_human_bytes(os.path.getsize(args.checkpoint))})")
     return 0
 
 
-def refuse_overwrite(out, overwrite, *inputs, folder=False):
+def _refuse_overwrite(out, overwrite, *inputs, folder=False):
     """Never replace an input, nor anything but a file (a folder where one is meant), nor an existing output
     unless told to."""
     if folder:
@@ -363,10 +363,10 @@ def refuse_overwrite(out, overwrite, *inputs, folder=False):
 
 # ---------------------------------------------------------------- export
 
-def export(args):
+def _export(args):
     if args.dtype is not None and args.format != "gguf":
         raise UsageError("--dtype applies to --format gguf only (see 'mygpt export --help')")
-    refuse_overwrite(args.out, args.overwrite, args.checkpoint, folder=args.format == "hf")
+    _refuse_overwrite(args.out, args.overwrite, args.checkpoint, folder=args.format == "hf")
     model, _, ckpt = open_checkpoint(args.checkpoint)
     tokenizer = None if args.no_tokenizer else ckpt.get("tokenizer")
     if isinstance(tokenizer, dict) and tokenizer.get("type") == "chars":
@@ -383,28 +383,28 @@ def export(args):
 
 # ---------------------------------------------------------------- plot
 
-def plot(args):
+def _plot(args):
     source, out = args.source, args.out
     inputs = [source, os.path.join(source, "history.csv")]  # a file, or a run dir and the history it holds
     out = out or os.path.join(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)),
                               "loss.png")
     for option, inches in (("--width", args.width), ("--height", args.height)):
-        if inches * args.dpi > MAX_PIXELS:  # matplotlib's limit; its renderer dies of bad_alloc near it
+        if inches * args.dpi > _MAX_PIXELS:  # matplotlib's limit; its renderer dies of bad_alloc near it
             raise UsageError(f"{option} {inches:g} x --dpi {args.dpi} is {inches * args.dpi:,.0f} pixels; a side of "
-                             f"the PNG can have at most {MAX_PIXELS:,}")
-    refuse_overwrite(out, args.overwrite, *inputs)
+                             f"the PNG can have at most {_MAX_PIXELS:,}")
+    _refuse_overwrite(out, args.overwrite, *inputs)
     if source.endswith(".pt") and os.path.isfile(source):  # a checkpoint carries its run's history
         history = load_checkpoint(source).get("history") or []
     else:
-        history = checked_history(source)
+        history = _checked_history(source)
     print(f"wrote {plot_history(history, out, width=args.width, height=args.height, dpi=args.dpi)}")
     return 0
 
 
-MAX_PIXELS = 2**15
+_MAX_PIXELS = 2**15
 
 
-def checked_history(source):
+def _checked_history(source):
     """The rows of a history file (read_history), each a mapping whose numbers read as numbers, or a ValueError
     naming the file and the row."""
     path = os.path.join(source, "history.csv") if os.path.isdir(source) else source
@@ -429,7 +429,7 @@ def checked_history(source):
 
 # ---------------------------------------------------------------- prepare
 
-def prepare(args):
+def _prepare(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; give a folder for the shards (a new one, or the folder of an "
                          f"earlier prepare of the same sources)")
@@ -445,8 +445,8 @@ def prepare(args):
 
 # ---------------------------------------------------------------- the command line
 
-def build_parser():
-    parser = ArgumentParser(prog="mygpt", description="Prepare a corpus for training; sample from, evaluate, inspect, quantize, export and plot mygpt checkpoints.")
+def _build_parser():
+    parser = _ArgumentParser(prog="mygpt", description="Prepare a corpus for training; sample from, evaluate, inspect, quantize, export and plot mygpt checkpoints.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = commands.add_parser("sample", help="print a continuation of a prompt as it is generated",
@@ -455,20 +455,20 @@ def build_parser():
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--prompt", metavar="TEXT", default="",
                    help="the text to continue (empty: start a new document, at <|endoftext|> or else a newline)")
-    p.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=200,
+    p.add_argument("--max-new-tokens", metavar="N", type=_non_negative_int, default=200,
                    help="tokens to generate per sample (200)")
-    p.add_argument("--temperature", metavar="T", type=temperature, default=1.0, help="divides the logits (1.0)")
-    p.add_argument("--top-k", metavar="K", type=positive_int, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", metavar="P", type=probability,
+    p.add_argument("--temperature", metavar="T", type=_temperature, default=1.0, help="divides the logits (1.0)")
+    p.add_argument("--top-k", metavar="K", type=_positive_int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", metavar="P", type=_probability,
                    help="sample among the fewest tokens holding this much probability only (nucleus)")
-    p.add_argument("--seed", metavar="S", type=seed_arg, help="seed of the sampling (default: a fresh one per run)")
-    p.add_argument("--num-samples", metavar="M", type=positive_int, default=1, help="samples to print (1)")
+    p.add_argument("--seed", metavar="S", type=_seed_arg, help="seed of the sampling (default: a fresh one per run)")
+    p.add_argument("--num-samples", metavar="M", type=_positive_int, default=1, help="samples to print (1)")
     p.add_argument("--greedy", action="store_true", help="take the most likely token at each step")
     p.add_argument("--no-stop", action="store_true", help="go on past <|endoftext|>")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token step with torch.compile: seconds to compile, for long samples")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    p.set_defaults(run=sample)
+    p.set_defaults(run=_sample)
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a text or token shards; or "
                                          "benchmark accuracy (--task)",
@@ -485,24 +485,24 @@ def build_parser():
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--data", metavar="FILE_OR_SHARDS", help="the text or shards; with one --task, its rows (.jsonl, "
                                                              ".parquet, .arrow or a folder of them)")
-    p.add_argument("--task", nargs="+", type=task_arg, metavar="NAME[=FILE]",
+    p.add_argument("--task", nargs="+", type=_task_arg, metavar="NAME[=FILE]",
                    help=f"score these tasks ({', '.join(TASKS)}), each from FILE when given")
-    p.add_argument("--limit", metavar="N", type=positive_int, help="with --task: the first N rows of each task")
+    p.add_argument("--limit", metavar="N", type=_positive_int, help="with --task: the first N rows of each task")
     p.add_argument("--style", choices=STYLES, help="with --task: lm-eval's tokens and acc_norm (per character, "
                                                    "the default) or llm.c's (per token, HellaSwag's raw text)")
     p.add_argument("--json", action="store_true", help="with --task: print a JSON object per task (and the CORE "
                                                        "mean of several last)")
-    p.add_argument("--batch-size", metavar="B", type=positive_int,
+    p.add_argument("--batch-size", metavar="B", type=_positive_int,
                    help="windows per forward pass (8); with --task, choices per forward pass (32)")
-    p.add_argument("--max-batches", metavar="N", type=positive_int, help="evaluate only this many batches")
+    p.add_argument("--max-batches", metavar="N", type=_positive_int, help="evaluate only this many batches")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    p.set_defaults(run=evaluate)
+    p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("info", help="what a checkpoint holds",
                             description="Print a checkpoint's model config, parameter count, tokenizer, training "
                                         "position, size on disk, run id and last losses.")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.set_defaults(run=info)
+    p.set_defaults(run=_info)
 
     p = commands.add_parser("quantize", help="int8 weights for CPU inference, about 1/4 of the fp32 size",
                             description="Write an int8 copy of a checkpoint's model (one scale per output channel "
@@ -511,7 +511,7 @@ def build_parser():
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
-    p.set_defaults(run=quantize_checkpoint)
+    p.set_defaults(run=_quantize_checkpoint)
 
     p = commands.add_parser("export", help="a Hugging Face transformers folder or a GGUF file (llama.cpp)",
                             description="Export a checkpoint's GPT-2-shaped model with its BPE tokenizer: --format hf "
@@ -526,7 +526,7 @@ def build_parser():
     p.add_argument("--no-tokenizer", action="store_true", help="write the weights alone (e.g. for a character "
                                                                "vocabulary, which GPT-2's tokenizer cannot hold)")
     p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
-    p.set_defaults(run=export)
+    p.set_defaults(run=_export)
 
     p = commands.add_parser("plot", help="loss.png: train and validation loss against tokens, learning rate",
                             description="Plot a run's train and validation loss against tokens (log scale) with the "
@@ -534,11 +534,11 @@ def build_parser():
                                         ".csv/.json file or a checkpoint. Needs: pip install 'mygpt[plot]'.")
     p.add_argument("source", metavar="RUN_DIR_OR_CSV")
     p.add_argument("--out", metavar="PNG", help="where to write (default: loss.png beside the history)")
-    p.add_argument("--width", type=positive_float, default=8.0, help="inches (8)")
-    p.add_argument("--height", type=positive_float, default=4.5, help="inches (4.5)")
-    p.add_argument("--dpi", type=positive_int, default=100, help="pixels per inch (100)")
+    p.add_argument("--width", type=_positive_float, default=8.0, help="inches (8)")
+    p.add_argument("--height", type=_positive_float, default=4.5, help="inches (4.5)")
+    p.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (100)")
     p.add_argument("--overwrite", action="store_true", help="replace PNG if it exists")
-    p.set_defaults(run=plot)
+    p.set_defaults(run=_plot)
 
     p = commands.add_parser("prepare", help="tokenise a corpus into train/val shards",
                             description="Tokenise text files, .jsonl, .parquet, folders, glob patterns or Hugging "
@@ -550,22 +550,22 @@ def build_parser():
     p.add_argument("--val-fraction", metavar="F", type=float,
                    help="share of documents for validation (0.005); of one text file, the share of its characters "
                         "at its end (0.1, as nanoGPT cuts tiny shakespeare)")
-    p.add_argument("--shard-tokens", metavar="N", type=positive_int, default=100_000_000,
+    p.add_argument("--shard-tokens", metavar="N", type=_positive_int, default=100_000_000,
                    help="tokens per shard (100M)")
-    p.add_argument("--num-workers", metavar="N", type=positive_int, help="encoding processes (all cores)")
+    p.add_argument("--num-workers", metavar="N", type=_positive_int, help="encoding processes (all cores)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/datasets rows (text)")
-    p.add_argument("--seed", metavar="S", type=seed_arg, default=0, help="decides which documents go to validation (0)")
-    p.set_defaults(run=prepare)
+    p.add_argument("--seed", metavar="S", type=_seed_arg, default=0, help="decides which documents go to validation (0)")
+    p.set_defaults(run=_prepare)
     return parser
 
 
 def main(argv=None):
     """Run the command line argv (sys.argv[1:] by default); returns the exit status (mygpt.utils.run_main)."""
-    return run_main(run_command, argv, prog="mygpt")
+    return run_main(_run_command, argv, prog="mygpt")
 
 
-def run_command(argv):
-    parser = build_parser()
+def _run_command(argv):
+    parser = _build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as done:  # --help

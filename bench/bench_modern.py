@@ -151,7 +151,7 @@ def run_one(run, text_path, steps, out, args=()):
     whole = list(range(0, len(val), C.data.block_size))  # every validation character predicted once
     result = {"run": run, "steps": steps, "params": model.num_parameters(), "curve": curve,
               "train_seconds": clock["train"], "cpu_seconds": clock["cpu"], "val_loss": val_loss(model, val, whole),
-              "train_loss": trainer.loss}
+              "train_loss": trainer.loss, "precision": trainer.config.precision}
     with open(out, "w") as f:
         json.dump(result, f)
 

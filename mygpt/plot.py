@@ -1,6 +1,7 @@
 """
 The loss curve of a run: train and validation loss against tokens seen (log scale), the learning rate on a
-second axis. matplotlib is optional (pip install 'mygpt[plot]') and imported only here.
+second axis, and, when the history holds benchmark accuracies (mygpt.TaskCallback's "<task>_acc" and
+"<task>_acc_norm"), a panel of them below. matplotlib is optional (pip install 'mygpt[plot]') and imported only here.
 
     plot_history("out/chargpt")                  # the run's history.csv -> out/chargpt/loss.png
     plot_history(trainer.history, "loss.png")    # straight from a Trainer
@@ -15,6 +16,7 @@ from pathlib import Path
 from mygpt.utils import atomic_path
 
 _VAL_KEYS = ("val_loss", "test_loss")  # the trainer's name for the evaluation loss, and its older one
+_ACCURACY_SUFFIXES = ("_acc", "_acc_norm")  # the columns TaskCallback adds, one pair per task
 
 
 def read_history(source):
@@ -44,8 +46,15 @@ def _column(history, key):
     return xs, ys
 
 
+def _accuracy_keys(history):
+    """The history's accuracy columns, in the order they first appear."""
+    keys = dict.fromkeys(k for row in history for k in row if k.endswith(_ACCURACY_SUFFIXES))
+    return [k for k in keys if _column(history, k)[0]]
+
+
 def _loss_figure(history, width=8.0, height=4.5, dpi=100):
-    """A matplotlib Figure of width x height inches at dpi: losses on the left axis, learning rate on the right."""
+    """A matplotlib Figure of width x height inches at dpi: losses on the left axis, learning rate on the right;
+    below them, sharing the tokens axis, the benchmark accuracies if the history holds any."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -54,20 +63,30 @@ def _loss_figure(history, width=8.0, height=4.5, dpi=100):
     if not train[0]:
         raise ValueError("the history has no rows with tokens and loss: is it a Trainer's history?")
     fig = Figure(figsize=(width, height), dpi=dpi)  # no pyplot: the caller's backend and figures stay untouched
-    ax = fig.add_subplot()
+    accuracies = _accuracy_keys(history)
+    if accuracies:  # the losses keep two thirds of the height
+        ax, acc = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (2, 1)})
+    else:
+        ax = fig.add_subplot()
     ax.plot(*train, color="tab:blue", linewidth=0.8, label="train loss")
     val_key = next((k for k in _VAL_KEYS if _column(history, k)[0]), None)
     if val_key:
         ax.plot(*_column(history, val_key), "o-", color="tab:orange", markersize=3, label="validation loss")
     ax.set_xscale("log")
-    ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.grid(True, which="both", alpha=0.3)
-    lr = fig.axes[0].twinx()
+    lr = ax.twinx()
     lr.plot(*_column(history, "lr"), color="tab:gray", linestyle="--", linewidth=0.8, label="learning rate")
     lr.set_ylabel("learning rate")
     lines = ax.get_lines() + lr.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    if accuracies:
+        for i, key in enumerate(accuracies):  # colours after the losses' blue and orange, so none looks like them
+            acc.plot(*_column(history, key), "o-", color=f"C{2 + i % 8}", markersize=3, linewidth=0.8, label=key)
+        acc.set_ylabel("accuracy")
+        acc.grid(True, which="both", alpha=0.3)
+        acc.legend(loc="upper left", fontsize="small")
+    (acc if accuracies else ax).set_xlabel("tokens")
     fig.tight_layout()
     return fig
 

@@ -15,14 +15,17 @@ except ImportError:
     matplotlib = None
 
 
-def history(steps=50, eval_every=10, val_key="val_loss"):
-    """What a Trainer records: one row per step, a validation loss at every eval_every-th."""
+def history(steps=50, eval_every=10, val_key="val_loss", tasks=()):
+    """What a Trainer records: one row per step, a validation loss at every eval_every-th, and with it each task's
+    accuracies as TaskCallback adds them."""
     rows = []
     for i in range(1, steps + 1):
         row = {"iter": i, "epoch": 1 + i // 20, "tokens": 512 * i, "lr": 6e-4 * min(1, i / 10),
                "loss": 4.0 / (1 + 0.1 * i)}
         if i % eval_every == 0:
             row[val_key] = 4.2 / (1 + 0.1 * i)
+            for k, task in enumerate(tasks):
+                row[f"{task}_acc"], row[f"{task}_acc_norm"] = 0.25 + i / 1000 + k / 10, 0.3 + i / 2000 + k / 10
         rows.append(row)
     return rows
 
@@ -47,7 +50,7 @@ class TestPlot(unittest.TestCase):
 
     def write_csv(self, rows, path):
         with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["iter", "epoch", "tokens", "lr", "loss", "val_loss"])
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             writer.writeheader()
             writer.writerows(rows)
 
@@ -81,6 +84,27 @@ class TestPlot(unittest.TestCase):
             self.assertEqual(list(val.get_xdata()), [r["tokens"] for r in rows if "val_loss" in r])
             self.assertEqual(list(val.get_ydata()), [r["val_loss"] for r in rows if "val_loss" in r])
             self.assertEqual(list(lr_ax.get_lines()[0].get_ydata()), [r["lr"] for r in rows])
+
+    def test_task_accuracies_get_a_panel_of_their_own(self):
+        rows = history(tasks=("hellaswag", "piqa"))
+        for source in (rows, self.csv_rows(rows)):
+            fig = _loss_figure(source)
+            ax, acc, lr_ax = fig.axes
+            self.assertEqual([line.get_label() for line in ax.get_lines()], ["train loss", "validation loss"])
+            self.assertEqual(acc.get_ylabel(), "accuracy")
+            self.assertEqual((ax.get_xscale(), acc.get_xscale()), ("log", "log"))  # one tokens axis
+            self.assertEqual(acc.get_xlabel(), "tokens")
+            self.assertLess(acc.get_position().y1, ax.get_position().y0)  # below the losses
+            lines = acc.get_lines()
+            keys = ["hellaswag_acc", "hellaswag_acc_norm", "piqa_acc", "piqa_acc_norm"]
+            self.assertEqual([line.get_label() for line in lines], keys)
+            scored = [r for r in rows if "val_loss" in r]
+            self.assertEqual(len(scored), 5)
+            for line, key in zip(lines, keys):
+                self.assertEqual(list(line.get_xdata()), [r["tokens"] for r in scored], key)
+                self.assertEqual(list(line.get_ydata()), [r[key] for r in scored], key)
+            self.assertEqual(list(lr_ax.get_lines()[0].get_ydata()), [r["lr"] for r in rows])
+        self.assertEqual(png_size(plot_history(rows, os.path.join(self.dir, "acc.png"))), (800, 450))
 
     def csv_rows(self, rows):
         """The rows as csv.DictReader gives them back: strings, empty where a value is missing."""

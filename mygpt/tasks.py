@@ -328,15 +328,23 @@ class TaskCallback:
     """A Trainer callback that scores a fixed subset of tasks at each evaluation, so a benchmark can be watched during
     training: trainer.add_callback("on_eval_end", TaskCallback(tokenizer, {"hellaswag": None}, limit=200)).
 
-    tasks maps names to rows' files (None: as load_examples finds them); the rows are read and encoded once, here.
+    tasks maps names to rows' files (None: as load_examples finds them); the rows are read and encoded once, here,
+    and .sources says where each task's came from. Given the model's block_size, the rows with a choice too long for
+    it (which scoring refuses) are left out now rather than failing the first evaluation: .left_out counts them.
     Each call adds "<task>_acc" and "<task>_acc_norm" to the trainer's last history entry (so to history.csv),
     appends {"iter", "tokens", ...} with them to .results and logs one line."""
 
-    def __init__(self, tokenizer, tasks, limit=200, style="lm-eval", batch_size=32):
-        self.subsets = {}
+    def __init__(self, tokenizer, tasks, limit=200, style="lm-eval", batch_size=32, block_size=None):
+        self.subsets, self.sources, self.left_out = {}, {}, {}
         for name, data in tasks.items():
-            examples, data = load_examples(name, data, limit, style)
-            self.subsets[name] = (examples, encode_examples(tokenizer, examples, style))
+            examples, self.sources[name] = load_examples(name, data, limit, style)
+            encoded = encode_examples(tokenizer, examples, style)
+            fits = [block_size is None or all(len(c) <= block_size for _, c in pairs) for pairs in encoded]
+            if not any(fits):
+                raise ValueError(f"{name}: no row of the first {len(fits)} of {self.sources[name]} fits block_size "
+                                 f"{block_size} (each has a choice longer than it)")
+            self.subsets[name] = ([e for e, ok in zip(examples, fits) if ok], [p for p, ok in zip(encoded, fits) if ok])
+            self.left_out[name] = fits.count(False)
         self.style, self.batch_size, self.results = style, batch_size, []
 
     def __call__(self, trainer):

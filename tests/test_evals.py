@@ -431,6 +431,18 @@ class TestTaskCallback(unittest.TestCase):
             self.assertEqual(float(rows[3]["piqa_acc_norm"]), final["acc_norm"])
             self.assertEqual(rows[0]["piqa_acc"], "")
 
+    def test_rows_too_long_for_the_model_are_left_out_up_front(self):
+        from mygpt.tasks import TaskCallback
+        with tempfile.TemporaryDirectory() as tmp:
+            long = dict(PIQA_ROW, sol2="Turn it over and over and over and over again.")  # 11 tokens with its space
+            path = write_jsonl(os.path.join(tmp, "piqa.jsonl"), [long, PIQA_ROW, long])
+            callback = TaskCallback(GPT2, {"piqa": path}, block_size=10)
+            self.assertEqual((callback.left_out, callback.sources), ({"piqa": 2}, {"piqa": path}))
+            self.assertEqual(callback.subsets["piqa"][0], [get_task("piqa").example(PIQA_ROW)])
+            self.assertEqual(TaskCallback(GPT2, {"piqa": path}).left_out, {"piqa": 0})  # no block_size: all kept
+            with self.assertRaisesRegex(ValueError, f"piqa: no row of the first 1 of {path} fits block_size 10"):
+                TaskCallback(GPT2, {"piqa": path}, limit=1, block_size=10)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -29,7 +29,7 @@ import torch
 from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, open_checkpoint
 from mygpt.data import HEADER_BYTES, TokenDataset, read_header
 from mygpt.evaluate import score
-from mygpt.export import export_gguf, export_hf
+from mygpt.export import export_architecture, export_gguf, export_hf
 from mygpt.generate import SAMPLE_SEPARATOR, document_start, prompt_ids, stream
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
@@ -376,7 +376,7 @@ def _export(args):
         export_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     else:
         export_gguf(model, args.out, tokenizer=tokenizer, dtype=args.dtype or "f16")
-    print(f"wrote {args.out} ({'transformers GPT-2' if args.format == 'hf' else 'GGUF, gpt2 architecture'}"
+    print(f"wrote {args.out} ({'transformers' if args.format == 'hf' else 'GGUF'}, {export_architecture(model)}"
           f"{', weights only: no tokenizer' if tokenizer is None else ''})")
     return 0
 
@@ -515,11 +515,14 @@ def _build_parser():
     p.set_defaults(run=_quantize_checkpoint)
 
     p = commands.add_parser("export", help="a Hugging Face transformers folder or a GGUF file (llama.cpp)",
-                            description="Export a checkpoint's GPT-2-shaped model with its BPE tokenizer: --format hf "
-                                        "writes a folder that transformers' GPT2LMHeadModel and AutoTokenizer load, "
-                                        "--format gguf a file of llama.cpp's gpt2 architecture. Models GPT-2 cannot "
-                                        "represent (time weighting, token shift, no position embedding or biases, "
-                                        "int8) are refused with the reason. Needs: pip install 'mygpt[export]'.")
+                            description="Export a checkpoint's model with its BPE tokenizer as the architecture its "
+                                        "switches match: GPT-2, Llama (pos_emb=rope, norm=rmsnorm, mlp=swiglu, "
+                                        "bias=False) or Qwen3 (the same with qk_norm=True). --format hf writes a folder "
+                                        "that transformers' AutoModelForCausalLM and AutoTokenizer load, --format gguf "
+                                        "a file of llama.cpp's gpt2, llama or qwen3 architecture. Models none of them "
+                                        "holds (time weighting, token shift, embd_norm, a logit cap, a mixture such as "
+                                        "RMSNorm with learned positions, int8) are refused, naming each switch. "
+                                        "Needs: pip install 'mygpt[export]'.")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
     p.add_argument("--out", required=True, metavar="PATH", help="the folder (hf) or file (gguf) to write")

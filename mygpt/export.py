@@ -1,25 +1,34 @@
 """
 Export a GPT to the formats other tools run: a Hugging Face `transformers` directory and a GGUF file
-(llama.cpp, ollama). Both describe OpenAI's GPT-2, so a model exports only if it is a GPT-2:
+(llama.cpp, ollama), each as one of three architectures, chosen by the model's switches:
 
-    export_hf(model, "out/hf")                          # GPT2LMHeadModel / AutoTokenizer .from_pretrained("out/hf")
-    export_gguf(model, "out/model.gguf", dtype="q8_0")  # llama.cpp's gpt2 architecture; "f32", "f16" or "q8_0"
+    GPT-2   learned positions, LayerNorm, GELU, biases        GPT2LMHeadModel; llama.cpp's gpt2
+    Llama   pos_emb='rope', norm='rmsnorm', mlp='swiglu',      LlamaForCausalLM; llama.cpp's llama
+            bias=False
+    Qwen3   the same with qk_norm=True                         Qwen3ForCausalLM; llama.cpp's qwen3
 
-Refused, with the reason: time weighting, token shift, positions other than learned ones, no biases, any of the
-modern switches (RMSNorm, QK-norm, ReLU²/SwiGLU, grouped-query attention, a logit cap; GPT-2 has none of
-those differences), an int8 model from mygpt.quantize (export the fp32 one), and a tokenizer GPT-2's cannot
-stand for (a character vocabulary, another split pattern, more tokens than the model has). tokenizer=None
-writes the weights alone: transformers then loads the model but AutoTokenizer has nothing to load, and
-llama.cpp needs the tokenizer to run it.
+    export_hf(model, "out/hf")                          # AutoModelForCausalLM / AutoTokenizer .from_pretrained("out/hf")
+    export_gguf(model, "out/model.gguf", dtype="q8_0")  # "f32", "f16" or "q8_0"
+
+Tied or untied heads, grouped-query attention (Llama, Qwen3), any rope_base and mlp_hidden (Llama, Qwen3) and
+zero_init (a starting point only) export. Refused, naming each switch the nearest architecture cannot represent:
+what none of the three holds (time weighting, token shift, embd_norm, a logit cap) and mixtures of theirs (RMSNorm
+with learned positions, ReLU² or biases with rotary ones, no positions ...), an int8 model from mygpt.quantize
+(export the fp32 one), and a tokenizer GPT-2's cannot stand for (a character vocabulary, another split pattern,
+more tokens than the model has): every architecture ships GPT-2's byte-level BPE. tokenizer=None writes the
+weights alone: transformers then loads the model but AutoTokenizer has nothing to load, and llama.cpp needs the
+tokenizer to turn text into ids.
 
 GPT-2's original code keeps its four projections as Conv1D with weights (in, out); transformers kept that
 layout, so those weights are transposed on the way out. GGUF stores matrices (out, in) like nn.Linear.
+mygpt/export_llama.py holds the Llama and Qwen3 tables.
 """
 
 import json
 import re
 from pathlib import Path
 
+from mygpt import export_llama
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN
 from mygpt.pretrained import CONV1D_WEIGHTS
 from mygpt.quantize import is_quantized
@@ -27,29 +36,47 @@ from mygpt.tokenizer import describe_tokenizer, load_tokenizer
 from mygpt.utils import atomic_path
 
 
-# ---------------------------------------------------------------- what GPT-2 can hold
+# ---------------------------------------------------------------- which architecture holds the model
 
-def _check_gpt2(model, target):
-    """Raise a ValueError naming every reason `target` (a format) cannot hold this model."""
+# The switches each architecture holds in one setting only; the others (tie_weights, zero_init, rope_base, and for
+# Llama and Qwen3 also n_kv_head and mlp_hidden) take any value. n_kv_head=None is n_kv_head=n_head.
+_ARCHITECTURES = {
+    "GPT-2": dict(pos_emb="learned", norm="layernorm", qk_norm=False, mlp="gelu", mlp_hidden=None, n_kv_head=None,
+                  bias=True),
+    "Llama": dict(pos_emb="rope", norm="rmsnorm", qk_norm=False, mlp="swiglu", bias=False),
+    "Qwen3": dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", bias=False),
+}
+# The switches none of them holds: the setting all three have, and what they do not do
+_IN_NONE = {
+    "time_weighting": (None, "reweights attention probabilities"),
+    "token_shift": (False, "takes channels from the previous position"),
+    "embd_norm": (False, "normalises the embedding"),
+    "logit_softcap": (None, "caps its logits"),
+}
+
+
+def _differences(c, architecture):
+    """One phrase for each switch of config c that `architecture` cannot represent."""
+    reasons = [f"{key}={getattr(c, key)!r} (none of GPT-2, Llama and Qwen3 {what})"
+               for key, (setting, what) in _IN_NONE.items() if getattr(c, key) != setting]
+    for key, setting in _ARCHITECTURES[architecture].items():
+        ours = None if key == "n_kv_head" and c.n_kv_head == c.n_head else getattr(c, key)
+        if ours != setting:
+            reasons.append(f"{key}={getattr(c, key)!r} ({architecture} has {key}={setting!r})")
+    return reasons
+
+
+def export_architecture(model, target="Hugging Face transformers or GGUF"):
+    """'GPT-2', 'Llama' or 'Qwen3': the architecture that holds model exactly. A ValueError when none does,
+    naming every switch that the nearest one (the fewest differences) cannot represent; target names the format."""
     if is_quantized(model):
         raise ValueError(f"cannot export an int8 model to {target}: export the fp32 model it was quantized from")
-    c = model.config
-    reasons = []
-    if c.time_weighting is not None:
-        reasons.append(f"time_weighting={c.time_weighting!r} (GPT-2 does not reweight attention probabilities)")
-    if c.token_shift:
-        reasons.append("token_shift=True (GPT-2 takes no channels from the previous position)")
-    if c.pos_emb != "learned":
-        reasons.append(f"pos_emb={c.pos_emb!r} (GPT-2 adds learned position embeddings)")
-    # today's switches (mygpt.model): GPT-2 holds none of them
-    for key, gpt2 in (("norm", "layernorm"), ("embd_norm", False), ("qk_norm", False), ("mlp", "gelu"),
-                      ("mlp_hidden", None), ("n_kv_head", None), ("logit_softcap", None)):
-        if getattr(c, key) != gpt2 and not (key == "n_kv_head" and c.n_kv_head == c.n_head):
-            reasons.append(f"{key}={getattr(c, key)!r} (GPT-2 has {key}={gpt2!r})")
-    if not c.bias:
-        reasons.append("bias=False (GPT-2 has biases in every Linear and LayerNorm)")
-    if reasons:
-        raise ValueError(f"cannot export to {target}: its GPT-2 architecture cannot represent " + "; ".join(reasons))
+    differences = {architecture: _differences(model.config, architecture) for architecture in _ARCHITECTURES}
+    nearest = min(differences, key=lambda architecture: len(differences[architecture]))  # ties: the first
+    if differences[nearest]:
+        raise ValueError(f"cannot export to {target}: of its architectures (GPT-2, Llama, Qwen3) the nearest, "
+                         f"{nearest}, cannot represent " + "; ".join(differences[nearest]))
+    return nearest
 
 
 def _is_tied(model):
@@ -111,7 +138,8 @@ def _write_text(path, text):
 # ---------------------------------------------------------------- Hugging Face transformers
 
 def export_hf(model, out_dir, tokenizer="gpt2", overwrite=False):
-    """Write model (and its tokenizer) as a transformers GPT-2 directory; returns out_dir as a Path.
+    """Write model (and its tokenizer) as a transformers directory of its architecture (export_architecture:
+    GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM); returns out_dir as a Path.
 
     Files: config.json, model.safetensors and, unless tokenizer=None, vocab.json, merges.txt and
     tokenizer_config.json; the folder holds nothing else (see _empty_export_folder: an earlier export is replaced
@@ -123,35 +151,49 @@ def export_hf(model, out_dir, tokenizer="gpt2", overwrite=False):
         from safetensors.torch import save_file
     except ImportError as e:
         raise ImportError("export_hf needs safetensors: pip install 'mygpt[export]' (or pip install safetensors)") from e
-    _check_gpt2(model, "Hugging Face transformers")
+    architecture = export_architecture(model, "Hugging Face transformers")
     c = model.config
     encoder = _gpt2_encoder(tokenizer, c.vocab_size, "Hugging Face transformers")
     eot = None if encoder is None else encoder.special_tokens.get(ENDOFTEXT)
     out_dir = Path(out_dir)
     _empty_export_folder(out_dir, overwrite)
 
-    tensors = {}
-    for name, value in model.state_dict().items():
-        if name == "lm_head.weight" and _is_tied(model):
-            continue
-        value = value.detach().float().cpu()
-        tensors[name] = (value.t() if name.endswith(CONV1D_WEIGHTS) else value).contiguous()
+    if architecture == "GPT-2":
+        tensors, config = _gpt2_hf_tensors(model), _gpt2_hf_config(model)
+    else:
+        tensors, config = export_llama.hf_tensors(model, architecture), export_llama.hf_config(model, architecture)
+    if _is_tied(model):
+        del tensors["lm_head.weight"]
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+    config.update(bos_token_id=eot, eos_token_id=eot)
+    if encoder is not None:
+        _write_hf_tokenizer(out_dir, encoder, c.block_size)
+    _write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")  # last: the folder is whole
+    return out_dir
 
-    config = {
+
+def _gpt2_hf_tensors(model):
+    """{transformers name: fp32 tensor}: GPT-2's names are mygpt's, its Conv1D weights (in, out)."""
+    tensors = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().float().cpu()
+        tensors[name] = (value.t() if name.endswith(CONV1D_WEIGHTS) else value).contiguous()
+    return tensors
+
+
+def _gpt2_hf_config(model):
+    """GPT2LMHeadModel's config.json, without the token ids."""
+    c = model.config
+    return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
         "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
         "activation_function": "gelu_new",  # GELU's tanh approximation, as mygpt's
         "resid_pdrop": c.resid_pdrop, "embd_pdrop": c.embd_pdrop, "attn_pdrop": c.attn_pdrop,
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "tie_word_embeddings": _is_tied(model), "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
+        "tie_word_embeddings": _is_tied(model), "torch_dtype": "float32",
     }
-    if encoder is not None:
-        _write_hf_tokenizer(out_dir, encoder, c.block_size)
-    _write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")  # last: the folder is whole
-    return out_dir
 
 
 def _write_hf_tokenizer(out_dir, encoder, block_size):
@@ -209,7 +251,8 @@ def _gguf_tensor(gguf, name, value, dtype):
 
 
 def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
-    """Write model (and its tokenizer) as a GGUF file of llama.cpp's gpt2 architecture; returns path as a Path.
+    """Write model (and its tokenizer) as a GGUF file of its architecture (export_architecture: llama.cpp's gpt2,
+    llama or qwen3); returns path as a Path.
 
     dtype: "f32", "f16" or "q8_0" for the matrices. The output head is always written as `output.weight`,
     also when tied to the token embedding, so every llama.cpp version finds it. With tokenizer=None (a character
@@ -221,7 +264,7 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
         raise ImportError("export_gguf needs the gguf package: pip install 'mygpt[export]' (or pip install gguf)") from e
     if dtype not in _GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {_GGUF_DTYPES}, got {dtype!r}")
-    _check_gpt2(model, "GGUF")
+    architecture = export_architecture(model, "GGUF")
     c = model.config
     encoder = _gpt2_encoder(tokenizer, c.vocab_size, "GGUF")
     path = Path(path)
@@ -229,22 +272,26 @@ def export_gguf(model, path, tokenizer="gpt2", dtype="f16"):
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "gpt2")
+        writer = gguf.GGUFWriter(str(tmp), export_llama.GGUF_ARCHITECTURES.get(architecture, "gpt2"))
         writer.add_name("mygpt")
         writer.add_block_count(c.n_layer)
         writer.add_context_length(c.block_size)
         writer.add_embedding_length(c.n_embd)
-        writer.add_feed_forward_length(4 * c.n_embd)
+        writer.add_feed_forward_length(model.transformer.h[0].mlp.c_proj.in_features)
         writer.add_head_count(c.n_head)
-        writer.add_layer_norm_eps(1e-5)
+        if architecture == "GPT-2":
+            writer.add_layer_norm_eps(1e-5)
+            tensors = ((_gguf_name(name), value) for name, value in model.state_dict().items())
+        else:
+            export_llama.add_gguf_metadata(writer, model)
+            tensors = export_llama.gguf_tensors(model, architecture)
         writer.add_file_type(file_type)
         writer.add_vocab_size(c.vocab_size)  # what llama.cpp reads for a model without a token list
         if encoder is not None:
             _add_gguf_tokenizer(gguf, writer, encoder, c.vocab_size)
         else:  # llama.cpp refuses a file without this key; "none" loads the weights to run on token ids
             writer.add_tokenizer_model("none")
-        for name, value in model.state_dict().items():
-            name = _gguf_name(name)
+        for name, value in tensors:
             data, raw_dtype = _gguf_tensor(gguf, name, value, dtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()

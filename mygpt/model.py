@@ -59,7 +59,7 @@ _ATTENTIONS = ("auto", "torch", "triton")
 _POS_EMBS = ("learned", "rope", None)
 _NORMS = ("layernorm", "rmsnorm")
 _MLPS = ("gelu", "relu2", "swiglu")
-_RMS_EPS = 1e-6  # the eps of every RMSNorm: that of Llama and Qwen
+RMS_EPS = 1e-6  # the eps of every RMSNorm: that of Llama and Qwen (mygpt.export_llama writes it as theirs)
 
 # (n_layer, n_head, n_embd) of the named model shapes
 _MODEL_SHAPES = {
@@ -123,7 +123,7 @@ def _gelu(x):
 
 def _rms_norm(x):
     """x / sqrt(mean(x²) + eps) over the last dimension, parameter-free (no gain)."""
-    return F.rms_norm(x, (x.size(-1),), eps=_RMS_EPS)
+    return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
 
 
 class RMSNorm(nn.Module):

@@ -444,13 +444,14 @@ class TestExportGGUF(unittest.TestCase):
             with self.subTest(architecture, **kw):
                 model = llama_model(**kw)
                 export_gguf(model, self.path, tokenizer=None, dtype="f32")
+                # an f32 KV cache: llama.cpp's default f16 one moves these logits (up to about 5) by up to 5e-3
                 llm = llama_cpp.Llama(model_path=self.path, n_ctx=64, logits_all=True, verbose=False,
                                       type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
                 llm.eval(ids)
                 theirs = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
                 with torch.no_grad():
                     ours, _ = model(torch.tensor([ids]))
-                np.testing.assert_allclose(theirs, ours[0].numpy(), atol=1e-3, rtol=0)
+                np.testing.assert_allclose(theirs, ours[0].numpy(), atol=1e-4, rtol=0)
 
     @unittest.skipIf(importlib.util.find_spec("llama_cpp") is None, "needs llama-cpp-python")
     def test_character_model_runs_in_llama_cpp_with_the_same_logits(self):

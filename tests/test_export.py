@@ -452,6 +452,9 @@ class TestExportGGUF(unittest.TestCase):
                 with torch.no_grad():
                     ours, _ = model(torch.tensor([ids]))
                 np.testing.assert_allclose(theirs, ours[0].numpy(), atol=1e-4, rtol=0)
+        export_gguf(GPT(small_config(**LLAMA, qk_norm=True)), self.path)  # with GPT-2's tokenizer
+        llm = llama_cpp.Llama(model_path=self.path, vocab_only=True, verbose=False)
+        self.assertEqual(llm.tokenize(TEXT.encode(), add_bos=False), get_encoder().encode(TEXT))
 
     @unittest.skipIf(importlib.util.find_spec("llama_cpp") is None, "needs llama-cpp-python")
     def test_character_model_runs_in_llama_cpp_with_the_same_logits(self):

@@ -529,10 +529,11 @@ class GPT(nn.Module):
                         top_p=top_p, use_cache=use_cache, generator=generator, stop_tokens=stop_tokens,
                         compile=compile)
 
-    def quantize(self, inplace=False):
-        """An int8 copy of this model for CPU inference (every Linear per output channel); see mygpt.quantize."""
+    def quantize(self, inplace=False, layers="auto"):
+        """An int8 copy of this model for CPU inference (every Linear per output channel; layers="auto" runs the
+        int8 kernel only where it is measured faster, "all" everywhere); see mygpt.quantize."""
         from mygpt.quantize import quantize
-        return quantize(self, inplace=inplace)
+        return quantize(self, inplace=inplace, layers=layers)
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):

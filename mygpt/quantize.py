@@ -8,6 +8,17 @@ each call quantizes its input to 8 bits with one scale, multiplies in int32 and 
 decoder is limited by reading its weights from memory, and int8 weights are a quarter of fp32's bytes. Elsewhere
 (a GPU, a build without those kernels) the weights are dequantized for an ordinary fp32 matmul.
 
+int8 does not always pay: each int8 call costs about 15 µs before any arithmetic (quantizing the input,
+rescaling the output), more than a whole fp32 product of a 128-wide layer at one row. Which kernel is faster
+depends on the layer's shape, the rows of the call (one when decoding, thousands in a batched forward), the
+rest of the model (which evicts the layer's weights from the caches between its calls) and the CPU. So
+quantize(model) (layers="auto") measures instead of guessing: before the model's first forward of each size
+class (rows rounded up to a power of 4), forward passes over the same input time both kernels in every Linear
+(measure), and from then on each Linear shape runs the faster one at that size, in this model and in every
+model of the same architecture in the process. The fp32 kernel multiplies by the dequantized int8 weights (the
+same weights in both kernels; the file stays int8). layers="all" runs the int8 kernel everywhere. The choices
+are logged once each to the "mygpt" logger and kept in CHOICES.
+
 Why a module of our own on those kernels: torch.ao.quantization.quantize_dynamic (the same kernels) is deprecated,
 keeps its weights as quantized tensors (also deprecated) that only its own modules read, and gives activations
 7 bits on every x86 CPU; torchao's int8 Linear is 2-6x slower than fp32 on this CPU unless the model is compiled
@@ -20,11 +31,15 @@ matrix. It is kept dequantized in memory as well, since a lookup is cheap and ge
 dtype from it. LayerNorms, biases, position embeddings and time weights stay fp32: they are small.
 
     qmodel = quantize(model)                    # a quantized copy; model itself is left as it was
+    qmodel = quantize(model, layers="all")      # the int8 kernel in every Linear, even where fp32 is faster
     save_quantized(qmodel, "model-int8.pt")     # about 1/4 of the fp32 file
     qmodel = load_quantized("model-int8.pt")    # in eval mode; qmodel(idx), qmodel.generate(...) as usual
 """
 
 import copy
+import logging
+from collections import Counter
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -40,6 +55,15 @@ FORMAT = "mygpt-int8"  # the "format" entry of a quantized checkpoint
 # saturate: there the activations get 7 bits (PyTorch's reduce_range). VNNI accumulates in 32 bits.
 REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
+LAYERS = ("auto", "all")  # quantize's choices: the int8 kernel where it is measured faster, or everywhere
+# The timings of layers="auto", kept for the process. For each model architecture (the shapes of its Linear
+# layers, so that every copy and reload of a model chooses alike): {(rows size class, threads): {(in_features,
+# out_features): (int8, fp32) seconds a call}}.
+CHOICES = {}
+PROBE_SECONDS = 0.005  # what one measurement takes at least, unless a single pass takes ten times as long
+
+log = logging.getLogger("mygpt")
+
 
 def quantize_rows(weight):
     """(int8 q, fp32 scale) with weight[o] ≈ q[o] * scale[o]: symmetric, one scale per row (output channel)."""
@@ -52,22 +76,46 @@ def quantize_rows(weight):
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """y = x Wᵀ + b with W stored as int8 (out, in) and an fp32 scale per output channel. Inference only."""
+def size_class(rows):
+    """rows rounded up to a power of 4: calls of similar size share one measurement."""
+    size = 1
+    while size < rows:
+        size *= 4
+    return size
 
-    def __init__(self, weight, scale, bias=None):
+
+def timed(kernel, x):
+    """(kernel(x), the seconds it took)."""
+    start = time.perf_counter()
+    y = kernel(x)
+    return y, time.perf_counter() - start
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as int8 (out, in) and an fp32 scale per output channel. Inference only.
+
+    choices: the timings of the model's architecture in CHOICES, where each call runs whichever kernel they
+    favour for its size (int8_pays); None: always the int8 kernel.
+    """
+
+    def __init__(self, weight, scale, bias=None, choices=None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)  # int8 (out, in)
         self.register_buffer("scale", scale)    # fp32 (out,)
         self.register_buffer("bias", bias)      # fp32 (out,) or None
+        self.choices = choices
+        self.measuring = None                   # "int8" or "fp32" while measure() times that kernel
+        self.seconds = []                       # and the seconds of each call then
+        self.tied_weight = None                 # a head tied to the embedding: the embedding's dequantized_weight
         self._packed = None                     # the kernels' own layout, built at first use, never saved
+        self._fp32 = None                       # the dequantized weights, built where the fp32 kernel runs
 
     @classmethod
-    def from_linear(cls, linear):
+    def from_linear(cls, linear, choices=None):
         q, scale = quantize_rows(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        return cls(q, scale, bias)
+        return cls(q, scale, bias, choices)
 
     def dequantized_weight(self):
         return self.weight.float() * self.scale[:, None]
@@ -87,25 +135,106 @@ class Int8Linear(nn.Module):
                 self._packed = False
         return self._packed
 
+    def int8_product(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self.packed(), REDUCE_RANGE)
+
+    def fp32_weight(self):
+        if self.tied_weight is not None:  # the same numbers, which the embedding keeps anyway
+            return self.tied_weight()
+        if self._fp32 is None:
+            with torch.inference_mode(False):  # kept for later calls, which may track gradients (of the input)
+                self._fp32 = self.dequantized_weight()
+        return self._fp32
+
+    def fp32_product(self, x):
+        return F.linear(x, self.fp32_weight(), self.bias)
+
+    def int8_pays(self, rows):
+        """Whether the int8 kernel was measured faster than the fp32 one for calls of `rows` rows in this model;
+        None where nothing was measured (layers="all", or a size that no forward of the model has had)."""
+        if self.choices is None or (timings := self.choices.get((size_class(rows), torch.get_num_threads()))) is None:
+            return None
+        int8, fp32 = timings[self.in_features, self.out_features]
+        return int8 < fp32
+
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu":
-            packed = self.packed()
-            if packed is not False:
-                return torch.ops.quantized.linear_dynamic(x, packed, REDUCE_RANGE)
+        if x.is_cpu and x.dtype == torch.float32 and self.weight.is_cpu and self.packed() is not False:
+            if self.measuring is not None:
+                y, seconds = timed(self.int8_product if self.measuring == "int8" else self.fp32_product, x)
+                self.seconds.append(seconds)
+                return y
+            if self.int8_pays(x.numel() // self.in_features) is False:  # None: not measured, int8 as "all" does
+                return self.fp32_product(x)
+            return self.int8_product(x)
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None  # new weights: pack again
+        self._packed = self._fp32 = None  # new weights: pack and dequantize again
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        kernel = "int8 kernel" if self.choices is None else "int8 or fp32 kernel, the faster"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8, {kernel}")
+
+
+def measure(model, idx):
+    """{(in_features, out_features): (int8, fp32)}: the fastest call of each kernel for each Linear shape of the
+    quantized model, in seconds, timed in place during forward passes over idx (B, T), in which the first layer
+    of each shape runs int8 and fp32 alternately and every other layer int8.
+
+    In place, since a layer of a model finds its weights where the rest of the model left the caches: in one
+    decoding step of a 6 x 384 model a 384x384 layer took 69 µs in fp32 and 32 µs in int8, against 18.5 and
+    18.7 µs called alone, where its weights stay in cache. One layer of each shape, so that at most one
+    layer's fp32 weights of each shape exist at a time (a model quantized to fit in memory could not hold
+    all of them). Each kernel runs at least three passes, since the first calls at a new size can take twice
+    as long (until the allocator keeps memory of that size), and until the timed calls have taken
+    PROBE_SECONDS; or one pass each where those of the first two took ten times as long.
+    """
+    timed_layers = {}  # (in_features, out_features) -> the first Int8Linear of that shape
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            timed_layers.setdefault((m.in_features, m.out_features), m)
+    fastest, spent = {}, 0.0
+    for layer in timed_layers.values():
+        layer.fp32_weight()  # made before the timing, dropped after it: where int8 wins, it would only take memory
+    try:
+        with torch.inference_mode():
+            for rep in range(100):
+                for kernel in ("int8", "fp32"):
+                    for layer in timed_layers.values():
+                        layer.measuring, layer.seconds = kernel, []
+                    model(idx)
+                    for shape, layer in timed_layers.items():
+                        fastest[shape, kernel] = min([fastest.get((shape, kernel), float("inf")), *layer.seconds])
+                        spent += sum(layer.seconds)
+                if (rep == 0 and spent >= 10 * PROBE_SECONDS) or (rep >= 2 and spent >= PROBE_SECONDS):
+                    break
+    finally:
+        for layer in timed_layers.values():
+            layer.measuring, layer.seconds, layer._fp32 = None, [], None
+    return {shape: (fastest[shape, "int8"], fastest[shape, "fp32"]) for shape in timed_layers}
+
+
+def choose_kernels(model, args, kwargs):
+    """The forward pre-hook of a model quantized with layers="auto": before its first forward of each size class
+    (the rows of idx rounded up to a power of 4), measure both kernels in every Linear and log the choices."""
+    idx = args[0] if args else kwargs["idx"]
+    head = model.lm_head  # an Int8Linear, holding the model's choices as every other one does
+    key = (size_class(idx.numel()), torch.get_num_threads())
+    if key in head.choices or head.measuring is not None or not idx.is_cpu or head.packed() is False:
+        return
+    head.choices[key] = measure(model, idx)
+    for (i, o), (int8, fp32) in head.choices[key].items():
+        log.info(f"int8 Linear {i}x{o}, up to {key[0]} rows, {key[1]} threads: the {'int8' if int8 < fp32 else 'fp32'} "
+                 f"kernel (int8 {int8 * 1e6:.0f} µs, fp32 {fp32 * 1e6:.0f} µs a call, in the model)")
 
 
 class Int8Embedding(nn.Module):
     """A token embedding whose saved form is int8 rows with an fp32 scale per row (token).
 
-    `weight` is the dequantized fp32 matrix, recomputed from qweight and scale and never saved.
+    `weight` is the dequantized fp32 matrix, recomputed from qweight and scale and never saved; a tied head's
+    fp32 kernel multiplies by it too (dequantized_weight).
     """
 
     def __init__(self, qweight, scale):
@@ -120,6 +249,9 @@ class Int8Embedding(nn.Module):
         # a meta skeleton (see load_quantized) has nothing to compute until saved tensors are loaded into it
         self.weight = torch.empty(q.shape, device="meta") if q.is_meta else q.float() * self.scale[:, None]
 
+    def dequantized_weight(self):
+        return self.weight
+
     def forward(self, idx):
         return F.embedding(idx, self.weight)
 
@@ -128,13 +260,33 @@ class Int8Embedding(nn.Module):
         self.dequantize()
 
 
-def quantize(model, inplace=False):
+def check_layers(layers):
+    if layers not in LAYERS:
+        raise ValueError(f"layers must be 'auto' (the int8 kernel only where it is measured faster on this machine) "
+                         f"or 'all' (the int8 kernel in every Linear), got {layers!r}")
+
+
+def measure_kernels(model):
+    """layers="auto": the model's Int8Linear layers share the timings of its architecture in CHOICES, which
+    choose_kernels fills before the forward passes that need them."""
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    architecture = tuple(sorted(Counter((m.in_features, m.out_features) for m in linears).items()))
+    choices = CHOICES.setdefault(architecture, {})
+    for m in linears:
+        m.choices = choices
+    model.register_forward_pre_hook(choose_kernels, with_kwargs=True)
+
+
+def quantize(model, inplace=False, layers="auto"):
     """A copy of the GPT model (or model itself with inplace=True) with int8 Linear layers and embedding, in eval mode.
 
     The copy leaves the fp32 model usable for comparison; inplace=True saves the memory of a second fp32 model.
+    Every Linear's weights become int8; layers="auto" runs the int8 kernel only where it is measured faster
+    (see the module's docstring), layers="all" in every call.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
         raise TypeError(f"quantize expects a mygpt GPT model, got {type(model).__name__}")
+    check_layers(layers)
     if any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules()):
         raise ValueError("this model is quantized already")
     if not inplace:
@@ -149,6 +301,10 @@ def quantize(model, inplace=False):
     # a tied embedding shares lm_head's int8 matrix and scales: rows of the head are tokens too
     qweight, scale = (head.weight, head.scale) if tied else quantize_rows(wte.weight)
     model.transformer.wte = Int8Embedding(qweight, scale)
+    if tied:
+        head.tied_weight = model.transformer.wte.dequantized_weight
+    if layers == "auto":
+        measure_kernels(model)
     return model.eval()
 
 
@@ -185,14 +341,15 @@ def meta_skeleton():
         torch.nn.init.normal_ = normal
 
 
-def load_quantized(path, map_location="cpu"):
+def load_quantized(path, map_location="cpu", layers="auto"):
     """The quantized GPT saved at path by save_quantized (or the dict read from it), in eval mode. Loading never
-    executes code.
+    executes code. layers: where the int8 kernel runs, as for quantize (the file does not record it).
 
     The model is built on the meta device and takes the saved tensors as they are, so no fp32 copy of
-    the Linear weights is ever made.
+    the Linear weights is made for loading.
     """
     from mygpt.model import GPT
+    check_layers(layers)
     ckpt, path = (path, "the checkpoint") if isinstance(path, dict) else (read_checkpoint(path, map_location), path)
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a quantized mygpt checkpoint (no format {FORMAT!r}); load an fp32 "
@@ -200,7 +357,7 @@ def load_quantized(path, map_location="cpu"):
     config = GPT.get_default_config()
     config.merge_from_dict(ckpt["model_config"])
     with meta_skeleton():
-        model = quantize(GPT(config), inplace=True)
+        model = quantize(GPT(config), inplace=True, layers=layers)
     try:
         model.load_state_dict(ckpt["model"], assign=True)
     except RuntimeError as err:

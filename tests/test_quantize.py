@@ -132,7 +132,7 @@ class TestQuantize(unittest.TestCase):
         x = held_out()[:, :-1]
         settings = {quantize_module.REDUCE_RANGE, True}
         for kw in ({}, dict(time_weighting="circulant", token_shift=True)):
-            qmodel = quantize(trained_model(**kw))
+            qmodel = quantize(trained_model(**kw), layers="all")
             for reduce_range in sorted(settings):
                 with self.subTest(reduce_range=reduce_range, **kw), mock.patch.object(quantize_module, "REDUCE_RANGE",
                                                                                       reduce_range):
@@ -151,14 +151,14 @@ class TestQuantize(unittest.TestCase):
         model = trained_model()
         with torch.no_grad():
             fp32 = model(batch[:, :-1], batch[:, 1:])[1]
-            int8 = quantize(model)(batch[:, :-1], batch[:, 1:])[1]
+            int8 = quantize(model, layers="all")(batch[:, :-1], batch[:, 1:])[1]
         self.assertLess(float(int8), float(fp32) * 1.01)
 
     def test_cached_generation_works_and_matches_uncached(self):
         prompt = held_out(2)[:, :5]
         for variant in VARIANTS:
             with self.subTest(**variant):
-                qmodel = quantize(random_model(**variant))
+                qmodel = quantize(random_model(**variant), layers="all")
                 cached = qmodel.generate(prompt, 20)
                 self.assertEqual(tuple(cached.shape), (2, 25))
                 self.assertTrue(torch.equal(cached, qmodel.generate(prompt, 20, use_cache=False)))
@@ -168,7 +168,7 @@ class TestQuantize(unittest.TestCase):
     def test_greedy_tokens_of_trained_model_match_fp32(self):
         model = trained_model()
         prompt = held_out(4)[:, :8]
-        same = (model.generate(prompt, 16) == quantize(model).generate(prompt, 16)).float().mean()
+        same = (model.generate(prompt, 16) == quantize(model, layers="all").generate(prompt, 16)).float().mean()
         self.assertGreaterEqual(float(same), 0.9)
 
     def test_fallback_without_int8_kernels_is_the_dequantized_product(self):
@@ -192,6 +192,190 @@ class TestQuantize(unittest.TestCase):
             save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, fp32)
             with self.assertRaisesRegex(CheckpointError, "not a quantized"):
                 load_quantized(fp32)
+            with self.assertRaisesRegex(ValueError, "layers must be 'auto' .* or 'all' .* got 'int8'"):
+                load_quantized(fp32, layers="int8")
+        with self.assertRaisesRegex(ValueError, "layers must be 'auto' .* or 'all' .* got None"):
+            quantize(model, layers=None)
+
+
+# what the hooks see of each Int8Linear call: the exact result of one kernel or the other
+def int8_kernel(layer, x):
+    return torch.ops.quantized.linear_dynamic(x, layer.packed(), quantize_module.REDUCE_RANGE)
+
+
+def fp32_kernel(layer, x):
+    return F.linear(x, layer.dequantized_weight(), layer.bias)
+
+
+class TestKernelChoice(unittest.TestCase):
+    """layers="auto": whichever kernel the timing favours, measured in the model once per size class and model
+    architecture. The timing is injected (the real one depends on the CPU), and the measurements start empty."""
+
+    SHAPES = {(64, 192), (64, 64), (64, 256), (256, 64), (64, 65)}  # c_attn, attn and mlp c_proj, c_fc, lm_head
+
+    def setUp(self):
+        self.timed = []  # (kernel, in_features, rows) of every timed call
+        choices = mock.patch.dict(quantize_module.CHOICES, clear=True)
+        timing = mock.patch.object(quantize_module, "timed", self.int8_from_16_rows)
+        for patch in (choices, timing):
+            patch.start()
+            self.addCleanup(patch.stop)
+
+    def int8_from_16_rows(self, kernel, x):
+        """A machine where int8 takes 2 ms a call below 16 rows and 1 ms from there, fp32 the other way round."""
+        rows = x.numel() // x.shape[-1]
+        name = kernel.__name__.split("_")[0]  # int8_product, fp32_product
+        self.timed.append((name, x.shape[-1], rows))
+        return kernel(x), 1e-3 * (1 + ((name == "int8") == (rows < 16)))
+
+    def check_kernels(self, qmodel, x, kernel):
+        """qmodel(x) measures where it has to; then every Linear of another call runs kernel."""
+        with torch.no_grad():
+            qmodel(x)
+        calls = int8_layer_calls(qmodel, x)
+        self.assertEqual(len(calls), sum(isinstance(m, Int8Linear) for m in qmodel.modules()))  # each once
+        for name, inp, out, layer in calls:
+            self.assertTrue(torch.equal(out, kernel(layer, inp)), name)
+
+    def test_each_call_runs_the_kernel_measured_faster_for_its_size(self):
+        qmodel = quantize(random_model())
+        x = held_out(2)[:, :-1]  # 64 rows
+        self.check_kernels(qmodel, x[:1, :1], fp32_kernel)      # decoding: 1 row
+        self.check_kernels(qmodel, x, int8_kernel)              # a batch
+        self.check_kernels(qmodel, x[:1, :3], fp32_kernel)      # 3 rows: the size class of 4
+        # three passes of each kernel per size, each timing one Linear of each shape
+        self.assertEqual(len(self.timed), 3 * 2 * 3 * len(self.SHAPES))
+        self.assertEqual({(kernel, rows) for kernel, _, rows in self.timed},
+                         {(kernel, rows) for kernel in ("int8", "fp32") for rows in (1, 64, 3)})
+        # once per size class: 2 and 4 rows are 3's class, 17 to 64 the batch's
+        self.timed.clear()
+        self.check_kernels(qmodel, x[:2, :2], fp32_kernel)
+        self.check_kernels(qmodel, x[:, :9], int8_kernel)
+        self.assertEqual(self.timed, [])
+        (timings,) = quantize_module.CHOICES.values()
+        self.assertEqual(sorted(timings), [(1, torch.get_num_threads()), (4, torch.get_num_threads()),
+                                           (64, torch.get_num_threads())])
+        self.assertEqual(timings[1, torch.get_num_threads()], {shape: (2e-3, 1e-3) for shape in self.SHAPES})
+
+    def test_fp32_weights_are_kept_only_where_the_fp32_kernel_runs(self):
+        qmodel = quantize(random_model())
+        blocks = [m for m in qmodel.transformer.h.modules() if isinstance(m, Int8Linear)]
+        self.check_kernels(qmodel, held_out(2)[:, :-1], int8_kernel)  # measured with both, int8 chosen
+        self.assertTrue(all(layer._fp32 is None for layer in blocks))
+        self.check_kernels(qmodel, held_out(1)[:, :1], fp32_kernel)
+        self.assertTrue(all(layer._fp32 is not None for layer in blocks))
+        # a tied head multiplies by the embedding's dequantized matrix, the same numbers, kept once
+        self.assertIs(qmodel.lm_head.fp32_weight(), qmodel.transformer.wte.weight)
+        self.assertIsNone(qmodel.lm_head._fp32)
+        loaded = self.saved_and_loaded(qmodel)
+        self.assertIs(loaded.lm_head.fp32_weight(), loaded.transformer.wte.weight)
+        self.assertIsNone(quantize(random_model(tie_weights=False)).lm_head.tied_weight)
+
+    @staticmethod
+    def saved_and_loaded(qmodel, **kw):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "int8.pt")
+            save_quantized(qmodel, path)
+            return load_quantized(path, **kw)
+
+    def test_every_model_of_an_architecture_chooses_alike(self):
+        model = random_model()
+        x = held_out(2)[:, :-1]
+        self.check_kernels(self.saved_and_loaded(quantize(model)), x[:1, :1], fp32_kernel)
+        self.check_kernels(model.quantize(), x[:1, :1], fp32_kernel)  # measured already
+        self.check_kernels(quantize(random_model(seed=1)), x[:1, :1], fp32_kernel)
+        self.assertEqual(len(self.timed), 3 * 2 * len(self.SHAPES))
+        self.check_kernels(quantize(random_model(n_layer=3)), x[:1, :1], fp32_kernel)  # another architecture
+        self.assertEqual(len(self.timed), 2 * 3 * 2 * len(self.SHAPES))
+        self.assertEqual(len(quantize_module.CHOICES), 2)
+
+    def test_layers_all_runs_int8_everywhere_without_measuring(self):
+        model = random_model()
+        x = held_out(2)[:, :-1]
+        loaded = self.saved_and_loaded(quantize(model), layers="all")
+        for qmodel in (quantize(model, layers="all"), model.quantize(layers="all"), loaded):
+            self.check_kernels(qmodel, x[:1, :1], int8_kernel)
+            self.check_kernels(qmodel, x, int8_kernel)
+        self.assertEqual(self.timed, [])
+        self.assertIn("int8 kernel", repr(loaded.lm_head))
+        self.assertIn("int8 or fp32 kernel, the faster", repr(quantize(model).lm_head))
+
+    def test_a_size_no_forward_of_the_model_had_runs_int8(self):
+        qmodel = quantize(random_model())
+        x = torch.randn(5, 64)
+        self.assertTrue(torch.equal(qmodel.lm_head(x), int8_kernel(qmodel.lm_head, x)))  # not through the model
+        self.assertEqual(self.timed, [])
+
+    def test_each_choice_is_logged_once(self):
+        qmodel = quantize(random_model())
+        x = held_out(1)[:, :1]
+        with self.assertLogs("mygpt", "INFO") as logs, torch.no_grad():
+            qmodel(x)
+        self.assertEqual(len(logs.output), len(self.SHAPES))
+        self.assertIn(f"int8 Linear 256x64, up to 1 rows, {torch.get_num_threads()} threads: the fp32 kernel "
+                      f"(int8 2000 µs, fp32 1000 µs a call, in the model)", "\\n".join(logs.output))
+        with self.assertNoLogs("mygpt", "INFO"), torch.no_grad():
+            qmodel(x)
+
+    def test_an_error_while_measuring_leaves_the_model_as_it_was(self):
+        qmodel = quantize(random_model())
+        with self.assertRaisesRegex(ValueError, "vocab"):
+            qmodel(torch.tensor([[65]]))  # outside the vocabulary: the model's own error, from the first pass
+        self.assertTrue(all(layer.measuring is None for layer in qmodel.modules() if isinstance(layer, Int8Linear)))
+        self.check_kernels(qmodel, held_out(1)[:, :1], fp32_kernel)
+
+    def test_fp32_weights_made_in_inference_mode_serve_calls_that_track_gradients(self):
+        qmodel = quantize(random_model())
+        prompt = held_out(1)[:, :1]
+        qmodel.generate(prompt, 2)  # inference mode, 1 row: the fp32 kernel
+        self.assertTrue(qmodel(prompt)[0].requires_grad)  # the LayerNorms' weights
+
+    def test_size_classes_are_powers_of_4(self):
+        self.assertEqual([quantize_module.size_class(rows) for rows in (1, 2, 4, 5, 16, 17, 4096, 4097)],
+                         [1, 4, 4, 16, 16, 64, 4096, 16384])
+
+
+class TestMeasure(unittest.TestCase):
+    """How long measure() times: three passes of each kernel at least, until PROBE_SECONDS (5 ms) have passed, or
+    one pass each where those took ten times as long; the fastest call per shape and kernel. Injected timings."""
+
+    def passes(self, seconds):
+        """(passes of each kernel, measure's result, the timings given) with every timed call taking
+        seconds(calls so far); and the most Linear layers that held fp32 weights at a time."""
+        given, held = [], []
+        qmodel = quantize(random_model(), layers="all")
+
+        def timing(kernel, x):
+            given.append(((x.shape[-1], kernel(x).shape[-1]), kernel.__name__.split("_")[0], seconds(len(given))))
+            held.append(sum(m._fp32 is not None for m in qmodel.modules() if isinstance(m, Int8Linear)))
+            return kernel(x), given[-1][2]
+        with mock.patch.object(quantize_module, "timed", timing):
+            result = quantize_module.measure(qmodel, held_out(1)[:, :4])
+        per_pass = len(TestKernelChoice.SHAPES)  # one layer of each shape is timed
+        self.assertEqual(len(given) % (2 * per_pass), 0)  # whole passes of both kernels
+        # one of each block shape (4 of 8 block layers); the tied head's are the embedding's
+        self.assertEqual(max(held), 4)
+        self.assertTrue(all(m._fp32 is None for m in qmodel.modules() if isinstance(m, Int8Linear)))  # dropped
+        return len(given) // (2 * per_pass), result, given
+
+    def test_three_passes_when_they_take_long_enough(self):
+        self.assertEqual(self.passes(lambda n: 1e-3)[0], 3)
+
+    def test_one_pass_when_it_takes_ten_times_as_long(self):
+        self.assertEqual(self.passes(lambda n: 0.01)[0], 1)  # 10 timed calls: 100 ms
+
+    def test_fast_passes_go_on_until_the_time_is_spent(self):
+        self.assertEqual(self.passes(lambda n: 2e-4)[0], 3)   # 3 x 10 calls: 6 ms
+        self.assertEqual(self.passes(lambda n: 6e-5)[0], 9)   # 9 x 10 calls: 5.4 ms
+        self.assertEqual(self.passes(lambda n: 1e-9)[0], 100)
+
+    def test_the_fastest_call_of_each_shape_and_kernel(self):
+        _, result, given = self.passes(lambda n: 1e-3 * (1 + (n * 7919) % 13))  # scattered
+        fastest = {}
+        for shape, kernel, seconds in given:
+            fastest[shape, kernel] = min(fastest.get((shape, kernel), 1.0), seconds)
+        self.assertEqual(result, {shape: (fastest[shape, "int8"], fastest[shape, "fp32"]) for shape, _ in fastest})
+        self.assertEqual(set(result), TestKernelChoice.SHAPES)
 
 
 class TestQuantizedCheckpoint(unittest.TestCase):

@@ -4,6 +4,7 @@ int8 inference (mygpt.quantize) against fp32 mygpt and fp32 transformers GPT-2, 
     OMP_NUM_THREADS=1 python bench/bench_quantize.py                 # options, speed, memory, size, quality: ~15 minutes
     OMP_NUM_THREADS=1 python bench/bench_quantize.py --quick         # fewer rounds and training steps
     OMP_NUM_THREADS=1 python bench/bench_quantize.py --adder=/tmp/adder_q   # + the adder's test accuracy
+    OMP_NUM_THREADS=1 python bench/bench_quantize.py --only-where-it-pays   # just that table: ~5 minutes
 
 Speed, at GPT-2's shape (12 layers, 12 heads, 768 wide, vocab 50257, block 1024) and the seed's
 (3 layers, 8 heads, 512 wide, vocab 65, block 128), random weights, rounds interleaved across models:
@@ -17,6 +18,11 @@ int8 options: every GPT-2 Linear shape at batch 1 under fp32, torch.ao's quantiz
 Quality: a small character model trained briefly on English text (Python's help topics), validation
 loss and next-token agreement fp32 against int8, vanilla and time-weighted.
 --adder=WORK_DIR: the test accuracy of projects/adder's trained checkpoint, fp32 and int8.
+Where int8 pays: int8/fp32 speed of cached generation at batch 1 and of a batch-32 forward, with the int8
+kernel in every Linear (layers="all") and only where it is measured faster (quantize's default), at
+chargpt's shape (4 layers, 128 wide, vocab 65, block 64), the gpt2 project's cpu recipe (the same with
+GPT-2's vocabulary, block 128), 6 layers 384 wide (nanoGPT's shakespeare_char) and GPT-2's; and the Linear
+shapes whose int8 kernel the default chose, at 1 row and at the batch's rows.
 """
 
 import argparse
@@ -35,6 +41,9 @@ import torch.nn.functional as F
 from mygpt import GPT, Int8Linear, load_quantized, save_quantized
 
 SHAPES = {
+    "chargpt": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65, block_size=64),
+    "gpt2-cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=50257, block_size=128),
+    "6x384": dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65, block_size=256),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
     "seed": dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128),
 }
@@ -100,21 +109,60 @@ def linear_ceiling(model, repeats=20):
     return (time.perf_counter() - start) / repeats
 
 
-def bench_speed(shape, rounds, new_tokens):
-    models = {name: build(shape, name) for name in MODELS}
+def speeds(models, batch, new_tokens, rounds):
+    """Per model, the median tokens/s of cached greedy generation at batch 1 (after a 1-token prompt) and of a
+    forward of batch, over interleaved rounds."""
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    batch = torch.randint(0, SHAPES[shape]["vocab_size"], (32, 128))
-    for model in models.values():  # warm up: first calls pack weights and allocate
+    for model in models.values():  # warm up: first calls pack weights, allocate and time int8 against fp32
         generate(model, prompt, 4)
-        forward(model, batch[:2])
+        forward(model, batch)
     gen, fwd = {n: [] for n in models}, {n: [] for n in models}
     for _ in range(rounds):
         for name, model in models.items():
             gen[name].append(new_tokens / timed(generate, model, prompt, new_tokens))
             fwd[name].append(batch.numel() / timed(forward, model, batch))
+    return {n: statistics.median(v) for n, v in gen.items()}, {n: statistics.median(v) for n, v in fwd.items()}
+
+
+def bench_speed(shape, rounds, new_tokens):
+    models = {name: build(shape, name) for name in MODELS}
+    gen, fwd = speeds(models, torch.randint(0, SHAPES[shape]["vocab_size"], (32, 128)), new_tokens, rounds)
     ceiling = {name: 1 / linear_ceiling(models[name]) for name in ("mygpt fp32", "mygpt int8")}
-    return ({n: statistics.median(v) for n, v in gen.items()}, {n: statistics.median(v) for n, v in fwd.items()},
-            ceiling)
+    return gen, fwd, ceiling
+
+
+def bench_where_int8_pays(shape, rounds, new_tokens):
+    """int8/fp32 speed of generation and of a batch-32 forward, int8 in every Linear and only where it pays;
+    and the Linear shapes (in x out) whose int8 kernel the latter chose, at 1 row and at the batch's rows."""
+    fp32 = mygpt_model(shape)
+    models = {"fp32": fp32, "all": fp32.quantize(layers="all"), "auto": fp32.quantize()}
+    block = SHAPES[shape]["block_size"]
+    batch = torch.randint(0, SHAPES[shape]["vocab_size"], (32, min(128, block)))
+    gen, fwd = speeds(models, batch, min(new_tokens, block - 1), rounds)
+    # the shapes whose int8 kernel the warm-up's measurements chose
+    linears = {(m.in_features, m.out_features): m for m in models["auto"].modules() if isinstance(m, Int8Linear)}
+    int8_at = {rows: [f"{i}x{o}" for (i, o), m in sorted(linears.items()) if m.int8_pays(rows)]
+               for rows in (1, batch.numel())}
+    return ({n: gen[n] / gen["fp32"] for n in ("all", "auto")}, {n: fwd[n] / fwd["fp32"] for n in ("all", "auto")},
+            int8_at, len(linears))
+
+
+def print_where_int8_pays(quick):
+    """The table, with more rounds where they are cheap: a small model's forward takes tens of ms, which another
+    process on the machine can double."""
+    rounds, new_tokens = {"gpt2": 2 if quick else 3}, 50 if quick else 100
+    default_rounds = 3 if quick else 9
+    print(f"\nwhere int8 pays: int8/fp32 tokens/s, median of {default_rounds} interleaved rounds ({rounds['gpt2']} at "
+          f"gpt2's shape); cached greedy generation of {new_tokens} tokens (at most block_size - 1) at batch 1, "
+          f"forward of 32 x min(128, block_size) tokens")
+    print("| model | generation, int8 everywhere | generation, where it pays | forward, everywhere "
+          "| forward, where it pays | int8 kernel chosen at 1 row | at the batch's rows |")
+    print("| --- " * 7 + "|")
+    for shape in ("chargpt", "gpt2-cpu", "6x384", "gpt2"):
+        gen, fwd, int8_at, shapes = bench_where_int8_pays(shape, rounds.get(shape, default_rounds), new_tokens)
+        chosen = [", ".join(names) if len(names) < shapes else f"all {shapes} shapes" for names in int8_at.values()]
+        print(f"| {shape} {SHAPES[shape]} | {gen['all']:.2f}x | {gen['auto']:.2f}x | {fwd['all']:.2f}x "
+              f"| {fwd['auto']:.2f}x | {chosen[0] or 'none'} | {chosen[1] or 'none'} |", flush=True)
 
 
 def peak_rss_child(shape, name, path):
@@ -295,6 +343,18 @@ def adder_accuracy(work_dir):
 
 # ---------------------------------------------------------------- report
 
+def cpu_name():
+    """The CPU's model name and the features int8 and fp32 products use, as Linux reports them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        return "unknown"
+    flags = info.get("flags", "").split()
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"{info.get('model name', 'unknown')} ({', '.join(features) or 'no AVX2'})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--quick", action="store_true")
@@ -302,6 +362,8 @@ def main():
     parser.add_argument("--compile-torchao", action="store_true",
                         help="also time torchao under torch.compile (minutes of compiling)")
     parser.add_argument("--only-kernels", action="store_true", help="only the table of int8 options")
+    parser.add_argument("--only-where-it-pays", action="store_true",
+                        help="only the int8/fp32 speed table, int8 everywhere and where it pays")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -309,7 +371,9 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), quantized engine "
-          f"{torch.backends.quantized.engine}")
+          f"{torch.backends.quantized.engine}, CPU {cpu_name()}, load average {os.getloadavg()[0]:.2f}")
+    if args.only_where_it_pays:
+        return print_where_int8_pays(args.quick)
     columns, times, warmup, error = bench_kernels(3 if args.quick else 7, 10, args.compile_torchao)
     print("\nint8 options at batch 1, GPT-2's Linear shapes: microseconds per call, median of interleaved rounds "
           "(per token: 12 blocks + head)")
@@ -321,6 +385,7 @@ def main():
               f"| {warmup[option]:.2f} | {error[option]:.2g} |")
     if args.only_kernels:
         return
+    print_where_int8_pays(args.quick)
 
     rounds = 2 if args.quick else 3
     with tempfile.TemporaryDirectory() as tmp:

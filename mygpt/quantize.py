@@ -60,7 +60,7 @@ LAYERS = ("auto", "all")  # quantize's choices: the int8 kernel where it is meas
 # layers, so that every copy and reload of a model chooses alike): {(rows size class, threads): {(in_features,
 # out_features): (int8, fp32) seconds a call}}.
 CHOICES = {}
-PROBE_SECONDS = 0.005  # what one measurement takes at least, unless a single pass takes ten times as long
+PROBE_SECONDS = 0.02  # what the timed calls of one measurement take at least, unless one pass took ten times that
 
 log = logging.getLogger("mygpt")
 
@@ -187,9 +187,10 @@ def measure(model, idx):
     decoding step of a 6 x 384 model a 384x384 layer took 69 µs in fp32 and 32 µs in int8, against 18.5 and
     18.7 µs called alone, where its weights stay in cache. One layer of each shape, so that at most one
     layer's fp32 weights of each shape exist at a time (a model quantized to fit in memory could not hold
-    all of them). Each kernel runs at least three passes, since the first calls at a new size can take twice
-    as long (until the allocator keeps memory of that size), and until the timed calls have taken
-    PROBE_SECONDS; or one pass each where those of the first two took ten times as long.
+    all of them). Each kernel runs at least five passes, and until the timed calls have taken PROBE_SECONDS:
+    the first calls at a new size can take twice as long (until the allocator keeps memory of that size), and
+    on a shared machine another process can take the core during any call (three passes chose fp32 for a
+    layer where int8 was 1.6 times as fast). One pass each where those of the first two took ten times as long.
     """
     timed_layers = {}  # (in_features, out_features) -> the first Int8Linear of that shape
     for m in model.modules():
@@ -208,7 +209,7 @@ def measure(model, idx):
                     for shape, layer in timed_layers.items():
                         fastest[shape, kernel] = min([fastest.get((shape, kernel), float("inf")), *layer.seconds])
                         spent += sum(layer.seconds)
-                if (rep == 0 and spent >= 10 * PROBE_SECONDS) or (rep >= 2 and spent >= PROBE_SECONDS):
+                if (rep == 0 and spent >= 10 * PROBE_SECONDS) or (rep >= 4 and spent >= PROBE_SECONDS):
                     break
     finally:
         for layer in timed_layers.values():

@@ -243,8 +243,8 @@ class TestKernelChoice(unittest.TestCase):
         self.check_kernels(qmodel, x[:1, :1], fp32_kernel)      # decoding: 1 row
         self.check_kernels(qmodel, x, int8_kernel)              # a batch
         self.check_kernels(qmodel, x[:1, :3], fp32_kernel)      # 3 rows: the size class of 4
-        # three passes of each kernel per size, each timing one Linear of each shape
-        self.assertEqual(len(self.timed), 3 * 2 * 3 * len(self.SHAPES))
+        # five passes of each kernel per size, each timing one Linear of each shape
+        self.assertEqual(len(self.timed), 3 * 2 * 5 * len(self.SHAPES))
         self.assertEqual({(kernel, rows) for kernel, _, rows in self.timed},
                          {(kernel, rows) for kernel in ("int8", "fp32") for rows in (1, 64, 3)})
         # once per size class: 2 and 4 rows are 3's class, 17 to 64 the batch's
@@ -284,9 +284,9 @@ class TestKernelChoice(unittest.TestCase):
         self.check_kernels(self.saved_and_loaded(quantize(model)), x[:1, :1], fp32_kernel)
         self.check_kernels(model.quantize(), x[:1, :1], fp32_kernel)  # measured already
         self.check_kernels(quantize(random_model(seed=1)), x[:1, :1], fp32_kernel)
-        self.assertEqual(len(self.timed), 3 * 2 * len(self.SHAPES))
+        self.assertEqual(len(self.timed), 5 * 2 * len(self.SHAPES))
         self.check_kernels(quantize(random_model(n_layer=3)), x[:1, :1], fp32_kernel)  # another architecture
-        self.assertEqual(len(self.timed), 2 * 3 * 2 * len(self.SHAPES))
+        self.assertEqual(len(self.timed), 2 * 5 * 2 * len(self.SHAPES))
         self.assertEqual(len(quantize_module.CHOICES), 2)
 
     def test_layers_all_runs_int8_everywhere_without_measuring(self):
@@ -336,8 +336,9 @@ class TestKernelChoice(unittest.TestCase):
 
 
 class TestMeasure(unittest.TestCase):
-    """How long measure() times: three passes of each kernel at least, until PROBE_SECONDS (5 ms) have passed, or
-    one pass each where those took ten times as long; the fastest call per shape and kernel. Injected timings."""
+    """How long measure() times: five passes of each kernel at least, until the timed calls took PROBE_SECONDS
+    (20 ms), or one pass each where the first two took ten times as long; the fastest call per shape and kernel.
+    Injected timings."""
 
     def passes(self, seconds):
         """(passes of each kernel, measure's result, the timings given) with every timed call taking
@@ -358,15 +359,15 @@ class TestMeasure(unittest.TestCase):
         self.assertTrue(all(m._fp32 is None for m in qmodel.modules() if isinstance(m, Int8Linear)))  # dropped
         return len(given) // (2 * per_pass), result, given
 
-    def test_three_passes_when_they_take_long_enough(self):
-        self.assertEqual(self.passes(lambda n: 1e-3)[0], 3)
+    def test_five_passes_when_they_take_long_enough(self):
+        self.assertEqual(self.passes(lambda n: 1e-3)[0], 5)  # 5 x 10 timed calls: 50 ms
+        self.assertEqual(self.passes(lambda n: 0.019)[0], 5)  # the first two: 190 ms
 
     def test_one_pass_when_it_takes_ten_times_as_long(self):
-        self.assertEqual(self.passes(lambda n: 0.01)[0], 1)  # 10 timed calls: 100 ms
+        self.assertEqual(self.passes(lambda n: 0.021)[0], 1)  # 10 timed calls: 210 ms
 
     def test_fast_passes_go_on_until_the_time_is_spent(self):
-        self.assertEqual(self.passes(lambda n: 2e-4)[0], 3)   # 3 x 10 calls: 6 ms
-        self.assertEqual(self.passes(lambda n: 6e-5)[0], 9)   # 9 x 10 calls: 5.4 ms
+        self.assertEqual(self.passes(lambda n: 3e-4)[0], 7)    # 7 x 10 calls: 21 ms
         self.assertEqual(self.passes(lambda n: 1e-9)[0], 100)
 
     def test_the_fastest_call_of_each_shape_and_kernel(self):

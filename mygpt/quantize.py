@@ -14,10 +14,10 @@ depends on the layer's shape, the rows of the call (one when decoding, thousands
 rest of the model (which evicts the layer's weights from the caches between its calls) and the CPU. So
 quantize(model) (layers="auto") measures instead of guessing: before the model's first forward of each size
 class (rows rounded up to a power of 4), forward passes over the same input time both kernels in every Linear
-(measure), and from then on each Linear shape runs the faster one at that size, in this model and in every
+(_measure), and from then on each Linear shape runs the faster one at that size, in this model and in every
 model of the same architecture in the process. The fp32 kernel multiplies by the dequantized int8 weights (the
 same weights in both kernels; the file stays int8). layers="all" runs the int8 kernel everywhere. The choices
-are logged once each to the "mygpt" logger and kept in CHOICES.
+are logged once each to the "mygpt" logger and kept in _CHOICES.
 
 Why a module of our own on those kernels: torch.ao.quantization.quantize_dynamic (the same kernels) is deprecated,
 keeps its weights as quantized tensors (also deprecated) that only its own modules read, and gives activations
@@ -53,19 +53,19 @@ FORMAT = "mygpt-int8"  # the "format" entry of a quantized checkpoint
 
 # Without VNNI, the x86 kernels add pairs of 8-bit products in 16 bits, which 8-bit activations could
 # saturate: there the activations get 7 bits (PyTorch's reduce_range). VNNI accumulates in 32 bits.
-REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+_REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 LAYERS = ("auto", "all")  # quantize's choices: the int8 kernel where it is measured faster, or everywhere
 # The timings of layers="auto", kept for the process. For each model architecture (the shapes of its Linear
 # layers, so that every copy and reload of a model chooses alike): {(rows size class, threads): {(in_features,
 # out_features): (int8, fp32) seconds a call}}.
-CHOICES = {}
-PROBE_SECONDS = 0.02  # what the timed calls of one measurement take at least, unless one pass took ten times that
+_CHOICES = {}
+_PROBE_SECONDS = 0.02  # what the timed calls of one measurement take at least, unless one pass took ten times that
 
-log = logging.getLogger("mygpt")
+_log = logging.getLogger("mygpt")
 
 
-def quantize_rows(weight):
+def _quantize_rows(weight):
     """(int8 q, fp32 scale) with weight[o] ≈ q[o] * scale[o]: symmetric, one scale per row (output channel)."""
     if weight.is_meta:  # a skeleton to load saved tensors into: shapes only, nothing to compute
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], device="meta")
@@ -76,7 +76,7 @@ def quantize_rows(weight):
     return q, scale
 
 
-def size_class(rows):
+def _size_class(rows):
     """rows rounded up to a power of 4: calls of similar size share one measurement."""
     size = 1
     while size < rows:
@@ -84,7 +84,7 @@ def size_class(rows):
     return size
 
 
-def timed(kernel, x):
+def _timed(kernel, x):
     """(kernel(x), the seconds it took)."""
     start = time.perf_counter()
     y = kernel(x)
@@ -94,7 +94,7 @@ def timed(kernel, x):
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 (out, in) and an fp32 scale per output channel. Inference only.
 
-    choices: the timings of the model's architecture in CHOICES, where each call runs whichever kernel they
+    choices: the timings of the model's architecture in _CHOICES, where each call runs whichever kernel they
     favour for its size (int8_pays); None: always the int8 kernel.
     """
 
@@ -105,7 +105,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)    # fp32 (out,)
         self.register_buffer("bias", bias)      # fp32 (out,) or None
         self.choices = choices
-        self.measuring = None                   # "int8" or "fp32" while measure() times that kernel
+        self.measuring = None                   # "int8" or "fp32" while _measure() times that kernel
         self.seconds = []                       # and the seconds of each call then
         self.tied_weight = None                 # a head tied to the embedding: the embedding's dequantized_weight
         self._packed = None                     # the kernels' own layout, built at first use, never saved
@@ -113,7 +113,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, choices=None):
-        q, scale = quantize_rows(linear.weight)
+        q, scale = _quantize_rows(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         return cls(q, scale, bias, choices)
 
@@ -136,7 +136,7 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def int8_product(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self.packed(), REDUCE_RANGE)
+        return torch.ops.quantized.linear_dynamic(x, self.packed(), _REDUCE_RANGE)
 
     def fp32_weight(self):
         if self.tied_weight is not None:  # the same numbers, which the embedding keeps anyway
@@ -152,7 +152,7 @@ class Int8Linear(nn.Module):
     def int8_pays(self, rows):
         """Whether the int8 kernel was measured faster than the fp32 one for calls of `rows` rows in this model;
         None where nothing was measured (layers="all", or a size that no forward of the model has had)."""
-        if self.choices is None or (timings := self.choices.get((size_class(rows), torch.get_num_threads()))) is None:
+        if self.choices is None or (timings := self.choices.get((_size_class(rows), torch.get_num_threads()))) is None:
             return None
         int8, fp32 = timings[self.in_features, self.out_features]
         return int8 < fp32
@@ -160,7 +160,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         if x.is_cpu and x.dtype == torch.float32 and self.weight.is_cpu and self.packed() is not False:
             if self.measuring is not None:
-                y, seconds = timed(self.int8_product if self.measuring == "int8" else self.fp32_product, x)
+                y, seconds = _timed(self.int8_product if self.measuring == "int8" else self.fp32_product, x)
                 self.seconds.append(seconds)
                 return y
             if self.int8_pays(x.numel() // self.in_features) is False:  # None: not measured, int8 as "all" does
@@ -178,7 +178,7 @@ class Int8Linear(nn.Module):
                 f"int8, {kernel}")
 
 
-def measure(model, idx):
+def _measure(model, idx):
     """{(in_features, out_features): (int8, fp32)}: the fastest call of each kernel for each Linear shape of the
     quantized model, in seconds, timed in place during forward passes over idx (B, T), in which the first layer
     of each shape runs int8 and fp32 alternately and every other layer int8.
@@ -187,7 +187,7 @@ def measure(model, idx):
     decoding step of a 6 x 384 model a 384x384 layer took 69 µs in fp32 and 32 µs in int8, against 18.5 and
     18.7 µs called alone, where its weights stay in cache. One layer of each shape, so that at most one
     layer's fp32 weights of each shape exist at a time (a model quantized to fit in memory could not hold
-    all of them). Each kernel runs at least five passes, and until the timed calls have taken PROBE_SECONDS:
+    all of them). Each kernel runs at least five passes, and until the timed calls have taken _PROBE_SECONDS:
     the first calls at a new size can take twice as long (until the allocator keeps memory of that size), and
     on a shared machine another process can take the core during any call (three passes chose fp32 for a
     layer where int8 was 1.6 times as fast). One pass each where those of the first two took ten times as long.
@@ -209,7 +209,7 @@ def measure(model, idx):
                     for shape, layer in timed_layers.items():
                         fastest[shape, kernel] = min([fastest.get((shape, kernel), float("inf")), *layer.seconds])
                         spent += sum(layer.seconds)
-                if (rep == 0 and spent >= 10 * PROBE_SECONDS) or (rep >= 4 and spent >= PROBE_SECONDS):
+                if (rep == 0 and spent >= 10 * _PROBE_SECONDS) or (rep >= 4 and spent >= _PROBE_SECONDS):
                     break
     finally:
         for layer in timed_layers.values():
@@ -217,21 +217,21 @@ def measure(model, idx):
     return {shape: (fastest[shape, "int8"], fastest[shape, "fp32"]) for shape in timed_layers}
 
 
-def choose_kernels(model, args, kwargs):
+def _choose_kernels(model, args, kwargs):
     """The forward pre-hook of a model quantized with layers="auto": before its first forward of each size class
     (the rows of idx rounded up to a power of 4), measure both kernels in every Linear and log the choices."""
     idx = args[0] if args else kwargs["idx"]
     head = model.lm_head  # an Int8Linear, holding the model's choices as every other one does
-    key = (size_class(idx.numel()), torch.get_num_threads())
+    key = (_size_class(idx.numel()), torch.get_num_threads())
     if key in head.choices or head.measuring is not None or not idx.is_cpu or head.packed() is False:
         return
-    head.choices[key] = measure(model, idx)
+    head.choices[key] = _measure(model, idx)
     for (i, o), (int8, fp32) in head.choices[key].items():
-        log.info(f"int8 Linear {i}x{o}, up to {key[0]} rows, {key[1]} threads: the {'int8' if int8 < fp32 else 'fp32'} "
+        _log.info(f"int8 Linear {i}x{o}, up to {key[0]} rows, {key[1]} threads: the {'int8' if int8 < fp32 else 'fp32'} "
                  f"kernel (int8 {int8 * 1e6:.0f} µs, fp32 {fp32 * 1e6:.0f} µs a call, in the model)")
 
 
-class Int8Embedding(nn.Module):
+class _Int8Embedding(nn.Module):
     """A token embedding whose saved form is int8 rows with an fp32 scale per row (token).
 
     `weight` is the dequantized fp32 matrix, recomputed from qweight and scale and never saved; a tied head's
@@ -267,15 +267,15 @@ def check_layers(layers):
                          f"or 'all' (the int8 kernel in every Linear), got {layers!r}")
 
 
-def measure_kernels(model):
-    """layers="auto": the model's Int8Linear layers share the timings of its architecture in CHOICES, which
-    choose_kernels fills before the forward passes that need them."""
+def _measure_kernels(model):
+    """layers="auto": the model's Int8Linear layers share the timings of its architecture in _CHOICES, which
+    _choose_kernels fills before the forward passes that need them."""
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     architecture = tuple(sorted(Counter((m.in_features, m.out_features) for m in linears).items()))
-    choices = CHOICES.setdefault(architecture, {})
+    choices = _CHOICES.setdefault(architecture, {})
     for m in linears:
         m.choices = choices
-    model.register_forward_pre_hook(choose_kernels, with_kwargs=True)
+    model.register_forward_pre_hook(_choose_kernels, with_kwargs=True)
 
 
 def quantize(model, inplace=False, layers="auto"):
@@ -288,7 +288,7 @@ def quantize(model, inplace=False, layers="auto"):
     if not isinstance(model, nn.Module) or not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
         raise TypeError(f"quantize expects a mygpt GPT model, got {type(model).__name__}")
     check_layers(layers)
-    if any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules()):
+    if any(isinstance(m, (Int8Linear, _Int8Embedding)) for m in model.modules()):
         raise ValueError("this model is quantized already")
     if not inplace:
         model = copy.deepcopy(model)
@@ -300,12 +300,12 @@ def quantize(model, inplace=False, layers="auto"):
                 setattr(parent, name, Int8Linear.from_linear(child))
     head = model.lm_head
     # a tied embedding shares lm_head's int8 matrix and scales: rows of the head are tokens too
-    qweight, scale = (head.weight, head.scale) if tied else quantize_rows(wte.weight)
-    model.transformer.wte = Int8Embedding(qweight, scale)
+    qweight, scale = (head.weight, head.scale) if tied else _quantize_rows(wte.weight)
+    model.transformer.wte = _Int8Embedding(qweight, scale)
     if tied:
         head.tied_weight = model.transformer.wte.dequantized_weight
     if layers == "auto":
-        measure_kernels(model)
+        _measure_kernels(model)
     return model.eval()
 
 
@@ -327,7 +327,7 @@ def save_quantized(model, path, tokenizer=None):
 
 
 @contextmanager
-def meta_skeleton():
+def _meta_skeleton():
     """Build modules on the meta device (shapes, no storage) without their random initialisation.
 
     normal_ on a meta tensor would import PyTorch's Python decompositions, about 150 MB of modules, only to
@@ -357,7 +357,7 @@ def load_quantized(path, map_location="cpu", layers="auto"):
                               f"checkpoint with GPT.from_checkpoint(path) and quantize it with mygpt.quantize")
     config = GPT.get_default_config()
     config.merge_from_dict(ckpt["model_config"])
-    with meta_skeleton():
+    with _meta_skeleton():
         model = quantize(GPT(config), inplace=True, layers=layers)
     try:
         model.load_state_dict(ckpt["model"], assign=True)

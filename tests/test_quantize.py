@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import mygpt.quantize as quantize_module
 from mygpt.checkpoint import CheckpointError, save_checkpoint
 from mygpt.model import GPT
-from mygpt.quantize import Int8Embedding, Int8Linear, load_quantized, quantize, save_quantized
+from mygpt.quantize import Int8Linear, _Int8Embedding, load_quantized, quantize, save_quantized
 from tests.corpus import english_prose
 from tests.helpers import VARIANTS, tiny_config
 
@@ -128,14 +128,14 @@ class TestQuantize(unittest.TestCase):
     def test_each_int8_linear_is_its_formula_within_the_activation_step(self):
         # the bound is derived from the quantization (excess_over_rounding), checked on the inputs each layer
         # really sees in the int8 model, for the CPU's own setting and 7-bit activations, which cannot saturate
-        # anywhere (8 bits need VNNI's 32-bit sums, where REDUCE_RANGE is False)
+        # anywhere (8 bits need VNNI's 32-bit sums, where _REDUCE_RANGE is False)
         x = held_out()[:, :-1]
-        settings = {quantize_module.REDUCE_RANGE, True}
+        settings = {quantize_module._REDUCE_RANGE, True}
         for kw in ({}, dict(time_weighting="circulant", token_shift=True)):
             qmodel = quantize(trained_model(**kw), layers="all")
             for reduce_range in sorted(settings):
-                with self.subTest(reduce_range=reduce_range, **kw), mock.patch.object(quantize_module, "REDUCE_RANGE",
-                                                                                      reduce_range):
+                setting = mock.patch.object(quantize_module, "_REDUCE_RANGE", reduce_range)
+                with self.subTest(reduce_range=reduce_range, **kw), setting:
                     for name, inp, out, layer in int8_layer_calls(qmodel, x):
                         self.assertLessEqual(excess_over_rounding(layer, inp, out, reduce_range), 0.0, name)
                         # and it is that formula: at most a couple of inputs rounded the other way at a tie
@@ -177,7 +177,7 @@ class TestQuantize(unittest.TestCase):
         x = torch.randn(3, 5, 64, dtype=torch.float64)  # no int8 kernel takes float64: the fallback path
         expected = F.linear(x, (q.weight.double() * q.scale.double()[:, None]).float().double(), q.bias.double())
         self.assertTrue(torch.allclose(q(x), expected, atol=1e-6))
-        self.assertLessEqual(excess_over_rounding(q, x.float(), q(x.float()), quantize_module.REDUCE_RANGE), 0.0)
+        self.assertLessEqual(excess_over_rounding(q, x.float(), q(x.float()), quantize_module._REDUCE_RANGE), 0.0)
 
     def test_errors(self):
         model = random_model()
@@ -200,7 +200,7 @@ class TestQuantize(unittest.TestCase):
 
 # what the hooks see of each Int8Linear call: the exact result of one kernel or the other
 def int8_kernel(layer, x):
-    return torch.ops.quantized.linear_dynamic(x, layer.packed(), quantize_module.REDUCE_RANGE)
+    return torch.ops.quantized.linear_dynamic(x, layer.packed(), quantize_module._REDUCE_RANGE)
 
 
 def fp32_kernel(layer, x):
@@ -215,8 +215,8 @@ class TestKernelChoice(unittest.TestCase):
 
     def setUp(self):
         self.timed = []  # (kernel, in_features, rows) of every timed call
-        choices = mock.patch.dict(quantize_module.CHOICES, clear=True)
-        timing = mock.patch.object(quantize_module, "timed", self.int8_from_16_rows)
+        choices = mock.patch.dict(quantize_module._CHOICES, clear=True)
+        timing = mock.patch.object(quantize_module, "_timed", self.int8_from_16_rows)
         for patch in (choices, timing):
             patch.start()
             self.addCleanup(patch.stop)
@@ -252,7 +252,7 @@ class TestKernelChoice(unittest.TestCase):
         self.check_kernels(qmodel, x[:2, :2], fp32_kernel)
         self.check_kernels(qmodel, x[:, :9], int8_kernel)
         self.assertEqual(self.timed, [])
-        (timings,) = quantize_module.CHOICES.values()
+        (timings,) = quantize_module._CHOICES.values()
         self.assertEqual(sorted(timings), [(1, torch.get_num_threads()), (4, torch.get_num_threads()),
                                            (64, torch.get_num_threads())])
         self.assertEqual(timings[1, torch.get_num_threads()], {shape: (2e-3, 1e-3) for shape in self.SHAPES})
@@ -287,7 +287,7 @@ class TestKernelChoice(unittest.TestCase):
         self.assertEqual(len(self.timed), 5 * 2 * len(self.SHAPES))
         self.check_kernels(quantize(random_model(n_layer=3)), x[:1, :1], fp32_kernel)  # another architecture
         self.assertEqual(len(self.timed), 2 * 5 * 2 * len(self.SHAPES))
-        self.assertEqual(len(quantize_module.CHOICES), 2)
+        self.assertEqual(len(quantize_module._CHOICES), 2)
 
     def test_layers_all_runs_int8_everywhere_without_measuring(self):
         model = random_model()
@@ -331,12 +331,12 @@ class TestKernelChoice(unittest.TestCase):
         self.assertTrue(qmodel(prompt)[0].requires_grad)  # the LayerNorms' weights
 
     def test_size_classes_are_powers_of_4(self):
-        self.assertEqual([quantize_module.size_class(rows) for rows in (1, 2, 4, 5, 16, 17, 4096, 4097)],
+        self.assertEqual([quantize_module._size_class(rows) for rows in (1, 2, 4, 5, 16, 17, 4096, 4097)],
                          [1, 4, 4, 16, 16, 64, 4096, 16384])
 
 
 class TestMeasure(unittest.TestCase):
-    """How long measure() times: five passes of each kernel at least, until the timed calls took PROBE_SECONDS
+    """How long _measure() times: five passes of each kernel at least, until the timed calls took _PROBE_SECONDS
     (20 ms), or one pass each where the first two took ten times as long; the fastest call per shape and kernel.
     Injected timings."""
 
@@ -350,8 +350,8 @@ class TestMeasure(unittest.TestCase):
             given.append(((x.shape[-1], kernel(x).shape[-1]), kernel.__name__.split("_")[0], seconds(len(given))))
             held.append(sum(m._fp32 is not None for m in qmodel.modules() if isinstance(m, Int8Linear)))
             return kernel(x), given[-1][2]
-        with mock.patch.object(quantize_module, "timed", timing):
-            result = quantize_module.measure(qmodel, held_out(1)[:, :4])
+        with mock.patch.object(quantize_module, "_timed", timing):
+            result = quantize_module._measure(qmodel, held_out(1)[:, :4])
         per_pass = len(TestKernelChoice.SHAPES)  # one layer of each shape is timed
         self.assertEqual(len(given) % (2 * per_pass), 0)  # whole passes of both kernels
         # one of each block shape (4 of 8 block layers); the tied head's are the embedding's
@@ -409,7 +409,7 @@ class TestQuantizedCheckpoint(unittest.TestCase):
         self.assertEqual(raw["model"]["lm_head.weight"].untyped_storage().data_ptr(),
                          raw["model"]["transformer.wte.qweight"].untyped_storage().data_ptr())
         self.assertEqual(loaded.lm_head.weight.data_ptr(), loaded.transformer.wte.qweight.data_ptr())
-        self.assertIsInstance(loaded.transformer.wte, Int8Embedding)
+        self.assertIsInstance(loaded.transformer.wte, _Int8Embedding)
         self.assertEqual(loaded.transformer.wte.weight.dtype, torch.float32)  # what the KV cache reads
 
     def test_untied_model_round_trips(self):

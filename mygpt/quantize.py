@@ -13,11 +13,16 @@ rescaling the output), more than a whole fp32 product of a 128-wide layer at one
 depends on the layer's shape, the rows of the call (one when decoding, thousands in a batched forward), the
 rest of the model (which evicts the layer's weights from the caches between its calls) and the CPU. So
 quantize(model) (layers="auto") measures instead of guessing: before the model's first forward of each size
-class (rows rounded up to a power of 4), forward passes over the same input time both kernels in every Linear
-(_measure), and from then on each Linear shape runs the faster one at that size, in this model and in every
-model of the same architecture in the process. The fp32 kernel multiplies by the dequantized int8 weights (the
-same weights in both kernels; the file stays int8). layers="all" runs the int8 kernel everywhere. The choices
-are logged once each to the "mygpt" logger and kept in _CHOICES.
+class (rows rounded up to a power of 4), forward passes over the same input time both kernels in one Linear of
+each shape (_measure), and from then on each Linear shape runs the faster one at that size, in this model and in
+every model of the same architecture in the process. The fp32 kernel multiplies by the dequantized int8 weights
+(the same weights in both kernels; the file stays int8). layers="all" runs the int8 kernel everywhere. The
+choices are logged once each to the "mygpt" logger and kept in _CHOICES.
+
+So within a process the choice for a size never changes once made, and a model's outputs are repeatable. Across
+processes they may not be: where the two kernels take about as long, one process can choose int8 and another
+fp32 for the same layer, and their outputs then differ by the int8 rounding of the activations (the quality
+bounds in the README and tests). layers="all" gives the same numbers in every process.
 
 Why a module of our own on those kernels: torch.ao.quantization.quantize_dynamic (the same kernels) is deprecated,
 keeps its weights as quantized tensors (also deprecated) that only its own modules read, and gives activations
@@ -38,9 +43,9 @@ dtype from it. LayerNorms, biases, position embeddings and time weights stay fp3
 
 import copy
 import logging
-from collections import Counter
 import time
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -61,6 +66,7 @@ LAYERS = ("auto", "all")  # quantize's choices: the int8 kernel where it is meas
 # out_features): (int8, fp32) seconds a call}}.
 _CHOICES = {}
 _PROBE_SECONDS = 0.02  # what the timed calls of one measurement take at least, unless one pass took ten times that
+_MIN_PASSES, _MAX_PASSES = 5, 100  # of each kernel in one measurement (see _measure)
 
 _log = logging.getLogger("mygpt")
 
@@ -152,10 +158,13 @@ class Int8Linear(nn.Module):
     def int8_pays(self, rows):
         """Whether the int8 kernel was measured faster than the fp32 one for calls of `rows` rows in this model;
         None where nothing was measured (layers="all", or a size that no forward of the model has had)."""
-        if self.choices is None or (timings := self.choices.get((_size_class(rows), torch.get_num_threads()))) is None:
+        if self.choices is None:
+            return None
+        timings = self.choices.get((_size_class(rows), torch.get_num_threads()))
+        if timings is None:
             return None
         int8, fp32 = timings[self.in_features, self.out_features]
-        return int8 < fp32
+        return int8 < fp32  # a tie keeps fp32: its rounding is the smaller
 
     def forward(self, x):
         if x.is_cpu and x.dtype == torch.float32 and self.weight.is_cpu and self.packed() is not False:
@@ -187,48 +196,71 @@ def _measure(model, idx):
     decoding step of a 6 x 384 model a 384x384 layer took 69 µs in fp32 and 32 µs in int8, against 18.5 and
     18.7 µs called alone, where its weights stay in cache. One layer of each shape, so that at most one
     layer's fp32 weights of each shape exist at a time (a model quantized to fit in memory could not hold
-    all of them). Each kernel runs at least five passes, and until the timed calls have taken _PROBE_SECONDS:
-    the first calls at a new size can take twice as long (until the allocator keeps memory of that size), and
-    on a shared machine another process can take the core during any call (three passes chose fp32 for a
-    layer where int8 was 1.6 times as fast). One pass each where those of the first two took ten times as long.
+    all of them).
     """
-    timed_layers = {}  # (in_features, out_features) -> the first Int8Linear of that shape
+    layers = {}  # (in_features, out_features) -> the first Int8Linear of that shape
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            timed_layers.setdefault((m.in_features, m.out_features), m)
-    fastest, spent = {}, 0.0
-    for layer in timed_layers.values():
+            layers.setdefault((m.in_features, m.out_features), m)
+    for layer in layers.values():
         layer.fp32_weight()  # made before the timing, dropped after it: where int8 wins, it would only take memory
     try:
         with torch.inference_mode():
-            for rep in range(100):
-                for kernel in ("int8", "fp32"):
-                    for layer in timed_layers.values():
-                        layer.measuring, layer.seconds = kernel, []
-                    model(idx)
-                    for shape, layer in timed_layers.items():
-                        fastest[shape, kernel] = min([fastest.get((shape, kernel), float("inf")), *layer.seconds])
-                        spent += sum(layer.seconds)
-                if (rep == 0 and spent >= 10 * _PROBE_SECONDS) or (rep >= 4 and spent >= _PROBE_SECONDS):
-                    break
+            fastest = _timed_passes(model, idx, layers)
     finally:
-        for layer in timed_layers.values():
+        for layer in layers.values():
             layer.measuring, layer.seconds, layer._fp32 = None, [], None
-    return {shape: (fastest[shape, "int8"], fastest[shape, "fp32"]) for shape in timed_layers}
+    return {shape: (fastest[shape, "int8"], fastest[shape, "fp32"]) for shape in layers}
 
 
-def _choose_kernels(model, args, kwargs):
-    """The forward pre-hook of a model quantized with layers="auto": before its first forward of each size class
-    (the rows of idx rounded up to a power of 4), measure both kernels in every Linear and log the choices."""
-    idx = args[0] if args else kwargs["idx"]
-    head = model.lm_head  # an Int8Linear, holding the model's choices as every other one does
-    key = (_size_class(idx.numel()), torch.get_num_threads())
-    if key in head.choices or head.measuring is not None or not idx.is_cpu or head.packed() is False:
-        return
-    head.choices[key] = _measure(model, idx)
-    for (i, o), (int8, fp32) in head.choices[key].items():
-        _log.info(f"int8 Linear {i}x{o}, up to {key[0]} rows, {key[1]} threads: the {'int8' if int8 < fp32 else 'fp32'} "
-                 f"kernel (int8 {int8 * 1e6:.0f} µs, fp32 {fp32 * 1e6:.0f} µs a call, in the model)")
+def _timed_passes(model, idx, layers):
+    """{(shape, kernel): the fastest call}: forward passes over idx, one with each kernel in turn in `layers`.
+
+    At least _MIN_PASSES of each, and until the timed calls have taken _PROBE_SECONDS: the first calls at a new
+    size can take twice as long (until the allocator keeps memory of that size), and on a shared machine another
+    process can take the core during any call (three passes chose fp32 for a layer where int8 was 1.6 times as
+    fast). One pass each where those of the first two took ten times as long (a large model at many rows).
+    """
+    fastest, spent = {}, 0.0
+    for passes in range(1, _MAX_PASSES + 1):
+        for kernel in ("int8", "fp32"):
+            for layer in layers.values():
+                layer.measuring, layer.seconds = kernel, []
+            model(idx)
+            for shape, layer in layers.items():
+                fastest[shape, kernel] = min([fastest.get((shape, kernel), float("inf")), *layer.seconds])
+                spent += sum(layer.seconds)
+        if (passes == 1 and spent >= 10 * _PROBE_SECONDS) or (passes >= _MIN_PASSES and spent >= _PROBE_SECONDS):
+            break
+    return fastest
+
+
+class _KernelChoice:
+    """The forward pre-hook of a model quantized with layers="auto": before the model's first forward of each
+    size class (the rows of idx rounded up to a power of 4), _measure both kernels and log the choices.
+
+    The forward passes that measure run this hook too; `measuring` lets them through. (A flag on a layer could
+    not: lm_head may share its shape with a layer timed before it, e.g. c_fc where vocab_size is 4 x n_embd.)
+    """
+
+    def __init__(self, choices):
+        self.choices = choices  # the architecture's timings in _CHOICES, which its Int8Linear layers read
+        self.measuring = False
+
+    def __call__(self, model, args, kwargs):
+        idx = args[0] if args else kwargs["idx"]
+        key = (_size_class(idx.numel()), torch.get_num_threads())
+        if key in self.choices or self.measuring or not idx.is_cpu or model.lm_head.packed() is False:
+            return
+        self.measuring = True
+        try:
+            self.choices[key] = _measure(model, idx)
+        finally:
+            self.measuring = False
+        for (i, o), (int8, fp32) in self.choices[key].items():
+            _log.info(f"int8 Linear {i}x{o}, up to {key[0]} rows, {key[1]} threads: the "
+                      f"{'int8' if int8 < fp32 else 'fp32'} kernel (int8 {int8 * 1e6:.0f} µs, fp32 {fp32 * 1e6:.0f} "
+                      f"µs a call, in the model)")
 
 
 class _Int8Embedding(nn.Module):
@@ -269,13 +301,13 @@ def check_layers(layers):
 
 def _measure_kernels(model):
     """layers="auto": the model's Int8Linear layers share the timings of its architecture in _CHOICES, which
-    _choose_kernels fills before the forward passes that need them."""
+    its _KernelChoice hook fills before the forward passes that need them."""
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     architecture = tuple(sorted(Counter((m.in_features, m.out_features) for m in linears).items()))
     choices = _CHOICES.setdefault(architecture, {})
     for m in linears:
         m.choices = choices
-    model.register_forward_pre_hook(_choose_kernels, with_kwargs=True)
+    model.register_forward_pre_hook(_KernelChoice(choices), with_kwargs=True)
 
 
 def quantize(model, inplace=False, layers="auto"):

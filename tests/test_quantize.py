@@ -1,3 +1,4 @@
+import copy
 import functools
 import os
 import tempfile
@@ -288,6 +289,70 @@ class TestKernelChoice(unittest.TestCase):
         self.check_kernels(quantize(random_model(n_layer=3)), x[:1, :1], fp32_kernel)  # another architecture
         self.assertEqual(len(self.timed), 2 * 5 * 2 * len(self.SHAPES))
         self.assertEqual(len(quantize_module._CHOICES), 2)
+
+    def test_the_model_is_int8_everywhere_or_fp32_with_the_dequantized_weights(self):
+        """Where every shape chose one kernel, auto's logits are those of layers="all" (int8), or those of the
+        fp32 GPT whose weights are the dequantized int8 ones (fp32)."""
+        x = held_out(2)[:, :-1]
+        for tied in (True, False):
+            model = random_model(tie_weights=tied)
+            qmodel = quantize(model)
+            dequantized = copy.deepcopy(model)
+            with self.subTest(tied=tied), torch.no_grad():
+                for name, m in qmodel.named_modules():
+                    if isinstance(m, Int8Linear):
+                        dequantized.get_submodule(name).weight.copy_(m.dequantized_weight())
+                dequantized.transformer.wte.weight.copy_(qmodel.transformer.wte.weight)
+                # 1 row: the fp32 kernel in every Linear (the injected timing); the products may round differently
+                self.assertTrue(torch.allclose(qmodel(x[:1, :1])[0], dequantized(x[:1, :1])[0], rtol=1e-5, atol=1e-6))
+                # 64 rows: the int8 kernel in every Linear
+                self.assertTrue(torch.equal(qmodel(x)[0], quantize(model, layers="all")(x)[0]))
+
+    def test_each_layer_runs_the_kernel_its_recorded_timings_favour(self):
+        int8_shapes = {(64, 192), (256, 64)}  # c_attn and the MLP's c_proj; fp32 in the three others
+
+        def timing(kernel, x):
+            layer, name = kernel.__self__, kernel.__name__.split("_")[0]  # a bound int8_product or fp32_product
+            wins = ((layer.in_features, layer.out_features) in int8_shapes) == (name == "int8")
+            return kernel(x), 1e-3 if wins else 2e-3
+        qmodel = quantize(random_model())
+        x = held_out(2)[:, :-1]
+        with mock.patch.object(quantize_module, "_timed", timing):
+            for inp in (x[:1, :1], x):
+                with torch.no_grad():
+                    qmodel(inp)  # measures
+                (timings,) = quantize_module._CHOICES.values()
+                recorded = timings[quantize_module._size_class(inp.numel()), torch.get_num_threads()]
+                self.assertEqual({shape for shape, (int8, fp32) in recorded.items() if int8 < fp32}, int8_shapes)
+                for name, layer_input, out, layer in int8_layer_calls(qmodel, inp):
+                    int8, fp32 = recorded[layer.in_features, layer.out_features]
+                    kernel = int8_kernel if int8 < fp32 else fp32_kernel
+                    self.assertTrue(torch.equal(out, kernel(layer, layer_input)), name)
+
+    def test_a_head_of_the_same_shape_as_another_layer_is_measured_once(self):
+        qmodel = quantize(random_model(vocab_size=256))  # lm_head 64x256, as c_fc: 4 shapes
+        self.check_kernels(qmodel, held_out(1)[:, :1], fp32_kernel)
+        self.assertEqual(len(self.timed), 5 * 2 * 4)
+
+    def test_a_saved_model_holds_the_int8_weights_alone(self):
+        for tied in (True, False):
+            with self.subTest(tied=tied):
+                model = random_model(tie_weights=tied)
+                qmodel = quantize(model)
+                self.check_kernels(qmodel, held_out(1)[:, :1], fp32_kernel)  # fp32 weights made in every Linear
+                with tempfile.TemporaryDirectory() as tmp:
+                    for m, name in ((qmodel, "auto.pt"), (quantize(model, layers="all"), "all.pt")):
+                        save_quantized(m, os.path.join(tmp, name))
+                    auto, every = (torch.load(os.path.join(tmp, name), weights_only=True)["model"]
+                                   for name in ("auto.pt", "all.pt"))
+                    loaded = load_quantized(os.path.join(tmp, "auto.pt"))
+                self.assertEqual(list(auto), list(every))
+                for key, tensor in auto.items():
+                    self.assertEqual(tensor.dtype, every[key].dtype, key)
+                    self.assertTrue(torch.equal(tensor, every[key]), key)
+                self.assertEqual(auto["lm_head.weight"].dtype, torch.int8)
+                # and the loaded model chooses as the saved one did: it is of the same architecture
+                self.check_kernels(loaded, held_out(1)[:, :1], fp32_kernel)
 
     def test_layers_all_runs_int8_everywhere_without_measuring(self):
         model = random_model()

@@ -158,25 +158,27 @@ def checkpoint_file(source):
     raise FileNotFoundError(f"{source} holds no {' or '.join(_RUN_FILES)}: train first, or give a checkpoint file")
 
 
-def open_checkpoint(source, device="cpu", **overrides):
+def open_checkpoint(source, device="cpu", int8_layers="auto", **overrides):
     """The one door from a checkpoint to what it holds: (model in eval mode on device, its text tokenizer or None,
     the checkpoint dict), read once, from a Trainer's checkpoint, a quantized one (mygpt.quantize) or a run's work
-    dir (its best.pt, else checkpoint.pt). overrides set model config fields that leave the weights' shapes alone
-    (the dropout to fine-tune with, attention), as GPT.from_checkpoint takes them.
+    dir (its best.pt, else checkpoint.pt). int8_layers: for a quantized one, where the int8 kernel runs
+    (load_quantized's layers: "auto" or "all"). overrides set model config fields that leave the weights' shapes
+    alone (the dropout to fine-tune with, attention), as GPT.from_checkpoint takes them.
 
         model, tokenizer, ckpt = mygpt.open_checkpoint("out/chargpt")
         print(tokenizer.decode(model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 50)[0].tolist()))
     """
     from mygpt.model import GPT
-    from mygpt.quantize import FORMAT, load_quantized
+    from mygpt.quantize import FORMAT, check_layers, load_quantized
     from mygpt.tokenizer import TYPES, load_tokenizer
+    check_layers(int8_layers)  # before reading: a wrong value is wrong for any checkpoint
     path = checkpoint_file(source)
     ckpt = load_checkpoint(path)
     if not ckpt.get("model_config"):
         raise CheckpointError(f"{path} records no model config: it holds a model that is not a mygpt GPT; build it "
                               f"yourself and load_checkpoint(path, model=...)")
     if ckpt.get("format") == FORMAT:
-        model = load_quantized(dict(ckpt, model_config={**ckpt["model_config"], **overrides}))
+        model = load_quantized(dict(ckpt, model_config={**ckpt["model_config"], **overrides}), layers=int8_layers)
     else:
         model = GPT.from_checkpoint(ckpt, **overrides)
     description = ckpt.get("tokenizer")

@@ -35,7 +35,7 @@ from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.prepare import prepare_corpus
-from mygpt.quantize import FORMAT as QUANTIZED, quantize, save_quantized
+from mygpt.quantize import FORMAT as QUANTIZED, LAYERS as INT8_LAYERS, quantize, save_quantized
 from mygpt.tasks import STYLES, TASKS, core_score, eval_task, task_and_file
 from mygpt.tokenizer import TYPES as TOKENIZER_TYPES, load_tokenizer, prepare_tokenizer, text_tokenizer
 from mygpt.utils import UsageError, check_device, check_output_file, resolve_device, run_main
@@ -118,7 +118,7 @@ def _read_gpt_checkpoint(path):
 def _sample(args):
     check_device(args.device)
     device = resolve_device(args.device)
-    model, _, ckpt = open_checkpoint(args.checkpoint, device)
+    model, _, ckpt = open_checkpoint(args.checkpoint, device, int8_layers=args.int8_layers)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
     ids, shown = (prompt_ids(tokenizer, args.prompt), args.prompt) if args.prompt else \
         document_start(tokenizer, note=lambda text: print(f"mygpt: {text}", file=sys.stderr))
@@ -189,7 +189,7 @@ def _evaluate(args):
                          "(see 'mygpt eval --help')")
     check_device(args.device)
     device = resolve_device(args.device)
-    model, _, ckpt = open_checkpoint(args.checkpoint, device)
+    model, _, ckpt = open_checkpoint(args.checkpoint, device, int8_layers=args.int8_layers)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
     windows, what = _eval_windows(args.data, tokenizer, model.block_size)
     if len(windows) == 0:
@@ -251,7 +251,7 @@ def _evaluate_tasks(args):
     if args.data is not None and len(args.task) > 1:
         raise UsageError("--data holds one task's rows; for several tasks give each its file as NAME=FILE")
     device = resolve_device(args.device)
-    model, tokenizer = _open_model(args.checkpoint, device)
+    model, tokenizer = _open_model(args.checkpoint, device, args.int8_layers)
     results = []
     for name, data in args.task:
         result = eval_task(model, tokenizer, name, data or args.data, limit=args.limit, style=args.style or "lm-eval",
@@ -273,11 +273,11 @@ def _evaluate_tasks(args):
     return 0
 
 
-def _open_model(name, device):
+def _open_model(name, device, int8_layers):
     """(model, tokenizer) of a checkpoint, or of OpenAI's GPT-2 by its hub name."""
     if name in GPT2_NAMES and not os.path.exists(name):  # weights from the hub when no such file exists
         return GPT.from_pretrained(name).to(device), load_tokenizer({"type": "gpt2"})
-    model, _, ckpt = open_checkpoint(name, device)
+    model, _, ckpt = open_checkpoint(name, device, int8_layers=int8_layers)
     return model, text_tokenizer(ckpt, name)
 
 
@@ -445,6 +445,14 @@ def _prepare(args):
 
 # ---------------------------------------------------------------- the command line
 
+def _add_int8_layers_option(p):
+    """--int8-layers, for the commands that run a checkpoint's model: load_quantized's layers."""
+    p.add_argument("--int8-layers", choices=INT8_LAYERS, default="auto",
+                   help="on an int8 checkpoint: 'auto' (default) runs the int8 kernel only in the layers where it is "
+                        "measured faster on this machine, so two runs may differ within int8's rounding; 'all' in "
+                        "every layer, the same numbers in every run")
+
+
 def _build_parser():
     parser = _ArgumentParser(prog="mygpt", description="Prepare a corpus for training; sample from, evaluate, inspect, quantize, export and plot mygpt checkpoints.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -468,6 +476,7 @@ def _build_parser():
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token step with torch.compile: seconds to compile, for long samples")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    _add_int8_layers_option(p)
     p.set_defaults(run=_sample)
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a text or token shards; or "
@@ -497,6 +506,7 @@ def _build_parser():
                    help="windows per forward pass (8); with --task, choices per forward pass (32)")
     p.add_argument("--max-batches", metavar="N", type=_positive_int, help="evaluate only this many batches")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    _add_int8_layers_option(p)
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("info", help="what a checkpoint holds",
@@ -508,7 +518,8 @@ def _build_parser():
     p = commands.add_parser("quantize", help="int8 weights for CPU inference, about 1/4 of the fp32 size",
                             description="Write an int8 copy of a checkpoint's model (one scale per output channel "
                                         "of every Linear layer and per token of the embedding) with its tokenizer; "
-                                        "sample, eval and info read it like any checkpoint.")
+                                        "sample, eval and info read it like any checkpoint. Which layers run the "
+                                        "int8 kernel is not saved: sample and eval choose (--int8-layers).")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")

@@ -80,10 +80,12 @@ def is_utf8(data):
         return False
 
 
-def load_model(path):
+def load_model(path, int8_layers="auto"):
     """The model of a Trainer's checkpoint or of a quantized one."""
     ckpt = torch.load(path, weights_only=True)
-    return load_quantized(path) if ckpt.get("format") == "mygpt-int8" else GPT.from_checkpoint(path)
+    if ckpt.get("format") == "mygpt-int8":
+        return load_quantized(path, layers=int8_layers)
+    return GPT.from_checkpoint(path)
 
 
 def run(*argv):
@@ -123,9 +125,9 @@ class CLITest(unittest.TestCase):
 
 
 class TestSample(CLITest):
-    def expected(self, path, prompt, seed, n, stop=True, **kwargs):
+    def expected(self, path, prompt, seed, n, stop=True, int8_layers="auto", **kwargs):
         """What model.generate gives for the same settings, decoded, without the stop token."""
-        model = load_model(path)
+        model = load_model(path, int8_layers)
         tok = load_tokenizer(torch.load(path, weights_only=True)["tokenizer"])
         generator = torch.Generator().manual_seed(seed)
         texts = []
@@ -341,6 +343,26 @@ class TestQuantize(CLITest):
         self.assertFails(["quantize", self.gpt2, "--out", quantized], 1, "exists; .* --overwrite")
         self.assertFails(["quantize", self.gpt2, "--out", self.gpt2, "--overwrite"], 1, "is also an input of this command")
         self.assertEqual(run("quantize", self.gpt2, "--out", quantized, "--overwrite")[0], 0)
+
+    def test_int8_layers_all_reaches_the_model_of_sample_and_eval(self):
+        quantized = self.path("chars-int8.pt")
+        self.assertEqual(run("quantize", self.chars, "--out", quantized)[0], 0)
+        with open(self.path("q-chars.txt"), "w", encoding="utf-8") as f:
+            f.write("hello " * 20)  # the checkpoint's five characters
+        with patch("mygpt.quantize.load_quantized", wraps=load_quantized) as loader:
+            status, out, err = run("sample", quantized, "--prompt", "he", "--seed", 3, "--max-new-tokens", 12,
+                                   "--int8-layers", "all")
+            self.assertEqual(status, 0, err)
+            self.assertEqual(loader.call_args.kwargs["layers"], "all")
+            self.assertEqual(out, TestSample.expected(self, quantized, "he", 3, 1, int8_layers="all",
+                                                      do_sample=True)[0] + "\n")
+            status, out, err = run("eval", quantized, "--data", self.path("q-chars.txt"), "--int8-layers", "all")
+            self.assertEqual(status, 0, err)
+            self.assertEqual(loader.call_args.kwargs["layers"], "all")
+            self.assertEqual(run("sample", quantized, "--max-new-tokens", 2)[0], 0)
+            self.assertEqual(loader.call_args.kwargs["layers"], "auto")  # the default
+        for command in (["sample", quantized], ["eval", quantized, "--data", self.path("q-chars.txt")]):
+            self.assertFails([*command, "--int8-layers", "int8"], 2, "invalid choice: 'int8' .*auto.*all")
 
 
 class TestExport(CLITest):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mygpt.quantize as quantize_module
-from mygpt.checkpoint import CheckpointError, save_checkpoint
+from mygpt.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
 from mygpt.model import GPT
 from mygpt.quantize import Int8Linear, _Int8Embedding, load_quantized, quantize, save_quantized
 from tests.corpus import english_prose
@@ -195,6 +195,8 @@ class TestQuantize(unittest.TestCase):
                 load_quantized(fp32)
             with self.assertRaisesRegex(ValueError, "layers must be 'auto' .* or 'all' .* got 'int8'"):
                 load_quantized(fp32, layers="int8")
+            with self.assertRaisesRegex(ValueError, "layers must be 'auto' .* or 'all' .* got 'int8'"):
+                open_checkpoint(fp32, int8_layers="int8")  # refused for an fp32 checkpoint too
         with self.assertRaisesRegex(ValueError, "layers must be 'auto' .* or 'all' .* got None"):
             quantize(model, layers=None)
 

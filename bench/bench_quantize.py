@@ -22,7 +22,8 @@ Where int8 pays: int8/fp32 speed of cached generation at batch 1 and of a batch-
 kernel in every Linear (layers="all") and only where it is measured faster (quantize's default), at
 chargpt's shape (4 layers, 128 wide, vocab 65, block 64), the gpt2 project's cpu recipe (the same with
 GPT-2's vocabulary, block 128), 6 layers 384 wide (nanoGPT's shakespeare_char) and GPT-2's; and the Linear
-shapes whose int8 kernel the default chose, at 1 row and at the batch's rows.
+shapes whose int8 kernel the default chose, at 1 row and at the batch's rows, and what its measuring
+cost at each (its first forward at that size beyond that of the int8-everywhere model).
 """
 
 import argparse
@@ -133,18 +134,21 @@ def bench_speed(shape, rounds, new_tokens):
 
 def bench_where_int8_pays(shape, rounds, new_tokens):
     """int8/fp32 speed of generation and of a batch-32 forward, int8 in every Linear and only where it pays;
-    and the Linear shapes (in x out) whose int8 kernel the latter chose, at 1 row and at the batch's rows."""
+    the Linear shapes (in x out) whose int8 kernel the latter chose, at 1 row and at the batch's rows; and the
+    seconds its measuring took at each of those sizes."""
     fp32 = mygpt_model(shape)
     models = {"fp32": fp32, "all": fp32.quantize(layers="all"), "auto": fp32.quantize()}
     block = SHAPES[shape]["block_size"]
     batch = torch.randint(0, SHAPES[shape]["vocab_size"], (32, min(128, block)))
+    # what measuring costs, once per size: the first forward of "auto" beyond that of "all" (both pack weights)
+    cost = [timed(forward, models["auto"], x) - timed(forward, models["all"], x) for x in (batch[:1, :1], batch)]
     gen, fwd = speeds(models, batch, min(new_tokens, block - 1), rounds)
     # the shapes whose int8 kernel the warm-up's measurements chose
     linears = {(m.in_features, m.out_features): m for m in models["auto"].modules() if isinstance(m, Int8Linear)}
     int8_at = {rows: [f"{i}x{o}" for (i, o), m in sorted(linears.items()) if m.int8_pays(rows)]
                for rows in (1, batch.numel())}
     return ({n: gen[n] / gen["fp32"] for n in ("all", "auto")}, {n: fwd[n] / fwd["fp32"] for n in ("all", "auto")},
-            int8_at, len(linears))
+            int8_at, len(linears), cost)
 
 
 def print_where_int8_pays(quick):
@@ -156,13 +160,16 @@ def print_where_int8_pays(quick):
           f"gpt2's shape); cached greedy generation of {new_tokens} tokens (at most block_size - 1) at batch 1, "
           f"forward of 32 x min(128, block_size) tokens")
     print("| model | generation, int8 everywhere | generation, where it pays | forward, everywhere "
-          "| forward, where it pays | int8 kernel chosen at 1 row | at the batch's rows |")
-    print("| --- " * 7 + "|")
+          "| forward, where it pays | int8 kernel chosen at 1 row | at the batch's rows | measuring, once: 1 row "
+          "| the batch's rows |")
+    print("| --- " * 9 + "|")
     for shape in ("chargpt", "gpt2-cpu", "6x384", "gpt2"):
-        gen, fwd, int8_at, shapes = bench_where_int8_pays(shape, rounds.get(shape, default_rounds), new_tokens)
+        gen, fwd, int8_at, shapes, cost = bench_where_int8_pays(shape, rounds.get(shape, default_rounds),
+                                                                new_tokens)
         chosen = [", ".join(names) if len(names) < shapes else f"all {shapes} shapes" for names in int8_at.values()]
         print(f"| {shape} {SHAPES[shape]} | {gen['all']:.2f}x | {gen['auto']:.2f}x | {fwd['all']:.2f}x "
-              f"| {fwd['auto']:.2f}x | {chosen[0] or 'none'} | {chosen[1] or 'none'} |", flush=True)
+              f"| {fwd['auto']:.2f}x | {chosen[0] or 'none'} | {chosen[1] or 'none'} | {cost[0] * 1e3:.0f} ms "
+              f"| {cost[1] * 1e3:.0f} ms |", flush=True)
 
 
 def peak_rss_child(shape, name, path):

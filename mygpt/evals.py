@@ -207,7 +207,7 @@ def _new_cache(model, batch, length, device):
     """A KVCache holding `length` positions instead of block_size: a batch of rows times block_size would be large."""
     config = copy.copy(model.config)
     config.block_size = length
-    embedding = model.transformer.wte.weight  # the model's dtype (int8: Int8Embedding's dequantized copy)
+    embedding = model.transformer.wte.weight  # the model's dtype (int8: its dequantized copy)
     return KVCache(config, batch, device, embedding.dtype)
 
 

@@ -132,7 +132,7 @@ def _sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, to
     block_size = model.block_size
     cache = None
     if use_cache and idx.shape[1] < block_size:
-        embedding = model.transformer.wte.weight  # the model's device and dtype (int8: Int8Embedding's dequantized copy)
+        embedding = model.transformer.wte.weight  # the model's device and dtype (int8: its dequantized copy)
         cache = KVCache(model.config, idx.shape[0], embedding.device, embedding.dtype)
     step = _compiled_decode_step(model) if compile and cache is not None else _decode_step
     stops = None if not stop_tokens else torch.tensor(stop_tokens, device=idx.device)

@@ -1,6 +1,7 @@
 """The chargpt race: mygpt's default GPT against the modern recipe (--model.preset=modern), side by side.
 
     python bench/bench_modern.py race  [--text=FILE] [--steps=2000] [--runs=default,modern,modern_tw]
+    python bench/bench_modern.py gpt2  [--text=FILE] [--budget=420] [--runs=default,modern,modern_tw]
     python bench/bench_modern.py steps [--steps=40]          time per training step of each switch alone
 
 race: nanoGPT's CPU recipe for shakespeare_char, as projects/chargpt sets it (4 layers, 4 heads, 128 wide,
@@ -14,6 +15,16 @@ the steps (warmup and cooldown fitted to them): a budget at which they still end
 
 The text is tiny shakespeare (mygpt's download cache), or --text=FILE; where the download fails, Python's
 own help topics (pydoc_data, ~465k characters of English) stand in, and the report says so.
+
+gpt2: the same runs on GPT-2 BPE tokens, at projects/gpt2's `cpu` config (4 layers, 4 heads, 128 wide, block
+128, batch 8, AdamW 1e-3 with nanoGPT's cosine), all started at once on one thread each, for the same wall
+time: each run trains for --budget seconds (evaluations excluded) and stops at the first step past it. The
+config's 300 steps do not fit a short budget on a loaded machine, so each run fits its schedule to the
+budget: every 10 steps, until 55% of the budget is spent (before the modern recipe's cooldown starts), the
+schedule's end (max_iters and final_tokens) is set where the budget runs out at the mean step time so far.
+At every eighth of the budget the clock stops while the val loss and bits per byte of the first 10 val
+batches (10,240 tokens, the config's eval_iters) are measured; at the end each model is scored on the whole
+val split. The text (as for race) is prepared with mygpt.prepare_corpus, the first 90% training.
 
 steps: the default model and the default with each switch alone, then the whole modern recipe, trained
 for --steps steps at the race's shape (after 5 warm-up steps), in one process on one thread, in
@@ -30,7 +41,8 @@ import time
 
 import torch
 
-from mygpt import GPT, Trainer, apply_recipe, describe_tokenizer, load_tokenizer, tiny_shakespeare
+from mygpt import (GPT, Trainer, apply_recipe, describe_tokenizer, load_tokenizer, prepare_corpus, score,
+                   tiny_shakespeare)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,13 +72,18 @@ SWITCHES = {  # name: (model overrides, trainer overrides), each alone on the de
     "modern + circulant + token_shift": ("modern", dict(time_weighting="circulant", token_shift=True)),
 }
 EVAL_EVERY, EVAL_WINDOWS = 100, 240
+GPT2_EVALS, GPT2_REFIT_EVERY, GPT2_REFIT_UNTIL = 8, 10, 0.55  # evaluations per budget; schedule fitting (see gpt2)
 
 
-def chargpt():
-    spec = importlib.util.spec_from_file_location("chargpt", os.path.join(ROOT, "projects", "chargpt", "chargpt.py"))
+def project(name, script):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "projects", name, script))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def chargpt():
+    return project("chargpt", "chargpt.py")
 
 
 def read_text(path):
@@ -156,16 +173,21 @@ def run_one(run, text_path, steps, out, args=()):
         json.dump(result, f)
 
 
+def side_by_side(mode, runs, args, d):
+    """{run: its result}: `bench_modern.py MODE RUN *args OUT` for every run, all started at once, one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = {run: subprocess.Popen([sys.executable, __file__, mode, run, *args, os.path.join(d, f"{run}.json")],
+                                   env=env) for run in runs}
+    for run, p in procs.items():
+        if p.wait() != 0:
+            sys.exit(f"run {run} failed")
+    return {run: json.load(open(os.path.join(d, f"{run}.json"))) for run in runs}
+
+
 def race(text_path, steps, runs):
     _, name = read_text(text_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as d:
-        procs = {run: subprocess.Popen([sys.executable, __file__, "run", run, text_path or "", str(steps),
-                                        os.path.join(d, f"{run}.json")], env=env) for run in runs}
-        for run, p in procs.items():
-            if p.wait() != 0:
-                sys.exit(f"run {run} failed")
-        results = {run: json.load(open(os.path.join(d, f"{run}.json"))) for run in runs}
+        results = side_by_side("run", runs, [text_path or "", str(steps)], d)
     base = results["default"] if "default" in results else None
     print(f"\nchargpt race on {name}: {steps} steps, 4 layers, 4 heads, 128 wide, block 64, batch 12, one thread each")
     print(f"{'run':<15} {'steps':>5} {'params':>8} {'val loss':>9} {'train s':>8} {'cpu s':>7} "
@@ -198,6 +220,83 @@ def race(text_path, steps, runs):
     for i, point in enumerate(max((r["curve"] for r in results.values()), key=len)):
         print(f"{point['iter']:<5} " + "  ".join(f"{r['curve'][i]['val_sample']:>15.4f}" if i < len(r["curve"])
                                                  else " " * 15 for r in results.values()))
+
+
+def gpt2_args(run):
+    """A race run's overrides as projects/gpt2 arguments (a preset, which get_config_from_args applies first)."""
+    choices = [name for name, overrides in RUNS.items() if "steps_fraction" not in overrides]
+    if run not in choices:
+        sys.exit(f"gpt2: no run {run!r}; choose from {choices} (the *_short runs set a step count, while the gpt2 "
+                 f"race gives every run the same wall time, --budget)")
+    overrides = RUNS[run]
+    preset = [f"--model.preset={overrides['preset']}"] if overrides.get("preset") else []
+    return preset + [f"--model.{key}={value}" for key, value in overrides.get("model", {}).items()]
+
+
+def gpt2_run(run, data_dir, budget, out):
+    """One gpt2 race entry, in its own process: train for `budget` seconds, the schedule fitted to them."""
+    torch.set_num_threads(1)
+    gpt2 = project("gpt2", "train.py")
+    C = gpt2.get_config_from_args(["cpu", f"--data.dir={data_dir}", *gpt2_args(run)])
+    C.trainer.merge_from_dict(dict(eval_interval=0, ckpt_path=None, quiet=True, log_interval=0, device="cpu"))
+    train, val = gpt2.open_split(C, "train"), gpt2.open_split(C, "val")
+    torch.manual_seed(C.system.seed)
+    model = gpt2.build_model(C, resuming=False)
+    trainer = Trainer(C.trainer, model, train, tokenizer={"type": "gpt2"})
+    tokens_per_step = C.trainer.batch_size * C.data.block_size
+    tokenizer = load_tokenizer({"type": "gpt2"})
+    curve, clock = [], {"train": 0.0, "cpu": 0.0, "since": time.perf_counter(), "cpu_since": time.process_time()}
+
+    def measure(t, max_batches):
+        s = score(t.model, val, C.trainer.batch_size, max_batches, tokenizer=tokenizer)
+        return {"iter": t.iter_num, "seconds": clock["train"], "val_loss": s.loss, "bpb": s.bits_per_byte,
+                "targets": s.targets}
+
+    def on_batch_end(t):
+        seconds = clock["train"] + time.perf_counter() - clock["since"]
+        if seconds < GPT2_REFIT_UNTIL * budget and t.iter_num % GPT2_REFIT_EVERY == 0:
+            # the schedule ends where the budget runs out at the mean step time so far (before any cooldown)
+            t.config.max_iters = t.iter_num + max(1, round((budget - seconds) * t.iter_num / seconds))
+            t.config.final_tokens = t.config.max_iters * tokens_per_step
+        if seconds >= budget:
+            t.config.max_iters = t.iter_num  # the budget is spent: stop after this step
+        if seconds >= budget * (len(curve) + 1) / GPT2_EVALS or t.config.max_iters == t.iter_num:
+            clock["train"], clock["cpu"] = seconds, clock["cpu"] + time.process_time() - clock["cpu_since"]
+            curve.append(measure(t, C.trainer.eval_iters))
+            clock["since"], clock["cpu_since"] = time.perf_counter(), time.process_time()
+
+    trainer.add_callback("on_batch_end", on_batch_end)
+    trainer.run()
+    whole = measure(trainer, None)
+    result = {"run": run, "steps": trainer.iter_num, "params": model.num_parameters(), "curve": curve,
+              "train_seconds": clock["train"], "cpu_seconds": clock["cpu"], "val_loss": whole["val_loss"],
+              "bpb": whole["bpb"], "val_targets": whole["targets"]}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def gpt2_race(text_path, budget, runs):
+    for run in runs:
+        gpt2_args(run)  # an unknown run is refused before anything starts
+    text, name = read_text(text_path)
+    with tempfile.TemporaryDirectory() as d:
+        source = os.path.join(d, "text.txt")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write(text)
+        meta = prepare_corpus(source, os.path.join(d, "data"), tokenizer="gpt2", progress=False)
+        results = side_by_side("gpt2run", runs, [os.path.join(d, "data"), str(budget)], d)
+    print(f"\ngpt2 race on {name} ({meta['train']['tokens']:,} train, {meta['val']['tokens']:,} val GPT-2 tokens): "
+          f"projects/gpt2's cpu config, {budget} s of training each, one thread each")
+    print(f"{'run':<10} {'steps':>5} {'params':>10} {'train s':>8} {'cpu s':>7} {'val loss':>9} {'bits/byte':>10}")
+    for run, r in results.items():
+        print(f"{run:<10} {r['steps']:>5} {r['params']:>10,} {r['train_seconds']:>8.1f} {r['cpu_seconds']:>7.1f} "
+              f"{r['val_loss']:>9.4f} {r['bpb']:>10.4f}")
+    print("\nval loss / bits per byte on the first 10 val batches, at each eighth of the budget (s: step):")
+    print("  s     " + "  ".join(f"{run:>24}" for run in results))
+    for i in range(max(len(r["curve"]) for r in results.values())):
+        cells = [f"{p['val_loss']:.4f} / {p['bpb']:.4f} (it {p['iter']})" if (p := (r["curve"][i:i + 1] or [None])[0])
+                 else "" for r in results.values()]
+        print(f"  {budget * (i + 1) / GPT2_EVALS:>5.0f} " + "  ".join(f"{c:>24}" for c in cells))
 
 
 def step_times(steps):
@@ -238,6 +337,11 @@ def main(argv):
         run_one(argv[1], argv[2] or None, int(argv[3]), argv[4], argv[5:])
     elif mode == "race":
         race(opts.get("text"), int(opts.get("steps", 2000)), opts.get("runs", "default,modern,modern_tw,modern_short,modern_tw_short").split(","))
+    elif mode == "gpt2run":
+        gpt2_run(argv[1], argv[2], float(argv[3]), argv[4])
+    elif mode == "gpt2":
+        runs = opts.get("runs", "default,modern,modern_tw").split(",")
+        gpt2_race(opts.get("text"), float(opts.get("budget", 420)), runs)
     elif mode == "steps":
         step_times(int(opts.get("steps", 40)))
     else:

@@ -270,7 +270,8 @@ class TestTasks(unittest.TestCase):
         self.assertEqual(sorted(real), sorted(TASKS))
         self.assertEqual(real["hellaswag"].url,
                          "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
-        readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+        with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+            readme = f.read()
         for name, record in real.items():
             self.assertTrue(record.url.startswith("https://"), name)
             self.assertRegex(record.sha256, "^[0-9a-f]{64}$")

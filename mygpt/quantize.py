@@ -104,13 +104,13 @@ class Int8Linear(nn.Module):
     favour for its size (int8_pays); None: always the int8 kernel.
     """
 
-    def __init__(self, weight, scale, bias=None, choices=None):
+    def __init__(self, weight, scale, bias=None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)  # int8 (out, in)
         self.register_buffer("scale", scale)    # fp32 (out,)
         self.register_buffer("bias", bias)      # fp32 (out,) or None
-        self.choices = choices
+        self.choices = None                     # set by _measure_kernels (layers="auto")
         self.measuring = None                   # "int8" or "fp32" while _measure() times that kernel
         self.seconds = []                       # and the seconds of each call then
         self.tied_weight = None                 # a head tied to the embedding: the embedding's dequantized_weight
@@ -118,10 +118,10 @@ class Int8Linear(nn.Module):
         self._fp32 = None                       # the dequantized weights, built where the fp32 kernel runs
 
     @classmethod
-    def from_linear(cls, linear, choices=None):
+    def from_linear(cls, linear):
         q, scale = _quantize_rows(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        return cls(q, scale, bias, choices)
+        return cls(q, scale, bias)
 
     def dequantized_weight(self):
         return self.weight.float() * self.scale[:, None]

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from bench_compile import cpu_description  # the CPU's name and the vector extensions that matter
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size)
     "chargpt": (4, 4, 128, 64, 12),
@@ -110,8 +112,7 @@ def main(argv):
     unknown = set(shapes) - set(SHAPES)
     if unknown or len(steps) != len(shapes):
         sys.exit(f"shapes are {', '.join(SHAPES)}, with one --steps entry each\n{__doc__}")
-    with open("/proc/loadavg") as f:
-        print(f"load before: {f.read().split()[0]}; CPU: {torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, {cpu_description()}, load average {os.getloadavg()[0]:.2f} before the runs")
     with tempfile.TemporaryDirectory() as folder:
         results = {shape: {seed: race_pair(shape, seed, n, opts.get("text"), folder) for seed in seeds}
                    for shape, n in zip(shapes, steps)}

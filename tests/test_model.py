@@ -1,3 +1,4 @@
+import itertools
 import math
 import os
 import tempfile
@@ -168,18 +169,19 @@ class TestLinear(unittest.TestCase):
     def test_inference_path_equals_f_linear_and_training_keeps_autograd(self):
         from mygpt.model import Linear
         torch.manual_seed(0)
-        for bias in (True, False):
-            layer = Linear(48, 40, bias=bias)
-            for x in (torch.randn(1, 1, 48), torch.randn(3, 7, 48), torch.randn(2, 5, 96)[:, :, ::2]):
+        # 48 -> 40 stays in F.linear (a small weight); 512 -> 320 is large enough for oneDNN where PyTorch has it, on x86
+        for (fan_in, fan_out), bias in itertools.product(((48, 40), (512, 320)), (True, False)):
+            layer = Linear(fan_in, fan_out, bias=bias)
+            for x in (torch.randn(1, 1, fan_in), torch.randn(3, 7, fan_in), torch.randn(2, 5, 2 * fan_in)[:, :, ::2]):
                 expected = F.linear(x, layer.weight, layer.bias)
-                with torch.inference_mode():  # oneDNN where PyTorch has it, on x86
+                with torch.inference_mode():
                     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
                 with torch.no_grad():
                     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
-            y = layer(torch.randn(2, 3, 48))
+            y = layer(torch.randn(2, 3, fan_in))
             self.assertTrue(y.requires_grad)
             y.sum().backward()
-            self.assertEqual(layer.weight.grad.shape, (40, 48))
+            self.assertEqual(layer.weight.grad.shape, (fan_out, fan_in))
 
 
 class TestBadInput(unittest.TestCase):

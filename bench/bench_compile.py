@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from mygpt import GPT, Trainer  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 TRAIN_SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, dropout, steps per round)
     "chargpt": (4, 4, 128, 64, 12, 0.0, 60),
@@ -158,21 +159,6 @@ def child(args):
     bench = bench_train if args.child_kind == "train" else bench_decode
     result = bench(args.child_shape, args.child_precision, args.rounds)
     print(json.dumps(dict(result, load=(load, os.getloadavg()[0]))))
-
-
-def cpu_description():
-    """The CPU's name, its vector extensions that matter here, and its cores (Linux's /proc/cpuinfo)."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            # one "key : value" line per field and core; the cores are alike
-            info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in f if ":" in line)}
-        name, flags = info.get("model name", name), set(info.get("flags", "").split())
-    except OSError:
-        pass
-    features = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-                                          ("amx_bf16", "AMX-BF16")) if flag in flags] or ["no AVX-512"]
-    return f"{name} ({', '.join(features)}), {os.cpu_count()} cores"
 
 
 def main():

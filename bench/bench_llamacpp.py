@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from bench_compile import cpu_description
+from machine import cpu_description
 from mygpt import GPT, Int8Linear, export_gguf, stream
 
 SHAPE = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)  # GPT-2 124M

@@ -15,7 +15,6 @@ Peak memory: the maximum resident set of a fresh process doing training steps, p
 """
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 import torch
 
 from mygpt import GPT, CfgNode
+from machine import cpu_description
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
 BATCH = 16
@@ -124,14 +124,6 @@ def bench_training(rounds, steps_per_round):
         print(f"{name:<18}{rate:>10.0f}{rate * flops / peak:>8.3f}{rate / base:>10.3f}")
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def bench_generation(repeats):
     torch.manual_seed(0)
     ours = mygpt_model(block_size=256).eval()
@@ -154,7 +146,7 @@ def bench_generation(repeats):
                 t0 = time.perf_counter()
                 run()
                 rates[name].append(200 / (time.perf_counter() - t0))
-    print(f"\ngeneration, 200 new tokens, batch 1, greedy (block_size 256), {cpu_name()}, "
+    print(f"\ngeneration, 200 new tokens, batch 1, greedy (block_size 256), {cpu_description()}, "
           f"{torch.get_num_threads()} threads, median (min-max) of {repeats} interleaved rounds")
     print(f"{'model':<20}{'tokens/s':>10}{'range':>12}{'cached mygpt is':>18}")
     cached = statistics.median(rates["mygpt cached"])

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench_compile import cpu_description  # the CPU's name and the vector extensions that matter
+from machine import cpu_description
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from mygpt import GPT, Int8Linear, load_quantized, save_quantized
+from machine import cpu_description
 
 SHAPES = {
     "chargpt": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65, block_size=64),
@@ -350,18 +351,6 @@ def adder_accuracy(work_dir):
 
 # ---------------------------------------------------------------- report
 
-def cpu_name():
-    """The CPU's model name and the features int8 and fp32 products use, as Linux reports them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in f if ":" in line)}
-    except OSError:
-        return "unknown"
-    flags = info.get("flags", "").split()
-    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"{info.get('model name', 'unknown')} ({', '.join(features) or 'no AVX2'})"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--quick", action="store_true")
@@ -378,7 +367,7 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), quantized engine "
-          f"{torch.backends.quantized.engine}, CPU {cpu_name()}, load average {os.getloadavg()[0]:.2f}")
+          f"{torch.backends.quantized.engine}, CPU {cpu_description()}, load average {os.getloadavg()[0]:.2f}")
     if args.only_where_it_pays:
         return print_where_int8_pays(args.quick)
     columns, times, warmup, error = bench_kernels(3 if args.quick else 7, 10, args.compile_torchao)

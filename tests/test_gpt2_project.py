@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import mygpt.downloads
+import mygpt.quantize
 import mygpt.tasks
 from mygpt import GPT, GPT2_NAMES, cli, eval_task, generate_texts, get_encoder, load_checkpoint, save_quantized
 from mygpt.bpe import ENDOFTEXT, GPT2_PATTERN, VOCAB_DIR
@@ -226,6 +227,19 @@ class TestTrainResumeSample(unittest.TestCase):
             save_quantized(start.quantize(), int8, tokenizer={"type": "gpt2"})
             with self.assertRaisesRegex(ValueError, f"--init_from={re.escape(int8)} holds int8 weights, for inference"):
                 train.build_model(train.get_config_from_args([f"--init_from={int8}", *TINY]), resuming=False)
+            # which sample.py runs, with the int8 kernel in every layer on --int8_layers=all (as `mygpt sample`)
+            sample = load("sample")
+            config = sample.get_config()
+            config.merge_from_dict(dict(init_from=int8, int8_layers="all"))
+            with mock.patch("mygpt.quantize.load_quantized", wraps=mygpt.quantize.load_quantized) as loader:
+                model, _ = sample.load_model(config)
+            self.assertEqual(loader.call_args.kwargs["layers"], "all")
+            idx = torch.tensor([[3, 1, 4, 1, 5]])
+            with torch.no_grad():
+                self.assertTrue(torch.equal(model(idx)[0], mygpt.quantize.load_quantized(int8, layers="all")(idx)[0]))
+            config.int8_layers = "int8"
+            with self.assertRaisesRegex(ValueError, "layers must be 'auto' .* or 'all' .*, got 'int8'"):
+                sample.load_model(config)
 
     def test_samples_stop_at_endoftext(self):
         config = GPT.get_default_config()

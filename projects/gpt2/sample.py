@@ -8,7 +8,9 @@ Sample text from a run of projects/gpt2/train.py or from GPT-2's weights, decode
 --init_from: resume (the work dir's best.pt, else its checkpoint.pt), a checkpoint file, gpt2, gpt2-medium, gpt2-large,
 gpt2-xl (needs network once) or a folder written by transformers' save_pretrained. --prompt_file: one prompt per
 line, or a .json file holding a list of prompts (for prompts with newlines). An empty prompt starts a new document
-at <|endoftext|>; a sample ends at <|endoftext|> unless --stop=False.
+at <|endoftext|>; a sample ends at <|endoftext|> unless --stop=False. --int8_layers: for an int8 checkpoint
+(`mygpt quantize`), "auto" runs the int8 kernel where it is measured faster, "all" everywhere (the same numbers on
+every machine), as `mygpt sample --int8-layers` does.
 """
 
 import json
@@ -24,7 +26,8 @@ from mygpt import (GPT, GPT2_NAMES, SAMPLE_SEPARATOR, CfgNode, check_device, gen
 def get_config():
     """nanoGPT's sample.py defaults."""
     return CfgNode(init_from="resume", work_dir="./out/gpt2", prompt="\n", prompt_file=None, num_samples=3,
-                   max_new_tokens=200, temperature=0.8, top_k=200, top_p=None, seed=1337, device="cpu", stop=True)
+                   max_new_tokens=200, temperature=0.8, top_k=200, top_p=None, seed=1337, device="cpu", stop=True,
+                   int8_layers="auto")
 
 
 def load_model(config):
@@ -40,7 +43,7 @@ def load_model(config):
     elif not os.path.isfile(source):
         raise FileNotFoundError(f"--init_from={source!r} is not resume, a checkpoint file, one of "
                                 f"{', '.join(GPT2_NAMES)} or a folder written by save_pretrained")
-    model, tokenizer, _ = open_checkpoint(source)
+    model, tokenizer, _ = open_checkpoint(source, int8_layers=config.int8_layers)
     return model, tokenizer or load_tokenizer({"type": "gpt2"})
 
 

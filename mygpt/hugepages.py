@@ -39,18 +39,24 @@ def _huge_page_empty(shape, dtype):
     return raw[start:start + nbytes].view(dtype).view(shape)
 
 
+def in_huge_pages(tensor):
+    """tensor itself, or where it is a CPU tensor of at least one huge page (and the platform has them) a
+    contiguous copy of it in huge-page memory: for the tensors a model builds beside its parameters."""
+    if (not huge_pages_supported() or tensor.device.type != "cpu" or tensor.layout != torch.strided
+            or tensor.numel() * tensor.element_size() < HUGE_PAGE):
+        return tensor
+    moved = _huge_page_empty(tensor.shape, tensor.dtype)
+    moved.copy_(tensor)
+    return moved
+
+
 def move_to_huge_pages(module):
-    """Move every CPU parameter of module of at least one huge page into huge-page memory, in place.
+    """Move every CPU parameter and buffer of module of at least one huge page into huge-page memory, in place.
 
     The same Parameter objects keep the same values (a tied weight moves once); optimizers, checkpoints and
     state_dict see no difference. A copy, .to() or deepcopy of the model has its tensors in ordinary memory again.
     """
-    if not huge_pages_supported():
-        return module
-    for p in module.parameters():
-        if (p.device.type == "cpu" and p.layout == torch.strided and p.is_contiguous()
-                and p.numel() * p.element_size() >= HUGE_PAGE):
-            moved = _huge_page_empty(p.shape, p.dtype)
-            moved.copy_(p.detach())
-            p.data = moved
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_contiguous():
+            t.data = in_huge_pages(t.detach())
     return module

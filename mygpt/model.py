@@ -43,6 +43,7 @@ GPT-2 loads and computes exactly as it always did (mygpt.recipes names the set t
 import math
 import numbers
 import platform
+import weakref
 
 import torch
 import torch.nn as nn
@@ -52,7 +53,8 @@ from mygpt.kernels import time_weighted_attention, triton_available
 from mygpt.recipes import PRESETS
 from mygpt.rotary import apply_rotary, rotary_angles
 from mygpt.checkpoint import load_checkpoint, load_model_state
-from mygpt.hugepages import move_to_huge_pages
+from mygpt.hugepages import in_huge_pages, move_to_huge_pages
+from mygpt.matvec import matvec, pays as matvec_pays
 from mygpt.utils import CfgNode
 
 _TIME_WEIGHTINGS = (None, "full", "circulant")
@@ -86,6 +88,8 @@ _ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _ONEDNN_LINEAR = getattr(_ONEDNN_LINEAR, "default", None)  # the overload itself: no overload lookup per call
 # below 512 KiB of fp32 weights F.linear is faster: oneDNN's call costs ~15 µs, MKL's ~3 µs, and the weights sit in cache
 _ONEDNN_MIN_WEIGHT = 1 << 17
+# whether oneDNN multiplies bf16 on this CPU (natively or emulated with AVX-512): Linear's bf16 autocast path
+_ONEDNN_BF16 = _ONEDNN_LINEAR is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class Linear(nn.Linear):
@@ -99,16 +103,51 @@ class Linear(nn.Linear):
     F.linear is 3-4x faster at one row, and a 4 x 128 model generates 1.8x faster with it (1 or 2 threads).
     oneDNN's op has no backward, so training keeps F.linear. Under torch.compile the op goes in as a custom
     op (inductor's own lowering of it takes only weights frozen into the graph).
+
+    One row at a time (decoding) the product is mygpt.matvec's compiled loop, which reads the weights at memory's
+    speed where oneDNN does not. In bf16 autocast (precision='bf16' for inference) autocast would cast the fp32
+    weights to bf16 at every call: a read of 6 bytes a weight where a product needs 2. So the weights are cast
+    once (_bf16_weights), into huge pages, and kept beside the fp32 ones (half their memory again) until those
+    change; one row is multiplied by them in matvec (fp32 out), several in oneDNN (bf16 out, as autocast's).
     """
 
     def forward(self, x):
-        if (_ONEDNN_LINEAR is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-                or self.weight.dtype != torch.float32 or self.weight.numel() < _ONEDNN_MIN_WEIGHT
-                or torch.is_autocast_enabled("cpu")):
+        if (_ONEDNN_LINEAR is None or torch.is_grad_enabled() or x.device.type != "cpu"
+                or self.weight.dtype != torch.float32 or self.weight.numel() < _ONEDNN_MIN_WEIGHT):
             return F.linear(x, self.weight, self.bias)
+        one_row = matvec_pays(self.weight, x)
+        if torch.is_autocast_enabled("cpu"):
+            if (not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16
+                    or torch.compiler.is_compiling()):
+                return F.linear(x, self.weight, self.bias)
+            weight, bias = _bf16_weights(self)
+            if one_row:
+                return matvec(weight, x, bias=self.bias)
+            return _ONEDNN_LINEAR(x.to(torch.bfloat16), weight, bias, "none", [], "")
+        if x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        if one_row:
+            return matvec(self.weight, x, bias=self.bias)
         if torch.compiler.is_compiling():
             return _onednn_linear(x, self.weight, self.bias)
         return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+
+
+# Linear -> (the fp32 tensors' addresses and versions, bf16 weight, bf16 bias): outside the module, so that
+# state dicts and copies never hold them, and dropped with the module
+_BF16 = weakref.WeakKeyDictionary()
+
+
+def _bf16_weights(linear):
+    """(weight, bias) of linear in bf16 for bf16 autocast: cast once, and again after the fp32 ones change."""
+    versions = tuple((t.data_ptr(), t._version) for t in (linear.weight, linear.bias) if t is not None)
+    kept = _BF16.get(linear)
+    if kept is None or kept[0] != versions:
+        with torch.inference_mode(False):  # ordinary tensors, usable under no_grad as well as inference mode
+            weight = in_huge_pages(linear.weight.detach().to(torch.bfloat16))
+            bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        kept = _BF16[linear] = (versions, weight, bias)
+    return kept[1], kept[2]
 
 
 @torch.library.custom_op("mygpt::onednn_linear", mutates_args=())

@@ -53,6 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mygpt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from mygpt.hugepages import in_huge_pages, move_to_huge_pages
+from mygpt.matvec import matvec, pays as matvec_pays
 
 FORMAT = "mygpt-int8"  # the "format" entry of a quantized checkpoint
 
@@ -149,12 +151,16 @@ class Int8Linear(nn.Module):
             return self.tied_weight()
         if self._fp32 is None:
             with torch.inference_mode(False):  # kept for later calls, which may track gradients (of the input)
-                self._fp32 = self.dequantized_weight()
+                self._fp32 = in_huge_pages(self.dequantized_weight())
         return self._fp32
 
     def fp32_product(self, x):
-        # F.linear (MKL), not the oneDNN op of mygpt.model.Linear: at one row oneDNN took 16 µs a call at
-        # 128x128 against MKL's 4 (AMD EPYC, 1 thread), and small layers at one row are where fp32 wins
+        """x times the dequantized weights in fp32. One row (decoding) in mygpt.matvec's compiled loop, which
+        dequantizes each int8 weight as it reads it: a quarter of the bytes of an fp32 product, and no fp32 copy.
+        More rows in F.linear (MKL), not the oneDNN op of mygpt.model.Linear: at one row oneDNN took 16 µs a
+        call at 128x128 against MKL's 4 (AMD EPYC, 1 thread)."""
+        if matvec_pays(self.weight, x):
+            return matvec(self.weight, x, self.scale, self.bias)
         return F.linear(x, self.fp32_weight(), self.bias)
 
     def int8_pays(self, rows):
@@ -282,7 +288,10 @@ class _Int8Embedding(nn.Module):
     def dequantize(self):
         q = self.qweight
         # a meta skeleton (see load_quantized) has nothing to compute until saved tensors are loaded into it
-        self.weight = torch.empty(q.shape, device="meta") if q.is_meta else q.float() * self.scale[:, None]
+        if q.is_meta:
+            self.weight = torch.empty(q.shape, device="meta")
+        else:
+            self.weight = in_huge_pages(q.float() * self.scale[:, None])  # (vocab_size, n_embd)
 
     def dequantized_weight(self):
         return self.weight
@@ -340,6 +349,7 @@ def quantize(model, inplace=False, layers="auto"):
         head.tied_weight = model.transformer.wte.dequantized_weight
     if layers == "auto":
         _measure_kernels(model)
+    move_to_huge_pages(model)  # the int8 weights and what deepcopy put back into small pages (mygpt/hugepages.py)
     return model.eval()
 
 
@@ -397,4 +407,4 @@ def load_quantized(path, map_location="cpu", layers="auto"):
         model.load_state_dict(ckpt["model"], assign=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not match the model its config describes: {err}") from err
-    return model.eval()
+    return move_to_huge_pages(model).eval()

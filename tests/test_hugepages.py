@@ -1,4 +1,6 @@
 import copy
+import os
+import tempfile
 import unittest
 
 import torch
@@ -68,6 +70,20 @@ class TestHugePages(unittest.TestCase):
         with torch.no_grad():
             torch.testing.assert_close(model(idx)[0], ordinary(idx)[0], rtol=0, atol=0)
         torch.testing.assert_close(model.generate(idx[:, :4], 8), ordinary.generate(idx[:, :4], 8), rtol=0, atol=0)
+
+    def test_an_int8_model_holds_its_large_tensors_in_huge_pages_after_a_copy_and_a_reload(self):
+        from mygpt.quantize import load_quantized, save_quantized
+        qmodel = _small_gpt(n_embd=1024, vocab_size=4000).quantize(layers="all")  # a deepcopy of the fp32 model
+        with tempfile.TemporaryDirectory() as tmp:
+            save_quantized(qmodel, os.path.join(tmp, "int8.pt"))
+            loaded = load_quantized(os.path.join(tmp, "int8.pt"))
+        for model in (qmodel, loaded):
+            # the int8 c_fc (4096 x 1024 B = 4 MiB), the tied int8 head and embedding (3.9 MiB), the embedding's
+            # dequantized rows (15.6 MiB); c_attn's int8 weights (3 MiB) too
+            for t in (model.transformer.h[0].mlp.c_fc.weight, model.lm_head.weight, model.transformer.wte.weight,
+                      model.transformer.h[0].attn.c_attn.weight):
+                self.assertEqual(t.data_ptr() % HUGE_PAGE, 0)
+                self.assertIn("hg", _mapping_flags(t.data_ptr()))
 
 
 if __name__ == "__main__":

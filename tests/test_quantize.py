@@ -260,6 +260,21 @@ class TestKernelChoice(unittest.TestCase):
                                            (64, torch.get_num_threads())])
         self.assertEqual(timings[1, torch.get_num_threads()], {shape: (2e-3, 1e-3) for shape in self.SHAPES})
 
+    def test_the_fp32_kernel_multiplies_one_row_by_the_int8_weights_without_an_fp32_copy(self):
+        """One row (decoding) goes to mygpt.matvec over the int8 weights: the dequantized product, exact but for
+        fp32's accumulation (n eps_32 sum |w x|, and one rounding of the scale and the bias)."""
+        torch.manual_seed(0)
+        layer = Int8Linear.from_linear(nn.Linear(512, 1024))  # enough weights for matvec
+        x = torch.randn(1, 1, 512)
+        with torch.inference_mode():
+            y = layer.fp32_product(x)
+        self.assertIsNone(layer._fp32)
+        w = layer.weight.double() * layer.scale.double()[:, None]
+        exact = x.double() @ w.T + layer.bias.double()
+        eps = torch.finfo(torch.float32).eps
+        bound = 512 * eps * (x.double().abs() @ w.abs().T) + 2 * eps * exact.abs()
+        self.assertTrue(bool(((y.double() - exact).abs() <= bound).all()))
+
     def test_fp32_weights_are_kept_only_where_the_fp32_kernel_runs(self):
         qmodel = quantize(random_model())
         blocks = [m for m in qmodel.transformer.h.modules() if isinstance(m, Int8Linear)]

@@ -14,8 +14,8 @@ llama.cpp runs through llama-cpp-python, which is optional and builds llama.cpp 
 The model: GPT-2 124M's shape (12 layers, 12 heads, 768 wide, GPT-2's vocabulary, block 1024) with random
 weights from seed 0, written by mygpt.export_gguf at f32, f16 and q8_0. Each precision is paired with mygpt's
 nearest: fp32 with f32; int8 (model.quantize(), int8 weights, one scale per row) with q8_0 (int8, one scale per
-32 weights); bf16 with f16, where mygpt's bf16 is the model cast to bf16 weights, model.to(torch.bfloat16):
-mygpt has no precision option for inference (precision='auto' is the Trainer's).
+32 weights); bf16 with f16, where mygpt's bf16 is precision='bf16' for inference (`mygpt sample --precision
+bf16`): the fp32 model in bf16 autocast, whose Linear layers keep a bf16 copy of their weights.
 
 Both decode greedily, batch 1, from the same 16 prompt token ids, NEW_TOKENS new tokens, in their Python token
 loops (mygpt.stream; llama-cpp-python's Llama.generate with temp=0, llama.cpp's greedy sampler), timed alike:
@@ -38,7 +38,6 @@ llama.cpp maps the GGUF file (use_mmap, its default), so where the page cache ho
 """
 
 import argparse
-import copy
 import os
 import statistics
 import tempfile
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 
 from machine import cpu_description
-from mygpt import GPT, Int8Linear, export_gguf, stream
+from mygpt import GPT, Int8Linear, export_gguf, precision_context, stream
 
 SHAPE = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)  # GPT-2 124M
 PROMPT_TOKENS = 16
@@ -58,12 +57,12 @@ PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("bf16", "f16"))  # mygpt's precisio
 
 
 def mygpt_models():
-    """{precision: model}, all from the same fp32 weights (seed 0)."""
+    """{precision: (model, the precision it decodes in)}, all from the same fp32 weights (seed 0)."""
     torch.manual_seed(0)
     config = GPT.get_default_config()
     config.merge_from_dict(SHAPE)
     model = GPT(config).eval()
-    return {"fp32": model, "int8": model.quantize(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    return {"fp32": (model, "fp32"), "int8": (model.quantize(), "fp32"), "bf16": (model, "bf16")}
 
 
 def load_llama(path, threads, extra_bufts, mmap):
@@ -89,23 +88,23 @@ def has_extra_bufts_option():
     return "use_extra_bufts" in dict(llama_cpp.llama_model_params._fields_)
 
 
-def decode_mygpt(model, prompt):
+def decode_mygpt(model, precision, prompt):
     """(tokens, prompt s, steps s, None) of one greedy run; see the docstring for what is timed."""
     tokens = []
     start = time.perf_counter()
-    for token in stream(model, torch.tensor([prompt]), NEW_TOKENS):
-        tokens.append(int(token))
-        if len(tokens) == 1:
-            first = time.perf_counter()
+    with precision_context(precision):
+        for token in stream(model, torch.tensor([prompt]), NEW_TOKENS):
+            tokens.append(int(token))
+            if len(tokens) == 1:
+                first = time.perf_counter()
     return tokens, first - start, time.perf_counter() - first, None
 
 
-def products_only(model):
+def products_only(model, precision):
     """(None, None, s, None): the matrix-vector products of NEW_TOKENS - 1 decoding steps and nothing else."""
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-    dtype = model.transformer.wte.weight.dtype  # the activations' dtype (fp32 for an int8 model)
-    rows = {n: torch.randn(1, 1, n, dtype=dtype) for n in {m.in_features for m in layers}}
-    with torch.inference_mode():
+    rows = {n: torch.randn(1, 1, n) for n in {m.in_features for m in layers}}
+    with torch.inference_mode(), precision_context(precision):
         start = time.perf_counter()
         for _ in range(NEW_TOKENS - 1):
             for layer in layers:
@@ -210,12 +209,12 @@ def main():
     runs, llms = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for mine, theirs in PAIRS:
-            path = export_gguf(models["fp32"], Path(tmp) / f"gpt2-{theirs}.gguf", dtype=theirs)
+            path = export_gguf(models["fp32"][0], Path(tmp) / f"gpt2-{theirs}.gguf", dtype=theirs)
             for threads in thread_counts:
                 llm = load_llama(path, threads, args.extra_bufts, not args.no_mmap)
                 llms.append(llm)
-                runs[threads, mine] = lambda m=models[mine]: decode_mygpt(m, prompt)
-                runs[threads, f"{mine} products"] = lambda m=models[mine]: products_only(m)
+                runs[threads, mine] = lambda m=models[mine]: decode_mygpt(*m, prompt)
+                runs[threads, f"{mine} products"] = lambda m=models[mine]: products_only(*m)
                 runs[threads, theirs] = lambda llm=llm: decode_llama(llm, prompt)
         try:
             results = measure(runs, thread_counts, args.rounds)

@@ -8,6 +8,7 @@ from mygpt.downloads import DownloadError, download, tiny_shakespeare
 from mygpt.evals import Example, score_examples
 from mygpt.evaluate import score, score_batches
 from mygpt.export import export_gguf, export_hf
+from mygpt.inference import INFERENCE_PRECISIONS, inference_precision, precision_context
 from mygpt.generate import SAMPLE_SEPARATOR, check_sampling_args, document_start, generate_texts, stream
 from mygpt.model import GPT, KVCache
 from mygpt.plot import plot_history, write_history
@@ -24,7 +25,7 @@ from mygpt.utils import (CfgNode, InUseError, UsageError, atomic_path, check_dev
 __all__ = [
     # the model and sampling from it
     "GPT", "KVCache", "GPT2_NAMES", "stream", "generate_texts", "document_start", "SAMPLE_SEPARATOR",
-    "check_sampling_args",
+    "check_sampling_args", "inference_precision", "precision_context", "INFERENCE_PRECISIONS",
     # int8 inference (model.quantize()), export, plots
     "Int8Linear", "is_quantized", "save_quantized", "load_quantized", "export_hf", "export_gguf", "plot_history",
     "write_history",

@@ -30,7 +30,8 @@ from mygpt.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, 
 from mygpt.data import HEADER_BYTES, TokenDataset, read_header
 from mygpt.evaluate import score
 from mygpt.export import export_architecture, export_gguf, export_hf
-from mygpt.generate import SAMPLE_SEPARATOR, document_start, prompt_ids, stream
+from mygpt.generate import SAMPLE_SEPARATOR, document_start, generate, prompt_ids, stream
+from mygpt.inference import INFERENCE_PRECISIONS, inference_precision, precision_context
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
 from mygpt.pretrained import GPT2_NAMES
@@ -129,6 +130,21 @@ def _sample(args):
     else:
         generator.manual_seed(args.seed)
     stop = None if args.no_stop or tokenizer.eot_token is None else [tokenizer.eot_token]
+    precision = inference_precision(model, args.precision, lambda dtype: _decode_a_little(model, idx, dtype))
+    with precision_context(precision, torch.device(device).type):
+        _print_samples(args, model, tokenizer, idx, shown, generator, stop)
+    return 0
+
+
+_PROBE_TOKENS = 4  # what --precision auto times of sampling: the prompt's pass and 3 one-token steps
+
+
+def _decode_a_little(model, idx, dtype):
+    with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype is not None):
+        generate(model, idx, _PROBE_TOKENS)
+
+
+def _print_samples(args, model, tokenizer, idx, shown, generator, stop):
     for i in range(args.num_samples):
         if i:
             print(SAMPLE_SEPARATOR)
@@ -143,7 +159,6 @@ def _sample(args):
             if stop is None or token not in stop:
                 _write(text.decode(tokenizer.decode_bytes([token])))
         _write(text.decode(b"", final=True) + "\n")
-    return 0
 
 
 def _write(text):
@@ -194,7 +209,10 @@ def _evaluate(args):
     windows, what = _eval_windows(args.data, tokenizer, model.block_size)
     if len(windows) == 0:
         raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
-    result = score(model, windows, args.batch_size or 8, args.max_batches, device, tokenizer=tokenizer)
+    batch_size = args.batch_size or 8
+    first = windows.get_batch(list(range(min(batch_size, len(windows)))))[0].to(device)
+    precision = inference_precision(model, args.precision, lambda dtype: _forward_a_little(model, first, dtype))
+    result = score(model, windows, batch_size, args.max_batches, device, precision, tokenizer)
     print(f"data: {what}")
     print(f"evaluated: {result.windows:,} windows of up to {model.block_size} tokens, {result.targets:,} target "
           f"tokens, {result.nbytes:,} bytes of text")
@@ -252,6 +270,23 @@ def _evaluate_tasks(args):
         raise UsageError("--data holds one task's rows; for several tasks give each its file as NAME=FILE")
     device = resolve_device(args.device)
     model, tokenizer = _open_model(args.checkpoint, device, args.int8_layers)
+    # what --precision auto times before the tasks: a forward over _PROBE_SHAPE token ids
+    idx = torch.zeros(_PROBE_SHAPE[0], min(_PROBE_SHAPE[1], model.block_size), dtype=torch.long, device=device)
+    precision = inference_precision(model, args.precision, lambda dtype: _forward_a_little(model, idx, dtype))
+    with precision_context(precision, torch.device(device).type):
+        return _print_task_results(args, model, tokenizer, device)
+
+
+_PROBE_SHAPE = (4, 64)  # rows and tokens: about a batch of a task's choices
+
+
+def _forward_a_little(model, idx, dtype):
+    """A forward over idx (B, T) in autocast(dtype), or fp32 for None: the work --precision auto times for eval."""
+    with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype is not None):
+        model(idx)
+
+
+def _print_task_results(args, model, tokenizer, device):
     results = []
     for name, data in args.task:
         result = eval_task(model, tokenizer, name, data or args.data, limit=args.limit, style=args.style or "lm-eval",
@@ -453,6 +488,13 @@ def _add_int8_layers_option(p):
                         "every layer, the same numbers in every run")
 
 
+def _add_precision_option(p):
+    """--precision, for the commands that run a model: mygpt.inference_precision's."""
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
+                   help="'auto' (default): bf16 autocast where the device computes bf16 natively and it is timed "
+                        "faster on this model, fp32 elsewhere (logged); 'fp32'; 'bf16'")
+
+
 def _build_parser():
     parser = _ArgumentParser(prog="mygpt", description="Prepare a corpus for training; sample from, evaluate, inspect, quantize, export and plot mygpt checkpoints.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -477,6 +519,7 @@ def _build_parser():
                    help="compile the one-token step with torch.compile: seconds to compile, for long samples")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     _add_int8_layers_option(p)
+    _add_precision_option(p)
     p.set_defaults(run=_sample)
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a text or token shards; or "
@@ -507,6 +550,7 @@ def _build_parser():
     p.add_argument("--max-batches", metavar="N", type=_positive_int, help="evaluate only this many batches")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     _add_int8_layers_option(p)
+    _add_precision_option(p)
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("info", help="what a checkpoint holds",

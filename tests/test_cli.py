@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from mygpt.checkpoint import save_checkpoint
 from mygpt.cli import main
+from mygpt.inference import precision_context
 from mygpt.data import write_shard
 from mygpt.prepare import prepare_corpus
 from mygpt.model import GPT
@@ -141,10 +142,30 @@ class TestSample(CLITest):
         for path, prompt in ((self.gpt2, CHINESE[:2]), (self.chars, "he")):
             with self.subTest(path=os.path.basename(path)):
                 status, out, err = run("sample", path, "--prompt", prompt, "--seed", 7, "--num-samples", 3,
-                                       "--max-new-tokens", 12, "--top-k", 4, "--top-p", 0.9, "--temperature", 1.5)
+                                       "--max-new-tokens", 12, "--top-k", 4, "--top-p", 0.9, "--temperature", 1.5,
+                                       "--precision", "fp32")  # the reference is fp32: auto may take bf16
                 self.assertEqual(status, 0, err)
                 expected = self.expected(path, prompt, 7, 3, do_sample=True, top_k=4, top_p=0.9, temperature=1.5)
                 self.assertEqual(out, "\n----------------------------------------\n".join(expected) + "\n")
+
+    def test_precision_reaches_sampling(self):
+        expected = self.expected(self.chars, "he", 3, 1, do_sample=True)[0] + "\n"
+        for precision in ("fp32", "auto"):  # auto: fp32 on this tiny model, whose weights are all small
+            with patch("mygpt.cli.precision_context", wraps=precision_context) as context:
+                status, out, err = run("sample", self.chars, "--prompt", "he", "--seed", 3, "--max-new-tokens", 12,
+                                       "--precision", precision)
+            self.assertEqual((status, out), (0, expected), err)
+            self.assertEqual(context.call_args.args[0], "fp32")
+        with patch("mygpt.cli.precision_context", wraps=precision_context) as context:
+            self.assertEqual(run("sample", self.chars, "--max-new-tokens", 4, "--precision", "bf16")[0], 0)
+        self.assertEqual(context.call_args.args[0], "bf16")
+        self.assertFails(["sample", self.chars, "--precision", "fp16"], 2, "invalid choice: 'fp16'")
+        quantized = self.path("chars-int8-precision.pt")
+        self.assertEqual(run("quantize", self.chars, "--out", quantized)[0], 0)
+        with open(self.path("precision.txt"), "w", encoding="utf-8") as f:
+            f.write("hello " * 20)  # the checkpoint's five characters
+        for command in (["sample", quantized], ["eval", quantized, "--data", self.path("precision.txt")]):
+            self.assertFails([*command, "--precision", "bf16"], 1, "precision 'bf16' is for fp32 models")
 
     def test_greedy_stops_at_endoftext_unless_told_not_to(self):
         status, out, _ = run("sample", self.chars, "--prompt", "hel", "--greedy", "--max-new-tokens", 12)
@@ -176,7 +197,8 @@ class TestSample(CLITest):
                 return super().write(text)
 
         with contextlib.redirect_stdout(Recorder()), contextlib.redirect_stderr(io.StringIO()):
-            status = main(["sample", self.gpt2, "--prompt", CHINESE[:2], "--greedy", "--max-new-tokens", "12"])
+            status = main(["sample", self.gpt2, "--prompt", CHINESE[:2], "--greedy", "--max-new-tokens", "12",
+                           "--precision", "fp32"])
         self.assertEqual(status, 0)
         # printing each token's own text would turn every half character into U+FFFD and differ from this
         self.assertEqual("".join(writes), self.expected(self.gpt2, CHINESE[:2], 0, 1, stop=False)[0] + "\n")
@@ -257,7 +279,7 @@ class TestEval(CLITest):
         text = CHINESE * 6 + " end"  # 3 bytes per character: bits per byte is a third of bits per character
         with open(self.path("chinese.txt"), "w", encoding="utf-8") as f:
             f.write(text)
-        status, out, err = run("eval", self.gpt2, "--data", self.path("chinese.txt"))
+        status, out, err = run("eval", self.gpt2, "--data", self.path("chinese.txt"), "--precision", "fp32")
         self.assertEqual(status, 0, err)
         loss, _, bpb = self.figures(out)
         ref_loss, ref_bpb = self.reference(self.gpt2, text)
@@ -587,7 +609,7 @@ class TestEvalTasks(CLITest):
         for style in ("lm-eval", "llm.c"):
             with self.subTest(style=style):
                 status, out, err = run("eval", self.gpt2, "--task", "hellaswag", "--data", hellaswag, "--json",
-                                       "--style", style, "--limit", 3, "--batch-size", 5)
+                                       "--style", style, "--limit", 3, "--batch-size", 5, "--precision", "fp32")
                 self.assertEqual(status, 0, err)
                 result = json.loads(out.splitlines()[-1])
                 want = eval_task(model, tokenizer, "hellaswag", hellaswag, limit=3, style=style)

@@ -1,0 +1,65 @@
+"""
+Which precision a trained model computes in for inference (`mygpt sample` and `mygpt eval --precision`).
+
+'fp32', 'bf16' or 'auto'. bf16 is bf16 autocast, as in the Trainer; for inference mygpt.model.Linear keeps a bf16
+copy of its weights (cast once, not at every call), so that decoding reads 2 bytes a weight instead of 4, and
+the rest runs as autocast runs it (norms and losses in fp32). 'auto' takes bf16 only where the device computes it
+natively and it pays on this model: never where every weight matrix is small (below mygpt.matvec.MIN_WEIGHTS,
+where the weights sit in cache and bf16 adds only casts), elsewhere as mygpt.precision.choose times the caller's
+own work (a few decoding steps, or a forward) both ways. The choice is logged once. An int8 model
+(mygpt.quantize) computes in its own kernels, in fp32 around them: 'auto' is fp32 there, and 'bf16' is refused.
+
+    precision = inference_precision(model, "auto", step)   # step(dtype): the work to time, in autocast(dtype)
+    with precision_context(precision):
+        tokens = model.generate(idx, 100)
+"""
+
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from mygpt import precision as _precision
+from mygpt.matvec import MIN_WEIGHTS
+from mygpt.model import Linear
+from mygpt.quantize import is_quantized
+
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
+
+_log = logging.getLogger("mygpt")
+
+
+def precision_context(precision, device_type="cpu"):
+    """The context that runs a model in precision ('fp32' or 'bf16') on device_type: bf16 autocast, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
+
+
+def inference_precision(model, precision, step):
+    """'fp32' or 'bf16' for running model: precision itself, or for 'auto' the faster where bf16 is native, timed
+    by step(dtype) (one pass of the work, in bf16 autocast when dtype is torch.bfloat16; see precision.choose)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {list(INFERENCE_PRECISIONS)}, got {precision!r}")
+    device_type = next(model.parameters()).device.type
+    if is_quantized(model):
+        if precision == "bf16":
+            raise ValueError("precision 'bf16' is for fp32 models: an int8 model computes in its own kernels; "
+                             "use 'fp32' or 'auto'")
+        if precision == "auto":
+            _log.info("precision='auto': fp32 (an int8 model computes in its own kernels)")
+        return "fp32"
+    if precision == "bf16" and not _precision.native(device_type, torch.bfloat16):
+        _log.warning(f"warning: this {device_type} has no native bf16: bf16 is emulated, many times slower than "
+                     f"fp32 (precision 'auto' takes fp32 here)")
+    if precision != "auto":
+        return precision
+    if not any(isinstance(m, Linear) and m.weight.numel() >= MIN_WEIGHTS for m in model.modules()):
+        _log.info("precision='auto': fp32 (every weight matrix is small: bf16 would add casts and save no reads)")
+        return "fp32"
+    with torch.inference_mode():
+        choice, why = _precision.choose(device_type, step)
+    _log.info(f"precision='auto': {choice} ({why})")
+    return choice

@@ -33,10 +33,11 @@ def _huge_page_empty(shape, dtype):
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     # private: copy-on-write across fork (DataLoader workers), and THP's anonymous memory rather than shmem's
     buffer = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(buffer, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE  # a multiple of the small page size: mmap returns page-aligned memory
-    buffer.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    start = -torch.frombuffer(buffer, dtype=torch.uint8).data_ptr() % HUGE_PAGE  # a multiple of the small page
+    buffer.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)  # size: mmap returns aligned memory
+    # a tensor whose storage starts there (storage_offset 0, as a tensor of its own allocation: a compiled
+    # function specialises on offsets 0 and 1 and would compile again for every other)
+    return torch.frombuffer(buffer, dtype=dtype, count=torch.Size(shape).numel(), offset=start).view(shape)
 
 
 def in_huge_pages(tensor):

@@ -74,7 +74,6 @@ def matvec(weight, x, scale=None, bias=None):
     out = weight.shape[0]
     # detached: dynamo takes a Parameter's shape as fixed, and would compile again for each shape
     bias = _zeros(out) if bias is None else bias.detach()
-    with torch.inference_mode(False):  # an ordinary tensor whatever x is: dynamo compiles again for each kind
-        row = x.reshape(-1).float().clone()  # (in,)
-    y = _KERNEL(weight.detach(), row, scale, bias)
+    # at most 6 graphs: a weight dtype's, for a row from inference mode and for one from outside it
+    y = _KERNEL(weight.detach(), x.reshape(-1).float(), scale, bias)
     return y.view(*x.shape[:-1], out)

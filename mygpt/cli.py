@@ -122,7 +122,7 @@ def _sample(args):
     model, _, ckpt = open_checkpoint(args.checkpoint, device, int8_layers=args.int8_layers)
     tokenizer = text_tokenizer(ckpt, args.checkpoint)
     ids, shown = (prompt_ids(tokenizer, args.prompt), args.prompt) if args.prompt else \
-        document_start(tokenizer, note=lambda text: print(f"mygpt: {text}", file=sys.stderr))
+        document_start(tokenizer, note=_note)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device)
     if args.seed is None:
@@ -130,10 +130,14 @@ def _sample(args):
     else:
         generator.manual_seed(args.seed)
     stop = None if args.no_stop or tokenizer.eot_token is None else [tokenizer.eot_token]
-    precision = inference_precision(model, args.precision, lambda dtype: _decode_a_little(model, idx, dtype))
+    precision = inference_precision(model, args.precision, lambda dtype: _decode_a_little(model, idx, dtype), _note)
     with precision_context(precision, torch.device(device).type):
         _print_samples(args, model, tokenizer, idx, shown, generator, stop)
     return 0
+
+
+def _note(text):
+    print(f"mygpt: {text}", file=sys.stderr)
 
 
 _PROBE_TOKENS = 4  # what --precision auto times of sampling: the prompt's pass and 3 one-token steps
@@ -211,7 +215,7 @@ def _evaluate(args):
         raise ValueError(f"{args.data} holds fewer than 2 tokens: nothing to evaluate")
     batch_size = args.batch_size or 8
     first = windows.get_batch(list(range(min(batch_size, len(windows)))))[0].to(device)
-    precision = inference_precision(model, args.precision, lambda dtype: _forward_a_little(model, first, dtype))
+    precision = inference_precision(model, args.precision, lambda dtype: _forward_a_little(model, first, dtype), _note)
     result = score(model, windows, batch_size, args.max_batches, device, precision, tokenizer)
     print(f"data: {what}")
     print(f"evaluated: {result.windows:,} windows of up to {model.block_size} tokens, {result.targets:,} target "
@@ -272,7 +276,7 @@ def _evaluate_tasks(args):
     model, tokenizer = _open_model(args.checkpoint, device, args.int8_layers)
     # what --precision auto times before the tasks: a forward over _PROBE_SHAPE token ids
     idx = torch.zeros(_PROBE_SHAPE[0], min(_PROBE_SHAPE[1], model.block_size), dtype=torch.long, device=device)
-    precision = inference_precision(model, args.precision, lambda dtype: _forward_a_little(model, idx, dtype))
+    precision = inference_precision(model, args.precision, lambda dtype: _forward_a_little(model, idx, dtype), _note)
     with precision_context(precision, torch.device(device).type):
         return _print_task_results(args, model, tokenizer, device)
 

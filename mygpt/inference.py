@@ -38,9 +38,12 @@ def precision_context(precision, device_type="cpu"):
     raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
 
 
-def inference_precision(model, precision, step):
+def inference_precision(model, precision, step, note=None):
     """'fp32' or 'bf16' for running model: precision itself, or for 'auto' the faster where bf16 is native, timed
-    by step(dtype) (one pass of the work, in bf16 autocast when dtype is torch.bfloat16; see precision.choose)."""
+    by step(dtype) (one pass of the work, in bf16 autocast when dtype is torch.bfloat16; see precision.choose).
+
+    Every choice of 'auto' is logged (the 'mygpt' logger, INFO); a timed one, which may differ between machines
+    and runs, is also told to note(text) when given (the CLI prints it)."""
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"precision must be one of {list(INFERENCE_PRECISIONS)}, got {precision!r}")
     device_type = next(model.parameters()).device.type
@@ -61,5 +64,8 @@ def inference_precision(model, precision, step):
         return "fp32"
     with torch.inference_mode():
         choice, why = _precision.choose(device_type, step)
-    _log.info(f"precision='auto': {choice} ({why})")
+    text = f"precision='auto': {choice} ({why})"
+    _log.info(text)
+    if note is not None:
+        note(text)
     return choice

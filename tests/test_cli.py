@@ -160,6 +160,13 @@ class TestSample(CLITest):
             self.assertEqual(run("sample", self.chars, "--max-new-tokens", 4, "--precision", "bf16")[0], 0)
         self.assertEqual(context.call_args.args[0], "bf16")
         self.assertFails(["sample", self.chars, "--precision", "fp16"], 2, "invalid choice: 'fp16'")
+        # GPT-2's vocabulary makes the head large enough to time: the timed choice is printed, once
+        with patch("mygpt.precision.native", return_value=True), patch("mygpt.precision._probe", return_value=(2, 1)):
+            status, out, err = run("sample", self.gpt2, "--max-new-tokens", 2)
+        self.assertEqual(status, 0, err)
+        notes = [line for line in err.splitlines() if line.startswith("mygpt:")]  # not torch's own warnings
+        self.assertEqual(len(notes), 1, err)
+        self.assertRegex(notes[0], r"^mygpt: precision='auto': bf16 \(bf16 autocast ran a step 2.00x as fast")
         quantized = self.path("chars-int8-precision.pt")
         self.assertEqual(run("quantize", self.chars, "--out", quantized)[0], 0)
         with open(self.path("precision.txt"), "w", encoding="utf-8") as f:

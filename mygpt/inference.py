@@ -14,14 +14,15 @@ own work (a few decoding steps, or a forward) both ways. The choice is logged on
         tokens = model.generate(idx, 100)
 """
 
+import itertools
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import torch
 
 from mygpt import precision as _precision
 from mygpt.matvec import MIN_WEIGHTS
-from mygpt.model import Linear
+from mygpt.model import Linear, bf16_weight_copies
 from mygpt.quantize import is_quantized
 
 INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
@@ -30,12 +31,18 @@ _log = logging.getLogger("mygpt")
 
 
 def precision_context(precision, device_type="cpu"):
-    """The context that runs a model in precision ('fp32' or 'bf16') on device_type: bf16 autocast, or nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return nullcontext()
-    raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
+    """The context that runs a model for inference in precision ('fp32' or 'bf16') on device_type: bf16 autocast
+    with each large Linear's weights cast to bf16 once (model.bf16_weight_copies; they must not change inside),
+    or nothing."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
+    return _in_precision(precision == "bf16", device_type)
+
+
+@contextmanager
+def _in_precision(bf16, device_type):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), bf16_weight_copies():
+        yield
 
 
 def inference_precision(model, precision, step, note=None):
@@ -46,7 +53,7 @@ def inference_precision(model, precision, step, note=None):
     and runs, is also told to note(text) when given (the CLI prints it)."""
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"precision must be one of {list(INFERENCE_PRECISIONS)}, got {precision!r}")
-    device_type = next(model.parameters()).device.type
+    device_type = next(itertools.chain(model.parameters(), model.buffers())).device.type
     if is_quantized(model):
         if precision == "bf16":
             raise ValueError("precision 'bf16' is for fp32 models: an int8 model computes in its own kernels; "
@@ -62,7 +69,7 @@ def inference_precision(model, precision, step, note=None):
     if not any(isinstance(m, Linear) and m.weight.numel() >= MIN_WEIGHTS for m in model.modules()):
         _log.info("precision='auto': fp32 (every weight matrix is small: bf16 would add casts and save no reads)")
         return "fp32"
-    with torch.inference_mode():
+    with torch.inference_mode(), bf16_weight_copies():  # cast once for all the timed steps, as for the run
         choice, why = _precision.choose(device_type, step)
     text = f"precision='auto': {choice} ({why})"
     _log.info(text)

@@ -44,6 +44,7 @@ import math
 import numbers
 import platform
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -105,10 +106,11 @@ class Linear(nn.Linear):
     op (inductor's own lowering of it takes only weights frozen into the graph).
 
     One row at a time (decoding) the product is mygpt.matvec's compiled loop, which reads the weights at memory's
-    speed where oneDNN does not. In bf16 autocast (precision='bf16' for inference) autocast would cast the fp32
-    weights to bf16 at every call: a read of 6 bytes a weight where a product needs 2. So the weights are cast
-    once (_bf16_weights), into huge pages, and kept beside the fp32 ones (half their memory again) until those
-    change; one row is multiplied by them in matvec (fp32 out), several in oneDNN (bf16 out, as autocast's).
+    speed where oneDNN does not. In bf16 autocast autocast casts the fp32 weights to bf16 at every call: a read
+    of 6 bytes a weight where a product needs 2. So inside bf16_weight_copies() (precision='bf16' for inference,
+    mygpt.precision_context) the weights are cast once, into huge pages, and kept beside the fp32 ones (half
+    their memory again) until its exit; one row is multiplied by them in matvec (fp32 out), several in oneDNN
+    (bf16 out, as autocast's). Elsewhere bf16 autocast runs as it always does (training, the Trainer's evals).
     """
 
     def forward(self, x):
@@ -117,7 +119,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         one_row = matvec_pays(self.weight, x)
         if torch.is_autocast_enabled("cpu"):
-            if (not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16
+            if (_BF16 is None or not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16
                     or torch.compiler.is_compiling()):
                 return F.linear(x, self.weight, self.bias)
             weight, bias = _bf16_weights(self)
@@ -133,21 +135,36 @@ class Linear(nn.Linear):
         return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
 
 
-# Linear -> (the fp32 tensors' addresses and versions, bf16 weight, bf16 bias): outside the module, so that
-# state dicts and copies never hold them, and dropped with the module
-_BF16 = weakref.WeakKeyDictionary()
+# Linear -> (bf16 weight, bf16 bias) while bf16_weight_copies() is open (None outside it): outside the modules,
+# so that state dicts and copies never hold them
+_BF16 = None
+
+
+@contextmanager
+def bf16_weight_copies():
+    """Inside: each large Linear in bf16 autocast without autograd multiplies by a bf16 copy of its weights,
+    made at its first call and dropped at the exit, the outermost one where these nest. For inference: the
+    weights must not change inside (optimizers change them in place, and fused ones leave no trace of it)."""
+    global _BF16
+    outermost = _BF16 is None
+    if outermost:
+        _BF16 = weakref.WeakKeyDictionary()
+    try:
+        yield
+    finally:
+        if outermost:
+            _BF16 = None
 
 
 def _bf16_weights(linear):
-    """(weight, bias) of linear in bf16 for bf16 autocast: cast once, and again after the fp32 ones change."""
-    versions = tuple((t.data_ptr(), t._version) for t in (linear.weight, linear.bias) if t is not None)
+    """(weight, bias) of linear in bf16, cast at its first call inside bf16_weight_copies()."""
     kept = _BF16.get(linear)
-    if kept is None or kept[0] != versions:
+    if kept is None:
         with torch.inference_mode(False):  # ordinary tensors, usable under no_grad as well as inference mode
             weight = in_huge_pages(linear.weight.detach().to(torch.bfloat16))
             bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-        kept = _BF16[linear] = (versions, weight, bias)
-    return kept[1], kept[2]
+        kept = _BF16[linear] = (weight, bias)
+    return kept
 
 
 @torch.library.custom_op("mygpt::onednn_linear", mutates_args=())

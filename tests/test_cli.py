@@ -640,12 +640,14 @@ class TestEvalTasks(CLITest):
                          "--limit: must be a positive integer, got 0")
         self.assertFails(["eval", self.gpt2, "--task", "mmlu"], 2,
                          "unknown task 'mmlu'; the tasks are hellaswag, arc_easy, arc_challenge, piqa, winogrande")
-        self.assertFails(["eval", self.gpt2, "--task", "hellaswag", "--data", hellaswag], 1,
+        # --precision fp32: auto would print its timed choice on a line before the error
+        self.assertFails(["eval", self.gpt2, "--task", "hellaswag", "--data", hellaswag, "--precision", "fp32"], 1,
                          r"hs.jsonl, row 2: no field 'activity_label', which hellaswag needs")
         self.assertFails(["eval", self.chars, "--task", "hellaswag", "--data", hellaswag, "--limit", 1], 1,
                          r"hs.jsonl row 1: the checkpoint's tokenizer \(characters \+ <\|endoftext\|>\) cannot "
                          r"encode it .*GPT-2's BPE")
-        self.assertFails(["eval", self.gpt2, "--task", "piqa", "--data", self.rows("empty.jsonl", [])], 1,
+        self.assertFails(["eval", self.gpt2, "--task", "piqa", "--data", self.rows("empty.jsonl", []), "--precision",
+                          "fp32"], 1,
                          "empty.jsonl holds no rows")
         self.assertFails(["eval", self.gpt2, "--task", "piqa", "hellaswag", "--data", hellaswag], 2,
                          "for several tasks give each its file as NAME=FILE")

@@ -188,13 +188,15 @@ class TestLinear(unittest.TestCase):
         """The bf16 path against the exact product (float64) of its operands rounded to bf16: with u = 2^-8,
         bf16's unit roundoff, one row (x kept in fp32) is within u sum |w x| of the fp32 product, several rows
         (x rounded too, the output rounded to bf16 as autocast's) within (2u + u^2) sum |w x| + u |y|."""
-        from mygpt.model import Linear, _BF16
+        import mygpt.model as model_module
+        from mygpt.model import Linear, bf16_weight_copies
         u = 2.0 ** -8
         torch.manual_seed(0)
         layer = Linear(512, 1024)  # 2 MiB of weights: the bf16 copy and, for one row, mygpt.matvec
         for x in (torch.randn(1, 1, 512), torch.randn(3, 5, 512)):
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), bf16_weight_copies():
                 y = layer(x)
+                copy = model_module._BF16[layer][0]
             exact = x.double() @ layer.weight.double().T + layer.bias.double()
             magnitude = x.double().abs() @ layer.weight.double().abs().T
             one_row = x.shape[0] * x.shape[1] == 1
@@ -202,13 +204,19 @@ class TestLinear(unittest.TestCase):
             accumulation = 512 * torch.finfo(torch.float32).eps * magnitude  # fp32 sums of 512 products
             self.assertTrue(bool(((y.double() - exact).abs() <= bound + accumulation).all()))
             self.assertFalse(bool((y.double() == exact).all()))  # it did round
-        copy = _BF16[layer][1]
+            torch.testing.assert_close(copy, layer.weight.detach().bfloat16(), rtol=0, atol=0)
+        self.assertIsNone(model_module._BF16)  # dropped at the exit
+        x = torch.randn(1, 512)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            layer(torch.randn(1, 512))
-            self.assertIs(_BF16[layer][1], copy)  # cast once
-            layer.weight.mul_(2)  # an optimizer step: the copy is made again from the new weights
-            layer(torch.randn(1, 512))
-        torch.testing.assert_close(_BF16[layer][1], layer.weight.detach().bfloat16(), rtol=0, atol=0)
+            with bf16_weight_copies():
+                layer(x)
+                copy = model_module._BF16[layer][0]
+                with bf16_weight_copies():  # nested: the outer one's copies
+                    layer(x)
+                    self.assertIs(model_module._BF16[layer][0], copy)
+                self.assertIs(model_module._BF16[layer][0], copy)
+            # outside it, plain autocast: the weights cast at every call, as training's evaluations need
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
         self.assertEqual(set(layer.state_dict()), {"weight", "bias"})
 
 

@@ -91,6 +91,8 @@ _ONEDNN_LINEAR = getattr(_ONEDNN_LINEAR, "default", None)  # the overload itself
 _ONEDNN_MIN_WEIGHT = 1 << 17
 # whether oneDNN multiplies bf16 on this CPU (natively or emulated with AVX-512): Linear's bf16 autocast path
 _ONEDNN_BF16 = _ONEDNN_LINEAR is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# up to this many positions, bf16 attention that needs a backward takes the plain path on the CPU (_cpu_bf16_backward)
+_CPU_BF16_PLAIN_MAX_T = 512
 
 
 class Linear(nn.Linear):
@@ -179,7 +181,14 @@ def _onednn_linear_shape(x, weight, bias):
 
 
 def _gelu(x):
-    """GELU in the tanh approximation that GPT-2 was trained with."""
+    """GELU in the tanh approximation that GPT-2 was trained with; exact (erf) in bf16 on the CPU.
+
+    The two differ by at most 4.7e-4 (at x = -2.7), and PyTorch's CPU kernels for the approximation are slow in
+    bf16: forward and backward over a (8, 256, 1536) activation take 24 ms against 9.5 ms exactly (one thread
+    of an AMD EPYC with AVX512-BF16), a tenth of a 6 x 384 model's bf16 training step. fp32 keeps GPT-2's tanh.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.gelu(x)
     return F.gelu(x, approximate="tanh")
 
 
@@ -221,6 +230,18 @@ def circulant_time_weighting(time_weight, time_bias, T, first_row=0):
     by_distance = time_weight[:, index]                   # (n_head, T - first_row, T)
     by_distance = by_distance.masked_fill(distance < 0, 0.0)
     return by_distance * time_bias[:, :, :T]
+
+
+def _cpu_bf16_backward(q, T):
+    """Whether attention over T positions will run backward in bf16 on the CPU, at a length where the path of
+    CausalSelfAttention.attend below (a baddbmm, softmax and bmm) beats PyTorch's CPU flash attention.
+
+    Its bf16 backward is slow (one thread of an AMD EPYC with AVX512-BF16, forward and backward): at 64
+    positions, head size 32, 6.8 ms against 1.4 ms for the plain path; at 256, head size 64, 45 against 28 ms;
+    at 512, 113 against 82; at 1024, 374 against 462. The scores are then rounded to bf16 before the softmax, as autocast does
+    on that path for time weighting and dropout already; in fp32 flash attention stays (the same speed or faster).
+    """
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and T <= _CPU_BF16_PLAIN_MAX_T
 
 
 class CausalSelfAttention(nn.Module):
@@ -290,7 +311,7 @@ class CausalSelfAttention(nn.Module):
         Tq, Tk = q.shape[2], k.shape[2]
         # The fused kernels cannot apply weights after the softmax, and on the CPU they have no
         # dropout (PyTorch then falls back to a path slower than the one below).
-        if W is None and (dropout == 0.0 or q.device.type != "cpu") and Tq in (1, Tk):
+        if W is None and (dropout == 0.0 or q.device.type != "cpu") and Tq in (1, Tk) and not _cpu_bf16_backward(q, Tk):
             # Tq > 1 means Tq == Tk here (one query needs no mask), and is a plain bool when the cache's
             # length, hence Tk, is a symbol in a compiled decode step
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)

@@ -165,6 +165,43 @@ class TestModel(unittest.TestCase):
         torch.testing.assert_close(low, model(idx)[0], rtol=0.05, atol=0.05)
 
 
+class TestBf16OnCpu(unittest.TestCase):
+    """The bf16 paths that replace slow CPU kernels (CausalSelfAttention.attend, _gelu) and leave fp32 alone."""
+
+    def grads(self, dtype, flash_up_to=None):
+        """Loss and gradients of one training pass of a vanilla tiny model (autocast to dtype, or fp32), and how
+        many times PyTorch's fused attention ran in it."""
+        from unittest import mock
+        import mygpt.model as model_module
+        model = tiny_model().train()
+        idx = torch.randint(0, 13, (2, 16), generator=torch.Generator().manual_seed(0))
+        limit = model_module._CPU_BF16_PLAIN_MAX_T if flash_up_to is None else flash_up_to
+        with mock.patch.object(model_module, "_CPU_BF16_PLAIN_MAX_T", limit), \
+                mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa, \
+                torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = model(idx, idx)[1]
+        loss.backward()
+        return loss.float(), [p.grad for p in model.parameters()], sdpa.call_count
+
+    def test_bf16_training_attention_takes_the_plain_path_close_to_flash(self):
+        loss, grads, fused_calls = self.grads(torch.bfloat16)
+        self.assertEqual(fused_calls, 0)
+        flash_loss, flash_grads, flash_calls = self.grads(torch.bfloat16, flash_up_to=0)
+        self.assertEqual(flash_calls, 2)  # one per layer
+        torch.testing.assert_close(loss, flash_loss, rtol=0.01, atol=0.01)
+        for g, f in zip(grads, flash_grads):
+            torch.testing.assert_close(g, f, rtol=0.05, atol=0.05 * f.abs().max().item())
+        self.assertEqual(self.grads(None)[2], 2)  # fp32 keeps flash attention
+
+    def test_gelu_is_exact_in_bf16_on_the_cpu_and_tanh_in_fp32(self):
+        from mygpt.model import _gelu
+        x = torch.linspace(-8, 8, 100001)
+        gap = (F.gelu(x, approximate="tanh") - F.gelu(x)).abs().max().item()
+        self.assertLess(gap, 4.8e-4)  # the docstring's bound on what bf16 changes
+        self.assertTrue(torch.equal(_gelu(x), F.gelu(x, approximate="tanh")))
+        self.assertTrue(torch.equal(_gelu(x.bfloat16()), F.gelu(x.bfloat16())))
+
+
 class TestLinear(unittest.TestCase):
     def test_inference_path_equals_f_linear_and_training_keeps_autograd(self):
         from mygpt.model import Linear

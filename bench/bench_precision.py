@@ -1,6 +1,8 @@
 """fp32 against precision='auto' in training: the same runs from the same seeds, side by side.
 
     python bench/bench_precision.py [--seeds=3] [--shapes=chargpt,6x384] [--steps=2000,150] [--text=FILE]
+    python bench/bench_precision.py steps [--shapes=chargpt,6x384] [--steps=30,3] [--rounds=3]
+                                          [--runs=default,modern,modern_tw]
 
 Each shape is projects/chargpt's race (bench/bench_modern.py's `run`: nanoGPT's CPU recipe, AdamW 1e-3, its
 cosine, no dropout) at one of two sizes:
@@ -14,9 +16,16 @@ alike; the pairs run one after another. Reported per run: what auto chose (mygpt
 training steps a second (evaluations excluded), the final validation loss on the whole validation tenth,
 and the model's FLOP/s (nanoGPT's count: 6N + 12·L·C·T per token) as a fraction of torch.mm's FLOP/s in the
 same precision, measured in this process after the races on one thread at the model's widest product.
+
+steps: time per training step only, in one process on one thread, each of bench_modern's runs (default; modern:
+the modern preset; modern_tw: modern with circulant time weighting and token shift) at each shape in fp32, auto
+and auto with compile=True, one Trainer each, in alternating rounds of --steps steps after one warm-up round
+(which holds the compiles); reported per run: what auto chose, the median ms per step and each precision's
+speed as a multiple of fp32's of the same run, round by round (the range).
 """
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -26,6 +35,8 @@ import time
 import torch
 
 from machine import cpu_description
+from bench_modern import datasets, race_config, read_text
+from mygpt import GPT, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size)
@@ -104,8 +115,50 @@ def report(shape, steps, pairs):
           f"(auto - fp32 {mean(loss['auto']) - mean(loss['fp32']):+.4f} nats/char)")
 
 
+STEP_SETTINGS = {"fp32": ["--trainer.precision=fp32"], "auto": ["--trainer.precision=auto"],
+                 "auto+compile": ["--trainer.precision=auto", "--trainer.compile=True"]}
+
+
+def step_trainer(run, shape, setting, text):
+    """A Trainer of bench_modern's run at shape, with one of STEP_SETTINGS, on the training nine tenths of text."""
+    C = race_config(run)
+    C.merge_from_args(overrides(shape, 1, "fp32") + STEP_SETTINGS[setting])
+    tokenizer, train, _ = datasets(text, C.data.block_size)
+    C.model.vocab_size, C.model.block_size = tokenizer.vocab_size, C.data.block_size
+    C.trainer.max_iters = 10 ** 9
+    torch.manual_seed(0)
+    return Trainer(C.trainer, GPT(C.model), train)
+
+
+def step_times(shapes, steps, rounds, runs):
+    torch.set_num_threads(1)
+    text, _ = read_text(None)
+    for shape, n in zip(shapes, steps):
+        trainers = {(run, s): step_trainer(run, shape, s, text) for run in runs for s in STEP_SETTINGS}
+        times = {key: [] for key in trainers}
+        for round_ in range(rounds + 1):  # alternating rounds; the first is warm-up (and compiles)
+            for key, trainer in trainers.items():
+                trainer.config.max_iters = trainer.iter_num + n
+                start = time.perf_counter()
+                trainer.run()
+                if round_:
+                    times[key].append((time.perf_counter() - start) / n)
+        print(f"\n{shape} ({'x'.join(map(str, SHAPES[shape][:3]))}, block {SHAPES[shape][3]}, batch "
+              f"{SHAPES[shape][4]}), {rounds} rounds of {n} steps, one thread, load average {os.getloadavg()[0]:.2f}")
+        for (run, setting), t in times.items():
+            ratios = [f / mine for f, mine in zip(times[run, "fp32"], t)]
+            print(f"  {run:<10} {setting:<13} {trainers[run, setting].config.precision:>5} "
+                  f"{1000 * statistics.median(t):8.1f} ms  {statistics.median(ratios):5.2f}x fp32 "
+                  f"({min(ratios):.2f}-{max(ratios):.2f})")
+
+
 def main(argv):
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+    if argv and argv[0] == "steps":
+        print(f"torch {torch.__version__}, {cpu_description()}")
+        return step_times(opts.get("shapes", "chargpt,6x384").split(","),
+                          [int(s) for s in opts.get("steps", "30,3").split(",")], int(opts.get("rounds", 3)),
+                          opts.get("runs", "default,modern,modern_tw").split(","))
     seeds = range(1, int(opts.get("seeds", 3)) + 1)
     shapes = opts.get("shapes", "chargpt,6x384").split(",")
     steps = [int(s) for s in opts.get("steps", "2000,150").split(",")]

@@ -97,6 +97,6 @@ def _choose_precision(model, batch, device):
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             float(model(x, y)[1])  # reading the loss waits for the device
     with _eval_mode(model):
-        choice, why = _precision.choose(device.type, forward)
+        choice, why = _precision.choose(device.type, forward, sum(p.numel() for p in model.parameters()))
     logging.getLogger("mygpt").info(f"precision='auto': {choice} ({why})")
     return choice

@@ -404,16 +404,18 @@ class Trainer:
         if resumed in PRECISIONS:
             choice, why = resumed, "as the run it resumes"
         else:
-            n = len(self.train_dataset)
-            first = next(iter(self._loader(self.train_dataset, [list(range(min(C.batch_size, n)))])))
-            x, y = self._to_device(*self._check_batch(first))
+            batch = []  # the first batch, read at the first step of the probe (choose may decide without one)
 
             def step(dtype):
+                if not batch:
+                    n = len(self.train_dataset)
+                    first = next(iter(self._loader(self.train_dataset, [list(range(min(C.batch_size, n)))])))
+                    batch.extend(self._to_device(*self._check_batch(first)))
                 with torch.autocast(self.device_type, dtype=dtype) if dtype else nullcontext():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(*batch)
                 loss.float().backward()
                 self.model.zero_grad(set_to_none=True)
-            choice, why = precision.choose(self.device_type, step)
+            choice, why = precision.choose(self.device_type, step, sum(p.numel() for p in self.model.parameters()))
             # every process computes as rank 0 chose
             choice = "bf16" if self._all_reduce([choice == "bf16" and self.is_main])[0] else "fp32"
         C.precision = choice

@@ -202,15 +202,20 @@ class TestTraining(TempDirTest):
         from unittest import mock
         import mygpt.precision as precision
 
-        def auto(native, times, **kw):
+        def auto(native, times, min_params=0, **kw):
             out = StringIO()
             with mock.patch.object(precision, "native", lambda device, dtype: native), \
+                    mock.patch.object(precision, "_PROBE_MIN_PARAMS", min_params), \
                     mock.patch.object(precision, "_probe", lambda step: times), redirect_stdout(out):
                 trainer = Trainer(config(**{"precision": "auto", "max_iters": 2, **kw}), TinyLM(), CountingData(64))
             return trainer, out.getvalue()
         trainer, said = auto(False, None)  # no native bf16: no probe at all
         self.assertEqual(trainer.config.precision, "fp32")
         self.assertIn("precision='auto': fp32 (this cpu has no native bf16)", said)
+        # a model below the size where bf16 pays: fp32 without a probe (_probe would fail on None)
+        trainer, said = auto(True, None, min_params=sum(p.numel() for p in TinyLM().parameters()) + 1)
+        self.assertEqual(trainer.config.precision, "fp32")
+        self.assertIn("parameters is too small for bf16 to pay", said)
         self.assertEqual(auto(True, (2.0, 1.0))[0].config.precision, "bf16")
         self.assertEqual(auto(True, (1.05, 1.0))[0].config.precision, "fp32")  # within the margin: not worth it
         # the choice is kept in the checkpoint: a resumed run computes as it did, without probing
@@ -223,7 +228,8 @@ class TestTraining(TempDirTest):
         # the probe itself: real passes that leave the weights and gradients as they were
         model = TinyLM()
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with mock.patch.object(precision, "native", lambda device, dtype: True), redirect_stdout(StringIO()):
+        with mock.patch.object(precision, "native", lambda device, dtype: True), redirect_stdout(StringIO()), \
+                mock.patch.object(precision, "_PROBE_MIN_PARAMS", 0):
             trainer = Trainer(config(precision="auto", max_iters=1), model, CountingData(64))
         self.assertIn(trainer.config.precision, ("fp32", "bf16"))
         for k, v in model.state_dict().items():

@@ -241,7 +241,10 @@ def _cpu_bf16_backward(q, T):
     at 512, 113 against 82; at 1024, 374 against 462. The scores are then rounded to bf16 before the softmax, as autocast does
     on that path for time weighting and dropout already; in fp32 flash attention stays (the same speed or faster).
     """
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and T <= _CPU_BF16_PLAIN_MAX_T
+    if q.device.type != "cpu" or not q.requires_grad or T > _CPU_BF16_PLAIN_MAX_T:
+        return False
+    # autocast: q may be fp32 here (rotated by fp32 angles) and still be attended in bf16
+    return (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype) == torch.bfloat16
 
 
 class CausalSelfAttention(nn.Module):

@@ -41,7 +41,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not an installed one
+# this checkout's mygpt, not an installed one: the race's processes run this file as a script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mygpt import (GPT, Trainer, apply_recipe, describe_tokenizer, load_tokenizer, prepare_corpus, score,
                    tiny_shakespeare)
 

@@ -25,8 +25,8 @@ speed as a multiple of fp32's of the same run, round by round (the range).
 """
 
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile

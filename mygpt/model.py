@@ -238,8 +238,9 @@ def _cpu_bf16_backward(q, T):
 
     Its bf16 backward is slow (one thread of an AMD EPYC with AVX512-BF16, forward and backward): at 64
     positions, head size 32, 6.8 ms against 1.4 ms for the plain path; at 256, head size 64, 45 against 28 ms;
-    at 512, 113 against 82; at 1024, 374 against 462. The scores are then rounded to bf16 before the softmax, as autocast does
-    on that path for time weighting and dropout already; in fp32 flash attention stays (the same speed or faster).
+    at 512, 113 against 82; at 1024, 374 against 462. The scores are then rounded to bf16 before the softmax,
+    as autocast does on that path for time weighting and dropout already; fp32 keeps flash attention (as fast or
+    faster there).
     """
     if q.device.type != "cpu" or not q.requires_grad or T > _CPU_BF16_PLAIN_MAX_T:
         return False

@@ -64,12 +64,13 @@ def _probe(step, rounds=_PROBE_ROUNDS):
     return best[None], best[torch.bfloat16]
 
 
-def choose(device_type, step, params):
+def choose(device_type, step, params=None):
     """('fp32' or 'bf16', why): see the module's docstring. step(dtype) runs one pass of the work to be timed: a
-    training step's forward and backward, or an evaluation's forward (mygpt.evaluate); params: the model's size."""
+    training step's forward and backward, or an evaluation's forward (mygpt.evaluate); params: the model's size,
+    for the size rule (None: none; mygpt.inference has its own, on the weight matrices)."""
     if not native(device_type, torch.bfloat16):
         return "fp32", f"this {device_type} has no native bf16"
-    if params < _PROBE_MIN_PARAMS:
+    if params is not None and params < _PROBE_MIN_PARAMS:
         return "fp32", f"a model of {params:,} parameters is too small for bf16 to pay (under {_PROBE_MIN_PARAMS:,})"
     fp32, bf16 = _probe(step)
     if fp32 >= _PROBE_MARGIN * bf16:

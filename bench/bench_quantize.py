@@ -5,6 +5,7 @@ int8 inference (mygpt.quantize) against fp32 mygpt and fp32 transformers GPT-2, 
     OMP_NUM_THREADS=1 python bench/bench_quantize.py --quick         # fewer rounds and training steps
     OMP_NUM_THREADS=1 python bench/bench_quantize.py --adder=/tmp/adder_q   # + the adder's test accuracy
     OMP_NUM_THREADS=1 python bench/bench_quantize.py --only-where-it-pays   # just that table: ~5 minutes
+    OMP_NUM_THREADS=2 python bench/bench_quantize.py --only-generation      # GPT-2's shape, generation: ~1 minute
 
 Speed, at GPT-2's shape (12 layers, 12 heads, 768 wide, vocab 50257, block 1024) and the seed's
 (3 layers, 8 heads, 512 wide, vocab 65, block 128), random weights, rounds interleaved across models:
@@ -150,6 +151,24 @@ def bench_where_int8_pays(shape, rounds, new_tokens):
                for rows in (1, batch.numel())}
     return ({n: gen[n] / gen["fp32"] for n in ("all", "auto")}, {n: fwd[n] / fwd["fp32"] for n in ("all", "auto")},
             int8_at, len(linears), cost)
+
+
+def print_generation(rounds, new_tokens=40):
+    """Only cached generation at GPT-2's shape: int8 against fp32 mygpt and fp32 transformers, interleaved rounds."""
+    models = {name: build("gpt2", name) for name in MODELS}
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    for model in models.values():  # warm up: int8's kernel choice, the compiled one-row product
+        generate(model, prompt, 4)
+    rates = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            rates[name].append(new_tokens / timed(generate, model, prompt, new_tokens))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"\ngpt2 shape, cached greedy generation of {new_tokens} tokens at batch 1, median (min-max) of {rounds} "
+          f"interleaved rounds")
+    for name, r in rates.items():
+        print(f"| {name} | {median[name]:.1f} ({min(r):.1f}-{max(r):.1f}) tokens/s | "
+              f"{median[name] / median['transformers fp32']:.2f}x transformers fp32 |")
 
 
 def print_where_int8_pays(quick):
@@ -360,6 +379,8 @@ def main():
     parser.add_argument("--only-kernels", action="store_true", help="only the table of int8 options")
     parser.add_argument("--only-where-it-pays", action="store_true",
                         help="only the int8/fp32 speed table, int8 everywhere and where it pays")
+    parser.add_argument("--only-generation", action="store_true",
+                        help="only cached generation at GPT-2's shape, int8 and fp32 against transformers")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -370,6 +391,8 @@ def main():
           f"{torch.backends.quantized.engine}, CPU {cpu_description()}, load average {os.getloadavg()[0]:.2f}")
     if args.only_where_it_pays:
         return print_where_int8_pays(args.quick)
+    if args.only_generation:
+        return print_generation(2 if args.quick else 3)
     columns, times, warmup, error = bench_kernels(3 if args.quick else 7, 10, args.compile_torchao)
     print("\nint8 options at batch 1, GPT-2's Linear shapes: microseconds per call, median of interleaved rounds "
           "(per token: 12 blocks + head)")

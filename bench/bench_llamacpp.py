@@ -40,14 +40,17 @@ llama.cpp maps the GGUF file (use_mmap, its default), so where the page cache ho
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mygpt, not one installed elsewhere
 
-from machine import cpu_description
-from mygpt import GPT, Int8Linear, export_gguf, precision_context, stream
+import torch  # noqa: E402
+
+from machine import cpu_description  # noqa: E402
+from mygpt import GPT, Int8Linear, export_gguf, precision_context, stream  # noqa: E402
 
 SHAPE = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)  # GPT-2 124M
 PROMPT_TOKENS = 16

@@ -15,15 +15,18 @@ Peak memory: the maximum resident set of a fresh process doing training steps, p
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
 
-from mygpt import GPT, CfgNode
-from machine import cpu_description
+import torch  # noqa: E402
+
+from mygpt import GPT, CfgNode  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
 BATCH = 16

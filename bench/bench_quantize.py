@@ -37,11 +37,13 @@ import sys
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
 
-from mygpt import GPT, Int8Linear, load_quantized, save_quantized
-from machine import cpu_description
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mygpt import GPT, Int8Linear, load_quantized, save_quantized  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 SHAPES = {
     "chargpt": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65, block_size=64),

@@ -55,7 +55,9 @@ from mygpt.recipes import PRESETS
 from mygpt.rotary import apply_rotary, rotary_angles
 from mygpt.checkpoint import load_checkpoint, load_model_state
 from mygpt.hugepages import in_huge_pages, move_to_huge_pages
-from mygpt.matvec import matvec, pays as matvec_pays
+# MIN_WEIGHTS: below 512 KiB of fp32 weights F.linear is faster than oneDNN or matvec (oneDNN's call costs ~15 µs,
+# MKL's ~3 µs, and the weights sit in cache)
+from mygpt.matvec import MIN_WEIGHTS, matvec, pays as matvec_pays
 from mygpt.utils import CfgNode
 
 _TIME_WEIGHTINGS = (None, "full", "circulant")
@@ -87,8 +89,6 @@ _MODEL_SHAPES = {
 _ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                   if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") else None)
 _ONEDNN_LINEAR = getattr(_ONEDNN_LINEAR, "default", None)  # the overload itself: no overload lookup per call
-# below 512 KiB of fp32 weights F.linear is faster: oneDNN's call costs ~15 µs, MKL's ~3 µs, and the weights sit in cache
-_ONEDNN_MIN_WEIGHT = 1 << 17
 # whether oneDNN multiplies bf16 on this CPU (natively or emulated with AVX-512): Linear's bf16 autocast path
 _ONEDNN_BF16 = _ONEDNN_LINEAR is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # up to this many positions, bf16 attention that needs a backward takes the plain path on the CPU (_cpu_bf16_backward)
@@ -117,7 +117,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if (_ONEDNN_LINEAR is None or torch.is_grad_enabled() or x.device.type != "cpu"
-                or self.weight.dtype != torch.float32 or self.weight.numel() < _ONEDNN_MIN_WEIGHT):
+                or self.weight.dtype != torch.float32 or self.weight.numel() < MIN_WEIGHTS):
             return F.linear(x, self.weight, self.bias)
         one_row = matvec_pays(self.weight, x)
         if torch.is_autocast_enabled("cpu"):

@@ -34,6 +34,7 @@ from mygpt.generate import SAMPLE_SEPARATOR, document_start, generate, prompt_id
 from mygpt.inference import INFERENCE_PRECISIONS, inference_precision, precision_context
 from mygpt.model import GPT
 from mygpt.plot import plot_history, read_history
+from mygpt.precision import autocast
 from mygpt.pretrained import GPT2_NAMES
 from mygpt.prepare import prepare_corpus
 from mygpt.quantize import FORMAT as QUANTIZED, LAYERS as INT8_LAYERS, quantize, save_quantized
@@ -144,7 +145,7 @@ _PROBE_TOKENS = 4  # what --precision auto times of sampling: the prompt's pass 
 
 
 def _decode_a_little(model, idx, dtype):
-    with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(idx.device.type, dtype):
         generate(model, idx, _PROBE_TOKENS)
 
 
@@ -286,7 +287,7 @@ _PROBE_SHAPE = (4, 64)  # rows and tokens: about a batch of a task's choices
 
 def _forward_a_little(model, idx, dtype):
     """A forward over idx (B, T) in autocast(dtype), or fp32 for None: the work --precision auto times for eval."""
-    with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(idx.device.type, dtype):
         model(idx)
 
 

@@ -10,7 +10,7 @@ windows of a corpus.
 
 import logging
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -61,7 +61,7 @@ def score_batches(model, batches, device="cpu", dtype=None, tokenizer=None):
     with _eval_mode(model):
         for x, y in batches:
             count = int((y >= 0).sum())  # on the host: no device sync
-            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            with _precision.autocast(device.type, dtype):
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             windows += len(x)
             if count:
@@ -94,7 +94,7 @@ def _choose_precision(model, batch, device):
     x, y = (t.to(device) for t in batch)
 
     def forward(dtype):
-        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+        with _precision.autocast(device.type, dtype):
             float(model(x, y)[1])  # reading the loss waits for the device
     with _eval_mode(model):
         choice, why = _precision.choose(device.type, forward, sum(p.numel() for p in model.parameters()))

@@ -43,7 +43,7 @@ def precision_context(precision, device_type="cpu"):
 
 @contextmanager
 def _in_precision(bf16, device_type):
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), bf16_weight_copies():
+    with _precision.autocast(device_type, torch.bfloat16 if bf16 else None), bf16_weight_copies():
         yield
 
 

@@ -17,6 +17,7 @@ automatically (it needs a grad scaler and overflows where bf16 does not).
 """
 
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -49,6 +50,11 @@ def native(device_type, dtype):
         wanted = {torch.bfloat16: {"amx_bf16", "avx512_bf16"}, torch.float16: {"amx_fp16", "avx512_fp16"}}[dtype]
         return bool(_cpu_flags() & wanted)
     return False
+
+
+def autocast(device_type, dtype):
+    """The context computing in dtype, autocast's torch.bfloat16 or torch.float16, on device_type; None: fp32."""
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 def _probe(step, rounds=_PROBE_ROUNDS):

@@ -411,7 +411,7 @@ class Trainer:
                     n = len(self.train_dataset)
                     first = next(iter(self._loader(self.train_dataset, [list(range(min(C.batch_size, n)))])))
                     batch.extend(self._to_device(*self._check_batch(first)))
-                with torch.autocast(self.device_type, dtype=dtype) if dtype else nullcontext():
+                with precision.autocast(self.device_type, dtype):
                     _, loss = self.model(*batch)
                 loss.float().backward()
                 self.model.zero_grad(set_to_none=True)
@@ -710,9 +710,7 @@ class Trainer:
             (bar.write if bar is not None else print)(text)
 
     def _autocast(self):
-        if self._autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self._autocast_dtype)
+        return precision.autocast(self.device_type, self._autocast_dtype)
 
     def _all_reduce(self, values):
         """Sum small numbers over all processes (the identity when alone)."""

@@ -116,17 +116,20 @@ def linear_ceiling(model, repeats=20):
 
 def speeds(models, batch, new_tokens, rounds):
     """Per model, the median tokens/s of cached greedy generation at batch 1 (after a 1-token prompt) and of a
-    forward of batch, over interleaved rounds."""
+    forward of batch (None: no forward, and no figures for it), over interleaved rounds."""
     prompt = torch.zeros(1, 1, dtype=torch.long)
     for model in models.values():  # warm up: first calls pack weights, allocate and time int8 against fp32
         generate(model, prompt, 4)
-        forward(model, batch)
+        if batch is not None:
+            forward(model, batch)
     gen, fwd = {n: [] for n in models}, {n: [] for n in models}
     for _ in range(rounds):
         for name, model in models.items():
             gen[name].append(new_tokens / timed(generate, model, prompt, new_tokens))
-            fwd[name].append(batch.numel() / timed(forward, model, batch))
-    return {n: statistics.median(v) for n, v in gen.items()}, {n: statistics.median(v) for n, v in fwd.items()}
+            if batch is not None:
+                fwd[name].append(batch.numel() / timed(forward, model, batch))
+    return ({n: statistics.median(v) for n, v in gen.items()},
+            {n: statistics.median(v) for n, v in fwd.items() if v})
 
 
 def bench_speed(shape, rounds, new_tokens):
@@ -157,20 +160,11 @@ def bench_where_int8_pays(shape, rounds, new_tokens):
 
 def print_generation(rounds, new_tokens=40):
     """Only cached generation at GPT-2's shape: int8 against fp32 mygpt and fp32 transformers, interleaved rounds."""
-    models = {name: build("gpt2", name) for name in MODELS}
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    for model in models.values():  # warm up: int8's kernel choice, the compiled one-row product
-        generate(model, prompt, 4)
-    rates = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            rates[name].append(new_tokens / timed(generate, model, prompt, new_tokens))
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"\ngpt2 shape, cached greedy generation of {new_tokens} tokens at batch 1, median (min-max) of {rounds} "
+    gen, _ = speeds({name: build("gpt2", name) for name in MODELS}, None, new_tokens, rounds)
+    print(f"\ngpt2 shape, cached greedy generation of {new_tokens} tokens at batch 1, median of {rounds} "
           f"interleaved rounds")
-    for name, r in rates.items():
-        print(f"| {name} | {median[name]:.1f} ({min(r):.1f}-{max(r):.1f}) tokens/s | "
-              f"{median[name] / median['transformers fp32']:.2f}x transformers fp32 |")
+    for name, rate in gen.items():
+        print(f"| {name} | {rate:.1f} tokens/s | {rate / gen['transformers fp32']:.2f}x transformers fp32 |")
 
 
 def print_where_int8_pays(quick):

@@ -1,79 +1,97 @@
 """
-Decoding's matrix-vector products at the speed of memory: one compiled loop over weights of any dtype.
+Decoding's matrix-vector products at the speed of memory: mygpt/matvec.cpp, built for this machine.
 
 Decoding one token multiplies every weight matrix by one vector, a single pass over the weights. The libraries
 behind F.linear do not reach memory's speed there on the CPU. GPT-2 124M's products of one step (AMD EPYC, one
 thread, load 3.5 from other work, the fastest of 5 interleaved rounds): oneDNN in fp32 30 ms, where a plain sum
 over the same weights takes 18; oneDNN in bf16, its weights laid out once in its own blocked layout, 28 ms,
-where a sum of the bf16 weights takes 13. Written as what it is, y[o] = sum_i w[o, i] x[i] with each weight
-converted to fp32 as it is read, and compiled by inductor into one vectorised loop, the products took 22 ms in
-fp32 and 12 in bf16. The same loop reads int8 weights (times one scale per row) for mygpt.quantize.
+where a sum of the bf16 weights takes 13. A loop compiled by torch.compile reached 22 ms in fp32 but stalled in
+bf16 and int8: inductor sums a row into one vector, each addition waiting for the last, so converting each weight
+to fp32 bounded it at 12 G weights/s. matvec.cpp keeps four sums apart and multiplies in the CPU's own bf16 and
+int8 dot products where it has them (AVX512-BF16, AVX512-VNNI; AVX2's int8 pairs elsewhere), as llama.cpp does.
 
-Compiled with dynamic shapes: one kernel for every matrix shape of a dtype (about 2.5 s the first time in a
-process, less once inductor's cache holds it). Where compiling fails (no C compiler) the warning says so once
-and `available()` turns False: the callers go back to their library kernels.
+It is built at first use with inductor's C++ toolchain (the compiler and -march=native flags of torch.compile's
+own kernels; about 3 s once, then from inductor's cache on disk) and called directly, about 2 µs a call where a
+torch.compile'd function pays ~30 µs in guards and wrappers. Where building fails (no C++ compiler) the warning
+says so once and `pays()` turns False: the callers go back to their library kernels.
+
+Weights: fp32, bf16 (x rounded to bf16 first, as bf16 autocast rounds a Linear's input) or int8 times a scale per
+row, with x in fp32 or, quantize_x=True, quantized in blocks of 32 as llama.cpp's q8_0 does (int32 sums).
 """
 
-import functools
+import os
+import warnings
 
 import torch
 
-from mygpt.compiled import Compiled
-
-# below this many weights a call's overhead (~20 µs for the compiled function's guards) outweighs what it saves,
-# and the weights sit in cache anyway
+# below this many weights a call's overhead outweighs what it saves, and the weights sit in cache anyway
 MIN_WEIGHTS = 1 << 17
 
-
-def _product(weight, x, scale, bias):
-    """weight (out, in) of any dtype, x (in,) fp32, scale (out,) fp32 or None, bias (out,) fp32 -> (out,) fp32."""
-    y = (weight.float() * x).sum(1)  # inductor fuses the conversion into the reduction: no fp32 copy is made
-    return (y if scale is None else y * scale) + bias
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cpp")
+_ARGS = ["const void*", "const float*", "const float*", "const float*", "float*",
+         "const int64_t", "const int64_t", "const int64_t", "const int64_t"]
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+QUANTIZED_X = 3  # int8 weights times x in int8 (matvec.cpp's kinds)
 
 
 class _Kernel:
     def __init__(self):
-        self.compiled = None   # made at first use: compiling costs nothing until a product needs it
+        self.fn = None       # built at first use: building costs nothing until a product needs it
         self.failed = False
 
-    def __call__(self, weight, x, scale, bias):
-        if torch.compiler.is_compiling():  # inside a compiled graph (compile=True decoding): inlined there
-            return _product(weight, x, scale, bias)
-        if self.compiled is None:
-            self.compiled = Compiled(_product, "the matrix-vector product", on_failure=self.fail, dynamic=True)
-        if torch.is_autocast_enabled("cpu"):  # one graph for every caller: dynamo compiles again for each state
-            with torch.autocast("cpu", enabled=False):
-                return self.compiled(weight, x, scale, bias)
-        return self.compiled(weight, x, scale, bias)
-
-    def fail(self):
-        self.failed = True
+    def get(self):
+        """The built kernel, or None where building failed (said once)."""
+        if self.fn is None and not self.failed:
+            try:
+                from torch._inductor.codecache import CppPythonBindingsCodeCache
+                with open(_SOURCE, encoding="utf-8") as f:
+                    self.fn = CppPythonBindingsCodeCache.load_pybinding(_ARGS, f.read())
+            except Exception as e:  # no compiler, or a torch whose inductor builds differently
+                self.failed = True
+                cause = str(e).strip().splitlines()
+                warnings.warn(f"mygpt.matvec could not build its kernel ({type(e).__name__}: "
+                              f"{cause[-1] if cause else ''}); decoding uses torch's kernels, slower at one row",
+                              RuntimeWarning)
+        return self.fn
 
 
 _KERNEL = _Kernel()
+_ZEROS = {}  # out -> zeros(out): the bias of a layer without one
 
 
-@functools.lru_cache(maxsize=None)
-def _zeros(n):
-    """The bias of a layer without one: always a tensor, so that one graph serves both kinds of layer."""
-    with torch.inference_mode(False):  # an ordinary tensor, as the biases are: dynamo compiles again for each kind
-        return torch.zeros(n)
+def build():
+    """Build the kernel now, if not yet (otherwise the first product does): for callers about to time products.
+    Whether it is available."""
+    return _KERNEL.get() is not None
 
 
 def pays(weight, x):
     """Whether matvec should multiply x (..., in) by weight (out, in) here: one row, enough weights, no autograd,
-    on the CPU, outside a compiled graph, and the compiled product has not failed in this process."""
+    on the CPU, outside a compiled graph, and building the kernel has not failed in this process."""
     return (x.numel() == weight.shape[1] and weight.numel() >= MIN_WEIGHTS and not torch.is_grad_enabled()
             and x.device.type == "cpu" and not torch.compiler.is_compiling() and not _KERNEL.failed)
 
 
-def matvec(weight, x, scale=None, bias=None):
+def matvec(weight, x, scale=None, bias=None, quantize_x=False):
     """weight (out, in) [* scale (out,)] @ x + bias: x (..., in) holding one row, out (..., out) fp32.
 
-    weight fp32, bf16 or int8, accumulated in fp32; scale and bias fp32 or None."""
-    out = weight.shape[0]
-    # detached: dynamo takes a Parameter's shape as fixed, and would compile again for each shape
-    bias = _zeros(out) if bias is None else bias.detach()
-    # at most 6 graphs: a weight dtype's, for a row from inference mode and for one from outside it
-    y = _KERNEL(weight.detach(), x.reshape(-1).float(), scale, bias)
+    weight fp32, bf16 or int8 (int8 with its scale, fp32 (out,)), contiguous; bias fp32 or None; sums in fp32.
+    quantize_x: int8 weights times x quantized to int8 in blocks of 32 (see the module's docstring)."""
+    out, n_in = weight.shape
+    kind = QUANTIZED_X if quantize_x else _KINDS[weight.dtype]
+    if (weight.dtype == torch.int8) != (scale is not None) or (quantize_x and scale is None):
+        raise ValueError("int8 weights take a scale (out,), and only they do (quantize_x is for int8 weights)")
+    if bias is None:
+        bias = _ZEROS.get(out)
+        if bias is None:
+            bias = _ZEROS[out] = torch.zeros(out)
+    row = x.reshape(-1).float().contiguous()
+    kernel = _KERNEL.get()
+    if kernel is None:  # this call only: pays() is False from now on
+        w = weight.float() if scale is None else weight.float() * scale[:, None]
+        y = w @ (row.bfloat16().float() if kind == 1 else row) + bias
+    else:
+        y = torch.empty(out)
+        kernel(weight.contiguous(), row, bias if scale is None else scale.contiguous(), bias.contiguous(), y, kind,
+               out, n_in, torch.get_num_threads())
     return y.view(*x.shape[:-1], out)

@@ -107,7 +107,7 @@ class Linear(nn.Linear):
     oneDNN's op has no backward, so training keeps F.linear. Under torch.compile the op goes in as a custom
     op (inductor's own lowering of it takes only weights frozen into the graph).
 
-    One row at a time (decoding) the product is mygpt.matvec's compiled loop, which reads the weights at memory's
+    One row at a time (decoding) the product is mygpt.matvec's kernel, which reads the weights at memory's
     speed where oneDNN does not. In bf16 autocast autocast casts the fp32 weights to bf16 at every call: a read
     of 6 bytes a weight where a product needs 2. So inside bf16_weight_copies() (precision='bf16' for inference,
     mygpt.precision_context) the weights are cast once, into huge pages, and kept beside the fp32 ones (half

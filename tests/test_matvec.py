@@ -1,41 +1,98 @@
+import os
+import tempfile
 import unittest
+import warnings
+from unittest import mock
 
 import torch
 
+from mygpt import matvec as matvec_module
 from mygpt.matvec import MIN_WEIGHTS, matvec, pays
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
-def accumulation_bound(weight, x, scale=None):
-    """|y - exact| for an fp32 sum of n products: at most n eps_32 sum |w x| (the classic bound, loose by far),
-    each product of a weight converted exactly to fp32 (bf16 and int8 values are fp32 values)."""
-    w = weight.double() * (1 if scale is None else scale.double()[:, None])
-    return weight.shape[1] * FP32_EPS * (w.abs() @ x.double().abs()) + 1e-30
+def accumulation_bound(w, x):
+    """|y - exact| for an fp32 sum of n exact products w[o, i] x[i] (w, x as doubles): at most n eps_32 sum |w x|
+    (the classic bound, loose by far)."""
+    return w.shape[1] * FP32_EPS * (w.abs() @ x.abs()) + 1e-30
+
+
+def q8(x):
+    """x as matvec multiplies it with quantize_x: in blocks of 32, each step d = max |x| / 127, x = d round(x / d)
+    (llama.cpp's q8_0), as doubles: (q (in,), d per element)."""
+    q, d = [], []
+    for block in x.split(32):
+        step = block.abs().max() / 127
+        q.append(torch.round(block / step) if step > 0 else torch.zeros_like(block))
+        d.append(step.expand(len(block)))
+    return torch.cat(q).double(), torch.cat(d).double()
 
 
 class TestMatvec(unittest.TestCase):
     def setUp(self):
         torch.manual_seed(0)
-        self.x = torch.randn(384)
-        self.bias = torch.randn(1000)
-        self.weights = {dtype: torch.randn(1000, 384).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
-        self.weights[torch.int8] = torch.randint(-127, 128, (1000, 384), dtype=torch.int8)
+
+    def weights(self, out, n):
+        return {torch.float32: torch.randn(out, n), torch.bfloat16: torch.randn(out, n).bfloat16(),
+                torch.int8: torch.randint(-127, 128, (out, n), dtype=torch.int8)}
+
+    def check(self, weight, x, scale, bias, quantize_x=False):
+        y = matvec(weight, x[None, None], scale, bias, quantize_x)  # (1, 1, in) as a decoding step's row
+        self.assertEqual((y.shape, y.dtype), ((1, 1, weight.shape[0]), torch.float32))
+        w = weight.double()
+        if quantize_x:  # the int32 sums of each block are exact, then fp32 sums of (d * block sum)
+            xq, d = q8(x)
+            exact = w @ (xq * d)
+            bound = accumulation_bound(w, xq * d) + 2 * FP32_EPS * (w.abs() @ (xq * d).abs())
+        else:  # bf16 weights multiply x rounded to bf16, as autocast's Linear does
+            xd = (x.bfloat16() if weight.dtype == torch.bfloat16 else x).double()
+            exact, bound = w @ xd, accumulation_bound(w, xd)
+        if scale is not None:
+            exact, bound = exact * scale.double(), bound * scale.double()
+        if bias is not None:
+            exact = exact + bias.double()
+        bound = bound + 2 * FP32_EPS * exact.abs()  # one rounding each for the scale and the bias
+        error = (y[0, 0].double() - exact).abs()
+        self.assertTrue(bool((error <= bound).all()), (weight.dtype, quantize_x, float((error - bound).max())))
 
     def test_each_dtype_is_the_exact_product_within_fp32_accumulation(self):
-        scale = torch.rand(1000) / 127
-        with torch.inference_mode():
-            for dtype, weight in self.weights.items():
-                s = scale if dtype == torch.int8 else None
-                for bias in (None, self.bias):
-                    y = matvec(weight, self.x[None, None], s, bias)  # (1, 1, in) as a decoding step's row
-                    self.assertEqual((y.shape, y.dtype), ((1, 1, 1000), torch.float32))
-                    w = weight.double() * (1 if s is None else s.double()[:, None])
-                    exact = w @ self.x.double() + (0 if bias is None else bias.double())
-                    error = (y[0, 0].double() - exact).abs()
-                    # and one rounding each for the scale and the bias
-                    bound = accumulation_bound(weight, self.x, s) + 2 * FP32_EPS * exact.abs()
-                    self.assertTrue(bool((error <= bound).all()), (dtype, bias))
+        # widths that leave every tail of the vector loops (32-, 64-, 128-wide steps) and a short last block
+        for n in (384, 100, 3 * 128 + 64 + 32 + 5):
+            x, bias, scale = torch.randn(n), torch.randn(1000), torch.rand(1000) / 127
+            with torch.inference_mode():
+                for dtype, weight in self.weights(1000, n).items():
+                    for b in (None, bias):
+                        self.check(weight, x, scale if dtype == torch.int8 else None, b)
+                        if dtype == torch.int8:
+                            self.check(weight, x, scale, b, quantize_x=True)
+
+    def test_x_quantized_in_blocks_keeps_a_block_of_small_values_apart_from_a_large_one(self):
+        """A block's step follows its own largest value: a block of small values is not rounded to zero because
+        another block holds a large one (one step for the whole row would do that)."""
+        x = torch.cat([torch.full((32,), 1e-3), torch.full((32,), 100.0)])
+        weight = torch.cat([torch.ones(1, 32), torch.zeros(1, 32)], 1).to(torch.int8).expand(MIN_WEIGHTS // 64, 64)
+        y = matvec(weight.contiguous(), x, torch.ones(weight.shape[0]), quantize_x=True)
+        self.assertTrue(torch.allclose(y, torch.full_like(y, 32e-3), rtol=1e-6))
+
+    def test_threads_give_the_same_numbers(self):
+        """Each row is one thread's sum, in the same order however many threads there are."""
+        weight, x = torch.randn(4096, 384), torch.randn(384)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = matvec(weight, x)
+            torch.set_num_threads(2)
+            self.assertTrue(torch.equal(matvec(weight, x), one))
+        finally:
+            torch.set_num_threads(threads)
+
+    def test_bad_scales_are_refused(self):
+        weight = self.weights(8, 32)
+        with self.assertRaisesRegex(ValueError, "int8 weights take a scale"):
+            matvec(weight[torch.int8], torch.randn(32))
+        with self.assertRaisesRegex(ValueError, "int8 weights take a scale"):
+            matvec(weight[torch.float32], torch.randn(32), torch.ones(8))
 
     def test_where_it_pays(self):
         big, small = torch.zeros(MIN_WEIGHTS // 128, 128), torch.zeros(8, 128)
@@ -45,6 +102,26 @@ class TestMatvec(unittest.TestCase):
             self.assertFalse(pays(big, rows))    # several rows: a matrix product
             self.assertFalse(pays(small, row))   # the call would cost more than it saves
         self.assertFalse(pays(big, row))         # autograd: the library kernels, which have a backward
+
+    def test_a_kernel_that_cannot_be_built_warns_once_and_hands_back(self):
+        """Where building fails (here a source that does not compile) the one call still gets its product, with a
+        warning that names the cause, and from then on pays() sends callers to torch's kernels."""
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "matvec.cpp")
+            with open(source, "w") as f:
+                f.write("this is not C++\n")
+            weight, x = torch.randn(MIN_WEIGHTS // 128, 128), torch.randn(128)
+            with mock.patch.object(matvec_module, "_SOURCE", source), \
+                    mock.patch.object(matvec_module, "_KERNEL", matvec_module._Kernel()):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    y = matvec(weight, x)
+                    with torch.no_grad():
+                        self.assertFalse(pays(weight, x))
+                    matvec(weight, x)
+                self.assertEqual(len(caught), 1)
+                self.assertIn("could not build its kernel", str(caught[0].message))
+        self.assertTrue(torch.allclose(y, weight @ x, atol=1e-5))
 
 
 if __name__ == "__main__":

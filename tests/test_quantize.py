@@ -275,6 +275,25 @@ class TestKernelChoice(unittest.TestCase):
         bound = 512 * eps * (x.double().abs() @ w.abs().T) + 2 * eps * exact.abs()
         self.assertTrue(bool(((y.double() - exact).abs() <= bound).all()))
 
+    def test_the_int8_kernel_quantizes_one_row_in_blocks_of_32(self):
+        """One row: x in int8 blocks of 32, each with its own step (llama.cpp's q8_0; mygpt.matvec, whose sums
+        tests/test_matvec.py checks); more rows: fbgemm, one step for the whole input."""
+        torch.manual_seed(0)
+        layer = Int8Linear.from_linear(nn.Linear(512, 1024))
+        x = torch.randn(1, 1, 512)
+        x[..., :32] *= 1e-3  # one block of small values, which one step for the whole row would flatten
+        with torch.inference_mode():
+            y = layer.int8_product(x)
+            fbgemm = torch.ops.quantized.linear_dynamic(x, layer.packed(), False)
+        q = torch.cat([b / (b.abs().max() / 127) for b in x[0, 0].split(32)]).round()
+        d = torch.cat([(b.abs().max() / 127).expand(32) for b in x[0, 0].split(32)])
+        exact = (q * d).double() @ (layer.weight.double() * layer.scale.double()[:, None]).T + layer.bias.double()
+        self.assertTrue(torch.allclose(y[0, 0].double(), exact, atol=1e-5, rtol=1e-5))
+        # the first block's share of the product survives here, not in fbgemm's one step
+        small = x[0, 0, :32].double() @ (layer.weight.double() * layer.scale.double()[:, None])[:, :32].T
+        self.assertLess(float((y[0, 0] - exact).abs().max()), 1e-2 * float(small.abs().max()))
+        self.assertFalse(torch.allclose(fbgemm[0, 0].double(), exact, atol=1e-5, rtol=1e-5))
+
     def test_fp32_weights_are_kept_only_where_the_fp32_kernel_runs(self):
         qmodel = quantize(random_model())
         blocks = [m for m in qmodel.transformer.h.modules() if isinstance(m, Int8Linear)]

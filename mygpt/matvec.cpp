@@ -1,0 +1,234 @@
+// Decoding's matrix-vector products: y[o] = scale[o] * sum_i w[o, i] x[i] + bias[o] for one row x.
+//
+// Built by mygpt/matvec.py with inductor's C++ toolchain (the flags torch.compile's own kernels get, among them
+// -march=native), so the #if branches below are the instructions this machine has: AVX-512 (with its bf16 and
+// VNNI dot products where present), AVX2, or plain loops elsewhere. Every branch computes the same sums: the
+// products are exact in fp32 (bf16 x bf16, int8 x fp32 of an int8 or bf16 value, int8 x int8 in int32), only
+// the order of the fp32 additions differs. Four independent accumulators: one would wait on its own latency.
+//
+// kind  weights  x as multiplied
+// 0     fp32     fp32
+// 1     bf16     rounded to bf16 (as bf16 autocast casts a Linear's input), products exact in fp32
+// 2     int8     fp32, times scale[o] (the weights dequantized as they are read)
+// 3     int8     int8 in blocks of 32, each with its fp32 step d = max|x| / 127 (llama.cpp's q8_0):
+//                int32 sums per block, times d, times scale[o]
+
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+constexpr int64_t QBLOCK = 32;
+
+static inline float bf16_value(uint16_t b) {  // a bf16 is the upper half of an fp32
+    uint32_t u = uint32_t(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest, ties to even (finite values)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+#if defined(__AVX512F__)
+static inline float sum16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#endif
+#if defined(__AVX2__)
+static inline float sum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+static float dot_fp32(const float* w, const float* x, int64_t n) {
+    int64_t i = 0;
+    float s = 0;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    s = sum16(a0, a1, a2, a3);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < n; ++i) s += w[i] * x[i];
+    return s;
+}
+
+// xb: x rounded to bf16; xr: the same values as fp32
+static float dot_bf16(const uint16_t* w, const uint16_t* xb, const float* xr, int64_t n) {
+    int64_t i = 0;
+    float s = 0;
+#if defined(__AVX512BF16__)  // 32 products of bf16 pairs a step, accumulated in fp32
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(xb + i + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(xb + i + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(xb + i + 96));
+    }
+    s = sum16(a0, a1, a2, a3);
+#elif defined(__AVX512F__)  // each weight widened to fp32 (its bits shifted up), then multiplied
+    auto wide = [](const uint16_t* p) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+    };
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(wide(w + i), _mm512_loadu_ps(xr + i), a0);
+        a1 = _mm512_fmadd_ps(wide(w + i + 16), _mm512_loadu_ps(xr + i + 16), a1);
+        a2 = _mm512_fmadd_ps(wide(w + i + 32), _mm512_loadu_ps(xr + i + 32), a2);
+        a3 = _mm512_fmadd_ps(wide(w + i + 48), _mm512_loadu_ps(xr + i + 48), a3);
+    }
+    s = sum16(a0, a1, a2, a3);
+#elif defined(__AVX2__) && defined(__FMA__)
+    auto wide = [](const uint16_t* p) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+    };
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(wide(w + i), _mm256_loadu_ps(xr + i), a0);
+        a1 = _mm256_fmadd_ps(wide(w + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
+        a2 = _mm256_fmadd_ps(wide(w + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
+        a3 = _mm256_fmadd_ps(wide(w + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
+    }
+    s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < n; ++i) s += bf16_value(w[i]) * xr[i];
+    return s;
+}
+
+static float dot_int8(const int8_t* w, const float* x, int64_t n) {
+    int64_t i = 0;
+    float s = 0;
+#if defined(__AVX512F__)
+    auto wide = [](const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); };
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(wide(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(wide(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(wide(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(wide(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    s = sum16(a0, a1, a2, a3);
+#elif defined(__AVX2__) && defined(__FMA__)
+    auto wide = [](const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); };
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(wide(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(wide(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(wide(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(wide(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < n; ++i) s += float(w[i]) * x[i];
+    return s;
+}
+
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// the 8 int32 sums of 4 adjacent products of one 32-block: x and w are int8 in [-127, 127]. The instructions
+// multiply unsigned by signed bytes, so |x| times w with x's sign moved onto it (llama.cpp's trick)
+static inline __m256i block_dot(const int8_t* w, const int8_t* x) {
+    __m256i xv = _mm256_loadu_si256((const __m256i*)x), wv = _mm256_loadu_si256((const __m256i*)w);
+    __m256i ax = _mm256_sign_epi8(xv, xv), sw = _mm256_sign_epi8(wv, xv);
+    // pairs summed in int16 (at most 2 * 127 * 127, no saturation), then in int32
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1));
+}
+#endif
+
+// xq: x in int8; d8: the step of each 32-block of it, 8 times over (a vector's worth for each block's 8 sums)
+static float dot_q8(const int8_t* w, const int8_t* xq, const float* d8, int64_t n) {
+    int64_t i = 0;
+    float s = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)  // two blocks a step: 16 int32 sums, 8 for each
+    auto step = [&](int64_t i, __m512 a) {
+        __m512i xv = _mm512_loadu_si512(xq + i), wv = _mm512_loadu_si512(w + i);
+        __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), wv);
+        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(xv), sw);
+        return _mm512_fmadd_ps(_mm512_loadu_ps(d8 + i / 4), _mm512_cvtepi32_ps(sums), a);
+    };
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = step(i, a0);
+        a1 = step(i + 64, a1);
+    }
+    if (i + 64 <= n) {
+        a0 = step(i, a0);
+        i += 64;
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (; i + 2 * QBLOCK <= n; i += 2 * QBLOCK) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(d8 + i / 4), _mm256_cvtepi32_ps(block_dot(w + i, xq + i)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(d8 + i / 4 + 8),
+                             _mm256_cvtepi32_ps(block_dot(w + i + QBLOCK, xq + i + QBLOCK)), a1);
+    }
+    s = sum8(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; i += QBLOCK) {
+        int32_t block = 0;
+        for (int64_t j = i; j < std::min(n, i + QBLOCK); ++j) block += int32_t(w[j]) * int32_t(xq[j]);
+        s += d8[i / 4] * float(block);
+    }
+    return s;
+}
+
+extern "C" void kernel(const void* weight, const float* x, const float* scale, const float* bias, float* y,
+                       int64_t kind, int64_t n_out, int64_t n_in, int64_t threads) {
+    std::vector<uint16_t> xb;       // kind 1: x in bf16
+    std::vector<float> xr;          // kind 1: the same values in fp32; kind 3: each block's step, 8 times
+    std::vector<int8_t> xq;         // kind 3: x in int8
+    if (kind == 1) {
+        xb.resize(n_in);
+        xr.resize(n_in);
+        for (int64_t i = 0; i < n_in; ++i) {
+            xb[i] = to_bf16(x[i]);
+            xr[i] = bf16_value(xb[i]);
+        }
+    } else if (kind == 3) {
+        xq.resize(n_in);
+        xr.resize((n_in + QBLOCK - 1) / QBLOCK * 8);
+        for (int64_t i = 0; i < n_in; i += QBLOCK) {
+            int64_t end = std::min(n_in, i + QBLOCK);
+            float amax = 0;
+            for (int64_t j = i; j < end; ++j) amax = std::max(amax, std::fabs(x[j]));
+            float d = amax / 127.0f;
+            std::fill(xr.begin() + i / 4, xr.begin() + i / 4 + 8, d);
+            for (int64_t j = i; j < end; ++j) xq[j] = d > 0 ? int8_t(std::nearbyint(x[j] / d)) : 0;
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t o = 0; o < n_out; ++o) {
+        float s;
+        if (kind == 0) {
+            s = dot_fp32((const float*)weight + o * n_in, x, n_in);
+        } else if (kind == 1) {
+            s = dot_bf16((const uint16_t*)weight + o * n_in, xb.data(), xr.data(), n_in);
+        } else if (kind == 2) {
+            s = dot_int8((const int8_t*)weight + o * n_in, x, n_in) * scale[o];
+        } else {
+            s = dot_q8((const int8_t*)weight + o * n_in, xq.data(), xr.data(), n_in) * scale[o];
+        }
+        y[o] = s + bias[o];
+    }
+}

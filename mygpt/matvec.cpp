@@ -209,12 +209,24 @@ extern "C" void kernel(const void* weight, const float* x, const float* scale, c
         xq.resize(n_in);
         xr.resize((n_in + QBLOCK - 1) / QBLOCK * 8);
         for (int64_t i = 0; i < n_in; i += QBLOCK) {
-            int64_t end = std::min(n_in, i + QBLOCK);
+            int64_t end = std::min(n_in, i + QBLOCK), j = i;
             float amax = 0;
-            for (int64_t j = i; j < end; ++j) amax = std::max(amax, std::fabs(x[j]));
-            float d = amax / 127.0f;
+#if defined(__AVX512F__)
+            if (end - i == QBLOCK)
+                amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)),
+                                                          _mm512_abs_ps(_mm512_loadu_ps(x + i + 16))));
+            else
+#endif
+            for (int64_t k = i; k < end; ++k) amax = std::max(amax, std::fabs(x[k]));
+            float d = amax / 127.0f, e = d > 0 ? d : 1.0f;  // e: an all-zero block stays zero
             std::fill(xr.begin() + i / 4, xr.begin() + i / 4 + 8, d);
-            for (int64_t j = i; j < end; ++j) xq[j] = d > 0 ? int8_t(std::nearbyint(x[j] / d)) : 0;
+#if defined(__AVX512F__)  // x / e rounded to nearest even by the conversion itself, 16 at a time
+            for (; j + 16 <= end; j += 16) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(e)));
+                _mm_storeu_si128((__m128i*)(xq.data() + j), _mm512_cvtepi32_epi8(q));
+            }
+#endif
+            for (; j < end; ++j) xq[j] = int8_t(std::nearbyint(x[j] / e));
         }
     }
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)

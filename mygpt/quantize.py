@@ -143,13 +143,6 @@ class Int8Linear(nn.Module):
                 self._packed = False
         return self._packed
 
-    def int8_product(self, x):
-        """x quantized to int8 times the int8 weights, int32 sums. One row (decoding) in mygpt.matvec's kernel, x
-        in blocks of 32 as llama.cpp's q8_0; more rows in fbgemm, x with one scale for the whole call."""
-        if matvec_pays(self.weight, x):
-            return matvec(self.weight, x, self.scale, self.bias, quantize_x=True)
-        return torch.ops.quantized.linear_dynamic(x, self.packed(), _REDUCE_RANGE)
-
     def fp32_weight(self):
         if self.tied_weight is not None:  # the same numbers, which the embedding keeps anyway
             return self.tied_weight()
@@ -158,14 +151,24 @@ class Int8Linear(nn.Module):
                 self._fp32 = in_huge_pages(self.dequantized_weight())
         return self._fp32
 
-    def fp32_product(self, x):
-        """x times the dequantized weights in fp32. One row (decoding) in mygpt.matvec's kernel, which
-        dequantizes each int8 weight as it reads it: a quarter of the bytes of an fp32 product, and no fp32 copy.
-        More rows in F.linear (MKL), not the oneDNN op of mygpt.model.Linear: at one row oneDNN took 16 µs a
-        call at 128x128 against MKL's 4 (AMD EPYC, 1 thread)."""
-        if matvec_pays(self.weight, x):
-            return matvec(self.weight, x, self.scale, self.bias)
+    def product(self, x, int8):
+        """x times the weights by the int8 kernel (int8=True: x quantized to int8, int32 sums) or the fp32 one (the
+        dequantized weights). One row (decoding) in mygpt.matvec's kernel for both, which reads the int8 weights
+        with no fp32 copy (a quarter of fp32's bytes), x in int8 blocks of 32 as llama.cpp's q8_0 or in fp32.
+        More rows: fbgemm's int8 kernel, x with one scale for the whole call; or F.linear (MKL), not the oneDNN
+        op of mygpt.model.Linear (at one row oneDNN took 16 µs a call at 128x128 against MKL's 4, AMD EPYC)."""
+        weight = self.weight
+        if matvec_pays(weight, x):
+            return matvec(weight, x, self.scale, self.bias, quantize_x=int8)
+        if int8:
+            return torch.ops.quantized.linear_dynamic(x, self.packed(), _REDUCE_RANGE)
         return F.linear(x, self.fp32_weight(), self.bias)
+
+    def int8_product(self, x):
+        return self.product(x, True)
+
+    def fp32_product(self, x):
+        return self.product(x, False)
 
     def int8_pays(self, rows):
         """Whether the int8 kernel was measured faster than the fp32 one for calls of `rows` rows in this model;
@@ -184,9 +187,8 @@ class Int8Linear(nn.Module):
                 y, seconds = _timed(self.int8_product if self.measuring == "int8" else self.fp32_product, x)
                 self.seconds.append(seconds)
                 return y
-            if self.int8_pays(x.numel() // self.in_features) is False:  # None: not measured, int8 as "all" does
-                return self.fp32_product(x)
-            return self.int8_product(x)
+            # None: not measured, int8 as "all" does
+            return self.product(x, self.int8_pays(x.numel() // self.in_features) is not False)
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -193,6 +193,18 @@ class TestBf16OnCpu(unittest.TestCase):
             torch.testing.assert_close(g, f, rtol=0.05, atol=0.05 * f.abs().max().item())
         self.assertEqual(self.grads(None)[2], 2)  # fp32 keeps flash attention
 
+    def test_decoding_in_bf16_autocast_attends_in_fp32(self):
+        """One query (a decoding step) in bf16 autocast: fp32 attention, the fp32 result exactly; several
+        queries (a prompt) stay as autocast runs them (bf16)."""
+        attn = tiny_model().eval().transformer.h[0].attn
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, t, 8, generator=g) for t in (1, 9, 9))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            one = attn.attend(q, k, v, None)
+            several = attn.attend(k, k, v, None)
+        self.assertEqual((one.dtype, several.dtype), (torch.float32, torch.bfloat16))
+        self.assertTrue(torch.equal(one, F.scaled_dot_product_attention(q, k, v)))
+
     def test_gelu_is_exact_in_bf16_on_the_cpu_and_tanh_in_fp32(self):
         from mygpt.model import _gelu
         x = torch.linspace(-8, 8, 100001)

@@ -4,7 +4,7 @@
 // -march=native), so the #if branches below are the instructions this machine has: AVX-512 (with its bf16 and
 // VNNI dot products where present), AVX2, or plain loops elsewhere. Every branch computes the same sums: the
 // products are exact in fp32 (bf16 x bf16, int8 x fp32 of an int8 or bf16 value, int8 x int8 in int32), only
-// the order of the fp32 additions differs. Four independent accumulators: one would wait on its own latency.
+// the order of the fp32 additions differs. Independent accumulators: one would wait on its own latency.
 //
 // kind  weights  x as multiplied
 // 0     fp32     fp32
@@ -155,15 +155,17 @@ static inline __m256i block_dot(const int8_t* w, const int8_t* x) {
 }
 #endif
 
-// xq: x in int8; d8: the step of each 32-block of it, 8 times over (a vector's worth for each block's 8 sums)
-static float dot_q8(const int8_t* w, const int8_t* xq, const float* d8, int64_t n) {
+// xq: x in int8; d8: the step of each 32-block of it, 8 times over (a vector's worth for each block's 8 sums);
+// xa, neg: |xq| and the 64-bit masks of its negative entries, for AVX-512 (made once a call, not once a row)
+static float dot_q8(const int8_t* w, const int8_t* xq, const uint8_t* xa, const uint64_t* neg, const float* d8,
+                    int64_t n) {
     int64_t i = 0;
     float s = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)  // two blocks a step: 16 int32 sums, 8 for each
     auto step = [&](int64_t i, __m512 a) {
-        __m512i xv = _mm512_loadu_si512(xq + i), wv = _mm512_loadu_si512(w + i);
-        __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), wv);
-        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(xv), sw);
+        __m512i wv = _mm512_loadu_si512(w + i);
+        __m512i sw = _mm512_mask_sub_epi8(wv, neg[i / 64], _mm512_setzero_si512(), wv);
+        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xa + i), sw);
         return _mm512_fmadd_ps(_mm512_loadu_ps(d8 + i / 4), _mm512_cvtepi32_ps(sums), a);
     };
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
@@ -193,11 +195,49 @@ static float dot_q8(const int8_t* w, const int8_t* xq, const float* d8, int64_t 
     return s;
 }
 
+// x (n) quantized for dot_q8: xq, d8 (each block's step, 8 times), and for AVX-512 xa and neg
+static void quantize_q8(const float* x, int64_t n, std::vector<int8_t>& xq, std::vector<float>& d8,
+                        std::vector<uint8_t>& xa, std::vector<uint64_t>& neg) {
+    xq.resize(n);
+    d8.resize((n + QBLOCK - 1) / QBLOCK * 8);
+    for (int64_t i = 0; i < n; i += QBLOCK) {
+        int64_t end = std::min(n, i + QBLOCK), j = i;
+        float amax = 0;
+#if defined(__AVX512F__)
+        if (end - i == QBLOCK)
+            amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)),
+                                                      _mm512_abs_ps(_mm512_loadu_ps(x + i + 16))));
+        else
+#endif
+        for (int64_t k = i; k < end; ++k) amax = std::max(amax, std::fabs(x[k]));
+        float d = amax / 127.0f, e = d > 0 ? d : 1.0f;  // e: an all-zero block stays zero
+        std::fill(d8.begin() + i / 4, d8.begin() + i / 4 + 8, d);
+#if defined(__AVX512F__)  // x / e rounded to nearest even by the conversion itself, 16 at a time
+        for (; j + 16 <= end; j += 16) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(e)));
+            _mm_storeu_si128((__m128i*)(xq.data() + j), _mm512_cvtepi32_epi8(q));
+        }
+#endif
+        for (; j < end; ++j) xq[j] = int8_t(std::nearbyint(x[j] / e));
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    xa.resize(n);
+    neg.assign((n + 63) / 64, 0);
+    for (int64_t i = 0; i + 64 <= n; i += 64) {  // the rest of x: dot_q8's plain loop reads xq
+        __m512i v = _mm512_loadu_si512(xq.data() + i);
+        _mm512_storeu_si512(xa.data() + i, _mm512_abs_epi8(v));
+        neg[i / 64] = _mm512_movepi8_mask(v);
+    }
+#endif
+}
+
 extern "C" void kernel(const void* weight, const float* x, const float* scale, const float* bias, float* y,
                        int64_t kind, int64_t n_out, int64_t n_in, int64_t threads) {
-    std::vector<uint16_t> xb;       // kind 1: x in bf16
-    std::vector<float> xr;          // kind 1: the same values in fp32; kind 3: each block's step, 8 times
-    std::vector<int8_t> xq;         // kind 3: x in int8
+    std::vector<uint16_t> xb;   // kind 1: x in bf16
+    std::vector<float> xr;      // kind 1: the same values in fp32; kind 3: each block's step, 8 times
+    std::vector<int8_t> xq;     // kind 3: x in int8, and for AVX-512 |x| and its signs
+    std::vector<uint8_t> xa;
+    std::vector<uint64_t> neg;
     if (kind == 1) {
         xb.resize(n_in);
         xr.resize(n_in);
@@ -206,28 +246,7 @@ extern "C" void kernel(const void* weight, const float* x, const float* scale, c
             xr[i] = bf16_value(xb[i]);
         }
     } else if (kind == 3) {
-        xq.resize(n_in);
-        xr.resize((n_in + QBLOCK - 1) / QBLOCK * 8);
-        for (int64_t i = 0; i < n_in; i += QBLOCK) {
-            int64_t end = std::min(n_in, i + QBLOCK), j = i;
-            float amax = 0;
-#if defined(__AVX512F__)
-            if (end - i == QBLOCK)
-                amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)),
-                                                          _mm512_abs_ps(_mm512_loadu_ps(x + i + 16))));
-            else
-#endif
-            for (int64_t k = i; k < end; ++k) amax = std::max(amax, std::fabs(x[k]));
-            float d = amax / 127.0f, e = d > 0 ? d : 1.0f;  // e: an all-zero block stays zero
-            std::fill(xr.begin() + i / 4, xr.begin() + i / 4 + 8, d);
-#if defined(__AVX512F__)  // x / e rounded to nearest even by the conversion itself, 16 at a time
-            for (; j + 16 <= end; j += 16) {
-                __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(e)));
-                _mm_storeu_si128((__m128i*)(xq.data() + j), _mm512_cvtepi32_epi8(q));
-            }
-#endif
-            for (; j < end; ++j) xq[j] = int8_t(std::nearbyint(x[j] / e));
-        }
+        quantize_q8(x, n_in, xq, xr, xa, neg);
     }
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t o = 0; o < n_out; ++o) {
@@ -239,7 +258,7 @@ extern "C" void kernel(const void* weight, const float* x, const float* scale, c
         } else if (kind == 2) {
             s = dot_int8((const int8_t*)weight + o * n_in, x, n_in) * scale[o];
         } else {
-            s = dot_q8((const int8_t*)weight + o * n_in, xq.data(), xr.data(), n_in) * scale[o];
+            s = dot_q8((const int8_t*)weight + o * n_in, xq.data(), xa.data(), neg.data(), xr.data(), n_in) * scale[o];
         }
         y[o] = s + bias[o];
     }

@@ -32,6 +32,8 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
+
 from mygpt import TASKS, open_checkpoint
 # the stages score_examples runs, one at a time: compared with lm-eval's per choice, not a user's API
 from mygpt.evals import accuracy, encode_examples, loglikelihoods

@@ -10,11 +10,15 @@ The first step of each model (allocations, warm caches) is not timed.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
 
 from mygpt import GPT, CfgNode
 

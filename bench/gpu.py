@@ -28,6 +28,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 import traceback
 
@@ -43,6 +44,8 @@ if args.cpu_smoke:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
 
 from mygpt import GPT, Trainer
 # the attention kernel and the PyTorch path it replaces, timed alone: the model chooses between them for a user

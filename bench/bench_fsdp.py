@@ -19,6 +19,8 @@ import tempfile
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
+
 from mygpt import GPT, Trainer
 from mygpt.parallel import local_numel  # what one process holds of a sharded tensor: the measurement, not an API
 
@@ -48,6 +50,7 @@ def worker(args):
     tc = Trainer.get_default_config()
     tc.device, tc.max_iters, tc.batch_size, tc.quiet, tc.log_interval = "cpu", 2, 1, True, 0
     tc.parallel = args.parallel
+    tc.precision = "fp32"  # the README's figures are fp32's ('auto', the default, may take bf16)
     trainer = Trainer(tc, model, OneSequence(8, 64, 50257))
     trainer.run()
     state = [t for s in trainer.optimizer.state.values() for t in s.values()]

@@ -116,6 +116,7 @@ def race_config(run):
     C.trainer.quiet = True
     C.trainer.log_interval = 0
     C.trainer.device = "cpu"
+    C.trainer.precision = "fp32"  # nanoGPT's CPU runs are fp32; bench_precision.py races the precisions
     return C
 
 

@@ -19,6 +19,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mygpt, not one installed elsewhere
+
 from mygpt import GPT, Trainer, resolve_device
 
 BLOCK, VOCAB, BATCH = 128, 65, 16
@@ -82,6 +84,7 @@ def main(rounds=6, steps=4, device="auto"):
     C = Trainer.get_default_config()
     C.device, C.batch_size, C.learning_rate, C.quiet, C.log_interval = device, BATCH, 6e-4, True, 0
     C.max_iters = (rounds + 1) * steps
+    C.precision = "fp32"  # as the bare loop computes ('auto', the default, may take bf16)
     bare = BareLoop(copy.deepcopy(model), dataset, C, device)
     trainer = Trainer(C, model, dataset)
 

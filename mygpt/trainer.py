@@ -157,8 +157,8 @@ class Trainer:
         C.warmup_tokens = None       # None: the first 5% of final_tokens
         C.final_tokens = None        # None: where max_iters / max_epochs ends the run
         C.grad_accum_steps = 1       # micro-batches per optimizer step
-        C.precision = "fp32"         # 'fp32', 'bf16', 'fp16' (autocast; fp16 adds a grad scaler) or 'auto' (see
-                                     # mygpt/precision.py: bf16 where native and faster on this model, else fp32)
+        C.precision = "auto"         # 'auto' (mygpt/precision.py: bf16 where native and faster on this model, else
+                                     # fp32), 'fp32', 'bf16' or 'fp16' (autocast; fp16 adds a grad scaler)
         C.compile = False            # torch.compile the model (eager mode, said in one line, if that fails)
         C.parallel = "ddp"           # under torchrun: 'ddp' (whole model per process) or 'fsdp' (mygpt/parallel.py)
         C.ckpt_path = None           # where checkpoints go; None writes none

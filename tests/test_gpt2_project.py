@@ -36,7 +36,8 @@ from tests.test_downloads import closed_port
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "projects" / "gpt2"
 TINY = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--data.block_size=16",
-        "--trainer.batch_size=4", "--trainer.quiet=True", "--trainer.log_interval=1", "--trainer.device=cpu"]
+        "--trainer.batch_size=4", "--trainer.quiet=True", "--trainer.log_interval=1", "--trainer.device=cpu",
+        "--trainer.precision=fp32"]  # the default 'auto' may time its way to bf16 on a bf16 CPU: runs are compared
 # prose with accents and a dash, so that bytes and characters differ
 TEXT = "".join(f"ROMEO {i}:\nThe café by the river — naïve and fair — holds {i * 7} roses.\n\n"
                for i in range(60))

@@ -197,6 +197,7 @@ class TestTraining(TempDirTest):
             self.assertEqual(bool(ckpt["scaler"]), precision == "fp16")
 
     def test_precision_auto(self):
+        self.assertEqual(Trainer.get_default_config().precision, "auto")  # the default since the race in the README
         from contextlib import redirect_stdout
         from io import StringIO
         from unittest import mock

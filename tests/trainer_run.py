@@ -92,6 +92,7 @@ def config(**overrides):
     C.log_interval = 0
     C.batch_size = 8
     C.learning_rate = 1e-2
+    C.precision = "fp32"  # the default 'auto' may time its way to bf16 on a bf16 CPU; these runs compare numbers
     C.merge_from_dict(overrides)
     return C
 

@@ -11,7 +11,7 @@ to fp32 bounded it at 12 G weights/s. matvec.cpp keeps four sums apart and multi
 int8 dot products where it has them (AVX512-BF16, AVX512-VNNI; AVX2's int8 pairs elsewhere), as llama.cpp does.
 
 It is built at first use with inductor's C++ toolchain (the compiler and -march=native flags of torch.compile's
-own kernels; about 3 s once, then from inductor's cache on disk) and called directly, about 2 µs a call where a
+own kernels; about 3 s once, then from inductor's cache on disk) and called directly, 2-4 µs a call where a
 torch.compile'd function pays ~30 µs in guards and wrappers. Where building fails (no C++ compiler) the warning
 says so once and `pays()` turns False: the callers go back to their library kernels.
 

@@ -1,4 +1,7 @@
 import os
+import platform
+import subprocess
+import sys
 import tempfile
 import unittest
 import warnings
@@ -8,6 +11,9 @@ import torch
 
 from mygpt import matvec as matvec_module
 from mygpt.matvec import MIN_WEIGHTS, matvec, pays
+from tests.helpers import process_level
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -122,6 +128,44 @@ class TestMatvec(unittest.TestCase):
                 self.assertEqual(len(caught), 1)
                 self.assertIn("could not build its kernel", str(caught[0].message))
         self.assertTrue(torch.allclose(y, weight @ x, atol=1e-5))
+
+
+def _cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in have for flag in flags)
+
+
+# TestMatvec in a process whose kernel is built for an older x86: the plain loops (vectors off) or AVX2 only
+_OLDER = ("import sys, unittest; import torch._inductor.config as c; c.cpp.vec_isa_ok = {vectors}; c.cpp.simdlen = "
+          "{simdlen}; r = unittest.main(module='tests.test_matvec', argv=['x', 'TestMatvec'], exit=False).result; "
+          "sys.exit(not r.wasSuccessful())")
+
+
+@unittest.skipUnless(platform.machine().lower() in ("x86_64", "amd64"), "the branches below are x86's")
+class TestEveryBranch(unittest.TestCase):
+    """matvec.cpp's branches for the instructions a CPU has, each checked on this one where it can run them: the
+    tests above in a process built with -march=x86-64 (the plain loops) or -march=haswell (AVX2), which the
+    AVX-512 machines that run the suite would otherwise never compile."""
+
+    def run_older(self, march, vectors, simdlen):
+        env = dict(os.environ, TORCHINDUCTOR_CPP_MARCH=march)
+        code = _OLDER.format(vectors=vectors, simdlen=simdlen)
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+
+    @process_level
+    def test_plain_loops(self):
+        self.run_older("x86-64", False, None)
+
+    @process_level
+    @unittest.skipUnless(_cpu_has("avx2", "fma"), "this CPU has no AVX2")
+    def test_avx2(self):
+        self.run_older("haswell", True, 256)
 
 
 if __name__ == "__main__":

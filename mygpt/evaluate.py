@@ -8,7 +8,6 @@ it on the batches of its validation set, and `score` (what `mygpt eval` and proj
 windows of a corpus.
 """
 
-import logging
 import math
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -16,6 +15,8 @@ from typing import NamedTuple
 import torch
 
 from mygpt import precision as _precision
+from mygpt.inference import inference_precision
+from mygpt.model import bf16_weight_copies
 from mygpt.precision import PRECISIONS
 
 
@@ -75,21 +76,23 @@ def score_batches(model, batches, device="cpu", dtype=None, tokenizer=None):
 def score(model, windows, batch_size, max_batches=None, device="cpu", precision="fp32", tokenizer=None):
     """The Score of model over the first windows of a corpus, batch_size at a time: all of them, or max_batches
     batches. windows has get_batch(indices) -> (x, y), as mygpt.TokenDataset; tokenizer counts the bytes (see
-    score_batches). precision: 'fp32', 'bf16', 'fp16' (autocast) or 'auto' (bf16 where it is native and faster
-    on this model's forward, timed on the first batch as mygpt/precision.py times a training step).
+    score_batches). precision: 'fp32', 'bf16', 'fp16' (autocast) or 'auto' (mygpt.inference_precision's choice,
+    as `mygpt eval` makes it: bf16 where it is native and faster on this model's forward on the first batch).
     """
     if precision not in (*PRECISIONS, "auto"):
         raise ValueError(f"precision must be one of {[*PRECISIONS, 'auto']}, got {precision!r}")
     n = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
     batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
     if precision == "auto":
-        precision = _choose_precision(model, windows.get_batch(batches[0]), device) if batches else "fp32"
-    return score_batches(model, (windows.get_batch(b) for b in batches), device, PRECISIONS[precision], tokenizer)
+        precision = _auto_precision(model, windows.get_batch(batches[0]), device) if batches else "fp32"
+    with bf16_weight_copies():  # bf16: each large Linear's weights cast once for all the batches, not per call
+        return score_batches(model, (windows.get_batch(b) for b in batches), device, PRECISIONS[precision],
+                             tokenizer)
 
 
 @torch.no_grad()
-def _choose_precision(model, batch, device):
-    """'fp32' or 'bf16' for evaluating model (precision.choose, timing its forward on batch), logged once."""
+def _auto_precision(model, batch, device):
+    """'fp32' or 'bf16' for scoring model: mygpt.inference_precision's rule, timing its forward on batch."""
     device = torch.device(device)
     x, y = (t.to(device) for t in batch)
 
@@ -97,6 +100,4 @@ def _choose_precision(model, batch, device):
         with _precision.autocast(device.type, dtype):
             float(model(x, y)[1])  # reading the loss waits for the device
     with _eval_mode(model):
-        choice, why = _precision.choose(device.type, forward, sum(p.numel() for p in model.parameters()))
-    logging.getLogger("mygpt").info(f"precision='auto': {choice} ({why})")
-    return choice
+        return inference_precision(model, "auto", forward)

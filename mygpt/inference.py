@@ -4,7 +4,8 @@ Which precision a trained model computes in for inference (`mygpt sample` and `m
 'fp32', 'bf16' or 'auto'. bf16 is bf16 autocast, as in the Trainer; inside precision_context('bf16')
 mygpt.model.Linear keeps a bf16 copy of its weights (cast once, not at every call), so that decoding reads 2 bytes
 a weight instead of 4, and the rest runs as autocast runs it (norms and losses in fp32). mygpt eval --data scores
-in plain autocast (mygpt.score, as the Trainer's evaluations), which casts at every call. 'auto' takes bf16 only
+with mygpt.score, which chooses 'auto' by this rule too and casts the weights once (the Trainer's evaluations, whose
+weights change between them, cast at every call). 'auto' takes bf16 only
 where the device computes it natively and it pays on this model: never where every weight matrix is small (below
 mygpt.matvec.MIN_WEIGHTS, where the weights sit in cache and bf16 adds only casts), elsewhere as
 mygpt.precision.choose times the caller's own work (a few decoding steps, or a forward) both ways. The choice is

@@ -39,6 +39,37 @@ class TestInferencePrecision(unittest.TestCase):
         self.assertIn("every weight matrix is small", logs.output[0])
         self.assertIn("int8 model", logs.output[1])
 
+    def test_score_chooses_by_the_same_rule_and_scores_as_it_chose(self):
+        """score(precision='auto'), as `mygpt eval --data` does: fp32 without timing where the weights are small
+        or bf16 is not native, else the timed forward decides; the scores are autocast's in the precision chosen."""
+        from mygpt import score
+        from mygpt.evaluate import score_batches
+        model = model_of(256, vocab_size=1024)
+        tokens = torch.randint(1024, (200,), generator=torch.Generator().manual_seed(0))
+
+        class Windows:  # what score reads of a TokenDataset: len() and get_batch(indices) -> (x, y)
+            def __len__(self):
+                return 12
+
+            def get_batch(self, indices):
+                return tuple(torch.stack([tokens[16 * i + d:16 * i + d + 16] for i in indices]) for d in (0, 1))
+        windows = Windows()
+        batches = [windows.get_batch(list(range(i, min(i + 4, len(windows))))) for i in range(0, 8, 4)]
+        fp32 = score_batches(model, batches)
+        bf16 = score_batches(model, batches, dtype=torch.bfloat16)
+        self.assertNotEqual(fp32.nats, bf16.nats)
+        with mock.patch("mygpt.precision.native", return_value=False):
+            self.assertEqual(score(model, windows, 4, max_batches=2, precision="auto").nats, fp32.nats)
+        with mock.patch("mygpt.precision.native", return_value=True):
+            small = model_of(32, vocab_size=1024)  # every weight matrix small: fp32, not timed
+            self.assertEqual(score(small, windows, 4, max_batches=2, precision="auto").nats,
+                             score_batches(small, batches).nats)
+            for times, want, other in (((2.0, 1.0), bf16, fp32), ((1.0, 1.0), fp32, bf16)):
+                with mock.patch("mygpt.precision._probe", return_value=times):
+                    got = score(model, windows, 4, max_batches=2, precision="auto")
+                # bf16 from the weights cast once: autocast's numbers up to the order of its sums
+                self.assertLess(abs(got.nats - want.nats), 0.1 * abs(got.nats - other.nats))
+
     def test_bad_input(self):
         model = model_of(32)
         with self.assertRaisesRegex(ValueError, r"precision must be one of \['auto', 'fp32', 'bf16'\], got 'fp16'"):

@@ -48,37 +48,61 @@ static inline float sum8(__m256 a) {
 }
 #endif
 
-static float dot_fp32(const float* w, const float* x, int64_t n) {
+// Each weight widened to fp32 as it is read: one at a time, or 16 (AVX-512) or 8 (AVX2) at a time
+static inline float widen(float w) { return w; }
+static inline float widen(int8_t w) { return float(w); }
+static inline float widen(uint16_t w) { return bf16_value(w); }  // a bf16's bits
+#if defined(__AVX512F__)
+static inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 widen16(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline __m512 widen16(const uint16_t* p) {  // the bits shifted up into an fp32's upper half
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 widen8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline __m256 widen8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#endif
+
+// sum_i w[i] x[i] for fp32, int8 or bf16 (uint16_t) weights and fp32 x, each weight widened to fp32
+template <typename T>
+static float dot(const T* w, const float* x, int64_t n) {
     int64_t i = 0;
     float s = 0;
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(widen16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(widen16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(widen16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
     }
     s = sum16(a0, a1, a2, a3);
 #elif defined(__AVX2__) && defined(__FMA__)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(widen8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(widen8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
     s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
-    for (; i < n; ++i) s += w[i] * x[i];
+    for (; i < n; ++i) s += widen(w[i]) * x[i];
     return s;
 }
 
-// xb: x rounded to bf16; xr: the same values as fp32
+// bf16 weights times x rounded to bf16 (xb; xr: the same values in fp32): with AVX512-BF16, 32 products of bf16
+// pairs an instruction, summed in fp32; elsewhere dot's, each weight widened
 static float dot_bf16(const uint16_t* w, const uint16_t* xb, const float* xr, int64_t n) {
+#if defined(__AVX512BF16__)
     int64_t i = 0;
-    float s = 0;
-#if defined(__AVX512BF16__)  // 32 products of bf16 pairs a step, accumulated in fp32
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; i + 128 <= n; i += 128) {
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
@@ -86,62 +110,11 @@ static float dot_bf16(const uint16_t* w, const uint16_t* xb, const float* xr, in
         a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(xb + i + 64));
         a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(xb + i + 96));
     }
-    s = sum16(a0, a1, a2, a3);
-#elif defined(__AVX512F__)  // each weight widened to fp32 (its bits shifted up), then multiplied
-    auto wide = [](const uint16_t* p) {
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-    };
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(wide(w + i), _mm512_loadu_ps(xr + i), a0);
-        a1 = _mm512_fmadd_ps(wide(w + i + 16), _mm512_loadu_ps(xr + i + 16), a1);
-        a2 = _mm512_fmadd_ps(wide(w + i + 32), _mm512_loadu_ps(xr + i + 32), a2);
-        a3 = _mm512_fmadd_ps(wide(w + i + 48), _mm512_loadu_ps(xr + i + 48), a3);
-    }
-    s = sum16(a0, a1, a2, a3);
-#elif defined(__AVX2__) && defined(__FMA__)
-    auto wide = [](const uint16_t* p) {
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-    };
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(wide(w + i), _mm256_loadu_ps(xr + i), a0);
-        a1 = _mm256_fmadd_ps(wide(w + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
-        a2 = _mm256_fmadd_ps(wide(w + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
-        a3 = _mm256_fmadd_ps(wide(w + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
-    }
-    s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return sum16(a0, a1, a2, a3) + dot(w + i, xr + i, n - i);
+#else
+    (void)xb;
+    return dot(w, xr, n);
 #endif
-    for (; i < n; ++i) s += bf16_value(w[i]) * xr[i];
-    return s;
-}
-
-static float dot_int8(const int8_t* w, const float* x, int64_t n) {
-    int64_t i = 0;
-    float s = 0;
-#if defined(__AVX512F__)
-    auto wide = [](const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); };
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(wide(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(wide(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(wide(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(wide(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    s = sum16(a0, a1, a2, a3);
-#elif defined(__AVX2__) && defined(__FMA__)
-    auto wide = [](const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); };
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(wide(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(wide(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(wide(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(wide(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; i < n; ++i) s += float(w[i]) * x[i];
-    return s;
 }
 
 #if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
@@ -252,11 +225,11 @@ extern "C" void kernel(const void* weight, const float* x, const float* scale, c
     for (int64_t o = 0; o < n_out; ++o) {
         float s;
         if (kind == 0) {
-            s = dot_fp32((const float*)weight + o * n_in, x, n_in);
+            s = dot((const float*)weight + o * n_in, x, n_in);
         } else if (kind == 1) {
             s = dot_bf16((const uint16_t*)weight + o * n_in, xb.data(), xr.data(), n_in);
         } else if (kind == 2) {
-            s = dot_int8((const int8_t*)weight + o * n_in, x, n_in) * scale[o];
+            s = dot((const int8_t*)weight + o * n_in, x, n_in) * scale[o];
         } else {
             s = dot_q8((const int8_t*)weight + o * n_in, xq.data(), xa.data(), neg.data(), xr.data(), n_in) * scale[o];
         }

@@ -66,10 +66,15 @@ def build():
 
 
 def pays(weight, x):
-    """Whether matvec should multiply x (..., in) by weight (out, in) here: one row, enough weights, no autograd,
-    on the CPU, outside a compiled graph, and building the kernel has not failed in this process."""
-    return (x.numel() == weight.shape[1] and weight.numel() >= MIN_WEIGHTS and not torch.is_grad_enabled()
-            and x.is_cpu and not torch.compiler.is_compiling() and not _KERNEL.failed)
+    """Whether matvec should multiply x (..., in) by weight (out, in) here: enough weights, no autograd, on the
+    CPU, and one_row."""
+    return weight.numel() >= MIN_WEIGHTS and not torch.is_grad_enabled() and x.is_cpu and one_row(weight, x)
+
+
+def one_row(weight, x):
+    """The part of pays() for a caller that has checked the rest (mygpt.model.Linear): x holds one row, outside a
+    compiled graph, and building the kernel has not failed in this process."""
+    return x.numel() == weight.shape[1] and not torch.compiler.is_compiling() and not _KERNEL.failed
 
 
 def matvec(weight, x, scale=None, bias=None, quantize_x=False):

@@ -57,7 +57,7 @@ from mygpt.checkpoint import load_checkpoint, load_model_state
 from mygpt.hugepages import in_huge_pages, move_to_huge_pages
 # MIN_WEIGHTS: below 512 KiB of fp32 weights F.linear is faster than oneDNN or matvec (oneDNN's call costs ~15 µs,
 # MKL's ~3 µs, and the weights sit in cache)
-from mygpt.matvec import MIN_WEIGHTS, matvec, pays as matvec_pays
+from mygpt.matvec import MIN_WEIGHTS, matvec, one_row as matvec_one_row
 from mygpt.utils import CfgNode
 
 _TIME_WEIGHTINGS = (None, "full", "circulant")
@@ -120,7 +120,7 @@ class Linear(nn.Linear):
         if (_ONEDNN_LINEAR is None or torch.is_grad_enabled() or not x.is_cpu or weight.dtype != torch.float32
                 or weight.numel() < MIN_WEIGHTS):
             return F.linear(x, weight, bias)
-        one_row = matvec_pays(weight, x)
+        one_row = matvec_one_row(weight, x)  # the rest of matvec.pays: checked just above
         if torch.is_autocast_enabled("cpu"):
             if (_BF16 is None or not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16
                     or torch.compiler.is_compiling()):

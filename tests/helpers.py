@@ -1,5 +1,5 @@
-"""Fixtures that several test files share: tiny models, a temporary folder, and the launchers of tests/trainer_run.py
-(one process, torchrun with two, kill-and-resume).
+"""Fixtures that several test files share: tiny models, a temporary folder, the launchers of tests/trainer_run.py
+(one process, torchrun with two, kill-and-resume), and q8, the reference of matvec's quantized x.
 
 MYGPT_FAST_TESTS=1 skips the process-level tests (`@process_level`: ones that start Python processes, kill them,
 run torchrun or train for many steps), so that the rest of the suite runs in about a minute on 2 cores:
@@ -105,3 +105,14 @@ def kill_and_resume(test, iters, *extra):
     ref, run = load_checkpoint(test.path("ref.pt")), load_checkpoint(test.path("run.pt"))
     test.assertEqual(run["iter_num"], iters)
     return ref, run
+
+
+def q8(x):
+    """x as matvec multiplies it with quantize_x: in blocks of 32, each step d = max |x| / 127, x = d round(x / d)
+    (llama.cpp's q8_0), as doubles: (q (in,), d per element)."""
+    q, d = [], []
+    for block in x.split(32):
+        step = block.abs().max() / 127
+        q.append(torch.round(block / step) if step > 0 else torch.zeros_like(block))
+        d.append(step.expand(len(block)))
+    return torch.cat(q).double(), torch.cat(d).double()

@@ -11,7 +11,7 @@ import torch
 
 from mygpt import matvec as matvec_module
 from mygpt.matvec import MIN_WEIGHTS, matvec, pays
-from tests.helpers import process_level
+from tests.helpers import process_level, q8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,17 +22,6 @@ def accumulation_bound(w, x):
     """|y - exact| for an fp32 sum of n exact products w[o, i] x[i] (w, x as doubles): at most n eps_32 sum |w x|
     (the classic bound, loose by far)."""
     return w.shape[1] * FP32_EPS * (w.abs() @ x.abs()) + 1e-30
-
-
-def q8(x):
-    """x as matvec multiplies it with quantize_x: in blocks of 32, each step d = max |x| / 127, x = d round(x / d)
-    (llama.cpp's q8_0), as doubles: (q (in,), d per element)."""
-    q, d = [], []
-    for block in x.split(32):
-        step = block.abs().max() / 127
-        q.append(torch.round(block / step) if step > 0 else torch.zeros_like(block))
-        d.append(step.expand(len(block)))
-    return torch.cat(q).double(), torch.cat(d).double()
 
 
 class TestMatvec(unittest.TestCase):

@@ -14,7 +14,7 @@ from mygpt.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
 from mygpt.model import GPT
 from mygpt.quantize import Int8Linear, _Int8Embedding, load_quantized, quantize, save_quantized
 from tests.corpus import english_prose
-from tests.helpers import VARIANTS, tiny_config
+from tests.helpers import VARIANTS, q8, tiny_config
 
 
 
@@ -285,9 +285,8 @@ class TestKernelChoice(unittest.TestCase):
         with torch.inference_mode():
             y = layer.int8_product(x)
             fbgemm = torch.ops.quantized.linear_dynamic(x, layer.packed(), False)
-        q = torch.cat([b / (b.abs().max() / 127) for b in x[0, 0].split(32)]).round()
-        d = torch.cat([(b.abs().max() / 127).expand(32) for b in x[0, 0].split(32)])
-        exact = (q * d).double() @ (layer.weight.double() * layer.scale.double()[:, None]).T + layer.bias.double()
+        q, d = q8(x[0, 0])
+        exact = (q * d) @ (layer.weight.double() * layer.scale.double()[:, None]).T + layer.bias.double()
         self.assertTrue(torch.allclose(y[0, 0].double(), exact, atol=1e-5, rtol=1e-5))
         # the first block's share of the product survives here, not in fbgemm's one step
         small = x[0, 0, :32].double() @ (layer.weight.double() * layer.scale.double()[:, None])[:, :32].T

@@ -90,9 +90,9 @@ def score(model, windows, batch_size, max_batches=None, device="cpu", precision=
                              tokenizer)
 
 
-@torch.no_grad()
 def _auto_precision(model, batch, device):
-    """'fp32' or 'bf16' for scoring model: mygpt.inference_precision's rule, timing its forward on batch."""
+    """'fp32' or 'bf16' for scoring model: mygpt.inference_precision's rule, timing its forward on batch (in
+    inference mode, which inference_precision gives the timed steps)."""
     device = torch.device(device)
     x, y = (t.to(device) for t in batch)
 

@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["mygpt", "mygpt.*"]),
-    package_data={"mygpt": ["vocab/gpt2/*", "matvec.cpp"]},
+    package_data={"mygpt": ["vocab/gpt2/*", "matvec.cpp", "decode.cpp"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "regex", "requests"],

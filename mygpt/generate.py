@@ -15,6 +15,9 @@ last slot (its full view is laid out as no other step's, and would be compiled a
 block_size run eagerly. A compile that fails falls back to eager mode with one line of warning
 (mygpt/compiled.py), remembered per model.
 
+Without compile, one sequence on the CPU with a model of GPT-2's architecture, each one-token step after the first
+runs in C++ as a whole (mygpt/decode.py; the same arithmetic in one call, without Python between operations).
+
 Only the last section knows about text: where a sample starts without a prompt, a prompt's ids and whole
 samples decoded to text, the rules that `mygpt sample` and the projects share.
 """
@@ -24,6 +27,7 @@ import weakref
 
 import torch
 
+from mygpt import decode
 from mygpt.compiled import Compiled
 from mygpt.model import KVCache
 
@@ -134,7 +138,11 @@ def _sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, to
     if use_cache and idx.shape[1] < block_size:
         embedding = model.transformer.wte.weight  # the model's device and dtype (int8: its dequantized copy)
         cache = KVCache(model.config, idx.shape[0], embedding.device, embedding.dtype)
-    step = _compiled_decode_step(model) if compile and cache is not None else _decode_step
+    step = _decode_step
+    if cache is not None and compile:
+        step = _compiled_decode_step(model)
+    elif cache is not None and idx.shape[0] == 1 and idx.device.type == "cpu" and decode.unsupported(model) is None:
+        step = decode.Step(model, cache, _decode_step)  # the whole one-token step in C++
     stops = None if not stop_tokens else torch.tensor(stop_tokens, device=idx.device)
     stopped = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):

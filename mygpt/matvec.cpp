@@ -204,8 +204,9 @@ static void quantize_q8(const float* x, int64_t n, std::vector<int8_t>& xq, std:
 #endif
 }
 
-extern "C" void kernel(const void* weight, const float* x, const float* scale, const float* bias, float* y,
-                       int64_t kind, int64_t n_out, int64_t n_in, int64_t threads) {
+// bias may be null (no bias): decode.cpp passes its layers' as they are
+static void matvec(const void* weight, const float* x, const float* scale, const float* bias, float* y,
+                   int64_t kind, int64_t n_out, int64_t n_in, int64_t threads) {
     std::vector<uint16_t> xb;   // kind 1: x in bf16
     std::vector<float> xr;      // kind 1: the same values in fp32; kind 3: each block's step, 8 times
     std::vector<int8_t> xq;     // kind 3: x in int8, and for AVX-512 |x| and its signs
@@ -233,6 +234,13 @@ extern "C" void kernel(const void* weight, const float* x, const float* scale, c
         } else {
             s = dot_q8((const int8_t*)weight + o * n_in, xq.data(), xa.data(), neg.data(), xr.data(), n_in) * scale[o];
         }
-        y[o] = s + bias[o];
+        y[o] = bias ? s + bias[o] : s;
     }
 }
+
+#ifndef MYGPT_MATVEC_NO_ENTRY  // mygpt/decode.py builds this file with decode.cpp, whose entry point is its own
+extern "C" void kernel(const void* weight, const float* x, const float* scale, const float* bias, float* y,
+                       int64_t kind, int64_t n_out, int64_t n_in, int64_t threads) {
+    matvec(weight, x, scale, bias, y, kind, n_out, n_in, threads);
+}
+#endif

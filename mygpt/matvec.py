@@ -27,16 +27,20 @@ import torch
 # below this many weights a call's overhead outweighs what it saves, and the weights sit in cache anyway
 MIN_WEIGHTS = 1 << 17
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _ARGS = ["const void*", "const float*", "const float*", "const float*", "float*",
          "const int64_t", "const int64_t", "const int64_t", "const int64_t"]
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 QUANTIZED_X = 3  # int8 weights times x in int8 (matvec.cpp's kinds)
 
 
-class _Kernel:
-    def __init__(self):
-        self.fn = None       # built at first use: building costs nothing until a product needs it
+class Kernel:
+    """A C++ function `kernel` taking argtypes, built from these files of mygpt/ (joined, after `prefix`) at its
+    first use: building costs nothing until a call needs it. mygpt/decode.py builds one with matvec.cpp in it."""
+
+    def __init__(self, files, argtypes, what, prefix=""):
+        self.files, self.argtypes, self.what, self.prefix = files, argtypes, what, prefix
+        self.fn = None
         self.failed = False
 
     def get(self):
@@ -44,18 +48,20 @@ class _Kernel:
         if self.fn is None and not self.failed:
             try:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache
-                with open(_SOURCE, encoding="utf-8") as f:
-                    self.fn = CppPythonBindingsCodeCache.load_pybinding(_ARGS, f.read())
+                source = self.prefix
+                for name in self.files:
+                    with open(os.path.join(_HERE, name), encoding="utf-8") as f:
+                        source += f.read()
+                self.fn = CppPythonBindingsCodeCache.load_pybinding(self.argtypes, source)
             except Exception as e:  # no compiler, or a torch whose inductor builds differently
                 self.failed = True
                 cause = str(e).strip().splitlines()
-                warnings.warn(f"mygpt.matvec could not build its kernel ({type(e).__name__}: "
-                              f"{cause[-1] if cause else ''}); decoding uses torch's kernels, slower at one row",
-                              RuntimeWarning)
+                warnings.warn(f"mygpt could not build {os.path.basename(self.files[-1])} ({type(e).__name__}: "
+                              f"{cause[-1] if cause else ''}); {self.what}", RuntimeWarning)
         return self.fn
 
 
-_KERNEL = _Kernel()
+_KERNEL = Kernel(["matvec.cpp"], _ARGS, "decoding uses torch's kernels, slower at one row")
 _ZEROS = {}  # out -> zeros(out): the bias of a layer without one
 
 

@@ -138,6 +138,17 @@ class Linear(nn.Linear):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
+    def one_row_operands(self):
+        """(weight, scale, bias, quantize_x): what forward multiplies one row by here, in matvec's terms, for
+        mygpt.decode: the fp32 weight, or in bf16 autocast inside bf16_weight_copies() its bf16 copy; None in an
+        autocast where forward runs F.linear (activations in bf16, which mygpt.decode does not compute)."""
+        if not torch.is_autocast_enabled("cpu"):
+            return self.weight, None, self.bias, False
+        if _ONEDNN_LINEAR is None or _BF16 is None or not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return None
+        return _bf16_weights(self)[0], None, self.bias, False
+
+
 # Linear -> (bf16 weight, bf16 bias) while bf16_weight_copies() is open (None outside it): outside the modules,
 # so that state dicts and copies never hold them
 _BF16 = None

@@ -191,6 +191,10 @@ class Int8Linear(nn.Module):
             return self.product(x, self.int8_pays(x.numel() // self.in_features) is not False)
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def one_row_operands(self):
+        """(weight, scale, bias, quantize_x): what forward multiplies one row by, in matvec's terms (mygpt.decode)."""
+        return self.weight, self.scale, self.bias, self.packed() is not False and self.int8_pays(1) is not False
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._packed = self._fp32 = None  # new weights: pack and dequantize again

@@ -167,7 +167,7 @@ def median_rate(runs):
 def report(results, thread_counts):
     for threads in thread_counts:
         print(f"\n{threads} thread{'s' if threads > 1 else ''}: tokens/s, median (min-max)")
-        print(f"{'mygpt':<7}{'llama.cpp':<11}{'mygpt':>18}{'products only':>15}{'llama.cpp':>18}{'own clock':>11}"
+        print(f"{'mygpt':<7}{'llama.cpp':<11}{'mygpt':>20}{'products only':>15}{'llama.cpp':>20}{'own clock':>11}"
               f"{'mygpt/llama':>13}{'prompt ms':>13}{'same tokens':>13}")
         for mine, theirs in PAIRS:
             ours, their = results[threads, mine], results[threads, theirs]
@@ -178,7 +178,7 @@ def report(results, thread_counts):
             prompt_ms = "{:.0f}, {:.0f}".format(*(1e3 * statistics.median(p for _, p, _, _ in runs[1:])
                                                   for runs in (ours, their)))
             same = f"{agreement(ours[0][0], their[0][0])} of {NEW_TOKENS}"
-            print(f"{mine:<7}{theirs:<11}{ours_text:>18}{products:>15.1f}{their_text:>18}{own:>11.1f}"
+            print(f"{mine:<7}{theirs:<11}{ours_text:>20}{products:>15.1f}{their_text:>20}{own:>11.1f}"
                   f"{ours_rate / their_rate:>12.2f}x{prompt_ms:>13}{same:>13}")
             for name, runs in ((mine, ours), (theirs, their)):  # greedy decoding repeats itself exactly
                 if any(tokens != runs[0][0] for tokens, *_ in runs):

@@ -3,10 +3,12 @@ Decoding's one-token step in one call to C++ (mygpt/decode.cpp), for models of G
 
 model.forward's one-token step of GPT-2 124M calls ~25 PyTorch operations a block around its products (norms,
 views, the cache's copies, attention, GELU, residuals); their dispatch in Python cost 1.6-1.9 ms a token on one
-thread of an AMD EPYC, a fifth of the int8 step, where llama.cpp's step is all C. decode.cpp does the whole step (embeddings, every block, the
-head) in one call, with the products of mygpt/matvec.cpp and each Linear's own operands (one_row_operands: fp32,
-its bf16 copy inside bf16_weight_copies(), int8 with the kernel its measurement chose), writing the keys and
-values into the same KVCache, so the prompt's pass (model.forward) and the C++ steps share one cache.
+thread of an AMD EPYC, a fifth of the int8 step, where llama.cpp's step is all C. decode.cpp does the whole step
+(embeddings, every block, the head) in one call, with the products of mygpt/matvec.cpp and each Linear's own
+operands (one_row_operands: fp32, its bf16 copy inside bf16_weight_copies(), int8 with the kernel its measurement
+chose), writing the keys and values into the same KVCache, so the prompt's pass (model.forward) and the C++ steps
+share one cache. GPT-2 124M's step then costs what its products cost (see the README's *Decoding against
+llama.cpp*).
 
 stream() and generate() take it for every one-token step with a cache, batch 1, on the CPU, no autograd, where
 `unsupported(model)` is None: learned positions, LayerNorm, GELU, plain multi-head attention, and none of
@@ -73,7 +75,8 @@ class Step:
         t, cache = self.model.transformer, self.cache
         if any(k.dtype != torch.float32 or k.shape[0] != 1 or not k.is_contiguous() for k in cache.keys + cache.values):
             return False
-        linears = [self.model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        linears = [self.model.lm_head]
+        linears += [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         operands = {}
         for layer in linears:
             found = layer.one_row_operands()  # (weight, scale, bias, quantize_x) or None

@@ -5,12 +5,15 @@ Training and generation speed of mygpt against Hugging Face transformers' GPT-2,
     python bench/bench_model.py --quick      # fewer repeats
     python bench/bench_model.py --dropout=0.1
     python bench/bench_model.py --generation-only   # just the generation table, ~1 minute
+    python bench/bench_model.py --generation-only --threads 1   # on one thread (2 by default)
 
 Training: the seed's shape (n_layer 3, n_head 8, n_embd 512, block 128, vocab 65, batch 16),
 forward + backward + AdamW, rounds interleaved across models so machine noise hits all alike.
 MFU = tokens/s * (6 N + 12 n_layer n_embd block_size) / (FLOP/s of a 2048x2048 fp32 matmul, measured here).
 Generation: 200 new tokens, batch 1, greedy, on the same shape with block_size 256 so that every
-model holds the whole sequence (transformers cannot slide a window).
+model holds the whole sequence (transformers cannot slide a window); mygpt's one-token steps in one C++ call
+(mygpt/decode.cpp) and, in the rows "forward's steps", through model.forward as before it; plain and with the
+seed's circulant time weighting.
 Peak memory: the maximum resident set of a fresh process doing training steps, per model.
 """
 
@@ -25,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from mygpt import GPT, CfgNode  # noqa: E402
+from mygpt import GPT, CfgNode, decode  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
@@ -130,11 +133,15 @@ def bench_training(rounds, steps_per_round):
 def bench_generation(repeats):
     torch.manual_seed(0)
     ours = mygpt_model(block_size=256).eval()
+    circulant = mygpt_model("circulant", block_size=256).eval()
     theirs = transformers_model(block_size=256).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
     mask = torch.ones_like(prompt)
     runs = {
         "mygpt cached": lambda: ours.generate(prompt, 200),
+        "  forward's steps": lambda: forward_steps(lambda: ours.generate(prompt, 200)),
+        "circulant cached": lambda: circulant.generate(prompt, 200),
+        "  forward's steps ": lambda: forward_steps(lambda: circulant.generate(prompt, 200)),
         "mygpt uncached": lambda: ours.generate(prompt, 200, use_cache=False),
         "transformers": lambda: theirs.generate(prompt, max_new_tokens=200, min_new_tokens=200, do_sample=False,
                                                 attention_mask=mask, pad_token_id=0),
@@ -158,6 +165,16 @@ def bench_generation(repeats):
         note = "   (reading every weight once per token: the ceiling of any fp32 decoder of this shape)" \
             if name == "Linear layers only" else ""
         print(f"{name:<20}{rate:>10.0f}{f'{min(r):.0f}-{max(r):.0f}':>12}{cached / rate:>17.2f}x{note}")
+
+
+def forward_steps(run):
+    """run() with every one-token step in model.forward, as before mygpt/decode.cpp ran them in one C++ call."""
+    unsupported = decode.unsupported
+    decode.unsupported = lambda model: "the benchmark's forward_steps"
+    try:
+        run()
+    finally:
+        decode.unsupported = unsupported
 
 
 def linears_only(model):
@@ -195,10 +212,11 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", type=float, default=DROPOUT)
     parser.add_argument("--generation-only", action="store_true", help="only the generation table")
+    parser.add_argument("--threads", type=int, default=2, help="torch's threads (OMP_NUM_THREADS does not set them)")
     parser.add_argument("--memory-probe")
     args = parser.parse_args()
     DROPOUT = args.dropout
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.memory_probe:
         peak_memory_probe(args.memory_probe)
         return

@@ -11,8 +11,9 @@ share one cache. GPT-2 124M's step then costs what its products cost (see the RE
 llama.cpp*).
 
 stream() and generate() take it for every one-token step with a cache, batch 1, on the CPU, no autograd, where
-`unsupported(model)` is None: learned positions, LayerNorm, GELU, plain multi-head attention, and none of
-time weighting, token shift, QK-norm, grouped-query attention, soft-capped logits, an embedding norm or hooks.
+`unsupported(model)` is None: learned positions or none, LayerNorm, GELU, multi-head attention with or without
+the seed's time weighting and token shift, and none of rotary positions, QK-norm, grouped-query attention,
+soft-capped logits, an embedding norm or hooks.
 Other models, compile=True and a kernel that cannot be built keep model.forward. The first one-token step of a
 generation runs model.forward too: an int8 model measures its kernels there, which the C++ step then uses.
 """
@@ -24,8 +25,9 @@ from mygpt.matvec import _KINDS, QUANTIZED_X, Kernel
 from mygpt.model import GPT, Linear
 from mygpt.quantize import Int8Linear, _Int8Embedding, _KernelChoice
 
-_KERNEL = Kernel(["matvec.cpp", "decode.cpp"], ["const int64_t*", "float*"] + ["const int64_t"] * 9,
+_KERNEL = Kernel(["matvec.cpp", "decode.cpp"], ["const int64_t*", "float*"] + ["const int64_t"] * 11,
                  "decoding runs model.forward", prefix="#define MYGPT_MATVEC_NO_ENTRY\n")
+_TIME_WEIGHTING = {None: 0, "full": 1, "circulant": 2}  # decode.cpp's TimeWeighting
 
 
 def unsupported(model):
@@ -33,9 +35,8 @@ def unsupported(model):
     if not isinstance(model, GPT):
         return "not a mygpt GPT"
     C = model.config
-    features = dict(pos_emb=C.pos_emb == "learned", norm=C.norm == "layernorm", mlp=C.mlp == "gelu",
+    features = dict(pos_emb=C.pos_emb in ("learned", None), norm=C.norm == "layernorm", mlp=C.mlp == "gelu",
                     n_kv_head=(C.n_kv_head or C.n_head) == C.n_head, qk_norm=not C.qk_norm,
-                    token_shift=not C.token_shift, time_weighting=C.time_weighting is None,
                     logit_softcap=C.logit_softcap is None, embd_norm=not C.embd_norm)
     missing = [name for name, ok in features.items() if not ok]
     if missing:
@@ -84,20 +85,29 @@ class Step:
                 return False
             weight, scale, bias, quantize_x = found
             operands[layer] = [weight.contiguous(), scale, bias, QUANTIZED_X if quantize_x else _KINDS[weight.dtype]]
-        entries = [t.wte.weight.contiguous(), t.wpe.weight.contiguous(), t.ln_f.weight, t.ln_f.bias,
-                   *operands[self.model.lm_head]]
+        wpe = t.wpe.weight.contiguous() if "wpe" in t else None
+        entries = [t.wte.weight.contiguous(), wpe, t.ln_f.weight, t.ln_f.bias, *operands[self.model.lm_head]]
         for i, b in enumerate(t.h):
-            entries += [b.ln_1.weight, b.ln_1.bias, *operands[b.attn.c_attn], *operands[b.attn.c_proj],
+            a = b.attn
+            time = {"full": (getattr(a, "time_weighting", None), None),
+                    "circulant": (getattr(a, "time_weight", None), getattr(a, "time_bias", None))}
+            extras = [*time.get(a.time_weighting_kind, (None, None)), cache.last_input[i] if a.token_shift else None]
+            if any(e is not None and (e.dtype != torch.float32 or not e.is_contiguous()) for e in extras):
+                return False  # time weights or a remembered input not laid out as decode.cpp reads them
+            entries += [b.ln_1.weight, b.ln_1.bias, *operands[a.c_attn], *operands[a.c_proj],
                         b.ln_2.weight, b.ln_2.bias, *operands[b.mlp.c_fc], *operands[b.mlp.c_proj],
-                        cache.keys[i], cache.values[i]]
+                        cache.keys[i], cache.values[i], *extras]
+        self.last_inputs = list(cache.last_input)  # token shift: replaced by any forward, which a new table follows
         self.tensors = [e for e in entries if torch.is_tensor(e)]
         self.hidden = t.h[0].mlp.c_fc.out_features
         return torch.tensor([e.data_ptr() if torch.is_tensor(e) else (e or 0) for e in entries], dtype=torch.int64)
 
     def __call__(self, model, fresh, cache):
         autocast = torch.is_autocast_enabled("cpu")
-        if self.table is None or autocast != self.autocast:
-            # the first step (an int8 model measures its kernels in it), or the autocast state changed
+        if self.table is None or autocast != self.autocast or (
+                self.table is not False and cache.last_input[0] is not self.last_inputs[0]):
+            # the first step (an int8 model measures its kernels in it), the autocast state changed, or a forward
+            # ran in between (token shift's remembered inputs are new tensors then)
             logits = self.forward_step(model, fresh, cache)
             self.table = _KERNEL.get() is not None and fresh.shape == (1, 1) and self._build()
             self.autocast = autocast
@@ -110,6 +120,6 @@ class Step:
             return self.forward_step(model, fresh, cache)  # which says what is wrong
         logits = torch.empty(1, C.vocab_size)
         _KERNEL.get()(self.table, logits, token, t, C.n_layer, C.n_head, C.n_embd, self.hidden, C.vocab_size,
-                      C.block_size, torch.get_num_threads())
+                      C.block_size, _TIME_WEIGHTING[C.time_weighting], int(C.token_shift), torch.get_num_threads())
         cache.length = t + 1
         return logits

@@ -12,7 +12,7 @@ from mygpt import decode, precision_context
 from mygpt.generate import _decode_step, generate
 from mygpt.matvec import QUANTIZED_X, Kernel
 from mygpt.model import GPT, KVCache
-from tests.helpers import tiny_model
+from tests.helpers import VARIANTS, tiny_model
 
 # every Linear of this shape is large enough for forward's matvec path (mygpt.matvec.MIN_WEIGHTS), as GPT-2's
 WIDE = dict(n_layer=2, n_head=4, n_embd=384, vocab_size=400, block_size=24)
@@ -51,7 +51,9 @@ class TestStep(unittest.TestCase):
         self.assertTrue(decode._KERNEL.get() is not None, "decode.cpp did not build")
 
     def test_fp32_matches_forward_and_fills_the_same_cache(self):
-        for kw in (dict(), dict(bias=False), dict(tie_weights=False, n_embd=48, n_head=3)):
+        """Every time-weighting variant (with and without token shift and position embeddings), no biases, an
+        untied head."""
+        for kw in (*VARIANTS, dict(bias=False), dict(tie_weights=False, n_embd=48, n_head=3)):
             with self.subTest(**kw):
                 model = tiny_model(**kw)
                 ids = torch.randint(0, model.config.vocab_size, (1, model.config.block_size))
@@ -61,6 +63,9 @@ class TestStep(unittest.TestCase):
                 self.assertEqual(cache.length, reference.length)
                 for k, r in zip(cache.keys + cache.values, reference.keys + reference.values):
                     torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
+                if model.config.token_shift:  # each layer remembers this step's attention input, as forward does
+                    for k, r in zip(cache.last_input, reference.last_input):
+                        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
 
     def test_bf16_and_int8_multiply_as_forward_does(self):
         """Each Linear gets the operands its forward multiplies one row by: the bf16 copy in bf16 (matvec's kind 1),
@@ -98,6 +103,21 @@ class TestStep(unittest.TestCase):
         # one-token steps at cache lengths 4..15: the first runs forward, and so does the block's last slot (15)
         self.assertEqual(len(calls), 10)
 
+    def test_a_forward_step_in_between_lays_the_table_out_again(self):
+        """Token shift's remembered inputs are new tensors after a forward: the next C++ step must not write into the
+        old ones."""
+        model = tiny_model(time_weighting="circulant", token_shift=True)
+        ids = torch.randint(0, model.config.vocab_size, (1, 10))
+        with torch.inference_mode():
+            cache, reference = KVCache(model.config, 1), KVCache(model.config, 1)
+            step = decode.Step(model, cache, _decode_step)
+            for c in (cache, reference):
+                _decode_step(model, ids[:, :4], c)
+            for i in range(4, 10):
+                run = _decode_step if i == 6 else step
+                a, b = _decode_step(model, ids[:, i:i + 1], reference), run(model, ids[:, i:i + 1], cache)
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
     def test_an_autocast_change_lays_the_table_out_again(self):
         model = wide_model()
         ids = torch.randint(0, WIDE["vocab_size"], (1, 8))
@@ -117,7 +137,7 @@ class TestStep(unittest.TestCase):
 
 class TestWhere(unittest.TestCase):
     def test_models_it_cannot_run_say_why(self):
-        for kw, why in ((dict(time_weighting="circulant"), "time_weighting"), (dict(token_shift=True), "token_shift"),
+        for kw, why in ((dict(qk_norm=True), "qk_norm"), (dict(n_kv_head=2), "n_kv_head"),
                         (dict(norm="rmsnorm", mlp="relu2"), "norm, mlp"), (dict(pos_emb="rope"), "pos_emb")):
             with self.subTest(**kw):
                 self.assertIn(why, decode.unsupported(tiny_model(**kw)))

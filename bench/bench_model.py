@@ -12,8 +12,8 @@ forward + backward + AdamW, rounds interleaved across models so machine noise hi
 MFU = tokens/s * (6 N + 12 n_layer n_embd block_size) / (FLOP/s of a 2048x2048 fp32 matmul, measured here).
 Generation: 200 new tokens, batch 1, greedy, on the same shape with block_size 256 so that every
 model holds the whole sequence (transformers cannot slide a window); mygpt's one-token steps in one C++ call
-(mygpt/decode.cpp) and, in the rows "forward's steps", through model.forward as before it; plain and with the
-seed's circulant time weighting.
+(mygpt/decode.cpp) and, in the rows "forward's steps", through model.forward as before it; plain, with the
+seed's circulant time weighting, and with the 'modern' preset's model switches.
 Peak memory: the maximum resident set of a fresh process doing training steps, per model.
 """
 
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from mygpt import GPT, CfgNode, decode  # noqa: E402
+from mygpt.recipes import apply_recipe  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)
@@ -37,8 +38,10 @@ DROPOUT = 0.0  # --dropout; the MFU count has no dropout FLOPs, but it costs tim
 TRAIN_MODELS = ("mygpt", "mygpt-full", "mygpt-circulant", "transformers")
 
 
-def mygpt_model(time_weighting=None, block_size=SHAPE["block_size"]):
+def mygpt_model(time_weighting=None, block_size=SHAPE["block_size"], preset=None):
     c = GPT.get_default_config()
+    if preset is not None:
+        apply_recipe(CfgNode(model=c), preset)
     c.merge_from_dict({**SHAPE, "block_size": block_size, "time_weighting": time_weighting})
     c.embd_pdrop = c.resid_pdrop = c.attn_pdrop = DROPOUT
     return GPT(c)
@@ -134,6 +137,7 @@ def bench_generation(repeats):
     torch.manual_seed(0)
     ours = mygpt_model(block_size=256).eval()
     circulant = mygpt_model("circulant", block_size=256).eval()
+    modern = mygpt_model(block_size=256, preset="modern").eval()
     theirs = transformers_model(block_size=256).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
     mask = torch.ones_like(prompt)
@@ -142,6 +146,8 @@ def bench_generation(repeats):
         "  forward's steps": lambda: forward_steps(lambda: ours.generate(prompt, 200)),
         "circulant cached": lambda: circulant.generate(prompt, 200),
         "  forward's steps ": lambda: forward_steps(lambda: circulant.generate(prompt, 200)),
+        "modern cached": lambda: modern.generate(prompt, 200),
+        "  forward's steps  ": lambda: forward_steps(lambda: modern.generate(prompt, 200)),
         "mygpt uncached": lambda: ours.generate(prompt, 200, use_cache=False),
         "transformers": lambda: theirs.generate(prompt, max_new_tokens=200, min_new_tokens=200, do_sample=False,
                                                 attention_mask=mask, pad_token_id=0),

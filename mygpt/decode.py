@@ -1,5 +1,5 @@
 """
-Decoding's one-token step in one call to C++ (mygpt/decode.cpp), for models of GPT-2's architecture on the CPU.
+Decoding's one-token step of a mygpt GPT in one call to C++ (mygpt/decode.cpp), on the CPU.
 
 model.forward's one-token step of GPT-2 124M calls ~25 PyTorch operations a block around its products (norms,
 views, the cache's copies, attention, GELU, residuals); their dispatch in Python cost 1.6-1.9 ms a token on one
@@ -11,9 +11,9 @@ share one cache. GPT-2 124M's step then costs what its products cost (see the RE
 llama.cpp*).
 
 stream() and generate() take it for every one-token step with a cache, batch 1, on the CPU, no autograd, where
-`unsupported(model)` is None: learned positions or none, LayerNorm, GELU, multi-head attention with or without
-the seed's time weighting and token shift, and none of rotary positions, QK-norm, grouped-query attention,
-soft-capped logits, an embedding norm or hooks.
+`unsupported(model)` is None: every switch of mygpt.model's GPT (the seed's time weighting and token shift, and
+the modern recipe's rotary positions, RMSNorm, QK-norm, ReLU² or SwiGLU, grouped-query attention, soft-capped
+logits, an embedding norm), with mygpt's own layers (or the int8 ones of model.quantize()) and no hooks.
 Other models, compile=True and a kernel that cannot be built keep model.forward. The first one-token step of a
 generation runs model.forward too: an int8 model measures its kernels there, which the C++ step then uses.
 """
@@ -22,37 +22,30 @@ import torch
 import torch.nn as nn
 
 from mygpt.matvec import _KINDS, QUANTIZED_X, Kernel
-from mygpt.model import GPT, Linear
+from mygpt.model import GPT, Linear, RMSNorm
 from mygpt.quantize import Int8Linear, _Int8Embedding, _KernelChoice
 
-_KERNEL = Kernel(["matvec.cpp", "decode.cpp"], ["const int64_t*", "float*"] + ["const int64_t"] * 11,
-                 "decoding runs model.forward", prefix="#define MYGPT_MATVEC_NO_ENTRY\n")
+_KERNEL = Kernel(["matvec.cpp", "decode.cpp"], ["const int64_t*", "const int64_t*", "const float*", "float*"]
+                 + ["const int64_t"] * 3, "decoding runs model.forward", prefix="#define MYGPT_MATVEC_NO_ENTRY\n")
 _TIME_WEIGHTING = {None: 0, "full": 1, "circulant": 2}  # decode.cpp's TimeWeighting
+_MLP = {"gelu": 0, "relu2": 1, "swiglu": 2}             # and its Mlp
 
 
 def unsupported(model):
     """Why decode.cpp cannot run this model's steps (a short phrase), or None where it can."""
     if not isinstance(model, GPT):
         return "not a mygpt GPT"
-    C = model.config
-    features = dict(pos_emb=C.pos_emb in ("learned", None), norm=C.norm == "layernorm", mlp=C.mlp == "gelu",
-                    n_kv_head=(C.n_kv_head or C.n_head) == C.n_head, qk_norm=not C.qk_norm,
-                    logit_softcap=C.logit_softcap is None, embd_norm=not C.embd_norm)
-    missing = [name for name, ok in features.items() if not ok]
-    if missing:
-        return f"its config's {', '.join(missing)}"
     for name, module in model.named_modules():
         if [h for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
                 if not isinstance(h, _KernelChoice)]:
             return f"forward hooks on {name or 'the model'}"
     t = model.transformer
-    for block in t.h:
-        if not all(isinstance(n, nn.LayerNorm) for n in (block.ln_1, block.ln_2)) or not all(
-                type(m) in (Linear, Int8Linear) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
-                                                           block.mlp.c_proj)):
-            return "a block's layers are not mygpt's"
-    if type(model.lm_head) not in (Linear, Int8Linear) or type(t.wte) not in (nn.Embedding, _Int8Embedding):
-        return "its head or embedding is not mygpt's"
+    norms = [t.ln_f, *([t.ln_e] if model.config.embd_norm else []), *(n for b in t.h for n in (b.ln_1, b.ln_2))]
+    linears = [model.lm_head, *(m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))]
+    if (not all(type(n) in (nn.LayerNorm, RMSNorm) for n in norms) or not all(type(m) in (Linear, Int8Linear)
+                                                                              for m in linears)
+            or type(t.wte) not in (nn.Embedding, _Int8Embedding)):
+        return "layers that are not mygpt's"
     if t.wte.weight.device.type != "cpu" or t.wte.weight.dtype != torch.float32:
         return "weights not fp32 on the CPU"
     return None
@@ -85,8 +78,10 @@ class Step:
                 return False
             weight, scale, bias, quantize_x = found
             operands[layer] = [weight.contiguous(), scale, bias, QUANTIZED_X if quantize_x else _KINDS[weight.dtype]]
+        norm = lambda n: [getattr(n, "weight", None), getattr(n, "bias", None)]  # noqa: E731 (RMSNorm has neither)
         wpe = t.wpe.weight.contiguous() if "wpe" in t else None
-        entries = [t.wte.weight.contiguous(), wpe, t.ln_f.weight, t.ln_f.bias, *operands[self.model.lm_head]]
+        entries = [t.wte.weight.contiguous(), wpe, *norm(t.ln_f), *(norm(t.ln_e) if "ln_e" in t else [None, None]),
+                   *operands[self.model.lm_head]]
         for i, b in enumerate(t.h):
             a = b.attn
             time = {"full": (getattr(a, "time_weighting", None), None),
@@ -94,12 +89,15 @@ class Step:
             extras = [*time.get(a.time_weighting_kind, (None, None)), cache.last_input[i] if a.token_shift else None]
             if any(e is not None and (e.dtype != torch.float32 or not e.is_contiguous()) for e in extras):
                 return False  # time weights or a remembered input not laid out as decode.cpp reads them
-            entries += [b.ln_1.weight, b.ln_1.bias, *operands[a.c_attn], *operands[a.c_proj],
-                        b.ln_2.weight, b.ln_2.bias, *operands[b.mlp.c_fc], *operands[b.mlp.c_proj],
-                        cache.keys[i], cache.values[i], *extras]
+            entries += [*norm(b.ln_1), *operands[a.c_attn], *operands[a.c_proj], *norm(b.ln_2),
+                        *operands[b.mlp.c_fc], *operands[b.mlp.c_proj], cache.keys[i], cache.values[i], *extras]
         self.last_inputs = list(cache.last_input)  # token shift: replaced by any forward, which a new table follows
         self.tensors = [e for e in entries if torch.is_tensor(e)]
-        self.hidden = t.h[0].mlp.c_fc.out_features
+        C = self.model.config
+        self.spec = torch.tensor([C.n_layer, C.n_head, C.n_kv_head or C.n_head, C.n_embd, t.h[0].mlp.c_proj.in_features,
+                                  C.vocab_size, C.block_size, _TIME_WEIGHTING[C.time_weighting], C.token_shift,
+                                  C.norm == "rmsnorm", _MLP[C.mlp], C.qk_norm, C.embd_norm], dtype=torch.int64)
+        self.reals = torch.tensor([C.rope_base if C.pos_emb == "rope" else 0.0, C.logit_softcap or 0.0])
         return torch.tensor([e.data_ptr() if torch.is_tensor(e) else (e or 0) for e in entries], dtype=torch.int64)
 
     def __call__(self, model, fresh, cache):
@@ -119,7 +117,6 @@ class Step:
         if not 0 <= token < C.vocab_size:
             return self.forward_step(model, fresh, cache)  # which says what is wrong
         logits = torch.empty(1, C.vocab_size)
-        _KERNEL.get()(self.table, logits, token, t, C.n_layer, C.n_head, C.n_embd, self.hidden, C.vocab_size,
-                      C.block_size, _TIME_WEIGHTING[C.time_weighting], int(C.token_shift), torch.get_num_threads())
+        _KERNEL.get()(self.table, self.spec, self.reals, logits, token, t, torch.get_num_threads())
         cache.length = t + 1
         return logits

@@ -15,8 +15,8 @@ last slot (its full view is laid out as no other step's, and would be compiled a
 block_size run eagerly. A compile that fails falls back to eager mode with one line of warning
 (mygpt/compiled.py), remembered per model.
 
-Without compile, one sequence on the CPU with a model of GPT-2's architecture, each one-token step after the first
-runs in C++ as a whole (mygpt/decode.py; the same arithmetic in one call, without Python between operations).
+Without compile, for one sequence on the CPU, each one-token step after the first runs in C++ as a whole
+(mygpt/decode.py; the same arithmetic in one call, without Python between operations).
 
 Only the last section knows about text: where a sample starts without a prompt, a prompt's ids and whole
 samples decoded to text, the rules that `mygpt sample` and the projects share.

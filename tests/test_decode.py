@@ -51,9 +51,14 @@ class TestStep(unittest.TestCase):
         self.assertTrue(decode._KERNEL.get() is not None, "decode.cpp did not build")
 
     def test_fp32_matches_forward_and_fills_the_same_cache(self):
-        """Every time-weighting variant (with and without token shift and position embeddings), no biases, an
-        untied head."""
-        for kw in (*VARIANTS, dict(bias=False), dict(tie_weights=False, n_embd=48, n_head=3)):
+        """Every time-weighting variant (with and without token shift and position embeddings), the modern recipe's
+        switches (rotary positions, RMSNorm also after the embedding, QK-norm, ReLU², no biases, an untied head,
+        soft-capped logits), SwiGLU with grouped-query attention, a LayerNorm after the embedding."""
+        modern = dict(pos_emb="rope", norm="rmsnorm", embd_norm=True, qk_norm=True, mlp="relu2", bias=False,
+                      tie_weights=False, logit_softcap=15.0)
+        for kw in (*VARIANTS, modern, dict(modern, mlp="swiglu", n_kv_head=2), dict(n_kv_head=1, embd_norm=True),
+                   dict(pos_emb="rope", time_weighting="circulant", token_shift=True),
+                   dict(tie_weights=False, n_embd=48, n_head=3)):
             with self.subTest(**kw):
                 model = tiny_model(**kw)
                 ids = torch.randint(0, model.config.vocab_size, (1, model.config.block_size))
@@ -78,8 +83,8 @@ class TestStep(unittest.TestCase):
                 with precision_context(precision):
                     pairs, _, _, step = both_steps(quantized, ids)
                 self.assertIsInstance(step.table, torch.Tensor)
-                kinds = [step.table[8 + 2 + 3].item()]  # layer 0's c_attn (after ln_1's 2 entries): its kind
-                lm_head_kind = step.table[7].item()  # the header's last entry
+                kinds = [step.table[10 + 2 + 3].item()]  # layer 0's c_attn (after ln_1's 2 entries): its kind
+                lm_head_kind = step.table[9].item()  # the header's last entry
                 if kind is None:  # int8: the kernel each layer's measurement chose
                     layer = quantized.transformer.h[0].attn.c_attn
                     kind = QUANTIZED_X if layer.int8_pays(1) is not False else 2
@@ -137,12 +142,13 @@ class TestStep(unittest.TestCase):
 
 class TestWhere(unittest.TestCase):
     def test_models_it_cannot_run_say_why(self):
-        for kw, why in ((dict(qk_norm=True), "qk_norm"), (dict(n_kv_head=2), "n_kv_head"),
-                        (dict(norm="rmsnorm", mlp="relu2"), "norm, mlp"), (dict(pos_emb="rope"), "pos_emb")):
-            with self.subTest(**kw):
-                self.assertIn(why, decode.unsupported(tiny_model(**kw)))
         model = tiny_model()
         self.assertIsNone(decode.unsupported(model))
+        self.assertIsNone(decode.unsupported(model.quantize(layers="all")))
+        self.assertEqual(decode.unsupported(tiny_model().to(torch.bfloat16)), "weights not fp32 on the CPU")
+        replaced = tiny_model()
+        replaced.transformer.h[0].mlp.c_fc = torch.nn.Linear(32, 128)  # a layer whose forward decode.cpp cannot know
+        self.assertEqual(decode.unsupported(replaced), "layers that are not mygpt's")
         model.transformer.h[1].mlp.register_forward_hook(lambda *a: None)
         self.assertEqual(decode.unsupported(model), "forward hooks on transformer.h.1.mlp")
 

@@ -28,8 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from mygpt import GPT, CfgNode, decode  # noqa: E402
-from mygpt.recipes import apply_recipe  # noqa: E402
+from mygpt import GPT, CfgNode, apply_recipe, decode  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 SHAPE = dict(n_layer=3, n_head=8, n_embd=512, vocab_size=65, block_size=128)

@@ -84,10 +84,11 @@ CXX_ABORT = "terminate called without an active exception"
 def torchrun(*args, restarts=0, timeout=240):
     """tests/trainer_run.py under torchrun with 2 processes (restarted up to `restarts` times).
 
-    Twice in about ten CI runs of the suite (two different tests; never in 185 launches of the same run on a
-    loaded 2-core machine here) a process has aborted in C++ with CXX_ABORT, raised by torch or gloo, not by a
-    Python line, which failed the launch. Such a launch is run once more, and what it printed goes to stderr,
-    with each process's Python stack at the abort (faulthandler), so that the next one says where it was."""
+    In about one CI run of the suite in four (three tests so far; never in 185 launches of the same run on a
+    loaded 2-core machine here) a process has aborted in C++ with CXX_ABORT, which fails the launch. faulthandler's
+    stack of one such abort had no Python frame left: the process had finished its run and was tearing down (after
+    the Trainer's atexit destroy_process_group), so some thread of torch or gloo outlived the interpreter. Such a
+    launch is run once more; what it printed goes to stderr, with each process's Python stack at the abort."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                *([f"--max-restarts={restarts}"] if restarts else []), SCRIPT, *map(str, args)]
     env = dict(os.environ, PYTHONFAULTHANDLER="1")

@@ -87,7 +87,7 @@ def torchrun(*args, restarts=0, timeout=240):
     In about one CI run of the suite in four (three tests so far; never in 185 launches of the same run on a
     loaded 2-core machine here) a process has aborted in C++ with CXX_ABORT, which fails the launch. faulthandler's
     stack of one such abort had no Python frame left: the process had finished its run and was tearing down (after
-    the Trainer's atexit destroy_process_group), so some thread of torch or gloo outlived the interpreter. Such a
+    the Trainer's atexit destroy_process_group): it comes from what torch or gloo tear down at exit. Such a
     launch is run once more; what it printed goes to stderr, with each process's Python stack at the abort."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                *([f"--max-restarts={restarts}"] if restarts else []), SCRIPT, *map(str, args)]

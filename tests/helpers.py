@@ -84,7 +84,7 @@ CXX_ABORT = "terminate called without an active exception"
 def torchrun(*args, restarts=0, timeout=240):
     """tests/trainer_run.py under torchrun with 2 processes (restarted up to `restarts` times).
 
-    In about one CI run of the suite in four (three tests so far; never in 185 launches of the same run on a
+    In about one CI run of the suite in four (two tests so far; never in 185 launches of the same run on a
     loaded 2-core machine here) a process has aborted in C++ with CXX_ABORT, which fails the launch. faulthandler's
     stack of one such abort had no Python frame left: the process had finished its run and was tearing down (after
     the Trainer's atexit destroy_process_group): it comes from what torch or gloo tear down at exit. Such a

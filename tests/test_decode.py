@@ -123,6 +123,16 @@ class TestStep(unittest.TestCase):
                 a, b = _decode_step(model, ids[:, i:i + 1], reference), run(model, ids[:, i:i + 1], cache)
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
+    def test_plain_autocast_keeps_the_forward(self):
+        """bf16 autocast without bf16_weight_copies() runs F.linear in bf16 (bf16 activations), which decode.cpp does
+        not compute: every step stays in the forward."""
+        model = wide_model()
+        ids = torch.randint(0, WIDE["vocab_size"], (1, 8))
+        with torch.autocast("cpu", torch.bfloat16):
+            pairs, _, _, step = both_steps(model, ids)
+        self.assertIs(step.table, False)
+        self.assertTrue(all(torch.equal(a, b) for a, b in pairs))
+
     def test_an_autocast_change_lays_the_table_out_again(self):
         model = wide_model()
         ids = torch.randint(0, WIDE["vocab_size"], (1, 8))

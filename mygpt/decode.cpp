@@ -1,5 +1,5 @@
-// One decoding step of a mygpt GPT in one call: mygpt.model.GPT.forward's arithmetic for one new token of one
-// sequence with a KVCache, every layer in C++ (mygpt/decode.py lays out the table and the spec below). The token
+// One decoding step of a mygpt GPT in one call: mygpt.model.GPT.forward's arithmetic for one new token of each of
+// `rows` sequences with a KVCache, every layer in C++ (mygpt/decode.py lays out the table and the spec below). The token
 // (and position) embeddings [and their norm], then per block x += proj(attention(norm(x))) and
 // x += proj2(act(fc(norm(x)))), then the final norm, the head [and the logits' soft cap]. The switches of
 // mygpt.model: LayerNorm or parameter-free RMSNorm; GELU (tanh), ReLU² or SwiGLU; learned, rotary or no
@@ -15,9 +15,9 @@
 // table (int64 addresses, 0 for none): wte, wpe, ln_f (weight, bias), ln_e (2), lm_head (LIN); then per layer
 // ln_1 (2), c_attn (LIN), attn.c_proj (LIN), ln_2 (2), c_fc (LIN), mlp.c_proj (LIN), keys, values, the time
 // weights (full: time_weighting (n_head, T, T) and 0; circulant: time_weight (n_head, T), time_bias
-// (n_head, 1, T)), the attention input of the position before (token shift; (1, 1, C), overwritten with this
+// (n_head, 1, T)), the attention input of the position before (token shift; (rows, 1, C), overwritten with this
 // one's). LIN is weight, scale, bias, matvec's kind. keys and values are the layer's KVCache tensors,
-// (1, n_kv_head, T, head_size) fp32, T = block_size. spec and reals: see struct Spec.
+// (rows, n_kv_head, T, head_size) fp32, T = block_size. spec and reals: see struct Spec. tokens: one per row.
 
 #include <cmath>
 
@@ -35,8 +35,10 @@ struct Spec {
 };
 constexpr float LN_EPS = 1e-5f;  // nn.LayerNorm's, as mygpt.model makes them
 
-static void linear(const int64_t* lin, const float* x, float* y, int64_t n_out, int64_t n_in, int64_t threads) {
-    matvec((const void*)lin[0], x, (const float*)lin[1], (const float*)lin[2], y, lin[3], n_out, n_in, threads);
+// y (rows, n_out) = x (rows, n_in) times the Linear lin (see the table)
+static void linear(const int64_t* lin, const float* x, float* y, int64_t n_out, int64_t n_in, int64_t rows,
+                   int64_t threads) {
+    matvec((const void*)lin[0], x, (const float*)lin[1], (const float*)lin[2], y, lin[3], n_out, n_in, threads, rows);
 }
 
 // x / sqrt(mean(x²) + eps) over n values (mygpt.model's RMSNorm, which has no parameters); out may be x
@@ -48,7 +50,7 @@ static void rms_norm(const float* x, float* out, int64_t n) {
 }
 
 // the model's norm over n values: RMSNorm, or LayerNorm (x - mean) / sqrt(var + eps) * weight + bias, params
-// holding the addresses of weight and bias (either may be null)
+// holding the addresses of weight and bias (either may be null); out may be x
 static void norm(const float* x, const int64_t* params, float* out, int64_t n, bool rms) {
     if (rms) return rms_norm(x, out, n);
     const float *weight = (const float*)params[0], *bias = (const float*)params[1];
@@ -164,13 +166,15 @@ static void attend(const float* q, const float* keys, const float* values, float
     }
 }
 
-extern "C" void kernel(const int64_t* table, const int64_t* spec, const float* reals, float* logits, int64_t token,
-                       int64_t t, int64_t threads) {
+extern "C" void kernel(const int64_t* table, const int64_t* spec, const float* reals, float* logits,
+                       const int64_t* tokens, int64_t rows, int64_t t, int64_t threads) {
     const Spec s{spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], spec[7], spec[8], spec[9], spec[10],
                  spec[11], spec[12], threads, reals[0], reals[1]};
-    const int64_t C = s.C, hs = C / s.n_head, kv = s.n_kv_head * hs, T = s.T;
+    const int64_t C = s.C, hs = C / s.n_head, kv = s.n_kv_head * hs, T = s.T, width = C + 2 * kv;
     const int64_t fc_out = s.mlp == SWIGLU ? 2 * s.hidden : s.hidden;
-    std::vector<float> x(C), xn(C), qkv(C + 2 * kv), y(C), out(C), h(fc_out), cos(hs / 2), sin(hs / 2);
+    // each sequence's row of: the residual stream, its norm, q k v, attention's output, a projection, the MLP
+    std::vector<float> x(rows * C), xn(rows * C), qkv(rows * width), y(rows * C), out(rows * C), h(rows * fc_out);
+    std::vector<float> cos(hs / 2), sin(hs / 2);
     if (s.rope_base > 0) {  // this position's angles t θ_j, θ_j = base^(-2j / hs), in fp32 as rotary_angles
         for (int64_t j = 0; j < hs / 2; ++j) {
             float angle = float(t) * std::pow(s.rope_base, -2.0f * float(j) / float(hs));
@@ -178,45 +182,53 @@ extern "C" void kernel(const int64_t* table, const int64_t* spec, const float* r
             sin[j] = std::sin(angle);
         }
     }
-    const float *wte = (const float*)table[0] + token * C, *wpe = (const float*)table[1];
-    for (int64_t i = 0; i < C; ++i) x[i] = wte[i] + (wpe ? wpe[t * C + i] : 0.0f);
-    if (s.embd_norm) {
-        norm(x.data(), table + 4, xn.data(), C, s.rmsnorm);
-        x = xn;
+    const float* wpe = (const float*)table[1];
+    for (int64_t b = 0; b < rows; ++b) {
+        const float* wte = (const float*)table[0] + tokens[b] * C;
+        for (int64_t i = 0; i < C; ++i) x[b * C + i] = wte[i] + (wpe ? wpe[t * C + i] : 0.0f);
+        if (s.embd_norm) norm(&x[b * C], table + 4, &x[b * C], C, s.rmsnorm);
     }
     for (int64_t l = 0; l < s.n_layer; ++l) {
         const int64_t* L = table + HEADER + l * PER_LAYER;
-        float *keys = (float*)L[20], *values = (float*)L[21];
-        norm(x.data(), L, xn.data(), C, s.rmsnorm);
-        if (s.token_shift) {  // the first half of the channels from the position before; remember this one's
-            float* previous = (float*)L[24];
-            for (int64_t i = 0; i < C / 2; ++i) std::swap(xn[i], previous[i]);
-            std::copy(xn.begin() + C / 2, xn.end(), previous + C / 2);
+        for (int64_t b = 0; b < rows; ++b) {
+            norm(&x[b * C], L, &xn[b * C], C, s.rmsnorm);
+            if (s.token_shift) {  // the first half of the channels from the position before; remember this one's
+                float *row = &xn[b * C], *previous = (float*)L[24] + b * C;
+                for (int64_t i = 0; i < C / 2; ++i) std::swap(row[i], previous[i]);
+                std::copy(row + C / 2, row + C, previous + C / 2);
+            }
         }
-        linear(L + 2, xn.data(), qkv.data(), C + 2 * kv, C, threads);  // q (n_head heads), k, v (n_kv_head each)
-        float *q = qkv.data(), *k = q + C, *v = k + kv;
-        if (s.qk_norm) {
-            for (int64_t hd = 0; hd < s.n_head; ++hd) rms_norm(q + hd * hs, q + hd * hs, hs);
-            for (int64_t hd = 0; hd < s.n_kv_head; ++hd) rms_norm(k + hd * hs, k + hd * hs, hs);
+        linear(L + 2, xn.data(), qkv.data(), width, C, rows, threads);  // q (n_head heads), k, v (n_kv_head each)
+        for (int64_t b = 0; b < rows; ++b) {
+            float *q = &qkv[b * width], *k = q + C, *v = k + kv;
+            // this sequence's keys and values: (n_kv_head, T, hs) of the cache's (rows, n_kv_head, T, hs)
+            float *keys = (float*)L[20] + b * s.n_kv_head * T * hs, *values = (float*)L[21] + b * s.n_kv_head * T * hs;
+            if (s.qk_norm) {
+                for (int64_t hd = 0; hd < s.n_head; ++hd) rms_norm(q + hd * hs, q + hd * hs, hs);
+                for (int64_t hd = 0; hd < s.n_kv_head; ++hd) rms_norm(k + hd * hs, k + hd * hs, hs);
+            }
+            if (s.rope_base > 0) {
+                rotate(q, s.n_head, hs, cos.data(), sin.data());
+                rotate(k, s.n_kv_head, hs, cos.data(), sin.data());
+            }
+            for (int64_t hd = 0; hd < s.n_kv_head; ++hd) {  // this position's key and value into the cache
+                std::copy_n(k + hd * hs, hs, keys + (hd * T + t) * hs);
+                std::copy_n(v + hd * hs, hs, values + (hd * T + t) * hs);
+            }
+            attend(q, keys, values, &y[b * C], t, s, (const float*)L[22], (const float*)L[23]);
         }
-        if (s.rope_base > 0) {
-            rotate(q, s.n_head, hs, cos.data(), sin.data());
-            rotate(k, s.n_kv_head, hs, cos.data(), sin.data());
-        }
-        for (int64_t hd = 0; hd < s.n_kv_head; ++hd) {  // this position's key and value into the cache
-            std::copy_n(k + hd * hs, hs, keys + (hd * T + t) * hs);
-            std::copy_n(v + hd * hs, hs, values + (hd * T + t) * hs);
-        }
-        attend(q, keys, values, y.data(), t, s, (const float*)L[22], (const float*)L[23]);
-        linear(L + 6, y.data(), out.data(), C, C, threads);
-        for (int64_t i = 0; i < C; ++i) x[i] += out[i];
-        norm(x.data(), L + 10, xn.data(), C, s.rmsnorm);
-        linear(L + 12, xn.data(), h.data(), fc_out, C, threads);
-        activate(h.data(), s.hidden, s.mlp);
-        linear(L + 16, h.data(), out.data(), C, s.hidden, threads);
-        for (int64_t i = 0; i < C; ++i) x[i] += out[i];
+        linear(L + 6, y.data(), out.data(), C, C, rows, threads);
+        for (int64_t i = 0; i < rows * C; ++i) x[i] += out[i];
+        for (int64_t b = 0; b < rows; ++b) norm(&x[b * C], L + 10, &xn[b * C], C, s.rmsnorm);
+        linear(L + 12, xn.data(), h.data(), fc_out, C, rows, threads);
+        for (int64_t b = 0; b < rows; ++b) activate(&h[b * fc_out], s.hidden, s.mlp);
+        // SwiGLU's product reads the first `hidden` of each row's 2 hidden: packed together first
+        if (s.mlp == SWIGLU)
+            for (int64_t b = 1; b < rows; ++b) std::copy_n(&h[b * fc_out], s.hidden, &h[b * s.hidden]);
+        linear(L + 16, h.data(), out.data(), C, s.hidden, rows, threads);
+        for (int64_t i = 0; i < rows * C; ++i) x[i] += out[i];
     }
-    norm(x.data(), table + 2, xn.data(), C, s.rmsnorm);
-    linear(table + 6, xn.data(), logits, s.vocab, C, threads);
-    if (s.softcap > 0) soft_cap(logits, s.vocab, s.softcap);
+    for (int64_t b = 0; b < rows; ++b) norm(&x[b * C], table + 2, &xn[b * C], C, s.rmsnorm);
+    linear(table + 6, xn.data(), logits, s.vocab, C, rows, threads);
+    if (s.softcap > 0) soft_cap(logits, rows * s.vocab, s.softcap);
 }

@@ -15,7 +15,7 @@ last slot (its full view is laid out as no other step's, and would be compiled a
 block_size run eagerly. A compile that fails falls back to eager mode with one line of warning
 (mygpt/compiled.py), remembered per model.
 
-Without compile, for one sequence on the CPU, each one-token step after the first runs in C++ as a whole
+Without compile, for one or a few sequences on the CPU, each one-token step after the first runs in C++ as a whole
 (mygpt/decode.py; the same arithmetic in one call, without Python between operations).
 
 Only the last section knows about text: where a sample starts without a prompt, a prompt's ids and whole
@@ -141,7 +141,7 @@ def _sample_tokens(model, idx, max_new_tokens, temperature, do_sample, top_k, to
     step = _decode_step
     if cache is not None and compile:
         step = _compiled_decode_step(model)
-    elif cache is not None and idx.shape[0] == 1 and idx.device.type == "cpu" and decode.unsupported(model) is None:
+    elif cache is not None and idx.device.type == "cpu" and decode.pays(model, idx.shape[0]):
         step = decode.Step(model, cache, _decode_step)  # the whole one-token step in C++
     stops = None if not stop_tokens else torch.tensor(stop_tokens, device=idx.device)
     stopped = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)

@@ -208,37 +208,50 @@ static void quantize_q8(const float* x, int64_t n, std::vector<int8_t>& xq, std:
 #endif
 }
 
-// bias may be null (no bias): decode.cpp passes its layers' as they are
-static void matvec(const void* weight, const float* x, const float* scale, const float* bias, float* y,
-                   int64_t kind, int64_t n_out, int64_t n_in, int64_t threads) {
-    std::vector<uint16_t> xb;   // kind 1: x in bf16
-    std::vector<float> xr;      // kind 1: the same values in fp32; kind 3: each block's step, 8 times
-    std::vector<int8_t> xq;     // kind 3: x in int8, and for AVX-512 |x| and its signs
+// one row of x as kind multiplies it: kind 1 in bf16 (xb) and the same values in fp32 (xr); kind 3 in int8 blocks
+// (xq; xr: each block's step, 8 times; xa, neg: |xq| and its signs for AVX-512)
+struct Prepared {
+    std::vector<uint16_t> xb;
+    std::vector<float> xr;
+    std::vector<int8_t> xq;
     std::vector<uint8_t> xa;
     std::vector<uint64_t> neg;
-    if (kind == 1) {
-        xb.resize(n_in);
-        xr.resize(n_in);
-        for (int64_t i = 0; i < n_in; ++i) {
-            xb[i] = to_bf16(x[i]);
-            xr[i] = bf16_value(xb[i]);
+
+    Prepared(const float* x, int64_t n, int64_t kind) {
+        if (kind == 1) {
+            xb.resize(n);
+            xr.resize(n);
+            for (int64_t i = 0; i < n; ++i) {
+                xb[i] = to_bf16(x[i]);
+                xr[i] = bf16_value(xb[i]);
+            }
+        } else if (kind == 3) {
+            quantize_q8(x, n, xq, xr, xa, neg);
         }
-    } else if (kind == 3) {
-        quantize_q8(x, n_in, xq, xr, xa, neg);
     }
+};
+
+// scale[o] sum_i w[o, i] x[i] for weight row o
+static inline float row_dot(const void* weight, int64_t o, const float* x, const Prepared& p, const float* scale,
+                            int64_t kind, int64_t n) {
+    if (kind == 0) return dot((const float*)weight + o * n, x, n);
+    if (kind == 1) return dot_bf16((const uint16_t*)weight + o * n, p.xb.data(), p.xr.data(), n);
+    if (kind == 2) return dot((const int8_t*)weight + o * n, x, n) * scale[o];
+    return dot_q8((const int8_t*)weight + o * n, p.xq.data(), p.xa.data(), p.neg.data(), p.xr.data(), n) * scale[o];
+}
+
+// y (rows, n_out) for x (rows, n_in): each weight row is read from memory once, for every row of x while it is in
+// cache (decode.cpp's steps of several sequences). bias may be null (no bias).
+static void matvec(const void* weight, const float* x, const float* scale, const float* bias, float* y,
+                   int64_t kind, int64_t n_out, int64_t n_in, int64_t threads, int64_t rows = 1) {
+    std::vector<Prepared> prepared;
+    for (int64_t b = 0; b < rows; ++b) prepared.emplace_back(x + b * n_in, n_in, kind);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t o = 0; o < n_out; ++o) {
-        float s;
-        if (kind == 0) {
-            s = dot((const float*)weight + o * n_in, x, n_in);
-        } else if (kind == 1) {
-            s = dot_bf16((const uint16_t*)weight + o * n_in, xb.data(), xr.data(), n_in);
-        } else if (kind == 2) {
-            s = dot((const int8_t*)weight + o * n_in, x, n_in) * scale[o];
-        } else {
-            s = dot_q8((const int8_t*)weight + o * n_in, xq.data(), xa.data(), neg.data(), xr.data(), n_in) * scale[o];
+        for (int64_t b = 0; b < rows; ++b) {
+            float s = row_dot(weight, o, x + b * n_in, prepared[b], scale, kind, n_in);
+            y[b * n_out + o] = bias ? s + bias[o] : s;
         }
-        y[o] = bias ? s + bias[o] : s;
     }
 }
 

@@ -28,10 +28,10 @@ def wide_model(seed=0, **kw):
 
 
 def both_steps(model, ids, prompt=5):
-    """[(forward's logits, the C++ step's logits)] at each one-token step over ids (1, T) after a prompt pass,
+    """[(forward's logits, the C++ step's logits)] at each one-token step over ids (rows, T) after a prompt pass,
     each path with its own cache (the same tokens fed to both), and the two caches."""
     with torch.inference_mode():
-        reference, cache = KVCache(model.config, 1), KVCache(model.config, 1)
+        reference, cache = KVCache(model.config, ids.shape[0]), KVCache(model.config, ids.shape[0])
         _decode_step(model, ids[:, :prompt], reference)
         _decode_step(model, ids[:, :prompt], cache)
         step = decode.Step(model, cache, _decode_step)
@@ -66,11 +66,29 @@ class TestStep(unittest.TestCase):
                 self.assertIsInstance(step.table, torch.Tensor)  # the C++ step ran
                 self.assertLess(largest_difference(pairs), 1e-5)
                 self.assertEqual(cache.length, reference.length)
-                for k, r in zip(cache.keys + cache.values, reference.keys + reference.values):
-                    torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
+                for k, r in zip(cache.keys + cache.values, reference.keys + reference.values):  # the filled slots
+                    torch.testing.assert_close(k[:, :, :cache.length], r[:, :, :cache.length], rtol=1e-5, atol=1e-6)
                 if model.config.token_shift:  # each layer remembers this step's attention input, as forward does
                     for k, r in zip(cache.last_input, reference.last_input):
                         torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
+
+    def test_several_sequences_at_once(self):
+        """Rows of one batch, each at its own tokens: every row as forward computes it (the weights read once)."""
+        modern = dict(pos_emb="rope", norm="rmsnorm", embd_norm=True, qk_norm=True, mlp="swiglu", n_kv_head=2,
+                      logit_softcap=15.0)
+        for kw in (dict(), modern, dict(time_weighting="circulant", token_shift=True)):
+            with self.subTest(**kw):
+                model = tiny_model(**kw)
+                ids = torch.randint(0, model.config.vocab_size, (3, 12))
+                pairs, reference, cache, step = both_steps(model, ids)
+                self.assertIsInstance(step.table, torch.Tensor)
+                self.assertEqual(pairs[0][1].shape, (3, model.config.vocab_size))
+                self.assertLess(largest_difference(pairs), 1e-5)
+                for k, r in zip(cache.keys + cache.values, reference.keys + reference.values):  # the filled slots
+                    torch.testing.assert_close(k[:, :, :cache.length], r[:, :, :cache.length], rtol=1e-5, atol=1e-6)
+        prompt = torch.randint(0, model.config.vocab_size, (3, 4))
+        self.assertTrue(torch.equal(generate(model, prompt, 14), generate(model, prompt, 14, use_cache=False)))
+        self.assertFalse(decode.pays(model, decode.MAX_ROWS + 1))  # many rows: the forward's matrix products
 
     def test_bf16_and_int8_multiply_as_forward_does(self):
         """Each Linear gets the operands its forward multiplies one row by: the bf16 copy in bf16 (matvec's kind 1),

@@ -1,6 +1,6 @@
 // One decoding step of a mygpt GPT in one call: mygpt.model.GPT.forward's arithmetic for one new token of each of
-// `rows` sequences with a KVCache, every layer in C++ (mygpt/decode.py lays out the table and the spec below). The token
-// (and position) embeddings [and their norm], then per block x += proj(attention(norm(x))) and
+// `rows` sequences with a KVCache, every layer in C++ (mygpt/decode.py lays out the table and the spec below).
+// The token (and position) embeddings [and their norm], then per block x += proj(attention(norm(x))) and
 // x += proj2(act(fc(norm(x)))), then the final norm, the head [and the logits' soft cap]. The switches of
 // mygpt.model: LayerNorm or parameter-free RMSNorm; GELU (tanh), ReLU² or SwiGLU; learned, rotary or no
 // positions; QK-norm; grouped-query attention; the seed's time weighting ('full' or 'circulant': each attention

@@ -11,11 +11,11 @@ share one cache. GPT-2 124M's step then costs what its products cost (see the RE
 llama.cpp*).
 
 stream() and generate() take it for every one-token step with a cache, up to MAX_ROWS sequences (each weight row
-is read once for all of them), on the CPU, no autograd, where
-`unsupported(model)` is None: every switch of mygpt.model's GPT (the seed's time weighting and token shift, and
-the modern recipe's rotary positions, RMSNorm, QK-norm, ReLU² or SwiGLU, grouped-query attention, soft-capped
-logits, an embedding norm), with mygpt's own layers (or the int8 ones of model.quantize()) and no hooks.
-Other models, compile=True and a kernel that cannot be built keep model.forward. The first one-token step of a
+is read once for all of them), on the CPU, no autograd, where `unsupported(model)` is None: every switch of
+mygpt.model's GPT (the seed's time weighting and token shift, and the modern recipe's rotary positions, RMSNorm,
+QK-norm, ReLU² or SwiGLU, grouped-query attention, soft-capped logits, an embedding norm), with mygpt's own layers
+(or the int8 ones of model.quantize()) and no hooks. Other models, more rows, compile=True and a kernel that
+cannot be built keep model.forward. The first one-token step of a
 generation runs model.forward too: an int8 model measures its kernels there, which the C++ step then uses.
 """
 
@@ -26,8 +26,11 @@ from mygpt.matvec import _KINDS, QUANTIZED_X, Kernel
 from mygpt.model import GPT, Linear, RMSNorm
 from mygpt.quantize import Int8Linear, _Int8Embedding, _KernelChoice
 
-_KERNEL = Kernel(["matvec.cpp", "decode.cpp"], ["const int64_t*", "const int64_t*", "const float*", "float*",
-                                                "const int64_t*"] + ["const int64_t"] * 3, "decoding runs model.forward", prefix="#define MYGPT_MATVEC_NO_ENTRY\n")
+# kernel(table, spec, reals, logits, tokens, rows, t, threads): see decode.cpp
+_KERNEL = Kernel(["matvec.cpp", "decode.cpp"],
+                 ["const int64_t*", "const int64_t*", "const float*", "float*", "const int64_t*",
+                  "const int64_t", "const int64_t", "const int64_t"],
+                 "decoding runs model.forward", prefix="#define MYGPT_MATVEC_NO_ENTRY\n")
 _TIME_WEIGHTING = {None: 0, "full": 1, "circulant": 2}  # decode.cpp's TimeWeighting
 _MLP = {"gelu": 0, "relu2": 1, "swiglu": 2}             # and its Mlp
 # More sequences than this decode through the forward's matrix products: decode.cpp multiplies each row of x by

@@ -22,7 +22,7 @@ generation runs model.forward too: an int8 model measures its kernels there, whi
 import torch
 import torch.nn as nn
 
-from mygpt.matvec import _KINDS, QUANTIZED_X, Kernel
+from mygpt.matvec import Kernel, kind_of
 from mygpt.model import GPT, Linear, RMSNorm
 from mygpt.quantize import Int8Linear, _Int8Embedding, _KernelChoice
 
@@ -92,16 +92,17 @@ class Step:
             if found is None:
                 return False
             weight, scale, bias, quantize_x = found
-            operands[layer] = [weight.contiguous(), scale, bias, QUANTIZED_X if quantize_x else _KINDS[weight.dtype]]
+            operands[layer] = [weight.contiguous(), scale, bias, kind_of(weight, quantize_x)]
         norm = lambda n: [getattr(n, "weight", None), getattr(n, "bias", None)]  # noqa: E731 (RMSNorm has neither)
         wpe = t.wpe.weight.contiguous() if "wpe" in t else None
         entries = [t.wte.weight.contiguous(), wpe, *norm(t.ln_f), *(norm(t.ln_e) if "ln_e" in t else [None, None]),
                    *operands[self.model.lm_head]]
         for i, b in enumerate(t.h):
             a = b.attn
-            time = {"full": (getattr(a, "time_weighting", None), None),
-                    "circulant": (getattr(a, "time_weight", None), getattr(a, "time_bias", None))}
-            extras = [*time.get(a.time_weighting_kind, (None, None)), cache.last_input[i] if a.token_shift else None]
+            kind = a.time_weighting_kind
+            time = ([a.time_weighting, None] if kind == "full" else [a.time_weight, a.time_bias] if kind == "circulant"
+                    else [None, None])
+            extras = [*time, cache.last_input[i] if a.token_shift else None]
             if any(e is not None and (e.dtype != torch.float32 or not e.is_contiguous()) for e in extras):
                 return False  # time weights or a remembered input not laid out as decode.cpp reads them
             entries += [*norm(b.ln_1), *operands[a.c_attn], *operands[a.c_proj], *norm(b.ln_2),

@@ -83,6 +83,11 @@ def one_row(weight, x):
     return x.numel() == weight.shape[1] and not torch.compiler.is_compiling() and not _KERNEL.failed
 
 
+def kind_of(weight, quantize_x):
+    """matvec.cpp's kind for these weights (fp32, bf16, int8) and x (quantize_x: int8 blocks, int8 weights only)."""
+    return QUANTIZED_X if quantize_x else _KINDS[weight.dtype]
+
+
 def matvec(weight, x, scale=None, bias=None, quantize_x=False):
     """weight (out, in) [* scale (out,)] @ x + bias: x (..., in) holding one row, out (..., out) fp32.
 
@@ -93,7 +98,7 @@ def matvec(weight, x, scale=None, bias=None, quantize_x=False):
     out, n_in = weight.shape
     if (weight.dtype == torch.int8) != (scale is not None) or (quantize_x and scale is None):
         raise ValueError("int8 weights take a scale (out,), and only they do (quantize_x is for int8 weights)")
-    kind = QUANTIZED_X if quantize_x else _KINDS[weight.dtype]
+    kind = kind_of(weight, quantize_x)
     if bias is None:
         bias = _ZEROS.get(out)
         if bias is None:

@@ -122,8 +122,7 @@ class Linear(nn.Linear):
             return F.linear(x, weight, bias)
         one_row = matvec_one_row(weight, x)  # the rest of matvec.pays: checked just above
         if torch.is_autocast_enabled("cpu"):
-            if (_BF16 is None or not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16
-                    or torch.compiler.is_compiling()):
+            if not _multiplies_bf16_copies():
                 return F.linear(x, weight, bias)
             weight16, bias16 = _bf16_weights(self)
             if one_row:
@@ -137,14 +136,13 @@ class Linear(nn.Linear):
             return _onednn_linear(x, weight, bias)
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
-
     def one_row_operands(self):
         """(weight, scale, bias, quantize_x): what forward multiplies one row by here, in matvec's terms, for
         mygpt.decode: the fp32 weight, or in bf16 autocast inside bf16_weight_copies() its bf16 copy; None in an
         autocast where forward runs F.linear (activations in bf16, which mygpt.decode does not compute)."""
         if not torch.is_autocast_enabled("cpu"):
             return self.weight, None, self.bias, False
-        if _ONEDNN_LINEAR is None or _BF16 is None or not _ONEDNN_BF16 or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        if _ONEDNN_LINEAR is None or not _multiplies_bf16_copies():
             return None
         return _bf16_weights(self)[0], None, self.bias, False
 
@@ -168,6 +166,13 @@ def bf16_weight_copies():
     finally:
         if outermost:
             _BF16 = None
+
+
+def _multiplies_bf16_copies():
+    """In CPU autocast: whether a large Linear multiplies by its bf16 copy (bf16 autocast inside bf16_weight_copies(),
+    oneDNN's bf16 kernels, outside a compiled graph) rather than in F.linear."""
+    return (_BF16 is not None and _ONEDNN_BF16 and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not torch.compiler.is_compiling())
 
 
 def _bf16_weights(linear):

@@ -11,20 +11,11 @@ import torch
 from mygpt import decode, precision_context
 from mygpt.generate import _decode_step, generate
 from mygpt.matvec import QUANTIZED_X, Kernel
-from mygpt.model import GPT, KVCache
+from mygpt.model import KVCache
 from tests.helpers import VARIANTS, tiny_model
 
 # every Linear of this shape is large enough for forward's matvec path (mygpt.matvec.MIN_WEIGHTS), as GPT-2's
 WIDE = dict(n_layer=2, n_head=4, n_embd=384, vocab_size=400, block_size=24)
-
-
-def wide_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    C = GPT.get_default_config()
-    C.model_type = None
-    C.embd_pdrop = C.resid_pdrop = C.attn_pdrop = 0.0
-    C.merge_from_dict({**WIDE, **kw})
-    return GPT(C).eval()
 
 
 def both_steps(model, ids, prompt=5):
@@ -94,7 +85,7 @@ class TestStep(unittest.TestCase):
         """Each Linear gets the operands its forward multiplies one row by: the bf16 copy in bf16 (matvec's kind 1),
         the int8 weights with q8 x where the int8 kernel was chosen (kind 3). Rounding x to bf16 or to int8 blocks
         can fall either way where the norms' last bits differ, so the logits agree to a rounding step, not exactly."""
-        model = wide_model()
+        model = tiny_model(**WIDE)
         ids = torch.randint(0, WIDE["vocab_size"], (2, 20))  # two sequences: each row's x is prepared apart
         for precision, quantized, kind, tolerance in (("bf16", model, 1, 0.02), ("fp32", model.quantize(), None, 0.03)):
             with self.subTest(precision=precision, quantized=quantized is not model):
@@ -144,7 +135,7 @@ class TestStep(unittest.TestCase):
     def test_plain_autocast_keeps_the_forward(self):
         """bf16 autocast without bf16_weight_copies() runs F.linear in bf16 (bf16 activations), which decode.cpp does
         not compute: every step stays in the forward."""
-        model = wide_model()
+        model = tiny_model(**WIDE)
         ids = torch.randint(0, WIDE["vocab_size"], (1, 8))
         with torch.autocast("cpu", torch.bfloat16):
             pairs, _, _, step = both_steps(model, ids)
@@ -152,7 +143,7 @@ class TestStep(unittest.TestCase):
         self.assertTrue(all(torch.equal(a, b) for a, b in pairs))
 
     def test_an_autocast_change_lays_the_table_out_again(self):
-        model = wide_model()
+        model = tiny_model(**WIDE)
         ids = torch.randint(0, WIDE["vocab_size"], (1, 8))
         with torch.inference_mode():
             cache, reference = KVCache(model.config, 1), KVCache(model.config, 1)
